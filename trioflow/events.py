@@ -1,0 +1,488 @@
+"""The event model: :class:`EventType` and the immutable :class:`FlowEvent`.
+
+Every step of an agent run becomes a :class:`FlowEvent`: a type (one of the
+built-in :class:`EventType` values or any custom dotted string), a JSON-compatible
+``data`` mapping, a wall-clock ``timestamp``, the ``seq`` number the event bus
+assigns (monotonic per bus, no gaps, starting at 1; ``0`` means "not yet
+emitted") and the ``run_id`` of the run it belongs to.
+
+Events encode to a dict, to JSON and to a Server-Sent Events frame, and decode
+back with :meth:`FlowEvent.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+__all__ = [
+    "TERMINAL_TYPES",
+    "EventType",
+    "FlowEvent",
+    "validate_event_type",
+]
+
+
+class EventType(enum.StrEnum):
+    """The built-in event types, with the string values of the PHP original.
+
+    Being a :class:`~enum.StrEnum`, a member compares equal to its string value
+    (``EventType.TOKEN_RECEIVED == "token.received"``), so code may use either.
+    """
+
+    FLOW_STARTED = "flow.started"
+    """A run began. Data: ``task``, ``model``, ``max_iterations``."""
+    FLOW_COMPLETED = "flow.completed"
+    """Terminal: the run finished. Data: ``output``, ``iterations``, ``usage``."""
+    FLOW_FAILED = "flow.failed"
+    """Terminal: the run failed. Data: ``error`` (``type`` and ``message``)."""
+    FLOW_CANCELLED = "flow.cancelled"
+    """Terminal: the run was cancelled or timed out. Data: ``reason``."""
+    FLOW_PAUSED = "flow.paused"
+    """The run holds at a checkpoint until resumed."""
+    FLOW_RESUMED = "flow.resumed"
+    """A paused run goes on."""
+    TOKEN_RECEIVED = "token.received"
+    """One text delta from the model, as it arrived. Data: ``token``."""
+    TOKEN_CHUNK = "token.chunk"
+    """Several tokens coalesced into one chunk. Data: ``chunk``, ``tokens``."""
+    ITERATION_STARTED = "iteration.started"
+    """An iteration (one model turn plus its tool calls) began. Data: ``iteration``."""
+    ITERATION_COMPLETED = "iteration.completed"
+    """An iteration ended. Data: ``iteration``, ``usage``, ``stop_reason``."""
+    ITERATION_FAILED = "iteration.failed"
+    """An iteration failed. Data: ``iteration``, ``error``."""
+    TOOL_STARTED = "tool.started"
+    """A tool call began. Data: ``tool``, ``input``, ``call_id``."""
+    TOOL_COMPLETED = "tool.completed"
+    """A tool call returned. Data: ``tool``, ``result``, ``call_id``, ``duration``."""
+    TOOL_FAILED = "tool.failed"
+    """A tool call raised or timed out. Data: ``tool``, ``error``, ``call_id``."""
+    PROGRESS_UPDATE = "progress.update"
+    """Progress figures (see :class:`trioflow.FlowProgress`). Data: ``percent`` and more."""
+    STEP_STARTED = "step.started"
+    """A named step began. Data: ``step``."""
+    STEP_COMPLETED = "step.completed"
+    """A named step ended. Data: ``step``, ``duration``."""
+    ADD_MESSAGE = "add_message"
+    """A message was added to the conversation. Data: ``role``, ``content``."""
+    REMOVE_MESSAGE = "remove_message"
+    """A message was removed from the conversation. Data: ``index``."""
+    VERTEX_STARTED = "vertex.started"
+    """A vertex (node) of a flow graph began. Data: ``vertex``."""
+    END_VERTEX = "end_vertex"
+    """A vertex of a flow graph ended. Data: ``vertex``."""
+    VERTICES_SORTED = "vertices_sorted"
+    """A flow graph's vertices were put in execution order. Data: ``vertices``."""
+    BUILD_START = "build_start"
+    """A flow graph build began."""
+    BUILD_END = "build_end"
+    """A flow graph build ended."""
+    ERROR = "error"
+    """Something went wrong. Data: ``message`` and optional details."""
+    WARNING = "warning"
+    """Something noteworthy but recoverable (a retry, a restarted listener). Data: ``message``."""
+    INFO = "info"
+    """Informational message. Data: ``message``."""
+
+
+TERMINAL_TYPES: frozenset[str] = frozenset(
+    {EventType.FLOW_COMPLETED, EventType.FLOW_FAILED, EventType.FLOW_CANCELLED}
+)
+"""The types that end a run: exactly one of them closes every run."""
+
+_TOKEN_TYPES = frozenset({EventType.TOKEN_RECEIVED, EventType.TOKEN_CHUNK})
+_TOOL_TYPES = frozenset({EventType.TOOL_STARTED, EventType.TOOL_COMPLETED, EventType.TOOL_FAILED})
+_ERROR_TYPES = frozenset(
+    {
+        EventType.ERROR,
+        EventType.FLOW_FAILED,
+        EventType.ITERATION_FAILED,
+        EventType.TOOL_FAILED,
+    }
+)
+
+_TYPE_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,200}")
+
+
+@functools.lru_cache(maxsize=4096)
+def validate_event_type(type: str) -> str:
+    """Check that ``type`` can name an event, and return it as a plain ``str``.
+
+    An event type is 1 to 200 characters with no white space and no control
+    characters (so it is safe as an SSE ``event:`` field). Built-in types are
+    :class:`EventType` members; custom ones are usually dotted
+    (``"trade.executed"``).
+
+    Raises:
+        TypeError: ``type`` is not a string.
+        ValueError: ``type`` is empty, too long or contains white space or
+            control characters.
+    """
+    if not isinstance(type, str):
+        raise TypeError(f"event type must be a str, not {type.__class__.__name__}")
+    if _TYPE_RE.fullmatch(type) is None:
+        raise ValueError(
+            f"invalid event type {type!r}: use 1-200 characters with no white space "
+            "or control characters (for example 'trade.executed')"
+        )
+    return str(type)
+
+
+def _json_default(value: object) -> object:
+    """Encode what :mod:`json` does not know: mappings, sets, dataclasses, the rest as text."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, BaseException):
+        return {"type": type(value).__name__, "message": str(value)}
+    return str(value)
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=False)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=True)
+class FlowEvent:
+    """One immutable event of a run.
+
+    Build events with the class-method factories (:meth:`token`,
+    :meth:`tool_started`, ...) or let the bus build them
+    (:meth:`trioflow.EventBus.emit`). ``seq`` is ``0`` until a bus emits the
+    event and stamps it with its sequence number.
+
+    Subclass to give a domain its own constants and factories; the bus keeps
+    the subclass when it stamps ``seq``::
+
+        class TradeEvent(FlowEvent):
+            TRADE_EXECUTED: ClassVar[str] = "trade.executed"
+
+            @classmethod
+            def trade_executed(cls, symbol: str, qty: int) -> Self:
+                return cls.create(cls.TRADE_EXECUTED, {"symbol": symbol, "qty": qty})
+
+    ``data`` must be JSON-compatible and is shared by every consumer: treat it
+    as read-only.
+    """
+
+    type: str
+    """The event type: an :class:`EventType` value or a custom string."""
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The payload, a JSON-compatible mapping."""
+    timestamp: float = dataclasses.field(default_factory=time.time)
+    """Wall-clock time of creation, in seconds since the epoch."""
+    seq: int = 0
+    """Sequence number assigned by the bus (1, 2, ...); 0 before emission."""
+    run_id: str | None = None
+    """The run this event belongs to, if any."""
+
+    # Constants of the built-in types, so subclasses and callers can write
+    # ``FlowEvent.TOKEN_RECEIVED`` as in the PHP original.
+    FLOW_STARTED: ClassVar[str] = EventType.FLOW_STARTED
+    FLOW_COMPLETED: ClassVar[str] = EventType.FLOW_COMPLETED
+    FLOW_FAILED: ClassVar[str] = EventType.FLOW_FAILED
+    FLOW_CANCELLED: ClassVar[str] = EventType.FLOW_CANCELLED
+    TOKEN_RECEIVED: ClassVar[str] = EventType.TOKEN_RECEIVED
+    TOOL_STARTED: ClassVar[str] = EventType.TOOL_STARTED
+    TOOL_COMPLETED: ClassVar[str] = EventType.TOOL_COMPLETED
+    TOOL_FAILED: ClassVar[str] = EventType.TOOL_FAILED
+    ERROR: ClassVar[str] = EventType.ERROR
+
+    def __post_init__(self) -> None:
+        validate_event_type(self.type)
+        if not isinstance(self.data, Mapping):
+            raise TypeError(f"event data must be a mapping, not {type(self.data).__name__}")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
+            raise ValueError(f"event seq must be a non-negative int, not {self.seq!r}")
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.seq, self.run_id, self.timestamp))
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> Self:
+        """Build an unsequenced event of ``type`` with a copy of ``data``, stamped now.
+
+        Raises:
+            TypeError: ``data`` is not a mapping or ``type`` not a string.
+            ValueError: ``type`` is not a valid event type.
+        """
+        return cls(type, dict(data) if data else {}, time.time(), 0, run_id)
+
+    @classmethod
+    def flow_started(cls, task: str = "", *, run_id: str | None = None, **data: Any) -> Self:
+        """``flow.started`` for ``task``."""
+        return cls.create(EventType.FLOW_STARTED, {"task": task, **data}, run_id=run_id)
+
+    @classmethod
+    def flow_completed(cls, output: Any = None, *, run_id: str | None = None, **data: Any) -> Self:
+        """``flow.completed`` with the run's ``output``."""
+        return cls.create(EventType.FLOW_COMPLETED, {"output": output, **data}, run_id=run_id)
+
+    @classmethod
+    def flow_failed(
+        cls, error: BaseException | str, *, run_id: str | None = None, **data: Any
+    ) -> Self:
+        """``flow.failed`` with ``error`` as ``{"type", "message"}`` (no traceback)."""
+        return cls.create(
+            EventType.FLOW_FAILED, {"error": _error_info(error), **data}, run_id=run_id
+        )
+
+    @classmethod
+    def flow_cancelled(
+        cls, reason: str = "cancelled", *, run_id: str | None = None, **data: Any
+    ) -> Self:
+        """``flow.cancelled`` with a ``reason`` (``"cancelled"``, ``"timeout"``, ...)."""
+        return cls.create(EventType.FLOW_CANCELLED, {"reason": reason, **data}, run_id=run_id)
+
+    @classmethod
+    def token(cls, text: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``token.received`` carrying one text delta as ``token``."""
+        return cls.create(EventType.TOKEN_RECEIVED, {"token": text, **data}, run_id=run_id)
+
+    @classmethod
+    def token_chunk(cls, chunk: str, tokens: int, *, run_id: str | None = None) -> Self:
+        """``token.chunk``: ``tokens`` deltas coalesced into ``chunk``."""
+        return cls.create(EventType.TOKEN_CHUNK, {"chunk": chunk, "tokens": tokens}, run_id=run_id)
+
+    @classmethod
+    def iteration_started(cls, n: int, *, run_id: str | None = None, **data: Any) -> Self:
+        """``iteration.started`` for iteration ``n`` (1-based)."""
+        return cls.create(EventType.ITERATION_STARTED, {"iteration": n, **data}, run_id=run_id)
+
+    @classmethod
+    def iteration_completed(cls, n: int, *, run_id: str | None = None, **data: Any) -> Self:
+        """``iteration.completed`` for iteration ``n``."""
+        return cls.create(EventType.ITERATION_COMPLETED, {"iteration": n, **data}, run_id=run_id)
+
+    @classmethod
+    def tool_started(
+        cls, tool: str, input: Mapping[str, Any], *, run_id: str | None = None, **data: Any
+    ) -> Self:
+        """``tool.started`` for a call of ``tool`` with ``input``."""
+        return cls.create(
+            EventType.TOOL_STARTED, {"tool": tool, "input": dict(input), **data}, run_id=run_id
+        )
+
+    @classmethod
+    def tool_completed(
+        cls, tool: str, result: Any, *, run_id: str | None = None, **data: Any
+    ) -> Self:
+        """``tool.completed`` with the tool's ``result``."""
+        return cls.create(
+            EventType.TOOL_COMPLETED, {"tool": tool, "result": result, **data}, run_id=run_id
+        )
+
+    @classmethod
+    def tool_failed(
+        cls, tool: str, error: BaseException | str, *, run_id: str | None = None, **data: Any
+    ) -> Self:
+        """``tool.failed`` with ``error`` as ``{"type", "message"}``."""
+        return cls.create(
+            EventType.TOOL_FAILED,
+            {"tool": tool, "error": _error_info(error), **data},
+            run_id=run_id,
+        )
+
+    @classmethod
+    def progress(cls, percent: float, *, run_id: str | None = None, **data: Any) -> Self:
+        """``progress.update`` at ``percent`` (0-100) with further figures in ``data``."""
+        return cls.create(
+            EventType.PROGRESS_UPDATE, {"percent": _finite(percent), **data}, run_id=run_id
+        )
+
+    @classmethod
+    def step_started(cls, step: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``step.started`` for the named ``step``."""
+        return cls.create(EventType.STEP_STARTED, {"step": step, **data}, run_id=run_id)
+
+    @classmethod
+    def step_completed(cls, step: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``step.completed`` for the named ``step``."""
+        return cls.create(EventType.STEP_COMPLETED, {"step": step, **data}, run_id=run_id)
+
+    @classmethod
+    def error(cls, message: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``error`` with a human-readable ``message``."""
+        return cls.create(EventType.ERROR, {"message": message, **data}, run_id=run_id)
+
+    @classmethod
+    def warning(cls, message: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``warning`` with a human-readable ``message``."""
+        return cls.create(EventType.WARNING, {"message": message, **data}, run_id=run_id)
+
+    @classmethod
+    def info(cls, message: str, *, run_id: str | None = None, **data: Any) -> Self:
+        """``info`` with a human-readable ``message``."""
+        return cls.create(EventType.INFO, {"message": message, **data}, run_id=run_id)
+
+    # -- predicates ---------------------------------------------------------
+    # Plain methods, so ``FlowEvent.is_token`` also serves as a ``types=`` filter.
+
+    def is_token(self) -> bool:
+        """True for ``token.received`` and ``token.chunk``."""
+        return self.type in _TOKEN_TYPES
+
+    def is_flow_event(self) -> bool:
+        """True for the ``flow.*`` lifecycle types."""
+        return self.type.startswith("flow.")
+
+    def is_error(self) -> bool:
+        """True for ``error`` and every built-in ``*.failed`` type."""
+        return self.type in _ERROR_TYPES or self.type.endswith(".failed")
+
+    def is_progress(self) -> bool:
+        """True for ``progress.update``."""
+        return self.type == EventType.PROGRESS_UPDATE
+
+    def is_tool_event(self) -> bool:
+        """True for ``tool.started``, ``tool.completed`` and ``tool.failed``."""
+        return self.type in _TOOL_TYPES
+
+    def is_terminal(self) -> bool:
+        """True for the types that end a run (:data:`TERMINAL_TYPES`)."""
+        return self.type in TERMINAL_TYPES
+
+    # -- encoding -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire shape: ``{"id", "run_id", "type", "data", "timestamp"}``.
+
+        ``id`` is :attr:`seq`. The result shares ``data`` with the event.
+        """
+        return {
+            "id": self.seq,
+            "run_id": self.run_id,
+            "type": str(self.type),
+            "data": self.data,
+            "timestamp": self.timestamp,
+        }
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as compact JSON (ASCII only, so any payload is safe on any wire).
+
+        Values :mod:`json` cannot encode are converted: mappings to objects,
+        sets and tuples to arrays, dataclasses to objects, exceptions to
+        ``{"type", "message"}``, anything else to its ``str``; NaN and
+        infinities raise :class:`ValueError`.
+        """
+        return _encoder.encode(self.to_dict())
+
+    def to_sse(self) -> str:
+        """A complete Server-Sent Events frame: ``id:``, ``event:``, ``data:`` and a blank line.
+
+        The ``data:`` line is :meth:`to_json`, which escapes every line break
+        and control character, so a payload can never split or end the frame.
+        """
+        return f"id: {self.seq}\nevent: {self.type}\ndata: {self.to_json()}\n\n"
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Self:
+        """Decode the shape :meth:`to_dict` produces.
+
+        ``type`` is required; ``data`` defaults to ``{}``, ``id`` to ``0``,
+        ``timestamp`` to now and ``run_id`` to ``None``.
+
+        Raises:
+            ValueError: ``obj`` is not a mapping, or a field is missing or of
+                the wrong type; the message names the field.
+        """
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"event must be a JSON object, not {type(obj).__name__}")
+        if "type" not in obj:
+            raise ValueError("event field 'type' is missing")
+        etype = obj["type"]
+        try:
+            validate_event_type(etype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event field 'type': {exc}") from None
+        data = obj.get("data", {})
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ValueError(f"event field 'data' must be an object, not {type(data).__name__}")
+        seq = obj.get("id", 0)
+        if seq is None:
+            seq = 0
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"event field 'id' must be a non-negative integer, not {seq!r}")
+        timestamp = obj.get("timestamp")
+        if timestamp is None:
+            timestamp = time.time()
+        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)):
+            raise ValueError(f"event field 'timestamp' must be a number, not {timestamp!r}")
+        run_id = obj.get("run_id")
+        if run_id is not None and not isinstance(run_id, str):
+            raise ValueError(f"event field 'run_id' must be a string or null, not {run_id!r}")
+        return cls(etype, dict(data), float(timestamp), seq, run_id)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Self:
+        """Decode :meth:`to_json` output.
+
+        Raises:
+            ValueError: the text is not JSON, or a field is invalid (as :meth:`from_dict`).
+        """
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"event is not valid JSON: {exc}") from None
+        return cls.from_dict(obj)
+
+
+def _error_info(error: BaseException | str) -> dict[str, str]:
+    if isinstance(error, BaseException):
+        return {"type": type(error).__name__, "message": str(error)}
+    return {"type": "Error", "message": str(error)}
+
+
+# Fast construction for the bus's hot path: set the slots directly, skipping the
+# dataclass __init__ (which goes through object.__setattr__ five times) and
+# re-validation of a type that was validated already.
+_new = object.__new__
+_set_type = FlowEvent.type.__set__  # type: ignore[attr-defined]
+_set_data = FlowEvent.data.__set__  # type: ignore[attr-defined]
+_set_timestamp = FlowEvent.timestamp.__set__  # type: ignore[attr-defined]
+_set_seq = FlowEvent.seq.__set__  # type: ignore[attr-defined]
+_set_run_id = FlowEvent.run_id.__set__  # type: ignore[attr-defined]
+
+
+def _stamp(
+    cls: type[FlowEvent],
+    type: str,
+    data: Mapping[str, Any],
+    timestamp: float,
+    seq: int,
+    run_id: str | None,
+) -> FlowEvent:
+    """Build an event without validation; ``type`` must have passed :func:`validate_event_type`."""
+    event = _new(cls)
+    _set_type(event, type)
+    _set_data(event, data)
+    _set_timestamp(event, timestamp)
+    _set_seq(event, seq)
+    _set_run_id(event, run_id)
+    return event

@@ -1,0 +1,271 @@
+"""The model protocol: what the agent loop needs from a language model.
+
+A model takes the conversation (a sequence of :class:`Message`), the tools it
+may call (:class:`ToolSpec`) and a system prompt, and streams
+:data:`ModelEvent` values as they arrive: :class:`TextDelta` for each piece of
+text, :class:`ToolCall` for each complete tool call, :class:`RetryNotice`
+when it is about to retry a failed request, and exactly one :class:`TurnEnd`
+last, with the stop reason and token usage.
+
+The agent loop depends only on :class:`Model`; the offline
+:class:`~trioflow.models.ScriptedModel` and Claude's
+:class:`~trioflow.models.AnthropicModel` implement it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "ContentBlock",
+    "Message",
+    "Model",
+    "ModelError",
+    "ModelEvent",
+    "RetryNotice",
+    "StopReason",
+    "TextBlock",
+    "TextDelta",
+    "ToolCall",
+    "ToolResultBlock",
+    "ToolSpec",
+    "ToolUseBlock",
+    "TurnEnd",
+    "Usage",
+]
+
+
+class ModelError(Exception):
+    """A model request failed for good (after any retries).
+
+    Attributes:
+        kind: a short machine-readable category (``"rate_limit"``,
+            ``"overloaded"``, ``"server_error"``, ``"connection"``,
+            ``"bad_request"``, ``"authentication"``, ``"script"``, ...).
+        status: the HTTP status, when there was one.
+        retryable: whether the failure was of a retryable kind.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "error",
+        status: int | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retryable = retryable
+
+
+class StopReason(enum.StrEnum):
+    """Why a model turn ended (the Anthropic Messages API's values)."""
+
+    END_TURN = "end_turn"
+    TOOL_USE = "tool_use"
+    MAX_TOKENS = "max_tokens"
+    STOP_SEQUENCE = "stop_sequence"
+    PAUSE_TURN = "pause_turn"
+    REFUSAL = "refusal"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one model turn, or summed over several with ``+``."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        """``{"input_tokens", "output_tokens", "total_tokens"}``."""
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+# -- conversation -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TextBlock:
+    """Plain text in a message."""
+
+    text: str
+    type: Literal["text"] = "text"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolUseBlock:
+    """The assistant's request to call tool ``name`` with ``input``."""
+
+    id: str
+    name: str
+    input: Mapping[str, Any]
+    type: Literal["tool_use"] = "tool_use"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolResultBlock:
+    """The result of tool call ``tool_use_id``, sent back to the model as text."""
+
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+    type: Literal["tool_result"] = "tool_result"
+
+
+ContentBlock = TextBlock | ToolUseBlock | ToolResultBlock
+"""One block of a message's content."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """One message of the conversation: a role and its content blocks."""
+
+    role: Literal["user", "assistant"]
+    content: tuple[ContentBlock, ...]
+
+    @classmethod
+    def user(cls, text: str) -> Message:
+        """A user message holding one :class:`TextBlock`."""
+        return cls("user", (TextBlock(text),))
+
+    @property
+    def text(self) -> str:
+        """The concatenated text of the message's :class:`TextBlock` blocks."""
+        return "".join(b.text for b in self.content if isinstance(b, TextBlock))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Anthropic Messages API shape of this message."""
+        return {"role": self.role, "content": [_block_dict(b) for b in self.content]}
+
+
+def _block_dict(block: ContentBlock) -> dict[str, Any]:
+    if isinstance(block, TextBlock):
+        return {"type": "text", "text": block.text}
+    if isinstance(block, ToolUseBlock):
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": dict(block.input)}
+    return {
+        "type": "tool_result",
+        "tool_use_id": block.tool_use_id,
+        "content": block.content,
+        "is_error": block.is_error,
+    }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """What a model is told about a tool: its name, description and JSON schema."""
+
+    name: str
+    description: str
+    input_schema: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Anthropic Messages API shape of this tool."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "input_schema": dict(self.input_schema),
+        }
+
+
+# -- model events ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of text, streamed as it arrived."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A complete tool call: its id, the tool's name and the parsed JSON input."""
+
+    id: str
+    name: str
+    input: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RetryNotice:
+    """The model is about to retry a failed request after ``delay`` seconds.
+
+    ``error`` describes the failure (its type and message) and never contains
+    credentials. Text already streamed in the failed attempt is discarded; the
+    retried attempt streams the turn from its start (``restarted`` is true when
+    some text had been streamed).
+    """
+
+    attempt: int
+    delay: float
+    error: str
+    kind: str = "error"
+    restarted: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnEnd:
+    """The turn is over: why, and how many tokens it used. Always the last event."""
+
+    stop_reason: StopReason | str
+    usage: Usage = Usage()
+
+
+ModelEvent = TextDelta | ToolCall | RetryNotice | TurnEnd
+"""What :meth:`Model.stream` yields."""
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A language model the agent loop can drive.
+
+    Implementations stream one turn per :meth:`stream` call, as an async
+    context manager so the resources of the request (an HTTP response) are
+    released when the block exits, also on cancellation::
+
+        async with model.stream(messages, tools=specs, system=system) as events:
+            async for event in events:
+                ...
+    """
+
+    @property
+    def name(self) -> str:
+        """The model's name, as shown in events (``"scripted"``, ``"claude-..."``)."""
+        ...
+
+    def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        system: str | None = None,
+    ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
+        """Stream one turn of the model's reply to ``messages``.
+
+        Yields :data:`ModelEvent` values ending with one :class:`TurnEnd`.
+
+        Raises:
+            ModelError: the request failed for good (after the model's own retries).
+        """
+        ...
