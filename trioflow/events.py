@@ -19,8 +19,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Self, cast
 
 __all__ = [
     "TERMINAL_TYPES",
@@ -463,11 +463,12 @@ def _error_info(error: BaseException | str) -> dict[str, str]:
 # dataclass __init__ (which goes through object.__setattr__ five times) and
 # re-validation of a type that was validated already.
 _new = object.__new__
-_set_type = FlowEvent.type.__set__  # type: ignore[attr-defined]
-_set_data = FlowEvent.data.__set__  # type: ignore[attr-defined]
-_set_timestamp = FlowEvent.timestamp.__set__  # type: ignore[attr-defined]
-_set_seq = FlowEvent.seq.__set__  # type: ignore[attr-defined]
-_set_run_id = FlowEvent.run_id.__set__  # type: ignore[attr-defined]
+_slot = cast("dict[str, Any]", vars(FlowEvent))
+_set_type: Callable[[FlowEvent, str], None] = _slot["type"].__set__
+_set_data: Callable[[FlowEvent, Mapping[str, Any]], None] = _slot["data"].__set__
+_set_timestamp: Callable[[FlowEvent, float], None] = _slot["timestamp"].__set__
+_set_seq: Callable[[FlowEvent, int], None] = _slot["seq"].__set__
+_set_run_id: Callable[[FlowEvent, str | None], None] = _slot["run_id"].__set__
 
 
 def _stamp(
@@ -479,7 +480,7 @@ def _stamp(
     run_id: str | None,
 ) -> FlowEvent:
     """Build an event without validation; ``type`` must have passed :func:`validate_event_type`."""
-    event = _new(cls)
+    event: FlowEvent = _new(cls)
     _set_type(event, type)
     _set_data(event, data)
     _set_timestamp(event, timestamp)
