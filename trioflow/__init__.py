@@ -4,6 +4,8 @@ The public API is re-exported here; the modules behind it are named after
 their concept (:mod:`trioflow.events`, :mod:`trioflow.bus`, ...).
 """
 
+from trioflow.agent import Agent, AgentResult, Emit, MaxIterationsExceeded, RunControl
+from trioflow.arithmetic import CalculationError, calculator, evaluate
 from trioflow.bus import (
     DEFAULT_EVENTS,
     STREAMING_EVENTS,
@@ -19,7 +21,18 @@ from trioflow.bus import (
     open_event_bus,
 )
 from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent, validate_event_type
+from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor
 from trioflow.history import EventHistory, HistoryExpired, MemoryHistory
+from trioflow.models import (
+    Message,
+    Model,
+    ModelError,
+    ScriptedModel,
+    ToolCall,
+    Turn,
+    Usage,
+    open_model,
+)
 from trioflow.progress import FlowProgress, format_duration
 from trioflow.supervise import (
     Crash,
@@ -31,6 +44,15 @@ from trioflow.supervise import (
     retry,
     supervise,
 )
+from trioflow.tools import (
+    Tool,
+    ToolError,
+    ToolInputError,
+    ToolRegistry,
+    ToolTimeout,
+    UnknownToolError,
+    tool,
+)
 
 __version__ = "0.1.0"
 
@@ -38,8 +60,12 @@ __all__ = [
     "DEFAULT_EVENTS",
     "STREAMING_EVENTS",
     "TERMINAL_TYPES",
+    "Agent",
+    "AgentResult",
     "BusStatistics",
+    "CalculationError",
     "Crash",
+    "Emit",
     "Emitter",
     "EventBus",
     "EventFilter",
@@ -50,19 +76,42 @@ __all__ = [
     "HistoryExpired",
     "Listener",
     "ListenerStatistics",
+    "MaxIterationsExceeded",
     "MemoryHistory",
+    "Message",
+    "Model",
+    "ModelError",
     "Overflow",
     "RestartPolicy",
     "RetryAttempt",
     "RetryPolicy",
+    "Run",
+    "RunControl",
+    "RunResult",
+    "RunStatus",
+    "ScriptedModel",
+    "StreamingFlowExecutor",
     "SubscriberEvicted",
     "Subscription",
     "SubscriptionStatistics",
     "SupervisorGaveUp",
+    "Tool",
+    "ToolCall",
+    "ToolError",
+    "ToolInputError",
+    "ToolRegistry",
+    "ToolTimeout",
+    "Turn",
+    "UnknownToolError",
+    "Usage",
     "__version__",
+    "calculator",
+    "evaluate",
     "format_duration",
     "open_event_bus",
+    "open_model",
     "retry",
     "supervise",
+    "tool",
     "validate_event_type",
 ]

@@ -1,0 +1,107 @@
+"""The ``trioflow`` command, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from trioflow import FlowEvent
+
+ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+
+
+def trioflow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trioflow", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        check=False,
+    )
+
+
+def test_run_json_writes_one_event_per_line_and_exits_0():
+    proc = trioflow("run", "What is 25 * 4?", "--json", "--pace", "0")
+    assert proc.returncode == 0, proc.stderr
+    events = [FlowEvent.from_json(line) for line in proc.stdout.splitlines()]
+    assert events[0].type == "flow.started"
+    assert events[-1].type == "flow.completed"
+    assert events[-1].data["output"] == "25 * 4 = 100."
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert any(e.type == "tool.completed" and e.data["result"] == 100 for e in events)
+
+
+def test_run_plain_shows_tokens_tool_call_and_result():
+    proc = trioflow("run", "What is 25 * 4?", "--plain", "--pace", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "calculator" in proc.stdout
+    assert "= 100" in proc.stdout
+    assert "25 * 4 = 100." in proc.stdout
+    assert "completed in" in proc.stdout
+
+
+def test_run_rich_view_shows_the_answer_and_completion():
+    proc = trioflow("run", "What is 25 * 4?", "--pace", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "25 * 4 = 100." in proc.stdout
+    assert "completed" in proc.stdout
+
+
+def test_timeout_exits_1_with_flow_cancelled():
+    proc = trioflow("run", "tell me about trio", "--json", "--pace", "1", "--timeout", "0.5")
+    assert proc.returncode == 1
+    last = FlowEvent.from_json(proc.stdout.splitlines()[-1])
+    assert last.type == "flow.cancelled"
+    assert last.data["reason"] == "timeout"
+
+
+def test_max_iterations_usage_error_exits_2():
+    proc = trioflow("run", "x", "--max-iterations", "0")
+    assert proc.returncode == 2
+    assert "max-iterations" in proc.stderr
+
+
+def test_unknown_model_is_a_clear_error():
+    proc = trioflow("run", "x", "--model", "gpt-9")
+    assert proc.returncode == 2
+    assert "unknown model" in proc.stderr
+
+
+def test_claude_without_key_is_a_clear_error():
+    proc = trioflow("run", "x", "--model", "claude")
+    assert proc.returncode == 1
+    assert "ANTHROPIC_API_KEY" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_prints_flow_cancelled_and_exits_130():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trioflow", "run", "a long story", "--json", "--pace", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert proc.stdout is not None
+    # Wait until the run is streaming tokens, then interrupt it.
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        if json.loads(line)["type"] == "token.received":
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    last = FlowEvent.from_json(rest.splitlines()[-1])
+    assert last.type == "flow.cancelled"
+    assert last.data["reason"] == "interrupted"
+
+
+def test_python_dash_m_and_version():
+    proc = trioflow("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("trioflow ")

@@ -1,0 +1,7 @@
+"""``python -m trioflow``: the ``trioflow`` command."""
+
+import sys
+
+from trioflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,452 @@
+"""The agent loop: a model, tools and a task become a stream of events.
+
+:class:`Agent` is the Trio version of the PHP ``StreamingLoop``. Each
+iteration asks the model for a turn and streams it live:
+
+* ``iteration.started``;
+* ``step.started`` ``model``, one ``token.received`` per text delta *as it
+  arrives*, a ``warning`` per model retry, ``step.completed`` ``model``;
+* ``add_message`` for the assistant's message;
+* when the model asks for tools: ``step.started`` ``tools``, the calls run
+  concurrently in a nursery, each with ``tool.started`` then
+  ``tool.completed`` or ``tool.failed``; their results go back to the model
+  in the model's order (``add_message``), then ``step.completed`` ``tools``;
+* ``iteration.completed`` with the turn's token usage, and ``progress.update``
+  with the :class:`~trioflow.FlowProgress` figures.
+
+The loop ends when the model answers without asking for a tool; it raises
+:exc:`MaxIterationsExceeded` when it runs out of iterations and
+:exc:`~trioflow.models.ModelError` when the model fails for good. The agent
+knows nothing of buses or transports: it emits through the ``emit``
+coroutine it is given (the executor binds it to the run's bus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import trio
+
+from trioflow.events import EventType
+from trioflow.models.base import (
+    Message,
+    Model,
+    ModelError,
+    RetryNotice,
+    StopReason,
+    TextBlock,
+    TextDelta,
+    ToolCall,
+    ToolResultBlock,
+    ToolUseBlock,
+    TurnEnd,
+    Usage,
+)
+from trioflow.progress import FlowProgress
+from trioflow.tools import Tool, ToolError, ToolRegistry
+
+__all__ = [
+    "Agent",
+    "AgentResult",
+    "Emit",
+    "MaxIterationsExceeded",
+    "RunControl",
+]
+
+
+class Emit(Protocol):
+    """How the agent emits an event: ``await emit(type, data)``."""
+
+    def __call__(self, type: str, data: Mapping[str, Any], /) -> Awaitable[object]:
+        """Emit one event of ``type`` with ``data``."""
+        ...
+
+
+class MaxIterationsExceeded(Exception):
+    """The agent used all its iterations without a final answer.
+
+    Attributes:
+        iterations: how many iterations ran.
+        output: the text the model produced so far.
+        usage: the tokens used so far.
+    """
+
+    def __init__(self, iterations: int, output: str, usage: Usage) -> None:
+        super().__init__(
+            f"stopped after {iterations} iteration{'s' if iterations != 1 else ''} without a "
+            "final answer (max_iterations reached)"
+        )
+        self.iterations = iterations
+        self.output = output
+        self.usage = usage
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentResult:
+    """What one agent run produced."""
+
+    output: str
+    """The text of the model's final answer."""
+    iterations: int
+    """Iterations run."""
+    usage: Usage
+    """Tokens used over all iterations."""
+    stop_reason: str
+    """The model's stop reason for the last turn (``"end_turn"``, ...)."""
+    messages: tuple[Message, ...]
+    """The whole conversation."""
+
+
+class RunControl:
+    """Pause and resume for a running agent.
+
+    :meth:`pause` asks the run to hold at its next checkpoint (between two
+    model deltas, or before a tool call); it then emits ``flow.paused`` and
+    waits until :meth:`resume`, which emits ``flow.resumed``. Time limits and
+    cancellation still apply while paused.
+    """
+
+    __slots__ = ("_emit", "_holding", "_paused", "_resume")
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._holding = False
+        self._resume = trio.Event()
+        self._resume.set()
+        self._emit: Emit | None = None
+
+    @property
+    def paused(self) -> bool:
+        """Whether a pause was asked for and not yet resumed."""
+        return self._paused
+
+    @property
+    def holding(self) -> bool:
+        """Whether the run is holding at a checkpoint right now."""
+        return self._holding
+
+    def pause(self) -> bool:
+        """Ask the run to hold at its next checkpoint. Returns False if already paused."""
+        if self._paused:
+            return False
+        self._paused = True
+        self._resume = trio.Event()
+        return True
+
+    def resume(self) -> bool:
+        """Let a paused run go on. Returns False if it was not paused."""
+        if not self._paused:
+            return False
+        self._paused = False
+        self._resume.set()
+        return True
+
+    async def checkpoint(self) -> None:
+        """Hold here while paused (emitting ``flow.paused`` / ``flow.resumed``)."""
+        if not self._paused or self._emit is None:
+            return
+        emit = self._emit
+        self._holding = True
+        try:
+            await emit(EventType.FLOW_PAUSED, {"message": "paused"})
+            await self._resume.wait()
+        finally:
+            self._holding = False
+        await emit(EventType.FLOW_RESUMED, {"message": "resumed"})
+
+
+_NO_CONTROL = RunControl()
+
+
+def _result_text(result: Any) -> str:
+    """A tool's result as the text the model reads."""
+    if isinstance(result, str):
+        return result
+    try:
+        return json.dumps(result, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(result)
+
+
+def _error_info(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+class Agent:
+    """An LLM agent: a model, its tools, a system prompt and an iteration budget.
+
+    Args:
+        model: the :class:`~trioflow.models.Model` to drive; ``None`` for the
+            offline :class:`~trioflow.models.ScriptedModel`. To pick Claude
+            when ``ANTHROPIC_API_KEY`` is set, use
+            :func:`trioflow.models.open_model`.
+        tools: the tools the model may call (:class:`~trioflow.tools.Tool`
+            objects or functions to wrap with :func:`~trioflow.tools.tool`).
+        system: the system prompt.
+        max_iterations: the most model turns per run (>= 1).
+        name: a name for events and statistics.
+
+    Raises:
+        ValueError: ``max_iterations`` is below 1, or two tools share a name.
+    """
+
+    def __init__(
+        self,
+        model: Model | None = None,
+        *,
+        tools: Iterable[Tool | Callable[..., Any]] = (),
+        system: str | None = None,
+        max_iterations: int = 10,
+        name: str = "agent",
+    ) -> None:
+        if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
+            raise TypeError(f"max_iterations must be an int, not {max_iterations!r}")
+        if max_iterations < 1:
+            raise ValueError(f"max_iterations must be >= 1, not {max_iterations}")
+        if model is None:
+            from trioflow.models.scripted import ScriptedModel
+
+            model = ScriptedModel()
+        self.model = model
+        self.tools = ToolRegistry(tools)
+        self.system = system
+        self.max_iterations = max_iterations
+        self.name = name
+
+    def __repr__(self) -> str:
+        return (
+            f"Agent({self.name!r}, model={self.model.name!r}, tools={[t.name for t in self.tools]}, "
+            f"max_iterations={self.max_iterations})"
+        )
+
+    async def run(
+        self,
+        task: str,
+        emit: Emit,
+        *,
+        progress: FlowProgress | None = None,
+        control: RunControl | None = None,
+        max_iterations: int | None = None,
+    ) -> AgentResult:
+        """Run the agent on ``task``, emitting its events through ``emit``.
+
+        Emits no ``flow.*`` lifecycle events: those belong to whoever owns the
+        run (the executor), which also guarantees the terminal event.
+
+        Args:
+            task: the user's request.
+            emit: ``await emit(type, data)`` for every event.
+            progress: updated after each iteration (its total is set to the
+                iteration budget); a fresh one when ``None``.
+            control: pause/resume (:class:`RunControl`).
+            max_iterations: this run's budget instead of the agent's.
+
+        Returns:
+            The final answer, iteration count, usage and conversation.
+
+        Raises:
+            MaxIterationsExceeded: the budget ran out before a final answer.
+            ModelError: the model failed for good (after its retries).
+            ValueError: ``task`` is empty or ``max_iterations`` is below 1.
+        """
+        if not isinstance(task, str) or not task.strip():
+            raise ValueError("task must be a non-empty string")
+        budget = self.max_iterations if max_iterations is None else max_iterations
+        if budget < 1:
+            raise ValueError(f"max_iterations must be >= 1, not {budget}")
+        progress = progress if progress is not None else FlowProgress(budget)
+        progress.set_total(budget)
+        progress.start()
+        control = control if control is not None else _NO_CONTROL
+        control._emit = emit
+        specs = self.tools.specs()
+        messages: list[Message] = [Message.user(task)]
+        await emit(EventType.ADD_MESSAGE, {"role": "user", "content": task, "index": 0})
+        usage = Usage()
+        output = ""
+        stop_reason: str = StopReason.END_TURN
+        for n in range(1, budget + 1):
+            await emit(EventType.ITERATION_STARTED, {"iteration": n, "max_iterations": budget})
+            try:
+                text, calls, turn_usage, stop_reason = await self._model_turn(
+                    n, messages, specs, emit, progress, control
+                )
+            except ModelError as exc:
+                await emit(EventType.ITERATION_FAILED, {"iteration": n, "error": _error_info(exc)})
+                raise
+            usage += turn_usage
+            if text:
+                output = text
+            content: list[TextBlock | ToolUseBlock] = []
+            if text:
+                content.append(TextBlock(text))
+            content.extend(ToolUseBlock(c.id, c.name, dict(c.input)) for c in calls)
+            if content:
+                messages.append(Message("assistant", tuple(content)))
+                await emit(
+                    EventType.ADD_MESSAGE,
+                    {
+                        "role": "assistant",
+                        "content": text,
+                        "tool_calls": [
+                            {"id": c.id, "name": c.name, "input": dict(c.input)} for c in calls
+                        ],
+                        "index": len(messages) - 1,
+                    },
+                )
+            if calls:
+                results = await self._run_tools(n, calls, emit, progress, control)
+                messages.append(Message("user", tuple(results)))
+                await emit(
+                    EventType.ADD_MESSAGE,
+                    {
+                        "role": "user",
+                        "tool_results": [
+                            {
+                                "tool_use_id": r.tool_use_id,
+                                "content": r.content,
+                                "is_error": r.is_error,
+                            }
+                            for r in results
+                        ],
+                        "index": len(messages) - 1,
+                    },
+                )
+            progress.complete_iteration(n)
+            await emit(
+                EventType.ITERATION_COMPLETED,
+                {
+                    "iteration": n,
+                    "usage": turn_usage.to_dict(),
+                    "stop_reason": str(stop_reason),
+                    "tool_calls": len(calls),
+                },
+            )
+            figures = progress.to_dict()
+            await emit(
+                EventType.PROGRESS_UPDATE, {"percent": figures["progress_percent"], **figures}
+            )
+            if not calls:
+                return AgentResult(output, n, usage, str(stop_reason), tuple(messages))
+        raise MaxIterationsExceeded(budget, output, usage)
+
+    async def _model_turn(
+        self,
+        n: int,
+        messages: list[Message],
+        specs: list[Any],
+        emit: Emit,
+        progress: FlowProgress,
+        control: RunControl,
+    ) -> tuple[str, list[ToolCall], Usage, str]:
+        """One model turn: stream its deltas as tokens, collect its tool calls."""
+        await emit(
+            EventType.STEP_STARTED, {"step": "model", "iteration": n, "model": self.model.name}
+        )
+        progress.start_step("model")
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        usage = Usage()
+        stop_reason: str = StopReason.END_TURN
+        ended = False
+        token = EventType.TOKEN_RECEIVED
+        async with self.model.stream(messages, tools=specs, system=self.system) as stream:
+            async for event in stream:
+                if control._paused:
+                    await control.checkpoint()
+                if type(event) is TextDelta:
+                    parts.append(event.text)
+                    await emit(token, {"token": event.text, "iteration": n})
+                elif isinstance(event, ToolCall):
+                    calls.append(event)
+                elif isinstance(event, RetryNotice):
+                    if event.restarted:
+                        parts.clear()
+                        calls.clear()
+                    await emit(
+                        EventType.WARNING,
+                        {
+                            "message": f"model request failed ({event.error}); retry "
+                            f"{event.attempt} in {event.delay:.3g} s",
+                            "attempt": event.attempt,
+                            "delay": event.delay,
+                            "kind": event.kind,
+                            "restarted": event.restarted,
+                            "iteration": n,
+                        },
+                    )
+                elif isinstance(event, TurnEnd):
+                    usage = event.usage
+                    stop_reason = event.stop_reason
+                    ended = True
+        if not ended:
+            raise ModelError("the model stream ended without a stop reason", kind="protocol")
+        duration = progress.complete_step("model")
+        await emit(
+            EventType.STEP_COMPLETED,
+            {"step": "model", "iteration": n, "duration": duration, "usage": usage.to_dict()},
+        )
+        return "".join(parts), calls, usage, str(stop_reason)
+
+    async def _run_tools(
+        self,
+        n: int,
+        calls: list[ToolCall],
+        emit: Emit,
+        progress: FlowProgress,
+        control: RunControl,
+    ) -> list[ToolResultBlock]:
+        """Run the calls concurrently; return their results in the model's order."""
+        await emit(EventType.STEP_STARTED, {"step": "tools", "iteration": n, "calls": len(calls)})
+        progress.start_step("tools")
+        results: list[ToolResultBlock | None] = [None] * len(calls)
+
+        async def call_one(i: int, call: ToolCall) -> None:
+            if control._paused:
+                await control.checkpoint()
+            base = {"tool": call.name, "call_id": call.id, "iteration": n}
+            await emit(EventType.TOOL_STARTED, {**base, "input": dict(call.input)})
+            start = trio.current_time()
+            try:
+                tool = self.tools.get(call.name)
+                value = await tool.invoke(call.input)
+            except Exception as exc:
+                # A tool's failure is the model's to handle: report it and go on.
+                message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
+                await emit(
+                    EventType.TOOL_FAILED,
+                    {**base, "error": _error_info(exc), "duration": trio.current_time() - start},
+                )
+                results[i] = ToolResultBlock(call.id, message, is_error=True)
+                return
+            duration = trio.current_time() - start
+            await emit(
+                EventType.TOOL_COMPLETED,
+                {**base, "result": _jsonable(value), "duration": duration},
+            )
+            results[i] = ToolResultBlock(call.id, _result_text(value))
+
+        if len(calls) == 1:
+            await call_one(0, calls[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for i, call in enumerate(calls):
+                    nursery.start_soon(call_one, i, call, name=f"tool {call.name}")
+        duration = progress.complete_step("tools")
+        await emit(
+            EventType.STEP_COMPLETED, {"step": "tools", "iteration": n, "duration": duration}
+        )
+        return [r for r in results if r is not None]
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` if JSON can carry it (finite numbers), else its text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool, list, dict)):
+        return value
+    return _result_text(value)
