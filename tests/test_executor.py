@@ -394,3 +394,24 @@ async def test_explicit_tool_call_objects_in_script():
         "result": 1024,
         "duration": completed.data["duration"],
     }
+
+
+async def test_outer_cancellation_during_concurrent_tools_emits_one_flow_cancelled(autojump_clock):
+    @tool
+    async def wait(seconds: float) -> str:
+        """Sleep."""
+        await trio.sleep(seconds)
+        return "ok"
+
+    seen: list[FlowEvent] = []
+    async with open_event_bus() as shared:
+        shared.add_listener(seen.append)
+        model = ScriptedModel(
+            [Turn(tool_calls=[("wait", {"seconds": 10}), ("wait", {"seconds": 20})])]
+        )
+        with trio.move_on_after(5):
+            await StreamingFlowExecutor(bus=shared).run(Agent(model, tools=[wait]), "go")
+        await trio.testing.wait_all_tasks_blocked()
+    terminal = assert_one_terminal(seen)
+    assert terminal.type == "flow.cancelled"
+    assert terminal.data["reason"] == "cancelled"

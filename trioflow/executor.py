@@ -388,8 +388,12 @@ class Run:
             except Exception as exc:
                 outcome = exc
                 terminal = self._finish_failed(exc, start)
-            except BaseException:  # KeyboardInterrupt and friends: still end the run
-                terminal = self._finish_cancelled("interrupted", start)
+            except (
+                BaseException
+            ) as exc:  # KeyboardInterrupt, groups holding Cancelled: still end the run
+                cancelled = isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled)
+                reason = (self._cancel_reason or "cancelled") if cancelled else "interrupted"
+                terminal = self._finish_cancelled(reason, start)
                 raise
             else:
                 if isinstance(outcome, AgentResult):
