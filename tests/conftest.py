@@ -3,11 +3,274 @@ jumps ahead whenever every task is blocked (timeouts and backoff become exact)."
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
 import pytest
 import trio
 import trio.testing
+
+from trioflow import Agent, StreamingFlowExecutor
+from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+    from trio_websocket import WebSocketConnection
+
+    from trioflow.web import AgentFactory, RunHub, WebConfig
 
 
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+async def anthropic_server() -> AsyncIterator[AnthropicServer]:
+    """A local Anthropic Messages API server on 127.0.0.1 with an empty script.
+
+    Add replies with ``anthropic_server.add(...)``; point the SDK at its ``base_url``.
+    """
+    async with open_anthropic_server() as server:
+        yield server
+
+
+# -- the web server (trioflow.web) ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WebServer:
+    """A trioflow web server running on 127.0.0.1 in the test's nursery."""
+
+    url: str
+    """``http://127.0.0.1:<port>``."""
+    ws_url: str
+    """``ws://127.0.0.1:<port>``."""
+    executor: StreamingFlowExecutor
+    app: Starlette
+    config: WebConfig
+    stop: trio.Event
+    """Set it to shut the server down gracefully."""
+    stopped: trio.Event
+    """Set once ``serve`` has returned."""
+
+    @property
+    def hub(self) -> RunHub:
+        from trioflow.web import hub_of
+
+        return hub_of(self.app)
+
+
+StartWebServer = Callable[..., Awaitable[WebServer]]
+
+
+@pytest.fixture
+async def start_web_server(nursery: trio.Nursery) -> StartWebServer:
+    """Start servers with ``await start_web_server(agent=..., history=..., **WebConfig options)``.
+
+    Each listens on an ephemeral 127.0.0.1 port, is started with ``nursery.start``
+    and is stopped (cancelled) when the test ends.
+    """
+
+    async def start(
+        *, agent: Agent | AgentFactory | None = None, history: int = 4096, **options: Any
+    ) -> WebServer:
+        from trioflow.web import WebConfig, create_app, serve
+
+        config = WebConfig(port=0, **options)
+        executor = StreamingFlowExecutor(history=history)
+        app = create_app(executor, agent=agent, config=config)
+        stop, stopped = trio.Event(), trio.Event()
+
+        async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+            try:
+                await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
+            finally:
+                stopped.set()
+
+        urls: list[str] = await nursery.start(run)
+        url = urls[0]
+        return WebServer(url, "ws" + url[4:], executor, app, config, stop, stopped)
+
+    return start
+
+
+@pytest.fixture
+async def web_server(start_web_server: StartWebServer) -> WebServer:
+    """A web server with the default options and the offline calculator agent."""
+    return await start_web_server()
+
+
+@dataclasses.dataclass
+class SSEFrame:
+    """One block of an event stream: its fields, or only comments."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    retry: str | None = None
+    comments: list[str] = dataclasses.field(default_factory=list)
+
+    def json(self) -> Any:
+        import json
+
+        assert self.data is not None
+        return json.loads(self.data)
+
+
+class SSEStream:
+    """A raw HTTP/1.1 event-stream reader (h11 over a Trio socket), keeping comments.
+
+    Unlike httpx's streaming iterators, it leaves no async generator behind
+    when a test stops reading mid-stream, and it can use a small receive
+    buffer to play a slow client.
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        import h11
+
+        self._h11 = h11
+        self._stream = stream
+        self._conn = h11.Connection(h11.CLIENT)
+        self._pending: list[str] = []
+        self._blocks: collections.deque[str] = collections.deque()
+        self._raw: list[str] = []
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    async def _event(self) -> Any:
+        while True:
+            event = self._conn.next_event()
+            if event is self._h11.NEED_DATA:
+                self._conn.receive_data(await self._stream.receive_some(65536))
+                continue
+            return event
+
+    async def _start(self, host: str, path: str, headers: dict[str, str]) -> None:
+        h11 = self._h11
+        request = h11.Request(
+            method="GET",
+            target=path,
+            headers=[("Host", host), ("Accept", "text/event-stream"), *headers.items()],
+        )
+        await self._stream.send_all(self._conn.send(request) + self._conn.send(h11.EndOfMessage()))
+        response = await self._event()
+        assert isinstance(response, h11.Response), response
+        self.status = response.status_code
+        self.headers = {k.decode(): v.decode() for k, v in response.headers}
+
+    async def next(self) -> SSEFrame | None:
+        """The next block, or None once the server ended the response."""
+        h11 = self._h11
+        while not self._blocks:
+            event = await self._event()
+            if isinstance(event, h11.Data):
+                text = bytes(event.data).decode("ascii")
+                self._raw.append(text)
+                tail = self._pending[-1][-1:] if self._pending else ""
+                if "\n\n" not in tail + text:  # linear also for frames of megabytes
+                    self._pending.append(text)
+                    continue
+                *blocks, rest = "".join([*self._pending, text]).split("\n\n")
+                self._pending = [rest] if rest else []
+                self._blocks.extend(blocks)
+            else:
+                assert isinstance(event, h11.EndOfMessage), event
+                assert not self._pending, f"stream ended inside a frame: {self._pending!r}"
+                return None
+        block = self._blocks.popleft()
+        frame = SSEFrame()
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                frame.comments.append(line[1:].strip())
+                continue
+            name, _, value = line.partition(": ")
+            assert name in ("id", "event", "data", "retry"), line
+            assert getattr(frame, name) is None, f"repeated field in {block!r}"
+            setattr(frame, name, value)
+        return frame
+
+    @property
+    def raw(self) -> str:
+        """Everything received so far, as sent."""
+        return "".join(self._raw)
+
+    async def events(self) -> list[SSEFrame]:
+        """Every remaining block with data, up to the end of the response."""
+        frames = []
+        while (frame := await self.next()) is not None:
+            if frame.data is not None:
+                frames.append(frame)
+        return frames
+
+
+OpenSSE = Callable[..., AbstractAsyncContextManager[SSEStream]]
+
+
+@pytest.fixture
+def open_sse() -> OpenSSE:
+    """``async with open_sse(url, path, headers={...}, rcvbuf=None) as stream:`` (a :class:`SSEStream`).
+
+    Leaving the block closes the connection: a forced disconnect, mid-stream if need be.
+    """
+
+    @asynccontextmanager
+    async def connect(
+        url: str, path: str, *, headers: dict[str, str] | None = None, rcvbuf: int | None = None
+    ) -> AsyncIterator[SSEStream]:
+        import socket
+
+        host = url.split("://", 1)[1]
+        address, port = host.rsplit(":", 1)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect((address, int(port)))
+        async with trio.SocketStream(sock) as stream:
+            reader = SSEStream(stream)
+            await reader._start(host, path, headers or {})
+            yield reader
+
+    return connect
+
+
+OpenWS = Callable[..., AbstractAsyncContextManager["WebSocketConnection"]]
+
+
+@pytest.fixture
+def open_ws() -> OpenWS:
+    """``async with open_ws(url, headers={...}) as ws:`` a trio-websocket client connection.
+
+    Like ``trio_websocket.open_websocket_url``, but over a TCP stream the
+    fixture owns and always closes: trio-websocket 0.12 leaves the client's
+    socket open when the server closes the connection first.
+    """
+    from trio_websocket import wrap_client_stream
+
+    from trioflow._util import collapse_single_group
+
+    @asynccontextmanager
+    async def connect(
+        url: str, *, headers: dict[str, str] | None = None
+    ) -> AsyncIterator[WebSocketConnection]:
+        rest = url.split("://", 1)[1]
+        netloc, _, path = rest.partition("/")
+        host, port = netloc.rsplit(":", 1)
+        extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        with collapse_single_group():
+            async with await trio.open_tcp_stream(host, int(port)) as stream:
+                async with trio.open_nursery() as nursery:
+                    ws = await wrap_client_stream(
+                        nursery, stream, netloc, "/" + path, extra_headers=extra
+                    )
+                    try:
+                        yield ws
+                    finally:
+                        with trio.move_on_after(5) as scope:
+                            scope.shield = True
+                            await ws.aclose()
+
+    return connect

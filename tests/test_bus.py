@@ -631,3 +631,21 @@ async def test_bus_statistics_counts():
     assert (stats.emitted, stats.last_seq, stats.history_size, stats.dropped) == (4, 4, 4, 3)
     assert len(stats.subscribers) == 1
     assert not stats.closed
+
+
+async def test_cancelled_emit_sends_nothing():
+    async with open_event_bus() as bus, bus.subscribe() as sub:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await bus.emit("info")
+        assert bus.last_seq == 0
+        assert sub.statistics().size == 0
+
+
+async def test_emit_that_delivered_returns_despite_pending_cancellation():
+    async with open_event_bus() as bus, bus.subscribe() as sub:
+        with trio.CancelScope() as scope:
+            event = await bus.emit("info")
+            scope.cancel()
+        assert event.seq == 1
+        assert (await sub.receive()).seq == 1

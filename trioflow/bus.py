@@ -45,13 +45,8 @@ from trioflow._util import collapse_single_group
 from trioflow.events import (
     EventType,
     FlowEvent,
-    _new,
-    _set_data,
-    _set_run_id,
-    _set_seq,
-    _set_timestamp,
-    _set_type,
     _stamp,
+    _Unfrozen,
     validate_event_type,
 )
 from trioflow.history import EventHistory, MemoryHistory
@@ -75,6 +70,15 @@ __all__ = [
 
 _now = time.time
 _known_types: set[str] = {str(t) for t in EventType}
+
+# The trio primitives of the hot paths, looked up once.
+_checkpoint = trio.lowlevel.checkpoint
+_checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+_cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+_current_task = trio.lowlevel.current_task
+_reschedule = trio.lowlevel.reschedule
+_wait_task_rescheduled = trio.lowlevel.wait_task_rescheduled
+_ABORTED = trio.lowlevel.Abort.SUCCEEDED
 
 
 class Overflow(enum.StrEnum):
@@ -219,6 +223,7 @@ class Subscription:
         "_replay",
         "_senders",
         "_types",
+        "_waiting_senders",
         "id",
         "name",
         "overflow",
@@ -256,6 +261,7 @@ class Subscription:
         self._replay: deque[FlowEvent] = deque()
         self._receiver: trio.lowlevel.Task | None = None
         self._senders = trio.lowlevel.ParkingLot()
+        self._waiting_senders = 0  # tasks parked in _senders (cheaper to test than the lot)
         self._delivered = 0
         self._dropped = 0
         self._last_seq = 0
@@ -299,13 +305,14 @@ class Subscription:
             SubscriberEvicted: the subscriber was evicted (after the buffered events).
             trio.ClosedResourceError: the subscription was closed by its owner.
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not (self._replay or self._buf):
-            await self._wait_ready()
-            return self._take_one()
-        event = self._take_one()
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return event
+        await _checkpoint_if_cancelled()
+        if self._replay or self._buf:
+            event = self._take_one()
+            await _cancel_shielded_checkpoint()
+            return event
+        while not (self._replay or self._buf):
+            await self._park()
+        return self._take_one()
 
     def receive_nowait(self) -> FlowEvent:
         """Return the next event if one is ready.
@@ -337,40 +344,41 @@ class Subscription:
         """
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, not {max_items}")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not (self._replay or self._buf):
-            await self._wait_ready()
+        await _checkpoint_if_cancelled()
+        if self._replay or self._buf:
+            await _cancel_shielded_checkpoint()
         else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            if self._closed:
-                raise trio.ClosedResourceError("subscription is closed")
+            while not (self._replay or self._buf):
+                await self._park()
+        if self._closed:
+            raise trio.ClosedResourceError("subscription is closed")
         source = self._replay or self._buf
         if len(source) <= max_items:
             batch = list(source)
             source.clear()
         else:
             batch = [source.popleft() for _ in range(max_items)]
-        if self._senders:
+        if self._waiting_senders:
             self._senders.unpark_all()
         self._delivered += len(batch)
         self._last_seq = batch[-1].seq
         return batch
 
-    async def _wait_ready(self) -> None:
-        """Park until an event is buffered; raise at the end of the channel."""
-        while not (self._replay or self._buf):
-            if self._closed:
-                raise trio.ClosedResourceError("subscription is closed")
-            self._raise_if_ended()
-            self._receiver = trio.lowlevel.current_task()
+    def _park(self) -> Awaitable[object]:
+        """Raise at the end of the channel; else return the wait for the next event.
 
-            def abort(_: Any) -> trio.lowlevel.Abort:
-                self._receiver = None
-                return trio.lowlevel.Abort.SUCCEEDED
-
-            await trio.lowlevel.wait_task_rescheduled(abort)
+        A plain function returning trio's wait, so that waiting adds no
+        coroutine frame of its own to the consumer's hot path.
+        """
         if self._closed:
             raise trio.ClosedResourceError("subscription is closed")
+        self._raise_if_ended()
+        self._receiver = _current_task()
+        return _wait_task_rescheduled(self._abort_park)
+
+    def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
+        self._receiver = None
+        return _ABORTED
 
     def _raise_if_ended(self) -> None:
         if self._ended:
@@ -385,7 +393,7 @@ class Subscription:
             event = self._replay.popleft()
         else:
             event = self._buf.popleft()
-            if self._senders:
+            if self._waiting_senders:
                 self._senders.unpark()
         self._delivered += 1
         self._last_seq = event.seq
@@ -395,8 +403,16 @@ class Subscription:
         return self
 
     async def __anext__(self) -> FlowEvent:
+        # receive(), inlined: one coroutine frame less per event.
         try:
-            return await self.receive()
+            await _checkpoint_if_cancelled()
+            if self._replay or self._buf:
+                event = self._take_one()
+                await _cancel_shielded_checkpoint()
+                return event
+            while not (self._replay or self._buf):
+                await self._park()
+            return self._take_one()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
 
@@ -443,7 +459,7 @@ class Subscription:
         task = self._receiver
         if task is not None:
             self._receiver = None
-            trio.lowlevel.reschedule(task)
+            _reschedule(task)
 
     def _overflowed(self, event: FlowEvent) -> bool:
         """Apply the overflow policy to ``event`` arriving at a full buffer.
@@ -479,7 +495,11 @@ class Subscription:
     async def _offer_blocking(self, event: FlowEvent) -> None:
         """Deliver, waiting for room (BLOCK). Returns early if either side closes."""
         while not self._offer(event):
-            await self._senders.park()
+            self._waiting_senders += 1
+            try:
+                await self._senders.park()
+            finally:
+                self._waiting_senders -= 1
 
     def _evict(self) -> None:
         # Everything buffered will still be read, so the resume point is the
@@ -678,13 +698,9 @@ class EventBus:
                 validate_event_type(type)
                 if len(_known_types) < 4096:
                     _known_types.add(type)
-            # Inlined events._stamp: this is the hot path.
-            event = _new(self._event_class)
-            _set_type(event, type)
-            _set_data(event, {} if data is None else dict(data))
-            _set_timestamp(event, _now())
-            _set_seq(event, seq)
-            _set_run_id(event, run_id)
+            event = _stamp(
+                self._event_class, type, {} if data is None else dict(data), _now(), seq, run_id
+            )
         self._seq = seq
         self._hist_append(event)
         return event
@@ -706,7 +722,9 @@ class EventBus:
         Waits only for :attr:`Overflow.BLOCK` subscribers that are full;
         events reach every subscriber in seq order even when emitters wait.
 
-        Cancellation: if cancelled while waiting on a full BLOCK subscriber,
+        Cancellation: if cancelled before it starts, nothing is emitted; once
+        delivered, the event is returned even if a cancellation arrives. If
+        cancelled while waiting on a full BLOCK subscriber,
         the event stays in the history and the subscribers it did not reach
         are evicted (:exc:`SubscriberEvicted`), so none misses it silently.
 
@@ -714,23 +732,46 @@ class EventBus:
             trio.ClosedResourceError: the bus is closed.
             TypeError, ValueError: ``type`` is not a valid event type.
         """
-        event = self._make(type, data, run_id)
+        # Like trio's channel send: a cancelled emit has sent nothing.
+        await _checkpoint_if_cancelled()
+        if (
+            isinstance(type, str)
+            and type in _known_types
+            and self._event_class is FlowEvent
+            and not self._closed
+        ):
+            # Inlined _make and events._stamp for the common case: this is the hot path.
+            seq = self._seq + 1
+            blank: Any = _Unfrozen()
+            blank.type = type
+            blank.data = {} if data is None else dict(data)
+            blank.timestamp = _now()
+            blank.seq = seq
+            blank.run_id = run_id
+            blank.__class__ = FlowEvent
+            event: FlowEvent = blank
+            self._seq = seq
+            self._hist_append(event)
+        else:
+            event = self._make(type, data, run_id)
         subs = self._subs
         if self._blocked_emits:
             await self._deliver_blocking(event, subs, 0)
             return event
-        for i, sub in enumerate(subs):
+        for sub in subs:
             if sub._all or sub._matches(event):
                 # Inlined Subscription._offer: this loop is the hot path.
                 buf = sub._buf
                 if len(buf) < sub._capacity:
                     buf.append(event)
-                    if sub._receiver is not None:
-                        sub._wake_receiver()
+                    task = sub._receiver
+                    if task is not None:
+                        sub._receiver = None
+                        _reschedule(task)
                 elif not sub._overflowed(event):
-                    await self._deliver_blocking(event, subs, i)
+                    await self._deliver_blocking(event, subs, subs.index(sub))
                     return event
-        await trio.lowlevel.checkpoint()
+        await _cancel_shielded_checkpoint()
         return event
 
     async def _deliver_blocking(
@@ -776,24 +817,41 @@ class EventBus:
         """
         if self._closed:
             raise trio.ClosedResourceError(f"event bus {self.name!r} is closed")
-        if self._block_subs:
+        block_subs = self._block_subs
+        if block_subs:
             if self._blocked_emits:
                 raise trio.WouldBlock
             probe = type if isinstance(type, FlowEvent) else None
-            for sub in self._block_subs:
+            for sub in block_subs:
                 if len(sub._buf) >= sub._capacity:
                     if probe is None:
                         probe = FlowEvent(validate_event_type(type), {}, 0.0, 0, run_id)
                     if sub._matches(probe):
                         raise trio.WouldBlock
-        event = self._make(type, data, run_id)
+        if isinstance(type, str) and type in _known_types and self._event_class is FlowEvent:
+            # Inlined _make and events._stamp for the common case: this is the hot path.
+            seq = self._seq + 1
+            blank: Any = _Unfrozen()
+            blank.type = type
+            blank.data = {} if data is None else dict(data)
+            blank.timestamp = _now()
+            blank.seq = seq
+            blank.run_id = run_id
+            blank.__class__ = FlowEvent
+            event: FlowEvent = blank
+            self._seq = seq
+            self._hist_append(event)
+        else:
+            event = self._make(type, data, run_id)
         for sub in self._subs:
             if sub._all or sub._matches(event):
                 buf = sub._buf
                 if len(buf) < sub._capacity:
                     buf.append(event)
-                    if sub._receiver is not None:
-                        sub._wake_receiver()
+                    task = sub._receiver
+                    if task is not None:
+                        sub._receiver = None
+                        _reschedule(task)
                 else:
                     sub._overflowed(event)
         return event

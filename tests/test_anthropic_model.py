@@ -1,0 +1,655 @@
+"""AnthropicModel: the real ``anthropic`` SDK over real HTTP against the local test server.
+
+Nothing of the SDK or of its HTTP client (httpx2/httpcore2 on anyio) is mocked:
+every test talks to an :class:`~trioflow.testing.AnthropicServer` on 127.0.0.1.
+
+Clocks. Tests of backoff delays run on ``autojump_clock``
+(``MockClock(autojump_threshold=0)``), which jumps to the next deadline as soon
+as every task is blocked. That is exact and reliable here *because* of what
+the deadlines are: over loopback a byte written by one task is readable by the
+other at once, so while a request is in flight some task is always runnable
+and the clock does not move; it moves only when the client sleeps its backoff
+(or the server sleeps a ``pace``). Two things would break this, so these tests
+avoid them:
+
+- a ``trio.fail_after`` guard: the SDK waits once per client for a worker
+  thread (it resolves platform information in one), every task is blocked
+  meanwhile, and the clock would jump straight to the guard's deadline;
+- a gated reply (``StreamedReply(gate=...)``): while the server waits on the
+  gate, the only deadline left is the SDK's read timeout, and the clock would
+  jump to it (one test does that on purpose, to time the read out).
+
+Tests that need a gate, or a guard against hanging, run on the real clock
+with ``trio.fail_after`` instead, and sleep nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import traceback
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anthropic
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trioflow.models.base import (
+    Message,
+    Model,
+    ModelError,
+    ModelEvent,
+    RetryNotice,
+    StopReason,
+    TextBlock,
+    TextDelta,
+    ToolCall,
+    ToolResultBlock,
+    ToolSpec,
+    ToolUseBlock,
+    TurnEnd,
+    Usage,
+)
+from trioflow.models.claude import (
+    DEFAULT_CLAUDE_MODEL,
+    DEFAULT_CLAUDE_RETRY,
+    AnthropicModel,
+    _SSEDecoder,
+)
+from trioflow.supervise import RetryPolicy
+from trioflow.testing.anthropic_server import (
+    AnthropicServer,
+    DisconnectAfter,
+    ErrorEventAfter,
+    ErrorReply,
+    StreamedReply,
+    ToolUse,
+    open_anthropic_server,
+)
+
+KEY = "sk-ant-api03-TRIOFLOW-FAKE-KEY-7f3a9c1e5b"
+MODEL = "claude-sonnet-5-5"
+POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_the_local_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The SDK's HTTP client routes through $HTTP(S)_PROXY / $ALL_PROXY when set.
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1"])))
+
+
+@pytest.fixture
+async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
+    async with AnthropicModel(
+        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
+    ) as model:
+        yield model
+
+
+async def collect(
+    model: AnthropicModel,
+    messages: Sequence[Message] = (Message.user("Hi"),),
+    **kwargs: Any,
+) -> list[ModelEvent]:
+    async with model.stream(messages, **kwargs) as events:
+        return [event async for event in events]
+
+
+async def collect_until_error(
+    model: AnthropicModel, seen: list[ModelEvent]
+) -> pytest.ExceptionInfo[ModelError]:
+    with pytest.raises(ModelError) as info:
+        async with model.stream([Message.user("Hi")]) as events:
+            async for event in events:
+                seen.append(event)
+    return info
+
+
+def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
+    return [e for e in events if isinstance(e, RetryNotice)]
+
+
+# -- streaming ------------------------------------------------------------------
+
+
+async def test_model_implements_the_model_protocol(model: AnthropicModel) -> None:
+    assert isinstance(model, Model)
+    assert model.name == MODEL
+    async with AnthropicModel(api_key=KEY) as default:
+        assert default.name == DEFAULT_CLAUDE_MODEL
+        assert default.retry_policy == DEFAULT_CLAUDE_RETRY
+
+
+async def test_text_deltas_arrive_in_order_as_they_are_streamed(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    # message_start, ping, content_block_start and the first delta go out; then
+    # the server holds the rest until the consumer has seen the first delta.
+    gate = trio.Event()
+    anthropic_server.add(StreamedReply(text=["Hel", "lo", " wor", "ld"], gate=gate, gate_after=4))
+    texts = []
+    with trio.fail_after(5):
+        async with model.stream([Message.user("Hi")]) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    texts.append(event.text)
+                    if not gate.is_set():
+                        assert anthropic_server.statistics().completed_responses == 0
+                        gate.set()
+    assert texts == ["Hel", "lo", " wor", "ld"]
+
+
+async def test_tool_use_with_streamed_json_input_becomes_one_tool_call_per_block(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    weather = {"city": "Paris", "units": "metric", "days": [1, 2, 3]}
+    anthropic_server.add(
+        StreamedReply(
+            text=["Let me check."],
+            tool_uses=[
+                ToolUse("get_weather", weather, id="toolu_1", chunk_size=4),
+                ToolUse("get_time", {"tz": "Europe/Paris"}, id="toolu_2"),
+            ],
+        )
+    )
+    events = await collect(model)
+    assert events[:3] == [
+        TextDelta("Let me check."),
+        ToolCall("toolu_1", "get_weather", weather),
+        ToolCall("toolu_2", "get_time", {"tz": "Europe/Paris"}),
+    ]
+    assert isinstance(events[3], TurnEnd)
+    assert events[3].stop_reason == StopReason.TOOL_USE
+
+
+async def test_tool_use_without_input_has_an_empty_input(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(StreamedReply(tool_uses=[ToolUse("now", {}, id="toolu_1")]))
+    events = await collect(model)
+    assert events[0] == ToolCall("toolu_1", "now", {})
+
+
+async def test_turn_ends_once_with_stop_reason_and_usage(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(
+        StreamedReply(text=["Hi"], input_tokens=42, output_tokens=7, stop_reason="max_tokens")
+    )
+    events = await collect(model)
+    assert events == [TextDelta("Hi"), TurnEnd(StopReason.MAX_TOKENS, Usage(42, 7))]
+
+
+async def test_tool_input_that_is_not_json_raises_invalid_response(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    broken = ToolUse("get_weather", partial_json=['{"city": ', '"Par'])
+    anthropic_server.add(StreamedReply(tool_uses=[broken]), StreamedReply(text=["unused"]))
+    info = await collect_until_error(model, [])
+    assert info.value.kind == "invalid_response"
+    assert not info.value.retryable
+    assert anthropic_server.statistics().requests == 1
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    texts=st.lists(
+        st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=20),
+        max_size=6,
+    ),
+    tool_input=st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(st.characters(blacklist_categories=("Cs",))),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner),
+            max_leaves=8,
+        ),
+        max_size=4,
+    ),
+    chunk_size=st.integers(1, 16),
+)
+async def test_text_and_tool_input_arrive_intact_whatever_their_content(
+    texts: list[str], tool_input: dict[str, Any], chunk_size: int
+) -> None:
+    reply = StreamedReply(text=texts, tool_uses=[ToolUse("t", tool_input, chunk_size=chunk_size)])
+    async with (
+        open_anthropic_server([reply]) as server,
+        AnthropicModel(MODEL, api_key=KEY, base_url=server.base_url, retry=POLICY) as model,
+    ):
+        events = await collect(model)
+    assert [e.text for e in events if isinstance(e, TextDelta)] == texts
+    (call,) = [e for e in events if isinstance(e, ToolCall)]
+    assert call.input == json.loads(json.dumps(tool_input))
+
+
+@settings(max_examples=50)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["message_start", "content_block_delta", "ping"]),
+            st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n")),
+        ),
+        max_size=5,
+    ),
+    newline=st.sampled_from(["\n", "\r\n", "\r"]),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+)
+def test_sse_decoder_finds_the_same_events_however_the_bytes_are_split(
+    events: list[tuple[str, str]], newline: str, cuts: list[int]
+) -> None:
+    wire = "".join(f"event: {e}{newline}data: {d}{newline}{newline}" for e, d in events)
+    data = wire.encode()
+    decoder = _SSEDecoder()
+    start = 0
+    for cut in sorted(min(c, len(data)) for c in cuts):
+        decoder.feed(data[start:cut])
+        start = cut
+    decoder.feed(data[start:])
+    decoder.finish()
+    assert list(decoder.events) == events
+
+
+# -- the request ------------------------------------------------------------------
+
+
+async def test_request_carries_model_messages_tools_and_system(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(StreamedReply(text=["Sunny."]))
+    spec = ToolSpec(
+        "get_weather",
+        "The weather in a city.",
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    )
+    messages = [
+        Message.user("Weather in Paris?"),
+        Message(
+            "assistant",
+            (TextBlock("Checking."), ToolUseBlock("toolu_1", "get_weather", {"city": "Paris"})),
+        ),
+        Message("user", (ToolResultBlock("toolu_1", "sunny, 21 C"),)),
+    ]
+    await collect(model, messages, tools=[spec], system="Be brief.")
+    (request,) = anthropic_server.requests
+    assert request.method == "POST"
+    assert request.path == "/v1/messages"
+    assert request.api_key == KEY
+    assert "anthropic-version" in request.headers
+    assert request.body == {
+        "model": MODEL,
+        "max_tokens": 1024,
+        "messages": [m.to_dict() for m in messages],
+        "tools": [spec.to_dict()],
+        "system": "Be brief.",
+        "stream": True,
+    }
+
+
+async def test_request_without_tools_or_system_sends_neither(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(StreamedReply(text=["Hi"]))
+    await collect(model)
+    body = anthropic_server.requests[0].body
+    assert "tools" not in body
+    assert "system" not in body
+
+
+async def test_max_tokens_is_configurable(anthropic_server: AnthropicServer) -> None:
+    anthropic_server.add(StreamedReply(text=["Hi"]))
+    async with AnthropicModel(
+        "claude-haiku-4-5", api_key=KEY, base_url=anthropic_server.base_url, max_tokens=77
+    ) as model:
+        await collect(model)
+    assert anthropic_server.requests[0].body["max_tokens"] == 77
+    assert anthropic_server.requests[0].body["model"] == "claude-haiku-4-5"
+
+
+# -- retries --------------------------------------------------------------------
+
+
+async def test_rate_limit_waits_for_retry_after_when_it_is_longer_than_the_backoff(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(
+        ErrorReply(429, "rate_limit_error", retry_after=7), StreamedReply(text=["ok"])
+    )
+    events = await collect(model)
+    notice = events[0]
+    assert isinstance(notice, RetryNotice)
+    assert (notice.attempt, notice.delay, notice.kind) == (1, 7.0, "rate_limit")
+    assert not notice.restarted
+    assert notice.error.startswith("RateLimitError: 429 rate_limit_error")
+    assert events[1:] == [TextDelta("ok"), TurnEnd(StopReason.END_TURN, Usage(25, 1))]
+    first, second = anthropic_server.requests
+    assert second.time - first.time == pytest.approx(7.0)
+
+
+async def test_backoff_wins_over_a_shorter_retry_after(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(
+        ErrorReply(429, "rate_limit_error", retry_after=0.1), StreamedReply(text=["ok"])
+    )
+    events = await collect(model)
+    assert [n.delay for n in notices(events)] == [0.5]
+    first, second = anthropic_server.requests
+    assert second.time - first.time == pytest.approx(0.5)
+
+
+async def test_overloaded_529_is_retried(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(ErrorReply(529, "overloaded_error"), StreamedReply(text=["ok"]))
+    events = await collect(model)
+    (notice,) = notices(events)
+    assert (notice.attempt, notice.delay, notice.kind) == (1, 0.5, "overloaded")
+    assert "529" in notice.error
+    assert "overloaded_error" in notice.error
+    assert events[-2:] == [TextDelta("ok"), TurnEnd(StopReason.END_TURN, Usage(25, 1))]
+
+
+async def test_server_errors_are_retried_with_exponential_backoff(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(
+        ErrorReply(500, "api_error"), ErrorReply(503, "api_error"), StreamedReply(text=["ok"])
+    )
+    events = await collect(model)
+    assert [(n.attempt, n.delay, n.kind) for n in notices(events)] == [
+        (1, 0.5, "server_error"),
+        (2, 1.0, "server_error"),
+    ]
+    times = [r.time for r in anthropic_server.requests]
+    assert times == pytest.approx([0.0, 0.5, 1.5])
+
+
+async def test_disconnect_mid_stream_is_retried_and_the_turn_restarts(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    # message_start, ping, content_block_start, "Hello", " there", then the connection drops.
+    anthropic_server.add(DisconnectAfter(5), StreamedReply(text=["Hello", " again"]))
+    events = await collect(model)
+    assert events[:2] == [TextDelta("Hello"), TextDelta(" there")]
+    notice = events[2]
+    assert isinstance(notice, RetryNotice)
+    assert notice.kind == "connection"
+    assert notice.restarted
+    assert "RemoteProtocolError" in notice.error
+    assert events[3:5] == [TextDelta("Hello"), TextDelta(" again")]
+    assert anthropic_server.statistics().dropped == 1
+
+
+async def test_connection_closed_before_any_response_is_retried(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(DisconnectAfter(0, headers=False), StreamedReply(text=["ok"]))
+    events = await collect(model)
+    (notice,) = notices(events)
+    assert notice.kind == "connection"
+    assert not notice.restarted
+    assert notice.error.startswith("APIConnectionError")
+
+
+async def test_stream_ending_before_message_stop_is_retried(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(DisconnectAfter(4, complete_body=True), StreamedReply(text=["ok"]))
+    events = await collect(model)
+    assert events[0] == TextDelta("Hello")
+    notice = events[1]
+    assert isinstance(notice, RetryNotice)
+    assert notice.kind == "connection"
+    assert notice.restarted
+    assert "message_stop" in notice.error
+    assert events[2] == TextDelta("ok")
+
+
+async def test_overloaded_error_event_mid_stream_is_retried(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(ErrorEventAfter(4, "overloaded_error"), StreamedReply(text=["ok"]))
+    events = await collect(model)
+    assert events[0] == TextDelta("Hello")
+    notice = events[1]
+    assert isinstance(notice, RetryNotice)
+    assert (notice.kind, notice.restarted) == ("overloaded", True)
+    assert events[2:] == [TextDelta("ok"), TurnEnd(StopReason.END_TURN, Usage(25, 1))]
+
+
+async def test_a_server_gone_silent_times_out_and_is_retried(
+    autojump_clock: trio.testing.MockClock, anthropic_server: AnthropicServer
+) -> None:
+    # The gate is never set: the server goes silent after the first delta, and
+    # the clock jumps to the SDK's read timeout.
+    silent = StreamedReply(text=["a", "b"], gate=trio.Event(), gate_after=4)
+    anthropic_server.add(silent, StreamedReply(text=["ok"]))
+    async with AnthropicModel(
+        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY, timeout=30
+    ) as model:
+        events = await collect(model)
+    assert events[0] == TextDelta("a")
+    notice = events[1]
+    assert isinstance(notice, RetryNotice)
+    assert (notice.kind, notice.restarted) == ("timeout", True)
+    assert notice.error.startswith("APITimeoutError")
+    assert anthropic_server.requests[1].time == pytest.approx(30 + 0.5)
+    assert events[2] == TextDelta("ok")
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "kind"),
+    [
+        (400, "invalid_request_error", "bad_request"),
+        (401, "authentication_error", "authentication"),
+        (403, "permission_error", "permission"),
+        (404, "not_found_error", "not_found"),
+    ],
+)
+async def test_client_errors_are_not_retried(
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+    status: int,
+    error_type: str,
+    kind: str,
+) -> None:
+    anthropic_server.add(ErrorReply(status, error_type), StreamedReply(text=["unused"]))
+    seen: list[ModelEvent] = []
+    info = await collect_until_error(model, seen)
+    assert (info.value.kind, info.value.status, info.value.retryable) == (kind, status, False)
+    assert error_type in str(info.value)
+    assert seen == []
+    assert anthropic_server.statistics().script_remaining == 1
+
+
+async def test_exhausted_retries_raise_a_retryable_model_error(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+) -> None:
+    anthropic_server.add(*[ErrorReply(529, "overloaded_error")] * 4)
+    seen: list[ModelEvent] = []
+    info = await collect_until_error(model, seen)
+    assert (info.value.kind, info.value.status, info.value.retryable) == ("overloaded", 529, True)
+    assert "4 attempt" in str(info.value)
+    assert [n.attempt for n in notices(seen)] == [1, 2, 3]
+    assert anthropic_server.statistics().requests == 4
+
+
+async def test_retry_on_narrows_which_failures_are_retried(
+    anthropic_server: AnthropicServer,
+) -> None:
+    anthropic_server.add(ErrorReply(529, "overloaded_error"), StreamedReply(text=["unused"]))
+    policy = RetryPolicy(attempts=4, retry_on=(anthropic.RateLimitError,))
+    async with AnthropicModel(
+        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=policy
+    ) as model:
+        info = await collect_until_error(model, [])
+    assert (info.value.kind, info.value.retryable) == ("overloaded", True)
+    assert anthropic_server.statistics().requests == 1
+
+
+async def test_sdk_retries_are_off_even_on_a_given_client(
+    anthropic_server: AnthropicServer,
+) -> None:
+    anthropic_server.add(ErrorReply(500, "api_error"), StreamedReply(text=["unused"]))
+    client = anthropic.AsyncAnthropic(
+        api_key=KEY, base_url=anthropic_server.base_url, max_retries=5
+    )
+    async with client:
+        async with AnthropicModel(MODEL, client=client, retry=RetryPolicy(attempts=1)) as model:
+            info = await collect_until_error(model, [])
+        assert info.value.kind == "server_error"
+        assert anthropic_server.statistics().requests == 1
+        assert not client.is_closed()  # the model does not close a client it was given
+
+
+# -- cancellation and closing -------------------------------------------------------
+
+
+async def test_cancelling_mid_stream_closes_the_http_response_promptly(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    gate = trio.Event()  # never set: the server holds the stream after the first delta
+    anthropic_server.add(StreamedReply(text=["a", "b"], gate=gate, gate_after=4))
+    first_delta = trio.Event()
+
+    async def consume() -> None:
+        async with model.stream([Message.user("Hi")]) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    first_delta.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await first_delta.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the consumer awaits the next bytes
+            nursery.cancel_scope.cancel()
+    with trio.fail_after(1):
+        stats = await anthropic_server.wait_until(lambda s: s.disconnects == 1)
+    assert stats.active_responses == 0
+    assert stats.completed_responses == 0
+
+
+async def test_leaving_the_block_early_closes_the_response_and_leaves_nothing_to_gc(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(StreamedReply(text=["a", "b", "c"], gate=trio.Event(), gate_after=5))
+    with warnings.catch_warnings(record=True) as caught, trio.fail_after(5):
+        warnings.simplefilter("always")
+        async with model.stream([Message.user("Hi")]) as events:
+            async for _ in events:
+                break
+        gc.collect()
+        stats = await anthropic_server.wait_until(lambda s: s.disconnects == 1)
+    assert stats.active_responses == 0
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+async def test_an_unclosed_model_is_collected_without_reaching_for_asyncio(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: calls.append(1))
+    model = AnthropicModel(MODEL, api_key=KEY)
+    del model
+    gc.collect()
+    assert calls == []
+
+
+async def test_iterating_after_the_block_raises_closed_resource_error(
+    anthropic_server: AnthropicServer, model: AnthropicModel
+) -> None:
+    anthropic_server.add(StreamedReply(text=["a", "b"]))
+    async with model.stream([Message.user("Hi")]) as events:
+        await events.__anext__()
+    with pytest.raises(trio.ClosedResourceError):
+        await events.__anext__()
+
+
+async def test_a_closed_model_refuses_new_streams(anthropic_server: AnthropicServer) -> None:
+    model = AnthropicModel(MODEL, api_key=KEY, base_url=anthropic_server.base_url)
+    await model.aclose()
+    await model.aclose()  # idempotent
+    with pytest.raises(trio.ClosedResourceError):
+        async with model.stream([Message.user("Hi")]):
+            pass
+    assert "closed" in repr(model)
+
+
+# -- credentials ------------------------------------------------------------------
+
+
+async def test_api_key_never_appears_in_events_errors_logs_or_repr(
+    autojump_clock: trio.testing.MockClock,
+    anthropic_server: AnthropicServer,
+    model: AnthropicModel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    anthropic_server.add(
+        ErrorReply(529, "overloaded_error", f"overloaded; key {KEY} is fine"),
+        DisconnectAfter(5),
+        ErrorReply(401, "authentication_error", f"invalid x-api-key: {KEY}"),
+    )
+    seen: list[ModelEvent] = []
+    info = await collect_until_error(model, seen)
+    assert anthropic_server.requests[0].api_key == KEY  # the key did reach the server
+    assert len(notices(seen)) == 2
+    texts = [repr(model), str(model), repr(info.value), caplog.text]
+    texts += traceback.format_exception(info.value)
+    texts += [repr(event) for event in seen]
+    assert "[redacted]" in str(info.value)
+    for text in texts:
+        assert KEY not in text
+
+
+def test_missing_api_key_raises_an_authentication_error_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ModelError) as info:
+        AnthropicModel()
+    assert info.value.kind == "authentication"
+    assert "ANTHROPIC_API_KEY" in str(info.value)
+
+
+async def test_api_key_defaults_to_the_environment(
+    anthropic_server: AnthropicServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY + "-from-env")
+    anthropic_server.add(StreamedReply(text=["Hi"]))
+    async with AnthropicModel(MODEL, base_url=anthropic_server.base_url) as model:
+        assert KEY not in repr(model)
+        await collect(model)
+    assert anthropic_server.requests[0].api_key == KEY + "-from-env"

@@ -1,0 +1,39 @@
+"""Recording and replay: event streams as JSON-lines files, and back as live streams.
+
+* :class:`EventRecorder` writes events as JSON lines, one per event, flushed as
+  they come; a bus listener and a context manager. :func:`record` drains a
+  stream into a file.
+* :func:`replay` streams a recording back as a live stream, its original
+  timing scaled by ``speed`` (or as fast as possible with ``math.inf``),
+  usable wherever a live stream is. :func:`replay_into` re-emits it into a
+  bus; :func:`start_replay` plays it into a bus of its own behind a
+  :class:`ReplayRun` handle that a server serves like a live run.
+* A line that is not an event raises :exc:`RecordingError` with its line
+  number, after every valid event before it.
+
+The format is exactly the output of ``trioflow run --json`` (each line is
+:meth:`FlowEvent.to_json <trioflow.FlowEvent.to_json>`), so either can be
+replayed, in the terminal with ``trioflow replay FILE [--speed X] [--json]``.
+"""
+
+from trioflow.recording._recorder import EventRecorder, record
+from trioflow.recording._replay import (
+    MAX_LINE_BYTES,
+    RecordingError,
+    ReplayStream,
+    replay,
+    replay_into,
+)
+from trioflow.recording._replay_run import ReplayRun, start_replay
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "EventRecorder",
+    "RecordingError",
+    "ReplayRun",
+    "ReplayStream",
+    "record",
+    "replay",
+    "replay_into",
+    "start_replay",
+]

@@ -1,0 +1,146 @@
+"""``trioflow replay FILE``: show a recorded run again, with its original timing.
+
+The recording is JSON lines, one event per line, as written by
+``trioflow run --json`` or an :class:`~trioflow.recording.EventRecorder`. The
+events are shown with the views of ``trioflow run``: a live view, plain text
+(``--plain``) or JSON lines again (``--json``, byte for byte the recording's
+events). ``--speed 2`` replays twice as fast, ``--speed inf`` without delays.
+
+Exit status: 0 when the recording ends with ``flow.completed``; 1 when it ends
+with ``flow.failed`` or ``flow.cancelled``, without a terminal event, or at a
+corrupted or truncated line (reported on standard error with its line
+number, after the valid events before it); 2 when the file cannot be opened
+or for bad usage; 130 when interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import IO
+
+import trio
+
+from trioflow._util import collapse_single_group
+from trioflow.cli import watch_signals
+from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, exit_status, open_renderer
+from trioflow.events import EventType, FlowEvent
+from trioflow.recording._replay import RecordingError, replay
+
+__all__ = ["HELP", "add_arguments", "main"]
+
+HELP = "replay a recorded run (the JSON lines of 'trioflow run --json') with its timing"
+"""The subcommand's one-line help."""
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'inf', not {text!r}") from None
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"must be a positive number ('inf' replays without delays), not {text}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, not {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``replay`` subcommand's arguments to ``parser``."""
+    parser.add_argument("file", metavar="FILE", help="the recording ('-' reads standard input)")
+    parser.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        help="playback speed: 2 is twice as fast, 0.5 half as fast, 'inf' without delays "
+        "(default: 1)",
+    )
+    parser.add_argument(
+        "--max-gap",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="the longest pause between two events, in recorded seconds (default: no limit)",
+    )
+    parser.add_argument("--json", action="store_true", help="write one JSON event per line")
+    parser.add_argument("--plain", action="store_true", help="plain text output (no live view)")
+
+
+def _titles(first: FlowEvent | None, file: str) -> tuple[str, str]:
+    name = "standard input" if file == "-" else os.path.basename(file)
+    if first is not None and first.type == EventType.FLOW_STARTED:
+        task = first.data.get("task")
+        model = first.data.get("model")
+        return (
+            task if isinstance(task, str) and task else name,
+            f"{model} · replay" if isinstance(model, str) and model else "replay",
+        )
+    return name, "replay"
+
+
+async def _replay(args: argparse.Namespace, out: IO[str]) -> int:
+    source = sys.stdin.buffer if args.file == "-" else args.file
+    interrupted: list[int] = []
+    terminal: FlowEvent | None = None
+    error: RecordingError | None = None
+    scope = trio.CancelScope()
+
+    def on_signal(signum: int) -> None:
+        interrupted.append(signum)
+        scope.cancel()
+
+    async with replay(source, speed=args.speed, max_gap=args.max_gap) as events:
+        with collapse_single_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_signals, on_signal)
+                try:
+                    with scope:
+                        try:
+                            first = await events.peek()
+                        except RecordingError as exc:
+                            error, first = exc, None
+                        title, model = _titles(first, args.file)
+                        with open_renderer(
+                            out, json=args.json, plain=args.plain, title=title, model=model
+                        ) as renderer:
+                            try:
+                                async for event in events:
+                                    renderer.show(event)
+                                    if event.is_terminal():
+                                        terminal = event
+                            except RecordingError as exc:
+                                error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+    if error is not None:
+        print(f"trioflow replay: {error}", file=sys.stderr)
+        return EXIT_INTERRUPTED if interrupted else EXIT_FAILED
+    return exit_status(terminal, interrupted=bool(interrupted))
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``trioflow replay`` with parsed ``args``; return the exit status."""
+    try:
+        return trio.run(_replay, args, sys.stdout)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"trioflow replay: cannot open {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``trioflow replay --json FILE | head``): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED

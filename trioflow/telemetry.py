@@ -1,0 +1,940 @@
+"""Telemetry: runs become OpenTelemetry metrics and traces; metrics become Prometheus text.
+
+:class:`Telemetry` is an event listener. Attached to a bus that carries the
+events of runs (``telemetry.attach(bus)``, typically the shared bus of a
+:class:`~trioflow.StreamingFlowExecutor`), it records through the
+OpenTelemetry API:
+
+========================================  =========  ==========================================
+instrument                                kind       what
+========================================  =========  ==========================================
+``trioflow.tokens``                       observed   ``token.received`` events (text deltas)
+``trioflow.usage.tokens``                 counter    tokens the model billed; ``type``: input/output
+``trioflow.iterations``                   counter    iterations started
+``trioflow.tool_calls``                   counter    tool calls; ``tool``, ``outcome``: completed/failed
+``trioflow.runs``                         counter    finished runs; ``status``: completed/failed/cancelled
+``trioflow.runs.active``                  up-down    runs started and not finished
+``trioflow.events.dropped``               observed   events the attached buses dropped; ``bus``
+``trioflow.cache.hits`` / ``.misses``     counter    lookups of cached tools; ``tool``
+``trioflow.iteration.tokens``             histogram  text deltas per iteration
+``trioflow.run.duration``                 histogram  seconds from ``flow.started`` to the terminal event
+``trioflow.run.time_to_first_token``      histogram  seconds from ``flow.started`` to the first token
+``trioflow.tool.duration``                histogram  seconds per tool call; ``tool``, ``outcome``
+``trioflow.model.duration``               histogram  seconds per model call; ``model``
+========================================  =========  ==========================================
+
+and one trace per run: a ``trioflow.run`` span (from ``flow.started`` to
+the terminal event; status ERROR for ``flow.failed``), a
+``trioflow.iteration`` child span per iteration, and under each iteration a
+``chat {model}`` span per model call and an ``execute_tool {tool}`` span per
+tool call (keyed by its ``call_id``), with the OpenTelemetry GenAI
+attribute names where there is one (``gen_ai.request.model``,
+``gen_ai.tool.name``, ``gen_ai.usage.input_tokens``, ...). Every span
+carries the run's id as ``trioflow.run_id``.
+
+The listener sees events after they happened, so spans are given the
+events' own timestamps as start and end times: their durations are exact
+whatever the listener's lag. Durations the events report themselves (a
+run's ``duration``, a tool call's, a model call's, measured on Trio's
+clock) feed the histograms.
+
+Without an OpenTelemetry SDK, the API's no-op providers make all this cost
+next to nothing. Tests and programs pass providers explicitly::
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    async with open_event_bus() as bus:
+        telemetry.attach(bus)
+        await StreamingFlowExecutor(bus=bus).run(agent, "What is 25 * 4?")
+
+:class:`PrometheusMetrics` is a metric reader that renders what it reads in
+the Prometheus text format, for a ``/metrics`` endpoint;
+:func:`open_telemetry` sets one up with an SDK meter provider.
+
+This module needs ``opentelemetry-api``; :class:`PrometheusMetrics` and
+:func:`open_telemetry` with ``metrics=True`` also need ``opentelemetry-sdk``
+and ``prometheus-client`` (all in the ``trioflow[telemetry]`` extra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from trioflow.bus import EventBus, Overflow
+from trioflow.events import EventType, FlowEvent
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
+    from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
+
+__all__ = [
+    "HANDLED_TYPES",
+    "PrometheusMetrics",
+    "Telemetry",
+    "open_telemetry",
+    "render_prometheus",
+]
+
+_TOKEN_BUCKETS: Final = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+_SECONDS_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+HANDLED_TYPES: frozenset[str] = frozenset(
+    {
+        EventType.FLOW_STARTED,
+        EventType.FLOW_COMPLETED,
+        EventType.FLOW_FAILED,
+        EventType.FLOW_CANCELLED,
+        EventType.FLOW_PAUSED,
+        EventType.FLOW_RESUMED,
+        EventType.TOKEN_RECEIVED,
+        EventType.ITERATION_STARTED,
+        EventType.ITERATION_COMPLETED,
+        EventType.ITERATION_FAILED,
+        EventType.STEP_STARTED,
+        EventType.STEP_COMPLETED,
+        EventType.TOOL_STARTED,
+        EventType.TOOL_COMPLETED,
+        EventType.TOOL_FAILED,
+        EventType.WARNING,
+    }
+)
+"""The event types :class:`Telemetry` looks at; :meth:`Telemetry.attach` subscribes to these only."""
+
+_TERMINAL_STATUS: Final[Mapping[str, str]] = {
+    EventType.FLOW_COMPLETED: "completed",
+    EventType.FLOW_FAILED: "failed",
+    EventType.FLOW_CANCELLED: "cancelled",
+}
+_TOKEN: Final = str(EventType.TOKEN_RECEIVED)  # a plain str: enum attribute access is slow
+_ROOT = Context()  # an empty context: run spans are roots, whatever the listener's context
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _error_text(data: Mapping[str, Any]) -> tuple[str, str]:
+    error = data.get("error")
+    if isinstance(error, Mapping):
+        return str(error.get("type", "Error")), str(error.get("message", ""))
+    return "Error", str(error) if error is not None else ""
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _RunState:
+    """What the listener remembers of one run between its first and its terminal event."""
+
+    span: Span
+    context: Context
+    started: float  # the time of flow.started, in seconds since the epoch
+    anchor: float  # the clock's reading at flow.started (when a clock is used)
+    model: str
+    tokens: int = 0
+    first_token: bool = False
+    iteration: Span | None = None
+    iteration_context: Context | None = None
+    iteration_tokens: int = 0
+    model_span: Span | None = None
+    tools: dict[str, Span] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _WatchedBus:
+    """A bus whose dropped-event count the observable counter reports."""
+
+    bus: EventBus
+    name: str
+    token: trio.lowlevel.TrioToken
+    listener_id: int | None
+    dropped: int = 0
+
+    def refresh(self) -> None:
+        """Read the bus's figure, if this is the bus's own Trio thread."""
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return
+        if here is self.token:
+            self.dropped = self.bus.statistics().dropped
+
+
+class Telemetry:
+    """Records runs as OpenTelemetry metrics and spans, from their events.
+
+    Args:
+        meter_provider: where the instruments come from; ``None`` for the
+            global provider (a no-op until an SDK is configured).
+        tracer_provider: where spans go; ``None`` for the global provider.
+        clock: ``None`` (the default) to time spans and first tokens with
+            the events' own timestamps (wall clock at emission, immune to
+            the listener's lag). Pass a clock such as
+            :func:`trio.current_time` to time them by reading it when the
+            listener handles each event instead: virtual time under
+            :class:`trio.testing.MockClock`, monotonic time otherwise (the
+            listener's lag then adds to the figures).
+        max_runs: the most runs tracked at once. Tracking ends at a run's
+            terminal event; past this bound the oldest tracked run is
+            dropped (its open spans end with ``trioflow.abandoned``).
+        prometheus: the :class:`PrometheusMetrics` reading this telemetry's
+            meter provider, if any, so a server can find it
+            (:attr:`prometheus`).
+
+    Raises:
+        ValueError: ``max_runs`` is below 1.
+    """
+
+    def __init__(
+        self,
+        *,
+        meter_provider: metrics.MeterProvider | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        clock: Callable[[], float] | None = None,
+        max_runs: int = 1024,
+        prometheus: PrometheusMetrics | None = None,
+    ) -> None:
+        if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+            raise ValueError(f"max_runs must be an int >= 1, not {max_runs!r}")
+        from trioflow import __version__
+
+        meter = (
+            meter_provider.get_meter("trioflow", __version__)
+            if meter_provider is not None
+            else metrics.get_meter("trioflow", __version__)
+        )
+        self.tracer: trace.Tracer = (
+            tracer_provider.get_tracer("trioflow", __version__)
+            if tracer_provider is not None
+            else trace.get_tracer("trioflow", __version__)
+        )
+        """The OpenTelemetry tracer spans are made with (also the ``tracing`` service)."""
+        self.meter: metrics.Meter = meter
+        """The OpenTelemetry meter the instruments come from."""
+        self.prometheus = prometheus
+        """The :class:`PrometheusMetrics` given at construction, or ``None``."""
+        self._clock = clock
+        self._max_runs = max_runs
+        self._runs: OrderedDict[str, _RunState] = OrderedDict()
+        self._buses: dict[int, _WatchedBus] = {}
+        self._retired: dict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()  # the observable callback may run in an exporter thread
+
+        # Tokens are the hot path: count them in a plain int, observed at collection time.
+        self._token_count = 0
+        meter.create_observable_counter(
+            "trioflow.tokens",
+            [self._observe_tokens],
+            "{token}",
+            "Text deltas streamed by the model (token.received).",
+        )
+        self._usage = meter.create_counter(
+            "trioflow.usage.tokens", "{token}", "Tokens the model reported using, by type."
+        )
+        self._iterations = meter.create_counter(
+            "trioflow.iterations", "{iteration}", "Agent iterations started."
+        )
+        self._tool_calls = meter.create_counter(
+            "trioflow.tool_calls", "{call}", "Tool calls finished, by tool and outcome."
+        )
+        self._runs_total = meter.create_counter(
+            "trioflow.runs", "{run}", "Runs finished, by status."
+        )
+        self._runs_active = meter.create_up_down_counter(
+            "trioflow.runs.active", "{run}", "Runs started and not finished yet."
+        )
+        self._cache_hits = meter.create_counter(
+            "trioflow.cache.hits", "{lookup}", "Cached tool calls answered from the cache."
+        )
+        self._cache_misses = meter.create_counter(
+            "trioflow.cache.misses", "{lookup}", "Cached tool calls not found in the cache."
+        )
+        meter.create_observable_counter(
+            "trioflow.events.dropped",
+            [self._observe_dropped],
+            "{event}",
+            "Events dropped by the overflow policies of the attached buses' subscribers.",
+        )
+        self._iteration_tokens = meter.create_histogram(
+            "trioflow.iteration.tokens",
+            "{token}",
+            "Text deltas streamed per iteration.",
+            explicit_bucket_boundaries_advisory=_TOKEN_BUCKETS,
+        )
+        self._run_duration = meter.create_histogram(
+            "trioflow.run.duration",
+            "s",
+            "Seconds from a run's start to its terminal event.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self._ttft = meter.create_histogram(
+            "trioflow.run.time_to_first_token",
+            "s",
+            "Seconds from a run's start to its first token.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self._tool_duration = meter.create_histogram(
+            "trioflow.tool.duration",
+            "s",
+            "Seconds per tool call, by tool and outcome.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self._model_duration = meter.create_histogram(
+            "trioflow.model.duration",
+            "s",
+            "Seconds per model call (one streamed turn), by model.",
+            explicit_bucket_boundaries_advisory=_SECONDS_BUCKETS,
+        )
+        self._handlers: dict[str, Callable[[FlowEvent, _RunState | None], None]] = {
+            EventType.FLOW_STARTED: self._on_flow_started,
+            EventType.FLOW_COMPLETED: self._on_terminal,
+            EventType.FLOW_FAILED: self._on_terminal,
+            EventType.FLOW_CANCELLED: self._on_terminal,
+            EventType.FLOW_PAUSED: self._on_pause,
+            EventType.FLOW_RESUMED: self._on_pause,
+            EventType.ITERATION_STARTED: self._on_iteration_started,
+            EventType.ITERATION_COMPLETED: self._on_iteration_ended,
+            EventType.ITERATION_FAILED: self._on_iteration_ended,
+            EventType.STEP_STARTED: self._on_step_started,
+            EventType.STEP_COMPLETED: self._on_step_completed,
+            EventType.TOOL_STARTED: self._on_tool_started,
+            EventType.TOOL_COMPLETED: self._on_tool_ended,
+            EventType.TOOL_FAILED: self._on_tool_ended,
+            EventType.WARNING: self._on_warning,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Telemetry runs={len(self._runs)} buses={len(self._buses)}>"
+
+    # -- attaching -------------------------------------------------------------------
+
+    @property
+    def listener(self) -> Callable[[FlowEvent], None]:
+        """The listener callable, for ``bus.add_listener(telemetry.listener, ...)``.
+
+        :meth:`attach` is usually better: it also reports the bus's dropped
+        events and subscribes to the types the listener uses only.
+        """
+        return self.handle
+
+    def attach(
+        self, bus: EventBus, *, buffer: int = 4096, overflow: Overflow = Overflow.BLOCK
+    ) -> int:
+        """Listen to ``bus`` and report its dropped events; return the listener id.
+
+        Attach to one bus per run: the executor's shared bus sees every run,
+        a run's own bus (:attr:`trioflow.Run.bus`) only that run. The same
+        events seen on two buses would be counted twice.
+
+        Args:
+            bus: the bus to listen to.
+            buffer: the listener's channel bound.
+            overflow: what happens when the listener falls behind; the
+                default, BLOCK, never loses a figure (the listener is quick).
+
+        Returns:
+            The listener id (for :meth:`trioflow.EventBus.remove_listener`;
+            :meth:`detach` is the usual way to stop).
+
+        Raises:
+            trio.ClosedResourceError: the bus is closed.
+            RuntimeError: called outside ``trio.run``.
+        """
+        watched = _WatchedBus(bus, bus.name, trio.lowlevel.current_trio_token(), None)
+
+        def listener(event: FlowEvent) -> None:
+            self.handle(event)
+            if event.type in _TERMINAL_STATUS:
+                watched.refresh()
+
+        listener_id = bus.add_listener(
+            listener,
+            types=HANDLED_TYPES,
+            buffer=buffer,
+            overflow=overflow,
+            name="trioflow.telemetry",
+        )
+        watched.listener_id = listener_id
+        with self._lock:
+            self._prune_buses()
+            self._buses[id(bus)] = watched
+        return listener_id
+
+    def detach(self, bus: EventBus) -> bool:
+        """Stop listening to ``bus`` (its dropped count so far stays in the total).
+
+        Returns:
+            False if this telemetry was not attached to ``bus``.
+        """
+        with self._lock:
+            watched = self._buses.pop(id(bus), None)
+            if watched is None or watched.bus is not bus:
+                return False
+            watched.refresh()
+            self._retired[watched.name] += watched.dropped
+        if watched.listener_id is not None and not bus.closed:
+            try:
+                bus.remove_listener(watched.listener_id)
+            except KeyError:
+                pass  # it had stopped already
+        return True
+
+    def _prune_buses(self) -> None:
+        for key, watched in list(self._buses.items()):
+            if watched.bus.closed:
+                watched.refresh()
+                self._retired[watched.name] += watched.dropped
+                del self._buses[key]
+
+    def _observe_dropped(self, options: metrics.CallbackOptions) -> Iterator[metrics.Observation]:
+        with self._lock:
+            totals = dict(self._retired)
+            for watched in self._buses.values():
+                watched.refresh()
+                totals[watched.name] = totals.get(watched.name, 0) + watched.dropped
+            self._prune_buses()
+        for name, value in sorted(totals.items()):
+            yield metrics.Observation(value, {"bus": name})
+
+    def _observe_tokens(self, options: metrics.CallbackOptions) -> Iterator[metrics.Observation]:
+        yield metrics.Observation(self._token_count)
+
+    # -- cache -------------------------------------------------------------------------
+
+    def record_cache(self, *, hit: bool, tool: str | None = None) -> None:
+        """Count one cache lookup: ``trioflow.cache.hits`` or ``trioflow.cache.misses``.
+
+        Args:
+            hit: whether the lookup found a value.
+            tool: the cached tool's name, recorded as the ``tool`` attribute.
+        """
+        attributes = {"tool": tool} if tool is not None else {}
+        (self._cache_hits if hit else self._cache_misses).add(1, attributes)
+
+    # -- events --------------------------------------------------------------------------
+
+    def handle(self, event: FlowEvent) -> None:
+        """Record one event. This is the listener; call it directly to feed events by hand.
+
+        Events of types outside :data:`HANDLED_TYPES` are ignored, and so are
+        the span parts of events whose run's ``flow.started`` was not seen
+        (their counters still count).
+        """
+        if event.type == _TOKEN:  # the hot path
+            self._on_token(event)
+            return
+        handler = self._handlers.get(event.type)
+        if handler is None:
+            return
+        run_id = event.run_id
+        handler(event, self._runs.get(run_id) if run_id is not None else None)
+
+    def _time(self, event: FlowEvent, state: _RunState | None) -> float:
+        """When ``event`` happened, in seconds since the epoch."""
+        if self._clock is None or state is None:
+            return event.timestamp
+        return state.started + (self._clock() - state.anchor)
+
+    def _on_token(self, event: FlowEvent) -> None:
+        self._token_count += 1
+        state = self._runs.get(event.run_id)  # type: ignore[arg-type]  # None is never a key
+        if state is None:
+            return
+        state.tokens += 1
+        state.iteration_tokens += 1
+        if not state.first_token:
+            state.first_token = True
+            self._ttft.record(max(0.0, self._time(event, state) - state.started))
+
+    def _on_flow_started(self, event: FlowEvent, state: _RunState | None) -> None:
+        self._runs_active.add(1)
+        run_id = event.run_id
+        if run_id is None or state is not None:
+            return
+        while len(self._runs) >= self._max_runs:
+            _, oldest = self._runs.popitem(last=False)
+            self._abandon(oldest, event.timestamp)
+        data = event.data
+        model = str(data.get("model", ""))
+        attributes: dict[str, Any] = {"trioflow.run_id": run_id}
+        if model:
+            attributes["gen_ai.request.model"] = model
+        if isinstance(data.get("agent"), str):
+            attributes["gen_ai.agent.name"] = data["agent"]
+        max_iterations = _number(data.get("max_iterations"))
+        if max_iterations is not None:
+            attributes["trioflow.max_iterations"] = int(max_iterations)
+        start = event.timestamp
+        span = self.tracer.start_span(
+            "trioflow.run",
+            context=_ROOT,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=_ns(start),
+        )
+        anchor = self._clock() if self._clock is not None else 0.0
+        self._runs[run_id] = _RunState(
+            span, trace.set_span_in_context(span, _ROOT), start, anchor, model
+        )
+
+    def _on_pause(self, event: FlowEvent, state: _RunState | None) -> None:
+        if state is not None:
+            name = "paused" if event.type == EventType.FLOW_PAUSED else "resumed"
+            state.span.add_event(name, timestamp=_ns(self._time(event, state)))
+
+    def _on_iteration_started(self, event: FlowEvent, state: _RunState | None) -> None:
+        self._iterations.add(1)
+        if state is None:
+            return
+        if state.iteration is not None:  # a missed iteration.completed: close the old one
+            self._end_iteration(state, self._time(event, state), error=None)
+        n = _number(event.data.get("iteration"))
+        attributes: dict[str, Any] = {"trioflow.run_id": event.run_id or ""}
+        if n is not None:
+            attributes["trioflow.iteration"] = int(n)
+        span = self.tracer.start_span(
+            "trioflow.iteration",
+            context=state.context,
+            attributes=attributes,
+            start_time=_ns(self._time(event, state)),
+        )
+        state.iteration = span
+        state.iteration_context = trace.set_span_in_context(span, _ROOT)
+        state.iteration_tokens = 0
+
+    def _on_iteration_ended(self, event: FlowEvent, state: _RunState | None) -> None:
+        data = event.data
+        usage = data.get("usage")
+        if isinstance(usage, Mapping):
+            for kind in ("input", "output"):
+                count = _number(usage.get(f"{kind}_tokens"))
+                if count:
+                    self._usage.add(int(count), {"type": kind})
+        if state is None or state.iteration is None:
+            return
+        error = _error_text(data) if event.type == EventType.ITERATION_FAILED else None
+        when = self._time(event, state)
+        if state.model_span is not None and error is not None:  # the model call failed
+            self._end_span(state.model_span, when, error=error)
+            state.model_span = None
+        if isinstance(usage, Mapping):
+            for kind in ("input", "output"):
+                count = _number(usage.get(f"{kind}_tokens"))
+                if count is not None:
+                    state.iteration.set_attribute(f"gen_ai.usage.{kind}_tokens", int(count))
+        self._end_iteration(state, when, error=error)
+
+    def _end_iteration(
+        self, state: _RunState, when: float, *, error: tuple[str, str] | None
+    ) -> None:
+        span = state.iteration
+        if span is None:
+            return
+        for tool_span in state.tools.values():
+            self._end_span(tool_span, when, error=error, interrupted=True)
+        state.tools.clear()
+        if state.model_span is not None:
+            self._end_span(state.model_span, when, error=error, interrupted=True)
+            state.model_span = None
+        span.set_attribute("trioflow.tokens", state.iteration_tokens)
+        self._iteration_tokens.record(state.iteration_tokens)
+        self._end_span(span, when, error=error)
+        state.iteration = None
+        state.iteration_context = None
+        state.iteration_tokens = 0
+
+    def _on_step_started(self, event: FlowEvent, state: _RunState | None) -> None:
+        if state is None or event.data.get("step") != "model":
+            return
+        model = str(event.data.get("model") or state.model)
+        attributes: dict[str, Any] = {
+            "trioflow.run_id": event.run_id or "",
+            "gen_ai.operation.name": "chat",
+        }
+        if model:
+            attributes["gen_ai.request.model"] = model
+        if state.model_span is not None:
+            self._end_span(state.model_span, self._time(event, state), error=None)
+        state.model_span = self.tracer.start_span(
+            f"chat {model}" if model else "chat",
+            context=state.iteration_context or state.context,
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+            start_time=_ns(self._time(event, state)),
+        )
+
+    def _on_step_completed(self, event: FlowEvent, state: _RunState | None) -> None:
+        data = event.data
+        if data.get("step") != "model":
+            return
+        model = str(data.get("model") or (state.model if state is not None else ""))
+        duration = _number(data.get("duration"))
+        if duration is not None:
+            self._model_duration.record(max(0.0, duration), {"model": model} if model else {})
+        if state is None or state.model_span is None:
+            return
+        span = state.model_span
+        usage = data.get("usage")
+        if isinstance(usage, Mapping):
+            for kind in ("input", "output"):
+                count = _number(usage.get(f"{kind}_tokens"))
+                if count is not None:
+                    span.set_attribute(f"gen_ai.usage.{kind}_tokens", int(count))
+        self._end_span(span, self._time(event, state), error=None)
+        state.model_span = None
+
+    def _on_tool_started(self, event: FlowEvent, state: _RunState | None) -> None:
+        data = event.data
+        call_id = data.get("call_id")
+        if state is None or not isinstance(call_id, str):
+            return
+        tool = str(data.get("tool", ""))
+        span = self.tracer.start_span(
+            f"execute_tool {tool}",
+            context=state.iteration_context or state.context,
+            attributes={
+                "trioflow.run_id": event.run_id or "",
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": tool,
+                "gen_ai.tool.call.id": call_id,
+            },
+            start_time=_ns(self._time(event, state)),
+        )
+        old = state.tools.pop(call_id, None)
+        if old is not None:
+            self._end_span(old, self._time(event, state), error=None, interrupted=True)
+        state.tools[call_id] = span
+
+    def _on_tool_ended(self, event: FlowEvent, state: _RunState | None) -> None:
+        data = event.data
+        tool = str(data.get("tool", ""))
+        outcome = "completed" if event.type == EventType.TOOL_COMPLETED else "failed"
+        attributes = {"tool": tool, "outcome": outcome}
+        self._tool_calls.add(1, attributes)
+        duration = _number(data.get("duration"))
+        if duration is not None:
+            self._tool_duration.record(max(0.0, duration), attributes)
+        call_id = data.get("call_id")
+        if state is None or not isinstance(call_id, str):
+            return
+        span = state.tools.pop(call_id, None)
+        if span is not None:
+            error = _error_text(data) if outcome == "failed" else None
+            self._end_span(span, self._time(event, state), error=error)
+
+    def _on_warning(self, event: FlowEvent, state: _RunState | None) -> None:
+        data = event.data
+        if state is None or state.model_span is None or "attempt" not in data:
+            return
+        attributes: dict[str, Any] = {"trioflow.message": str(data.get("message", ""))}
+        attempt, delay = _number(data.get("attempt")), _number(data.get("delay"))
+        if attempt is not None:
+            attributes["trioflow.attempt"] = int(attempt)
+        if delay is not None:
+            attributes["trioflow.delay"] = delay
+        state.model_span.add_event("retry", attributes, timestamp=_ns(self._time(event, state)))
+
+    def _on_terminal(self, event: FlowEvent, state: _RunState | None) -> None:
+        status = _TERMINAL_STATUS[event.type]
+        data = event.data
+        self._runs_total.add(1, {"status": status})
+        self._runs_active.add(-1)
+        duration = _number(data.get("duration"))
+        when = self._time(event, state)
+        if duration is None and state is not None:
+            duration = when - state.started
+        if duration is not None:
+            self._run_duration.record(max(0.0, duration))
+        if state is None:
+            return
+        assert event.run_id is not None
+        del self._runs[event.run_id]
+        span = state.span
+        error = _error_text(data) if status == "failed" else None
+        self._end_iteration(state, when, error=error)
+        span.set_attribute("trioflow.status", status)
+        span.set_attribute("trioflow.tokens", state.tokens)
+        iterations = _number(data.get("iterations"))
+        if iterations is not None:
+            span.set_attribute("trioflow.iterations", int(iterations))
+        if isinstance(data.get("reason"), str):
+            span.set_attribute("trioflow.reason", data["reason"])
+        usage = data.get("usage")
+        if isinstance(usage, Mapping):
+            for kind in ("input", "output"):
+                count = _number(usage.get(f"{kind}_tokens"))
+                if count is not None:
+                    span.set_attribute(f"gen_ai.usage.{kind}_tokens", int(count))
+        if status == "completed":
+            span.set_status(Status(StatusCode.OK))
+        self._end_span(span, when, error=error)
+
+    def _end_span(
+        self,
+        span: Span,
+        when: float,
+        *,
+        error: tuple[str, str] | None,
+        interrupted: bool = False,
+    ) -> None:
+        if interrupted:
+            span.set_attribute("trioflow.interrupted", True)
+        if error is not None:
+            kind, message = error
+            span.add_event(
+                "exception",
+                {"exception.type": kind, "exception.message": message},
+                timestamp=_ns(when),
+            )
+            span.set_status(Status(StatusCode.ERROR, f"{kind}: {message}"))
+        span.end(end_time=_ns(when))
+
+    def _abandon(self, state: _RunState, when: float) -> None:
+        state.span.set_attribute("trioflow.abandoned", True)
+        for tool_span in state.tools.values():
+            self._end_span(tool_span, when, error=None, interrupted=True)
+        if state.model_span is not None:
+            self._end_span(state.model_span, when, error=None, interrupted=True)
+        if state.iteration is not None:
+            self._end_span(state.iteration, when, error=None, interrupted=True)
+        self._end_span(state.span, when, error=None)
+
+
+# -- Prometheus --------------------------------------------------------------------------
+
+
+def _pull_reader() -> MetricReader:
+    """A metric reader that collects when asked, keeping the latest data."""
+    from opentelemetry.sdk.metrics.export import MetricReader
+
+    class _PullReader(MetricReader):
+        def __init__(self) -> None:
+            super().__init__()
+            self._data: MetricsData | None = None
+            self._lock = threading.Lock()
+
+        def _receive_metrics(
+            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+        ) -> None:
+            self._data = metrics_data
+
+        def read(self) -> MetricsData | None:
+            with self._lock:
+                self._data = None
+                self.collect()
+                return self._data
+
+        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+            pass
+
+    return _PullReader()
+
+
+class PrometheusMetrics:
+    """A metric reader whose figures render in the Prometheus text exposition format.
+
+    Give :attr:`reader` to an SDK ``MeterProvider`` (``metric_readers=[...]``);
+    serve :meth:`render` with :attr:`content_type` on ``/metrics``.
+    :func:`open_telemetry` with ``metrics=True`` does the wiring.
+
+    Names follow the OpenTelemetry-to-Prometheus conventions: dots become
+    underscores, ``s`` units add ``_seconds``, counters end in ``_total``
+    (``trioflow.tokens`` is ``trioflow_tokens_total``,
+    ``trioflow.run.duration`` is ``trioflow_run_duration_seconds``).
+
+    Raises:
+        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
+    """
+
+    def __init__(self) -> None:
+        import prometheus_client
+
+        self.content_type: str = prometheus_client.CONTENT_TYPE_LATEST
+        """The ``Content-Type`` of :meth:`render`'s output."""
+        self.reader: MetricReader = _pull_reader()
+        """The OpenTelemetry metric reader to register with a meter provider."""
+
+    def render(self) -> bytes:
+        """Collect the metrics now and return them in the Prometheus text format.
+
+        Synchronous and quick; it runs the observable instruments' callbacks.
+
+        Returns:
+            The exposition, UTF-8 (empty when the reader is not registered
+            with a meter provider).
+        """
+        read: Callable[[], MetricsData | None] = self.reader.read  # type: ignore[attr-defined]
+        return render_prometheus(read())
+
+    def text(self) -> str:
+        """:meth:`render`, as a string."""
+        return self.render().decode("utf-8")
+
+
+_NAME_RE = re.compile(r"[^a-zA-Z0-9_:]")
+_LABEL_RE = re.compile(r"[^a-zA-Z0-9_]")
+_UNIT_SUFFIXES: Final = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
+
+
+def _metric_name(name: str, unit: str) -> str:
+    out = _NAME_RE.sub("_", name)
+    if out[:1].isdigit():
+        out = "_" + out
+    suffix = _UNIT_SUFFIXES.get(unit)
+    if suffix and not out.endswith("_" + suffix):
+        out = f"{out}_{suffix}"
+    return out
+
+
+def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for key, value in (attributes or {}).items():
+        label = _LABEL_RE.sub("_", key)
+        if label[:1].isdigit():
+            label = "_" + label
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        labels[label] = text
+    return labels
+
+
+def render_prometheus(data: MetricsData | None) -> bytes:
+    """Render OpenTelemetry metrics data in the Prometheus text exposition format.
+
+    Monotonic sums become counters (``_total``), other sums and gauges
+    become gauges, explicit-bucket histograms become histograms (cumulative
+    ``_bucket`` samples with ``le``, ``_sum``, ``_count``); exponential
+    histograms are left out. Expects cumulative temporality (the SDK
+    readers' default).
+
+    Args:
+        data: what a reader collected (``InMemoryMetricReader.get_metrics_data()``),
+            or ``None`` for nothing.
+
+    Returns:
+        The exposition, UTF-8.
+
+    Raises:
+        ImportError: ``prometheus-client`` or ``opentelemetry-sdk`` is not installed.
+    """
+    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics_core import Metric
+
+    families: dict[str, Metric] = {}
+
+    def family(name: str, documentation: str, kind: str) -> Metric | None:
+        existing = families.get(name)
+        if existing is None:
+            existing = families[name] = Metric(name, documentation, kind)
+        return existing if existing.type == kind else None
+
+    for resource_metrics in data.resource_metrics if data is not None else ():
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                name = _metric_name(metric.name, metric.unit or "")
+                doc = metric.description or metric.name
+                points = metric.data
+                if isinstance(points, Sum) and points.is_monotonic:
+                    base = name[: -len("_total")] if name.endswith("_total") else name
+                    fam = family(base, doc, "counter")
+                    if fam is not None:
+                        for p in points.data_points:
+                            fam.add_sample(base + "_total", _labels(p.attributes), p.value)
+                elif isinstance(points, (Sum, Gauge)):
+                    fam = family(name, doc, "gauge")
+                    if fam is not None:
+                        for p in points.data_points:
+                            fam.add_sample(name, _labels(p.attributes), p.value)
+                elif isinstance(points, Histogram):
+                    fam = family(name, doc, "histogram")
+                    if fam is None:
+                        continue
+                    for h in points.data_points:
+                        labels = _labels(h.attributes)
+                        cumulative = 0
+                        for bound, count in zip(h.explicit_bounds, h.bucket_counts, strict=False):
+                            cumulative += count
+                            fam.add_sample(
+                                name + "_bucket",
+                                {**labels, "le": repr(float(bound))},
+                                cumulative,
+                            )
+                        fam.add_sample(name + "_bucket", {**labels, "le": "+Inf"}, h.count)
+                        fam.add_sample(name + "_count", labels, h.count)
+                        fam.add_sample(name + "_sum", labels, h.sum)
+
+    class _Families:
+        def collect(self) -> Iterable[Metric]:
+            return list(families.values())
+
+    return generate_latest(_Families())
+
+
+@asynccontextmanager
+async def open_telemetry(
+    *,
+    metrics: bool = False,
+    tracer_provider: trace.TracerProvider | None = None,
+    clock: Callable[[], float] | None = None,
+    max_runs: int = 1024,
+) -> AsyncIterator[Telemetry]:
+    """A :class:`Telemetry` for the duration of the block, with Prometheus metrics if asked.
+
+    Args:
+        metrics: make an SDK meter provider of this telemetry's own, read
+            by a :class:`PrometheusMetrics` (:attr:`Telemetry.prometheus`),
+            shut down when the block exits. ``False``: the global meter
+            provider, and no Prometheus.
+        tracer_provider: where spans go; ``None`` for the global provider.
+        clock: see :class:`Telemetry`.
+        max_runs: see :class:`Telemetry`.
+
+    Raises:
+        ImportError: ``metrics`` is set and ``opentelemetry-sdk`` or
+            ``prometheus-client`` is not installed.
+    """
+    if not metrics:
+        await trio.lowlevel.checkpoint()
+        yield Telemetry(tracer_provider=tracer_provider, clock=clock, max_runs=max_runs)
+        return
+    provider, prometheus = _prometheus_provider()
+    try:
+        yield Telemetry(
+            meter_provider=provider,
+            tracer_provider=tracer_provider,
+            clock=clock,
+            max_runs=max_runs,
+            prometheus=prometheus,
+        )
+    finally:
+        provider.shutdown()
+
+
+def _prometheus_provider() -> tuple[SDKMeterProvider, PrometheusMetrics]:
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    prometheus = PrometheusMetrics()
+    return MeterProvider(metric_readers=[prometheus.reader], shutdown_on_exit=False), prometheus
