@@ -98,6 +98,12 @@ DOCUMENTED_MODULES = [
     "trioflow.testing",
     "trioflow.console",
     "trioflow.cli",
+    "trioflow.services",
+    "trioflow.settings",
+    "trioflow.cache",
+    "trioflow.telemetry",
+    "trioflow.recording",
+    "trioflow.patterns",
 ]
 
 

@@ -20,6 +20,7 @@ from trioflow.bus import (
     SubscriptionStatistics,
     open_event_bus,
 )
+from trioflow.cache import Cache, MemoryCache, cached
 from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent, validate_event_type
 from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor
 from trioflow.history import EventHistory, HistoryExpired, MemoryHistory
@@ -34,6 +35,15 @@ from trioflow.models import (
     open_model,
 )
 from trioflow.progress import FlowProgress, format_duration
+from trioflow.services import (
+    ServiceCycleError,
+    ServiceManager,
+    ServiceNotFound,
+    ServiceType,
+    current_services,
+    open_default_services,
+)
+from trioflow.settings import Settings, SettingsError
 from trioflow.supervise import (
     Crash,
     Emitter,
@@ -63,6 +73,7 @@ __all__ = [
     "Agent",
     "AgentResult",
     "BusStatistics",
+    "Cache",
     "CalculationError",
     "Crash",
     "Emit",
@@ -77,6 +88,7 @@ __all__ = [
     "Listener",
     "ListenerStatistics",
     "MaxIterationsExceeded",
+    "MemoryCache",
     "MemoryHistory",
     "Message",
     "Model",
@@ -90,6 +102,12 @@ __all__ = [
     "RunResult",
     "RunStatus",
     "ScriptedModel",
+    "ServiceCycleError",
+    "ServiceManager",
+    "ServiceNotFound",
+    "ServiceType",
+    "Settings",
+    "SettingsError",
     "StreamingFlowExecutor",
     "SubscriberEvicted",
     "Subscription",
@@ -105,9 +123,12 @@ __all__ = [
     "UnknownToolError",
     "Usage",
     "__version__",
+    "cached",
     "calculator",
+    "current_services",
     "evaluate",
     "format_duration",
+    "open_default_services",
     "open_event_bus",
     "open_model",
     "retry",
