@@ -95,8 +95,8 @@ class PlainRenderer:
         """Write ``event`` as text."""
         data = event.data
         t = event.type
-        if t == EventType.TOKEN_RECEIVED:
-            self._out.write(data.get("token", ""))
+        if event.is_token():
+            self._out.write(_token_text(event))
             self._in_text = True
         elif t == EventType.TOOL_STARTED:
             self._line(f"  -> {data.get('tool')} {_short(data.get('input'))}")
@@ -113,6 +113,12 @@ class PlainRenderer:
         elif event.is_terminal():
             self._line(_terminal_summary(event))
         self._out.flush()
+
+
+def _token_text(event: FlowEvent) -> str:
+    """The text of a ``token.received`` or coalesced ``token.chunk`` event."""
+    data = event.data
+    return str(data.get("token", data.get("chunk", "")))
 
 
 def _terminal_summary(event: FlowEvent) -> str:
@@ -178,8 +184,8 @@ class RichRenderer:
         data = event.data
         t = event.type
         text = self._transcript
-        if t == EventType.TOKEN_RECEIVED:
-            text.append(str(data.get("token", "")))
+        if event.is_token():
+            text.append(_token_text(event))
         elif t == EventType.TOOL_STARTED:
             text.append(f"\n  ⚙ {data.get('tool')} ", style="cyan")
             text.append(_short(data.get("input")), style="dim")
