@@ -242,7 +242,7 @@ OpenWS = Callable[..., AbstractAsyncContextManager["WebSocketConnection"]]
 
 @pytest.fixture
 def open_ws() -> OpenWS:
-    """``async with open_ws(url, headers={...}) as ws:`` a trio-websocket client connection.
+    """``async with open_ws(url, headers={...}, rcvbuf=None) as ws:`` a trio-websocket client.
 
     Like ``trio_websocket.open_websocket_url``, but over a TCP stream the
     fixture owns and always closes: trio-websocket 0.12 leaves the client's
@@ -254,17 +254,28 @@ def open_ws() -> OpenWS:
 
     @asynccontextmanager
     async def connect(
-        url: str, *, headers: dict[str, str] | None = None
+        url: str, *, headers: dict[str, str] | None = None, rcvbuf: int | None = None
     ) -> AsyncIterator[WebSocketConnection]:
+        import socket
+
         rest = url.split("://", 1)[1]
         netloc, _, path = rest.partition("/")
         host, port = netloc.rsplit(":", 1)
         extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        await sock.connect((host, int(port)))
         with collapse_single_group():
-            async with await trio.open_tcp_stream(host, int(port)) as stream:
+            async with trio.SocketStream(sock) as stream:
                 async with trio.open_nursery() as nursery:
                     ws = await wrap_client_stream(
-                        nursery, stream, netloc, "/" + path, extra_headers=extra
+                        nursery,
+                        stream,
+                        netloc,
+                        "/" + path,
+                        extra_headers=extra,
+                        max_message_size=2**26,
                     )
                     try:
                         yield ws

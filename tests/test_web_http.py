@@ -1,0 +1,271 @@
+"""The HTTP endpoints of trioflow.web against a real Hypercorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+
+from trioflow import Agent, ScriptedModel, Turn
+from trioflow.web import RunRequest
+
+if TYPE_CHECKING:
+    from conftest import StartWebServer, WebServer
+
+
+def talker(words: int = 20, pace: float = 0.0) -> object:
+    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
+    text = " ".join(f"w{i}" for i in range(words))
+
+    def make(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn(text)], pace=pace))
+
+    return make
+
+
+def client(server: WebServer) -> httpx.AsyncClient:
+    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
+    return httpx.AsyncClient(base_url=server.url, timeout=5, verify=False)
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+async def test_healthz_is_ok(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        response = await http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_page_is_served_at_root_and_static(web_server: WebServer) -> None:
+    index = (web_server.config.static_dir / "index.html").read_bytes()
+    async with client(web_server) as http:
+        page = await http.get("/")
+        static = await http.get("/static/index.html")
+        missing = await http.get("/static/no-such-file.js")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.content == index
+    assert static.content == index
+    assert_error(missing, 404, "not_found")
+
+
+async def test_post_runs_starts_a_run_and_answers_201_with_urls(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        response = await http.post("/runs", json={"task": "What is 25 * 4?"})
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) == {"run_id", "status", "url", "events_url", "ws_url"}
+    run_id = body["run_id"]
+    assert body["status"] == "running"
+    assert body["url"] == f"{web_server.url}/runs/{run_id}"
+    assert response.headers["location"] == body["url"]
+    assert body["events_url"] == f"{web_server.url}/runs/{run_id}/events"
+    assert body["ws_url"] == f"{web_server.ws_url}/runs/{run_id}/ws"
+    run = web_server.executor.get_run(run_id)
+    result = await run.wait()
+    assert result.output == "25 * 4 = 100."
+    assert run.metadata == {"on_disconnect": "continue", "source": "http"}
+
+
+async def test_post_runs_passes_options_to_the_run(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        response = await http.post(
+            "/runs",
+            json={"task": "hi", "timeout": 30, "max_iterations": 3, "on_disconnect": "cancel"},
+        )
+    assert response.status_code == 201
+    run = web_server.executor.get_run(response.json()["run_id"])
+    assert run.timeout == 30
+    assert run.max_iterations == 3
+    assert run.metadata["on_disconnect"] == "cancel"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "'task' is required"),
+        ({"task": ""}, "must not be empty"),
+        ({"task": "   "}, "must not be empty"),
+        ({"task": 42}, "'task' must be a string"),
+        ({"task": "hi", "timeout": "soon"}, "'timeout' must be a number"),
+        ({"task": "hi", "timeout": 0}, "positive"),
+        ({"task": "hi", "timeout": True}, "'timeout' must be a number"),
+        ({"task": "hi", "max_iterations": 1.5}, "'max_iterations' must be an integer"),
+        ({"task": "hi", "max_iterations": 0}, "at least 1"),
+        ({"task": "hi", "on_disconnect": "explode"}, "'continue' or 'cancel'"),
+        ({"task": "hi", "model": "gpt"}, "unknown field 'model'"),
+        ([{"task": "hi"}], "expected a JSON object, not an array"),
+        ("hi", "expected a JSON object, not a string"),
+    ],
+)
+async def test_post_runs_rejects_invalid_bodies_with_400(
+    web_server: WebServer, body: object, fragment: str
+) -> None:
+    async with client(web_server) as http:
+        response = await http.post("/runs", json=body)
+    error = assert_error(response, 400, "invalid_request")
+    assert fragment in str(error["message"])
+    assert web_server.executor.runs == {}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"   ", b'{"task": NaN}', b"\xff\xfe"])
+async def test_post_runs_rejects_non_json_with_400(web_server: WebServer, content: bytes) -> None:
+    async with client(web_server) as http:
+        response = await http.post(
+            "/runs", content=content, headers={"Content-Type": "application/json"}
+        )
+    assert_error(response, 400, "invalid_json")
+    assert web_server.executor.runs == {}
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+async def test_post_runs_needs_a_json_content_type(
+    web_server: WebServer, content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    async with client(web_server) as http:
+        response = await http.post("/runs", content=b'{"task": "hi"}', headers=headers)
+    assert_error(response, 415, "unsupported_media_type")
+    assert web_server.executor.runs == {}
+
+
+async def test_post_runs_accepts_json_with_a_charset(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        response = await http.post(
+            "/runs",
+            content=b'{"task": "hi"}',
+            headers={"Content-Type": "application/json; charset=utf-8"},
+        )
+    assert response.status_code == 201
+
+
+async def test_post_runs_rejects_bodies_over_the_limit_with_413(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(max_body=1024)
+    big = json.dumps({"task": "x" * 2000}).encode()
+
+    async def chunks() -> object:
+        yield big  # no Content-Length: the limit is checked while reading
+
+    async with client(server) as http:
+        declared = await http.post(
+            "/runs", content=big, headers={"Content-Type": "application/json"}
+        )
+        streamed = await http.post(
+            "/runs",
+            content=chunks(),  # type: ignore[arg-type]
+            headers={"Content-Type": "application/json"},
+        )
+        fits = await http.post("/runs", json={"task": "x" * 900})
+    assert_error(declared, 413, "payload_too_large")
+    assert_error(streamed, 413, "payload_too_large")
+    assert fits.status_code == 201
+    assert len(server.executor.runs) == 1
+
+
+async def test_get_run_reports_status_progress_counts_and_output(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        run_id = (await http.post("/runs", json={"task": "What is 25 * 4?"})).json()["run_id"]
+        await web_server.executor.get_run(run_id).wait()
+        response = await http.get(f"/runs/{run_id}")
+    assert response.status_code == 200
+    view = response.json()
+    assert view["run_id"] == run_id
+    assert view["status"] == "completed"
+    assert view["output"] == "25 * 4 = 100."
+    assert view["result"]["status"] == "completed"
+    assert view["progress"]["is_complete"] is True
+    assert view["counts"]["tool_calls"] == 1
+    assert view["counts"]["events"] == view["last_seq"]
+    assert view["events_url"].endswith(f"/runs/{run_id}/events")
+
+
+async def test_get_runs_lists_runs_and_filters_by_status(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    async with client(server) as http:
+        first = (await http.post("/runs", json={"task": "a"})).json()["run_id"]
+        second = (await http.post("/runs", json={"task": "b"})).json()["run_id"]
+        assert (await http.post(f"/runs/{first}/cancel")).status_code == 202
+        await server.executor.get_run(first).wait()
+        everything = (await http.get("/runs")).json()
+        running = (await http.get("/runs", params={"status": "running"})).json()
+        both = (await http.get("/runs?status=running,cancelled")).json()
+        bad = await http.get("/runs", params={"status": "sleeping"})
+    assert [r["run_id"] for r in everything["runs"]] == [first, second]
+    assert everything["count"] == 2
+    assert [r["run_id"] for r in running["runs"]] == [second]
+    assert both["count"] == 2
+    assert_error(bad, 400, "invalid_status")
+
+
+async def test_unknown_run_is_404(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        responses = [
+            await http.get("/runs/run_nope"),
+            await http.post("/runs/run_nope/cancel"),
+            await http.get("/runs/run_nope/events"),
+        ]
+    for response in responses:
+        assert_error(response, 404, "run_not_found")
+
+
+async def test_cancel_answers_202_and_the_run_ends_cancelled(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    async with client(server) as http:
+        run_id = (await http.post("/runs", json={"task": "a"})).json()["run_id"]
+        response = await http.post(f"/runs/{run_id}/cancel", json={})
+        with trio.fail_after(5):
+            result = await server.executor.get_run(run_id).wait()
+        finished = await http.post(f"/runs/{run_id}/cancel")
+    assert response.status_code == 202
+    assert response.json()["cancel_requested"] is True
+    assert result.status == "cancelled"
+    assert result.reason == "cancelled by client"
+    error = assert_error(finished, 409, "run_finished")
+    assert error["status"] == "cancelled"
+
+
+async def test_unknown_endpoint_and_method_are_json_errors(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        missing = await http.get("/nope")
+        wrong = await http.put("/runs")
+    assert_error(missing, 404, "not_found")
+    assert_error(wrong, 405, "method_not_allowed")
+    assert "POST" in wrong.headers["allow"]
+
+
+async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100), max_running=1)
+    async with client(server) as http:
+        assert (await http.post("/runs", json={"task": "a"})).status_code == 201
+        response = await http.post("/runs", json={"task": "b"})
+    assert_error(response, 429, "too_many_runs")
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_agent_factory_rejecting_a_request_is_400(start_web_server: StartWebServer) -> None:
+    def picky(request: RunRequest) -> Agent:
+        raise ValueError("this agent only does arithmetic")
+
+    server = await start_web_server(agent=picky)
+    async with client(server) as http:
+        response = await http.post("/runs", json={"task": "hi"})
+    error = assert_error(response, 400, "invalid_request")
+    assert error["message"] == "this agent only does arithmetic"

@@ -1,0 +1,174 @@
+"""trioflow.web.serve and ``trioflow serve``: startup, graceful shutdown, the command."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.cli import main as cli_main
+from trioflow.web import RunRequest, WebConfig, create_app, hub_of, serve
+
+if TYPE_CHECKING:
+    from conftest import OpenSSE, OpenWS, StartWebServer, WebServer
+
+
+def talker(words: int = 20, pace: float = 0.0) -> Any:
+    text = " ".join(f"w{i}" for i in range(words))
+
+    def make(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn(text)], pace=pace))
+
+    return make
+
+
+def client(url: str) -> httpx.AsyncClient:
+    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
+    return httpx.AsyncClient(base_url=url, timeout=5, verify=False)
+
+
+async def start_run(server: WebServer) -> str:
+    async with client(server.url) as http:
+        response = await http.post("/runs", json={"task": "hi"})
+    assert response.status_code == 201, response.text
+    return str(response.json()["run_id"])
+
+
+async def test_graceful_shutdown_ends_every_stream_with_flow_cancelled(
+    start_web_server: StartWebServer, open_sse: OpenSSE, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    sse_run, ws_run = await start_run(server), await start_run(server)
+    async with (
+        open_sse(server.url, f"/runs/{sse_run}/events") as stream,
+        open_ws(f"{server.ws_url}/runs/{ws_run}/ws") as ws,
+        open_ws(f"{server.ws_url}/ws") as idle,
+    ):
+        await stream.next()  # retry:
+        assert (await stream.next() or None) is not None
+        assert json.loads(await ws.get_message())["type"] == "flow.started"
+        server.stop.set()
+        with trio.fail_after(5):
+            frames = await stream.events()  # the response ends cleanly
+            ws_frames = []
+            with pytest.raises(ConnectionClosed) as ws_closed:
+                while True:
+                    ws_frames.append(json.loads(await ws.get_message()))
+
+            with pytest.raises(ConnectionClosed) as idle_closed:
+                await idle.get_message()
+            await server.stopped.wait()
+    assert frames[-1].event == "flow.cancelled"
+    assert frames[-1].json()["data"]["reason"] == "server shutdown"
+    assert ws_frames[-1]["type"] == "flow.cancelled"
+    assert ws_closed.value.reason.code == 1000
+    assert idle_closed.value.reason.code == 1001
+    for run in server.executor.runs.values():
+        assert run.status == "cancelled"
+        assert run.result is not None and run.result.reason == "server shutdown"
+
+
+async def test_draining_refuses_new_runs_and_reports_unhealthy(web_server: WebServer) -> None:
+    await web_server.hub.drain(1)
+    async with client(web_server.url) as http:
+        health = await http.get("/healthz")
+        post = await http.post("/runs", json={"task": "hi"})
+    assert health.status_code == 503
+    assert health.json() == {"status": "shutting_down"}
+    assert post.status_code == 503
+    assert post.json()["error"]["code"] == "shutting_down"
+
+
+async def test_serve_accepts_an_executor_and_reports_its_urls(nursery: trio.Nursery) -> None:
+    stop = trio.Event()
+    executor = StreamingFlowExecutor()
+    urls = await nursery.start(
+        functools.partial(serve, executor, WebConfig(port=0), shutdown_trigger=stop.wait)
+    )
+    assert len(urls) == 1 and urls[0].startswith("http://127.0.0.1:")
+    async with client(urls[0]) as http:
+        response = await http.post("/runs", json={"task": "What is 25 * 4?"})
+        run = executor.get_run(response.json()["run_id"])
+        assert (await run.wait()).output == "25 * 4 = 100."
+    stop.set()
+
+
+async def test_serve_raises_oserror_when_the_port_is_taken(web_server: WebServer) -> None:
+    port = int(web_server.url.rsplit(":", 1)[1])
+    with warnings.catch_warnings():
+        # Hypercorn 0.18 leaves the socket it failed to bind open: collect it here.
+        warnings.simplefilter("ignore", ResourceWarning)
+        with pytest.raises(OSError, match="in use"):
+            await serve(StreamingFlowExecutor(), WebConfig(port=port))
+        gc.collect()
+
+
+async def test_serve_rejects_an_app_it_did_not_make() -> None:
+    from starlette.applications import Starlette
+
+    with pytest.raises(TypeError, match="create_app"):
+        await serve(Starlette(), WebConfig(port=0))  # type: ignore[arg-type]
+
+
+def test_hub_of_finds_the_hub_of_an_app() -> None:
+    executor = StreamingFlowExecutor()
+    app = create_app(executor)
+    assert hub_of(app).executor is executor
+
+
+# -- the command --------------------------------------------------------------------------
+
+
+def test_serve_command_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["serve", "--port", "99999"])
+    assert exited.value.code == 2
+    assert "0-65535" in capsys.readouterr().err
+
+
+async def test_serve_command_serves_until_sigint_then_stops_cleanly() -> None:
+    env = {**os.environ, "TRIOFLOW_TOKEN": "from-env", "PYTHONUNBUFFERED": "1"}
+    env.pop("ANTHROPIC_API_KEY", None)
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, "-m", "trioflow", "serve", "--port", "0", "--pace", "0"],
+                stderr=subprocess.PIPE,
+                env=env,
+                check=False,
+            )
+        )
+        assert process.stderr is not None
+        output = b""
+        with trio.fail_after(20):
+            while b"Ctrl-C to stop" not in output:
+                chunk = await process.stderr.receive_some()
+                assert chunk, output
+                output += chunk
+        url = output.decode().split("serving on ", 1)[1].split()[0]
+        async with client(url) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/runs")).status_code == 401  # the token from the env
+            authorized = await http.get("/runs", headers={"Authorization": "Bearer from-env"})
+            assert authorized.status_code == 200
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            while chunk := await process.stderr.receive_some():
+                output += chunk
+            await process.wait()
+    assert process.returncode == 0, output.decode()
+    assert b"with the scripted model" in output
+    assert b"trioflow: stopped" in output

@@ -1,0 +1,370 @@
+"""GET /runs/{id}/events: Server-Sent Events against a real Hypercorn server."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.web import ERROR_EVENT, RunRequest, create_app
+from trioflow.web.sse import KEEPALIVE, encode_error, encode_event, event_name
+
+if TYPE_CHECKING:
+    from conftest import OpenSSE, SSEFrame, StartWebServer, WebServer
+
+
+def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> Any:
+    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
+    text = " ".join(f"w{i}" for i in range(words))
+
+    def make(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
+
+    return make
+
+
+def client(server: WebServer) -> httpx.AsyncClient:
+    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
+    return httpx.AsyncClient(base_url=server.url, timeout=10, verify=False)
+
+
+def is_retry(frame: SSEFrame | None) -> bool:
+    return frame is not None and (frame.retry, frame.data, frame.id) == ("3000", None, None)
+
+
+def seqs(frames: list[SSEFrame]) -> list[int]:
+    return [int(f.id or 0) for f in frames]
+
+
+async def start_run(http: httpx.AsyncClient, **body: Any) -> str:
+    response = await http.post("/runs", json={"task": "hi", **body})
+    assert response.status_code == 201, response.text
+    return str(response.json()["run_id"])
+
+
+async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
+    run = executor.get_run(run_id)
+    await run.wait()
+    async with run.subscribe(after=0) as sub:
+        return [event async for event in sub]
+
+
+# -- framing -------------------------------------------------------------------------
+
+
+async def test_stream_replays_then_goes_live_and_ends_after_the_terminal_event(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=30, pace=300))
+    async with client(server) as http:
+        run_id = await start_run(http)
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        assert stream.status == 200
+        assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert stream.headers["cache-control"] == "no-cache"
+        assert stream.headers["x-accel-buffering"] == "no"
+        assert is_retry(await stream.next())
+        frames = await stream.events()
+    assert seqs(frames) == list(range(1, len(frames) + 1))
+    assert frames[0].event == "flow.started"
+    assert frames[-1].event == "flow.completed"
+    assert frames[-1].json()["data"]["output"] == " ".join(f"w{i}" for i in range(30))
+    assert all(f.json()["run_id"] == run_id for f in frames)
+
+
+async def test_frames_are_exactly_the_events_sse_encoding(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        run_id = await start_run(http, task="What is 25 * 4?")
+        events = await all_events(web_server.executor, run_id)
+        response = await http.get(f"/runs/{run_id}/events")
+    assert response.text == "retry: 3000\n\n" + "".join(e.to_sse() for e in events)
+
+
+def test_error_events_are_renamed_so_a_browser_can_tell_them_from_connection_errors() -> None:
+    event = dataclasses.replace(FlowEvent.error("boom", run_id="r"), seq=4)
+    assert encode_event(event) == f"id: 4\nevent: run.error\ndata: {event.to_json()}\n\n"
+    assert event_name("error") == "run.error"
+    assert event_name("open") == "run.open"
+    assert event_name("token.received") == "token.received"
+    token = dataclasses.replace(FlowEvent.token("hi"), seq=5)
+    assert encode_event(token) == token.to_sse()
+    assert encode_error("evicted", "m", last_seq=3) == (
+        f'event: {ERROR_EVENT}\ndata: {{"code":"evicted","message":"m","last_seq":3}}\n\n'
+    )
+
+
+@given(
+    type=st.sampled_from(["error", "open", "token.received", "trade.executed"]),
+    text=st.text(),
+    seq=st.integers(min_value=1, max_value=2**40),
+)
+def test_a_frame_decodes_back_to_its_event(type: str, text: str, seq: int) -> None:
+    event = FlowEvent(type, {"text": text, "lines": "a\nb\r\nc"}, 1.5, seq, "run_1")
+    frame = encode_event(event)
+    assert frame.endswith("\n\n") and frame.count("\n") == 4
+    fields = dict(line.split(": ", 1) for line in frame[:-2].split("\n"))
+    assert fields["id"] == str(seq)
+    assert fields["event"] == event_name(type)
+    assert FlowEvent.from_json(fields["data"]) == event
+
+
+async def test_keepalive_comment_fills_silences(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=3, delay=0.3), keepalive=0.05)
+    async with client(server) as http:
+        run_id = await start_run(http)
+    keepalives = 0
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        while (frame := await stream.next()) is not None:
+            if frame.comments:
+                assert frame.comments == ["keepalive"]
+                assert (frame.id, frame.event, frame.data) == (None, None, None)
+                keepalives += 1
+    assert keepalives >= 2
+    assert KEEPALIVE in stream.raw
+    assert stream.raw.endswith("}\n\n")  # the terminal event is last
+
+
+async def test_ready_events_are_written_in_one_send() -> None:
+    # At the ASGI level, to count the messages: a finished run's 29 events go
+    # out in one body message (after the one with ``retry:``).
+    async with StreamingFlowExecutor() as executor:
+        app = create_app(executor, agent=talker(words=20))
+        run = await executor.start(talker(words=20)(RunRequest("hi")), "hi")
+        await run.wait()
+        messages: list[dict[str, Any]] = []
+        requested = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await trio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            messages.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": f"/runs/{run.run_id}/events",
+            "raw_path": f"/runs/{run.run_id}/events".encode(),
+            "query_string": b"",
+            "headers": [(b"host", b"test")],
+            "scheme": "http",
+            "server": ("test", 80),
+            "root_path": "",
+            "http_version": "1.1",
+            "asgi": {"version": "3.0", "spec_version": "2.1"},
+        }
+        await app(scope, receive, send)
+    bodies = [m for m in messages if m["type"] == "http.response.body"]
+    assert [b["more_body"] for b in bodies] == [True, False]
+    assert bodies[0]["body"] == b"retry: 3000\n\n"
+    assert bodies[1]["body"].count(b"\nevent: ") == run.last_seq == 29
+
+
+# -- resuming --------------------------------------------------------------------------
+
+
+async def test_resume_after_a_forced_disconnect_mid_run_is_gapless(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=100, pace=200))
+    async with client(server) as http:
+        run_id = await start_run(http)
+    run = server.executor.get_run(run_id)
+    seen: list[int] = []
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        while len(seen) < 15:
+            frame = await stream.next()
+            assert frame is not None
+            if frame.id is not None:
+                seen.append(int(frame.id))
+    assert not run.done  # the connection dropped mid-run
+    headers = {"Last-Event-ID": str(seen[-1])}
+    async with open_sse(server.url, f"/runs/{run_id}/events", headers=headers) as stream:
+        frames = await stream.events()
+    seen += seqs(frames)
+    assert seen == list(range(1, run.last_seq + 1))
+    assert frames[-1].event == "flow.completed"
+    assert run.status == "completed"  # on_disconnect: continue (the default)
+
+
+async def test_after_parameter_resumes_and_last_event_id_wins(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        run_id = await start_run(http, task="What is 25 * 4?")
+        await web_server.executor.get_run(run_id).wait()
+        by_query = await http.get(f"/runs/{run_id}/events", params={"after": 20})
+        by_header = await http.get(
+            f"/runs/{run_id}/events?after=3", headers={"Last-Event-ID": "25"}
+        )
+
+    def ids(text: str) -> list[int]:
+        return [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+
+    assert ids(by_query.text) == list(range(21, 30))
+    assert ids(by_header.text) == list(range(26, 30))
+
+
+async def test_resuming_a_finished_run_at_its_end_is_204(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        run_id = await start_run(http)
+        run = web_server.executor.get_run(run_id)
+        await run.wait()
+        response = await http.get(
+            f"/runs/{run_id}/events", headers={"Last-Event-ID": str(run.last_seq)}
+        )
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+async def test_invalid_resume_points_are_400(web_server: WebServer) -> None:
+    async with client(web_server) as http:
+        run_id = await start_run(http)
+        await web_server.executor.get_run(run_id).wait()
+        responses = [
+            await http.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "abc"}),
+            await http.get(f"/runs/{run_id}/events", params={"after": "-1"}),
+            await http.get(f"/runs/{run_id}/events", params={"after": "999"}),
+        ]
+    for response in responses:
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_after"
+
+
+async def test_a_stale_id_gets_a_history_expired_error_event_not_a_gap(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(history=8)
+    async with client(server) as http:
+        run_id = await start_run(http)
+    run = server.executor.get_run(run_id)
+    await run.wait()
+    headers = {"Last-Event-ID": "2"}
+    async with open_sse(server.url, f"/runs/{run_id}/events", headers=headers) as stream:
+        assert stream.status == 200
+        assert is_retry(await stream.next())
+        frames = await stream.events()
+    assert len(frames) == 1
+    error = frames[0]
+    assert error.event == ERROR_EVENT
+    assert error.id is None  # the client's Last-Event-ID stays where it was
+    assert error.json() == {
+        "code": "history_expired",
+        "message": error.json()["message"],
+        "requested": 2,
+        "first_available": run.last_seq - 7,
+    }
+
+
+# -- disconnects and slow clients ---------------------------------------------------------
+
+
+async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
+    # The server learns of a disconnect from its socket: poll, with a deadline.
+    with trio.fail_after(5):
+        while server.hub.watchers(run_id) != count:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)
+
+
+async def test_a_client_that_disconnects_releases_its_subscription_and_the_run_goes_on(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=100, pace=100))
+    async with client(server) as http:
+        run_id = await start_run(http)
+    run = server.executor.get_run(run_id)
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        await stream.next()
+        await stream.next()
+        assert [s.name for s in run.bus.statistics().subscribers] == [f"sse {run_id}"]
+        assert server.hub.watchers(run_id) == 1
+    await wait_for_watchers(server, run_id, 0)
+    assert run.bus.statistics().subscribers == ()
+    assert not run.done
+    run.cancel()
+
+
+async def test_on_disconnect_cancel_cancels_the_run_when_its_client_leaves(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=100, pace=100))
+    async with client(server) as http:
+        run_id = await start_run(http, on_disconnect="cancel")
+    run = server.executor.get_run(run_id)
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        await stream.next()
+        await stream.next()
+    with trio.fail_after(5):
+        result = await run.wait()
+    assert result.status == "cancelled"
+    assert result.reason == "client disconnected"
+
+
+async def test_on_disconnect_cancel_waits_for_the_last_client(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=50, pace=100))
+    async with client(server) as http:
+        run_id = await start_run(http, on_disconnect="cancel")
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/events"
+    async with open_sse(server.url, path) as staying:
+        async with open_sse(server.url, path) as leaving:
+            await leaving.next()
+            await wait_for_watchers(server, run_id, 2)
+        await wait_for_watchers(server, run_id, 1)
+        assert not run.done
+        frames = await staying.events()
+    assert frames[-1].event == "flow.completed"
+
+
+async def test_a_slow_client_is_evicted_and_resumes_without_a_gap(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    # 400 events of 32 KiB: far more than the socket buffers hold, so the
+    # server's writes stall while the client does not read, and its 4-event
+    # buffer overflows. The run must not wait for the client.
+    big = "x" * 32 * 1024
+
+    def flood(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
+
+    server = await start_web_server(agent=flood, buffer=4)
+    async with client(server) as http:
+        run_id = await start_run(http)
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/events"
+    async with open_sse(server.url, path, rcvbuf=64 * 1024) as stream:
+        assert is_retry(await stream.next())
+        first = await stream.next()  # flow.started: connected before the flood
+        assert first is not None and first.id == "1"
+        with trio.fail_after(10):
+            result = await run.wait()  # the flood ends while the client reads nothing
+        assert result.status == "completed"
+        assert run.bus.statistics().evicted == 1
+        frames = [first, *await stream.events()]
+    error = frames.pop()
+    assert error.event == ERROR_EVENT
+    assert error.id is None
+    assert error.json()["code"] == "evicted"
+    last_seq = error.json()["last_seq"]
+    assert last_seq < run.last_seq
+    seen = seqs(frames)
+    assert seen == list(range(1, last_seq + 1))
+    headers = {"Last-Event-ID": str(last_seq)}
+    async with open_sse(server.url, path, headers=headers) as stream:
+        rest = await stream.events()
+    seen += seqs(rest)
+    assert seen == list(range(1, run.last_seq + 1))
+    assert rest[-1].event == "flow.completed"

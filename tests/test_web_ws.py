@@ -1,0 +1,362 @@
+"""The WebSocket endpoints, /runs/{id}/ws and /ws, against a real Hypercorn server."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.web import RunRequest
+
+if TYPE_CHECKING:
+    from conftest import OpenWS, StartWebServer, WebServer
+    from trio_websocket import WebSocketConnection
+
+
+def talker(words: int = 20, pace: float = 0.0) -> Any:
+    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
+    text = " ".join(f"w{i}" for i in range(words))
+
+    def make(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn(text)], pace=pace))
+
+    return make
+
+
+async def start_run(server: WebServer, **body: Any) -> str:
+    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
+        response = await http.post("/runs", json={"task": "hi", **body})
+    assert response.status_code == 201, response.text
+    return str(response.json()["run_id"])
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, str)  # every frame is a text frame
+    frame: dict[str, Any] = json.loads(message)
+    return frame
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    await ws.send_message(message if isinstance(message, str) else json.dumps(message))
+
+
+async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:
+    """Every frame up to the server's close, and the close code."""
+    frames = []
+    try:
+        while True:
+            frames.append(await receive(ws))
+    except ConnectionClosed as closed:
+        return frames, closed.reason.code
+
+
+async def until_terminal(
+    ws: WebSocketConnection, run_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Frames up to the terminal event (of ``run_id``, if given)."""
+    frames = []
+    while True:
+        frame = await receive(ws)
+        frames.append(frame)
+        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
+            run_id is None or frame["run_id"] == run_id
+        ):
+            return frames
+
+
+async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
+    run = executor.get_run(run_id)
+    await run.wait()
+    async with run.subscribe(after=0) as sub:
+        return [event async for event in sub]
+
+
+# -- /runs/{id}/ws ------------------------------------------------------------------
+
+
+async def test_run_socket_sends_each_event_as_its_json_then_closes_with_1000(
+    web_server: WebServer,
+    open_ws: OpenWS,
+) -> None:
+    run_id = await start_run(web_server, task="What is 25 * 4?")
+    async with open_ws(f"{web_server.ws_url}/runs/{run_id}/ws") as ws:
+        frames, code = await until_closed(ws)
+    events = await all_events(web_server.executor, run_id)
+    assert code == 1000
+    assert frames == [json.loads(e.to_json()) for e in events]
+    assert frames[-1]["type"] == "flow.completed"
+
+
+async def test_run_socket_after_parameter_starts_after_that_event(
+    web_server: WebServer, open_ws: OpenWS
+) -> None:
+    run_id = await start_run(web_server, task="What is 25 * 4?")
+    await web_server.executor.get_run(run_id).wait()
+    async with open_ws(f"{web_server.ws_url}/runs/{run_id}/ws?after=25") as ws:
+        frames, code = await until_closed(ws)
+    assert [f["id"] for f in frames] == [26, 27, 28, 29]
+    assert code == 1000
+
+
+async def test_run_socket_cancel_ends_the_run_with_flow_cancelled(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        assert (await receive(ws))["type"] == "flow.started"
+        await send(ws, {"action": "cancel"})
+        frames, code = await until_closed(ws)
+    assert frames[-1]["type"] == "flow.cancelled"
+    assert frames[-1]["data"]["reason"] == "cancelled by client"
+    assert code == 1000
+    assert server.executor.get_run(run_id).status == "cancelled"
+
+
+async def test_run_socket_resume_replays_after_the_given_event(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=60, pace=200))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        first = [(await receive(ws))["id"] for _ in range(6)]
+        await send(ws, {"action": "resume", "after": 2})
+        frames, code = await until_closed(ws)
+    assert first == [1, 2, 3, 4, 5, 6]
+    ids = [f["id"] for f in frames]
+    # Frames of the replaced stream may still be on the way; the replay
+    # starts at 3 and then runs to the end with no gap.
+    replay = ids[ids.index(3) :]
+    assert replay == list(range(3, server.executor.get_run(run_id).last_seq + 1))
+    assert code == 1000
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        ("not json", "invalid_json"),
+        ("[1, 2]", "invalid_message"),
+        ({"no": "action"}, "invalid_message"),
+        ({"action": "fly"}, "unknown_action"),
+        ({"action": "resume"}, "invalid_after"),
+        ({"action": "resume", "after": -1}, "invalid_after"),
+        ({"action": "resume", "after": "3"}, "invalid_after"),
+        ({"action": "cancel", "please": True}, "invalid_message"),
+        ({"action": "cancel", "run_id": "run_other"}, "invalid_message"),
+    ],
+)
+async def test_run_socket_answers_bad_messages_with_an_error_frame_and_stays_open(
+    start_web_server: StartWebServer, message: Any, code: str, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        await send(ws, message)
+        frame = await receive(ws)
+        while "id" in frame:  # events of the run
+            frame = await receive(ws)
+        assert frame["type"] == "error"
+        assert frame["code"] == code
+        assert frame["message"]
+        await send(ws, {"action": "cancel"})  # still open and listening
+        frames = await until_terminal(ws)
+    assert frames[-1]["type"] == "flow.cancelled"
+
+
+async def test_run_socket_for_an_unknown_run_is_refused_with_404(
+    web_server: WebServer, open_ws: OpenWS
+) -> None:
+    with pytest.raises(ConnectionRejected) as rejected:
+        async with open_ws(f"{web_server.ws_url}/runs/run_nope/ws"):
+            pass
+    assert rejected.value.status_code == 404
+    assert json.loads(rejected.value.body or b"")["error"]["code"] == "run_not_found"
+
+
+async def test_run_socket_disconnect_lets_the_run_go_on_by_default(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=50, pace=100))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        await receive(ws)
+    with trio.fail_after(5):
+        result = await server.executor.get_run(run_id).wait()
+    assert result.status == "completed"
+
+
+async def test_run_socket_disconnect_cancels_a_run_that_asked_for_it(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    run_id = await start_run(server, on_disconnect="cancel")
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        await receive(ws)
+    with trio.fail_after(5):
+        result = await server.executor.get_run(run_id).wait()
+    assert result.status == "cancelled"
+    assert result.reason == "client disconnected"
+    assert server.hub.watchers(run_id) == 0
+
+
+# -- /ws ---------------------------------------------------------------------------------
+
+
+async def test_socket_starts_several_runs_and_streams_each_with_its_run_id(
+    web_server: WebServer,
+    open_ws: OpenWS,
+) -> None:
+    async with open_ws(f"{web_server.ws_url}/ws") as ws:
+        await send(ws, {"action": "start", "task": "What is 25 * 4?", "ref": 1})
+        accepted = await receive(ws)
+        assert accepted["type"] == "accepted" and accepted["ref"] == 1
+        first = accepted["run_id"]
+        await send(ws, {"action": "start", "task": "What is 6 * 7?", "ref": "b"})
+        frames = []
+        second = None
+        done: set[str] = set()
+        while len(done) < 2:
+            frame = await receive(ws)
+            if frame["type"] == "accepted":
+                assert frame["ref"] == "b"
+                second = frame["run_id"]
+                continue
+            frames.append(frame)
+            if frame["type"] == "flow.completed":
+                done.add(frame["run_id"])
+    assert done == {first, second}
+    for run_id in (first, second):
+        events = await all_events(web_server.executor, run_id)
+        assert [f for f in frames if f["run_id"] == run_id] == [
+            json.loads(e.to_json()) for e in events
+        ]
+    assert web_server.executor.get_run(first).metadata["source"] == "ws"
+
+
+async def test_socket_rejects_an_invalid_start_and_stays_open(
+    web_server: WebServer, open_ws: OpenWS
+) -> None:
+    async with open_ws(f"{web_server.ws_url}/ws") as ws:
+        await send(ws, {"action": "start", "task": "", "ref": 7})
+        error = await receive(ws)
+        await send(ws, {"action": "start", "task": "hi", "colour": "red"})
+        unknown = await receive(ws)
+        await send(ws, {"action": "start", "task": "What is 2 + 2?"})
+        accepted = await receive(ws)
+        frames = await until_terminal(ws)
+    assert error == {
+        "type": "error",
+        "code": "invalid_request",
+        "message": "'task' must not be empty",
+        "action": "start",
+        "ref": 7,
+    }
+    assert unknown["code"] == "invalid_request" and "'colour'" in unknown["message"]
+    assert accepted["type"] == "accepted"
+    assert frames[-1]["data"]["output"] == "2 + 2 = 4."
+    assert len(web_server.executor.runs) == 1
+
+
+async def test_socket_cancel_resume_and_errors_for_other_runs(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        await send(ws, {"action": "resume", "run_id": run_id, "after": 0})
+        assert (await receive(ws))["type"] == "flow.started"
+        await send(ws, {"action": "cancel", "run_id": run_id})
+        frames = await until_terminal(ws, run_id)
+        assert frames[-1]["type"] == "flow.cancelled"
+        await send(ws, {"action": "cancel", "run_id": run_id})
+        finished = await receive(ws)
+        await send(ws, {"action": "cancel", "run_id": "run_nope"})
+        missing = await receive(ws)
+        await send(ws, {"action": "cancel"})
+        no_id = await receive(ws)
+    assert (finished["code"], finished["status"]) == ("run_finished", "cancelled")
+    assert missing["code"] == "run_not_found"
+    assert no_id["code"] == "invalid_message"
+
+
+async def test_socket_limits_the_runs_one_connection_follows(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100), max_runs_per_socket=1)
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        await send(ws, {"action": "start", "task": "a"})
+        assert (await receive(ws))["type"] == "accepted"
+        await send(ws, {"action": "start", "task": "b"})
+        frame = await receive(ws)
+        while "id" in frame:
+            frame = await receive(ws)
+    assert frame["code"] == "too_many_runs"
+    assert len(server.executor.runs) == 1
+
+
+async def test_socket_disconnect_applies_each_runs_policy(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=60, pace=100))
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        await send(ws, {"action": "start", "task": "a", "on_disconnect": "cancel"})
+        cancel = (await receive(ws))["run_id"]
+        await send(ws, {"action": "start", "task": "b"})
+        frame = await receive(ws)
+        while frame["type"] != "accepted":
+            frame = await receive(ws)
+        keep = frame["run_id"]
+    with trio.fail_after(5):
+        cancelled = await server.executor.get_run(cancel).wait()
+        kept = await server.executor.get_run(keep).wait()
+    assert (cancelled.status, cancelled.reason) == ("cancelled", "client disconnected")
+    assert kept.status == "completed"
+    assert server.executor.get_run(cancel).metadata == {"on_disconnect": "cancel", "source": "ws"}
+
+
+async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    # As for the event stream: 400 events of 32 KiB outgrow the socket
+    # buffers while the client reads nothing, and the 4-event buffer overflows.
+    big = "x" * 32 * 1024
+
+    def flood(request: RunRequest) -> Agent:
+        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
+
+    server = await start_web_server(agent=flood, buffer=4)
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws", rcvbuf=64 * 1024) as ws:
+        frames = [await receive(ws)]
+        assert frames[0]["id"] == 1
+        with trio.fail_after(10):
+            assert (await run.wait()).status == "completed"
+        assert run.bus.statistics().evicted == 1
+        while "id" in frames[-1]:
+            frames.append(await receive(ws))
+        error = frames.pop()
+        assert error["type"] == "error" and error["code"] == "evicted"
+        assert error["run_id"] == run_id
+        last_seq = error["last_seq"]
+        assert [f["id"] for f in frames] == list(range(1, last_seq + 1))
+        await send(ws, {"action": "resume", "after": last_seq})
+        rest, code = await until_closed(ws)
+    assert [f["id"] for f in frames + rest] == list(range(1, run.last_seq + 1))
+    assert rest[-1]["type"] == "flow.completed"
+    assert code == 1000

@@ -1,0 +1,263 @@
+"""The ASGI application: :func:`create_app` and its HTTP endpoints.
+
+==========================  ===============================================================
+``GET /``                   the browser page (``static/index.html``); ``/static/...``: its files
+``GET /healthz``            ``{"status": "ok"}`` (``503`` ``shutting_down`` while draining)
+``POST /runs``              start a run: ``{"task", "timeout"?, "max_iterations"?,
+                            "on_disconnect"?}`` → ``201`` ``{"run_id", "status",
+                            "url", "events_url", "ws_url"}``
+``GET /runs``               every retained run (``?status=running,completed`` to filter)
+``GET /runs/{id}``          one run: status, progress, counts, output, result
+``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished)
+``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web.sse`)
+``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web.ws`)
+==========================  ===============================================================
+
+Every answer is JSON; errors are ``{"error": {"code", "message"}}`` with a
+fitting status (:mod:`trioflow.web.errors`). Access control (token,
+``Origin``) is :mod:`trioflow.web.auth`. Starlette does the routing and the
+request handling; it runs on Trio through anyio.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import aclosing
+from typing import Any, cast
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from trioflow.agent import Agent
+from trioflow.executor import Run, RunStatus, StreamingFlowExecutor
+from trioflow.web.auth import AccessControl
+from trioflow.web.config import WebConfig
+from trioflow.web.errors import EXCEPTION_HANDLERS, ApiError
+from trioflow.web.runs import AgentFactory, RunHub, RunRequest, resume_point
+from trioflow.web.sse import EventStreamResponse
+from trioflow.web.ws import run_socket, socket
+
+__all__ = ["create_app", "hub_of"]
+
+_JSON_TYPES = ("application/json",)
+
+
+def _hub(request: Request) -> RunHub:
+    return cast("RunHub", request.app.state.trioflow)
+
+
+def hub_of(app: Starlette) -> RunHub:
+    """The :class:`~trioflow.web.runs.RunHub` of an app made by :func:`create_app`.
+
+    Raises:
+        TypeError: ``app`` was not made by :func:`create_app`.
+    """
+    hub = getattr(getattr(app, "state", None), "trioflow", None)
+    if not isinstance(hub, RunHub):
+        raise TypeError(f"{app!r} was not made by trioflow.web.create_app")
+    return hub
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, limit: int) -> object:
+    """Read and decode a JSON request body of at most ``limit`` bytes.
+
+    Raises:
+        ApiError: ``415`` unless the body is ``application/json``; ``413``
+            when it is larger than ``limit`` (checked against
+            ``Content-Length`` first, then while reading); ``400`` when it is
+            empty or not valid UTF-8 JSON.
+    """
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media not in _JSON_TYPES and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON with 'Content-Type: application/json' (got {media or 'none'!r})",
+        )
+    too_large = ApiError(
+        413, "payload_too_large", f"the request body may have at most {limit} bytes"
+    )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async with aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    if not body.strip():
+        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def run_links(request: Request, run: Run) -> dict[str, str]:
+    """Absolute URLs of a run's resources: ``url``, ``events_url`` and ``ws_url``."""
+    return {
+        "url": str(request.url_for("run", run_id=run.run_id)),
+        "events_url": str(request.url_for("run_events", run_id=run.run_id)),
+        "ws_url": str(request.url_for("run_socket", run_id=run.run_id)),
+    }
+
+
+def _view(request: Request, run: Run) -> dict[str, Any]:
+    return {**run.to_dict(), **run_links(request, run)}
+
+
+# -- endpoints ----------------------------------------------------------------------
+
+
+async def page(request: Request) -> Response:
+    """``GET /``: the browser page."""
+    index = _hub(request).config.static_dir / "index.html"
+    if not index.is_file():
+        raise ApiError(404, "not_found", "the browser page is not installed")
+    return FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: ``{"status": "ok"}``, or ``503`` while shutting down."""
+    if _hub(request).closing:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def runs(request: Request) -> Response:
+    """``/runs``: ``GET`` lists runs (:func:`list_runs`), ``POST`` starts one (:func:`create_run`)."""
+    if request.method == "POST":
+        return await create_run(request)
+    return await list_runs(request)
+
+
+async def create_run(request: Request) -> Response:
+    """``POST /runs``: validate the body, start the run, answer ``201``."""
+    hub = _hub(request)
+    if hub.closing:
+        raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
+    try:
+        run_request = RunRequest.parse(await read_json(request, hub.config.max_body))
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    run = await hub.start(run_request, source="http")
+    links = run_links(request, run)
+    return JSONResponse(
+        {"run_id": run.run_id, "status": str(run.status), **links},
+        status_code=201,
+        headers={"Location": links["url"]},
+    )
+
+
+async def list_runs(request: Request) -> Response:
+    """``GET /runs``: the retained runs, oldest first; ``?status=`` filters (comma-separated)."""
+    hub = _hub(request)
+    wanted: set[RunStatus] | None = None
+    raw = request.query_params.getlist("status")
+    if raw:
+        wanted = set()
+        for name in (part.strip() for item in raw for part in item.split(",")):
+            try:
+                wanted.add(RunStatus(name))
+            except ValueError:
+                raise ApiError(
+                    400,
+                    "invalid_status",
+                    f"unknown status {name!r}; use {', '.join(s.value for s in RunStatus)}",
+                ) from None
+    runs = [
+        _view(request, run)
+        for run in list(hub.executor.runs.values())
+        if wanted is None or run.status in wanted
+    ]
+    return JSONResponse({"runs": runs, "count": len(runs)})
+
+
+async def get_run(request: Request) -> Response:
+    """``GET /runs/{run_id}``: one run's status, progress, counts and result."""
+    run = _hub(request).get(request.path_params["run_id"])
+    return JSONResponse(_view(request, run))
+
+
+async def cancel_run(request: Request) -> Response:
+    """``POST /runs/{run_id}/cancel``: ``202``, or ``409`` when the run has finished."""
+    hub = _hub(request)
+    run = hub.get(request.path_params["run_id"])
+    hub.cancel(run)
+    return JSONResponse(
+        {"run_id": run.run_id, "status": str(run.status), "cancel_requested": True},
+        status_code=202,
+    )
+
+
+async def run_events(request: Request) -> Response:
+    """``GET /runs/{run_id}/events``: Server-Sent Events from ``Last-Event-ID`` / ``?after=``."""
+    hub = _hub(request)
+    run = hub.get(request.path_params["run_id"])
+    raw = request.headers.get("last-event-id", "").strip() or request.query_params.get("after")
+    after = 0 if raw is None else resume_point(raw, run)
+    if run.done and after >= run.last_seq:
+        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
+    return EventStreamResponse(hub, run, after)
+
+
+def create_app(
+    executor: StreamingFlowExecutor,
+    *,
+    agent: Agent | AgentFactory | None = None,
+    config: WebConfig | None = None,
+) -> Starlette:
+    """Make the ASGI application serving ``executor``'s runs.
+
+    Serve it with :func:`~trioflow.web.serve` (graceful shutdown included) or
+    any ASGI server running on Trio. While the application's lifespan runs,
+    runs live in a nursery of its own; without a lifespan, the executor must
+    be open (``async with executor:``).
+
+    Args:
+        executor: starts, registers and retains the runs (its ``retention``
+            bounds ``GET /runs``, its ``history`` how far back a client can resume).
+        agent: the :class:`~trioflow.Agent` for every run, or an
+            :data:`~trioflow.web.AgentFactory` building one per
+            :class:`~trioflow.web.RunRequest`; ``None`` for the offline
+            scripted model with the calculator tool.
+        config: the options (:class:`~trioflow.web.WebConfig`); the defaults if ``None``.
+
+    Returns:
+        A Starlette application; ``app.state.trioflow`` is its
+        :class:`~trioflow.web.runs.RunHub`.
+    """
+    config = config or WebConfig()
+    hub = RunHub(executor, agent, config)
+    routes: list[BaseRoute] = [
+        Route("/", page, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/runs", runs, methods=["GET", "POST"], name="runs"),
+        Route("/runs/{run_id}", get_run, methods=["GET"], name="run"),
+        Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/runs/{run_id}/events", run_events, methods=["GET"], name="run_events"),
+        WebSocketRoute("/runs/{run_id}/ws", run_socket, name="run_socket"),
+        WebSocketRoute("/ws", socket, name="socket"),
+        Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(AccessControl, token=config.token, allowed_origins=config.allowed_origins)
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=hub.lifespan,
+    )
+    app.state.trioflow = hub
+    return app

@@ -1,0 +1,194 @@
+"""``trioflow serve``: the HTTP/SSE/WebSocket API and the browser page.
+
+``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
+serves until SIGINT or SIGTERM, then shuts down gracefully: running runs end
+with ``flow.cancelled``, streams deliver it and close (a second signal stops
+at once). The token may also come from the ``TRIOFLOW_TOKEN`` environment
+variable. Exit status: 0 after a graceful shutdown, 1 when the server could
+not start (address in use, model unavailable), 2 for bad usage, 130 when
+stopped by a second signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from typing import IO
+
+import trio
+
+from trioflow._util import collapse_single_group
+from trioflow.agent import Agent
+from trioflow.arithmetic import calculator
+from trioflow.cli import positive_float, watch_signals
+from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.executor import StreamingFlowExecutor
+from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
+from trioflow.web.app import create_app
+from trioflow.web.config import TOKEN_ENV, WebConfig
+from trioflow.web.runs import AgentFactory, RunRequest
+from trioflow.web.server import serve
+
+__all__ = ["HELP", "add_arguments", "agent_factory", "main"]
+
+HELP = "serve runs over HTTP, Server-Sent Events and WebSockets, with a browser page"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, not {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``trioflow serve`` to ``parser``."""
+    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=_port, default=8080, help="TCP port; 0 picks a free one (default: 8080)"
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="'scripted' (offline), 'claude' or a Claude model name; default: "
+        f"{default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
+    )
+    parser.add_argument(
+        "--pace",
+        type=_non_negative,
+        default=20.0,
+        help="the scripted model's tokens per second (default: 20; 0 for no delay)",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set)",
+    )
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also allow WebSockets and POSTs from this origin (repeatable; '*' for any)",
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=None, help="default time limit of a run (s)"
+    )
+    parser.add_argument(
+        "--max-iterations", type=_at_least_one, default=10, help="default iteration budget"
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=positive_float,
+        default=15.0,
+        help="seconds of silence before a keepalive (default: 15)",
+    )
+    parser.add_argument(
+        "--buffer",
+        type=_at_least_one,
+        default=256,
+        help="events buffered per connection before a slow client is evicted (default: 256)",
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
+    """An agent factory for ``model`` with the calculator tool.
+
+    The scripted model records every call it serves, so each run gets a
+    fresh one (with the same pace); other models are shared by all runs.
+    """
+
+    def make(request: RunRequest) -> Agent:
+        run_model = ScriptedModel(pace=model.pace) if isinstance(model, ScriptedModel) else model
+        return Agent(run_model, tools=[calculator], max_iterations=max_iterations)
+
+    return make
+
+
+async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> int:
+    async with open_model(args.model, pace=args.pace) as model:
+        executor = StreamingFlowExecutor(timeout=args.timeout)
+        app = create_app(
+            executor,
+            agent=agent_factory(model, max_iterations=args.max_iterations),
+            config=config,
+        )
+        stop = trio.Event()
+
+        def on_signal(signum: int) -> None:
+            print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
+            stop.set()
+
+        with collapse_single_group():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_signals, on_signal)
+
+                async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                    try:
+                        await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
+                    finally:
+                        nursery.cancel_scope.cancel()
+
+                urls = await nursery.start(run_server)
+                hint = (
+                    " (token required: open /?token=<token> in a browser)" if config.token else ""
+                )
+                print(
+                    f"trioflow: serving on {', '.join(urls)} with the {model.name} model{hint}; "
+                    "Ctrl-C to stop",
+                    file=err,
+                    flush=True,
+                )
+        print("trioflow: stopped", file=err, flush=True)
+        return EXIT_OK
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``trioflow serve`` with parsed ``args``; return the exit status."""
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    try:
+        config = WebConfig(
+            host=args.host,
+            port=args.port,
+            token=token,
+            allowed_origins=frozenset(args.allow_origin),
+            keepalive=args.keepalive,
+            buffer=args.buffer,
+            access_log=args.access_log,
+        )
+    except (TypeError, ValueError) as exc:
+        print(f"trioflow serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.access_log:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return trio.run(functools.partial(_serve, args, config, sys.stderr))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except ModelError as exc:
+        print(f"trioflow serve: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"trioflow serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        print(f"trioflow serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,100 @@
+"""The web server's options: :class:`WebConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+__all__ = ["DEFAULT_STATIC_DIR", "TOKEN_ENV", "WebConfig"]
+
+TOKEN_ENV = "TRIOFLOW_TOKEN"
+"""The environment variable ``trioflow serve`` reads the bearer token from."""
+
+DEFAULT_STATIC_DIR = Path(__file__).with_name("static")
+"""The folder served at ``/static/`` (with its ``index.html`` at ``/``)."""
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, not {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive, finite number, not {value!r}")
+
+
+def _count(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WebConfig:
+    """Everything :func:`~trioflow.web.create_app` and :func:`~trioflow.web.serve` can be told.
+
+    All options are keyword-only and have safe defaults: the server binds
+    the loopback interface, needs no token, and bounds every buffer.
+
+    Raises:
+        TypeError: an option has the wrong type.
+        ValueError: an option is out of range (a port outside 0-65535, a
+            non-positive time or size, an empty token).
+    """
+
+    host: str = "127.0.0.1"
+    """The interface to bind. Only the loopback interface by default."""
+    port: int = 8080
+    """The TCP port; ``0`` picks a free one (:func:`~trioflow.web.serve` reports it)."""
+    token: str | None = None
+    """With a token, every endpoint but ``/healthz`` and the page (``/`` and
+    ``/static/...``) requires ``Authorization: Bearer <token>``; the event
+    stream and the WebSocket endpoints also accept ``?token=<token>``, for
+    browsers, whose ``EventSource`` and ``WebSocket`` cannot set headers."""
+    allowed_origins: frozenset[str] = frozenset()
+    """Origins (``"https://app.example"``) allowed to open WebSockets and to
+    ``POST``, besides the server's own origin. Requests without an ``Origin``
+    header (non-browser clients) are always allowed; ``"*"`` allows any."""
+    max_body: int = 64 * 1024
+    """The largest request body (and WebSocket message) accepted, in bytes."""
+    keepalive: float = 15.0
+    """Seconds of silence after which an event stream sends a ``: keepalive`` comment."""
+    retry: float = 3.0
+    """Seconds a browser's ``EventSource`` waits before reconnecting (the ``retry:`` field)."""
+    buffer: int = 256
+    """Events buffered per connection and run; a client that falls further
+    behind is evicted and resumes from the run's history."""
+    max_running: int = 64
+    """The most runs going at once; ``POST /runs`` answers ``429`` beyond it."""
+    max_runs_per_socket: int = 32
+    """The most runs one ``/ws`` connection may follow at once."""
+    shutdown_timeout: float = 10.0
+    """Seconds a graceful shutdown waits for runs to end and streams to
+    deliver their terminal event before connections are closed regardless."""
+    static_dir: Path = DEFAULT_STATIC_DIR
+    """The folder served at ``/static/``; its ``index.html`` is the page at ``/``."""
+    access_log: bool = False
+    """Log every request (to the ``trioflow.web`` logger)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"host must be a non-empty string, not {self.host!r}")
+        _count("port", self.port, 0)
+        if self.port > 65535:
+            raise ValueError(f"port must be 0-65535, not {self.port}")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
+            raise ValueError("token must be a non-empty string or None")
+        origins: object = self.allowed_origins
+        if isinstance(origins, str):
+            raise TypeError("allowed_origins must be a collection of origins, not a string")
+        object.__setattr__(
+            self, "allowed_origins", frozenset(o.rstrip("/") for o in self.allowed_origins)
+        )
+        _count("max_body", self.max_body)
+        _positive("keepalive", self.keepalive)
+        _positive("retry", self.retry)
+        _count("buffer", self.buffer)
+        _count("max_running", self.max_running)
+        _count("max_runs_per_socket", self.max_runs_per_socket)
+        _positive("shutdown_timeout", self.shutdown_timeout)
+        object.__setattr__(self, "static_dir", Path(self.static_dir))

@@ -1,0 +1,399 @@
+"""Runs as the web server sees them: requests, starting, watching, draining.
+
+* :class:`RunRequest` is a validated request to start a run (the body of
+  ``POST /runs``, or a ``start`` message on ``/ws``).
+* :class:`RunHub` is the one object the endpoints share: it starts runs on
+  the executor (in the server's own nursery), finds them, counts the
+  connections that watch each run (to apply :class:`OnDisconnect` when the
+  last one goes away) and drains everything on a graceful shutdown.
+
+The hub knows nothing of HTTP framing: transports (``sse``, ``ws``) call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeAlias
+
+import trio
+
+from trioflow.agent import Agent
+from trioflow.arithmetic import calculator
+from trioflow.executor import Run, StreamingFlowExecutor
+from trioflow.web.config import WebConfig
+from trioflow.web.errors import ApiError
+
+__all__ = [
+    "AgentFactory",
+    "OnDisconnect",
+    "RunHub",
+    "RunRequest",
+    "Watch",
+    "default_agent",
+    "on_disconnect",
+    "resume_point",
+]
+
+
+class OnDisconnect(enum.StrEnum):
+    """What happens to a run when the last client watching it disconnects."""
+
+    CONTINUE = "continue"
+    """The run goes on; a client can reconnect and resume (the default)."""
+    CANCEL = "cancel"
+    """The run is cancelled (it ends with ``flow.cancelled``, reason ``"client disconnected"``)."""
+
+
+_FIELDS = frozenset({"task", "timeout", "max_iterations", "on_disconnect"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RunRequest:
+    """A validated request to start a run.
+
+    Build it with :meth:`parse` from untrusted JSON.
+    """
+
+    task: str
+    """What to ask the agent; never empty."""
+    timeout: float | None = None
+    """The run's time limit in seconds (``None``: the executor's default)."""
+    max_iterations: int | None = None
+    """The run's iteration budget (``None``: the agent's)."""
+    on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
+    """What happens when the last watching client disconnects."""
+
+    @classmethod
+    def parse(cls, obj: object, *, ignore: frozenset[str] = frozenset()) -> RunRequest:
+        """Validate decoded JSON: ``{"task": str, "timeout"?, "max_iterations"?, "on_disconnect"?}``.
+
+        Args:
+            obj: the decoded JSON value.
+            ignore: more member names to accept and skip (``"action"`` in a
+                WebSocket message).
+
+        Raises:
+            ValueError: ``obj`` is not an object, has an unknown member, or a
+                member is missing, empty or of the wrong type; the message
+                names the member and says what is expected.
+        """
+        if not isinstance(obj, Mapping):
+            raise ValueError(f"expected a JSON object, not {_json_type(obj)}")
+        unknown = sorted(set(obj) - _FIELDS - ignore)
+        if unknown:
+            raise ValueError(
+                f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(sorted(_FIELDS))}"
+            )
+        task = obj.get("task")
+        if task is None:
+            raise ValueError("'task' is required: the text to ask the agent")
+        if not isinstance(task, str):
+            raise ValueError(f"'task' must be a string, not {_json_type(task)}")
+        if not task.strip():
+            raise ValueError("'task' must not be empty")
+        timeout = obj.get("timeout")
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+                raise ValueError(
+                    f"'timeout' must be a number of seconds, not {_json_type(timeout)}"
+                )
+            if not (timeout > 0 and math.isfinite(timeout)):
+                raise ValueError(f"'timeout' must be a positive number of seconds, not {timeout}")
+            timeout = float(timeout)
+        max_iterations = obj.get("max_iterations")
+        if max_iterations is not None:
+            if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
+                raise ValueError(
+                    f"'max_iterations' must be an integer, not {_json_type(max_iterations)}"
+                )
+            if max_iterations < 1:
+                raise ValueError(f"'max_iterations' must be at least 1, not {max_iterations}")
+        policy = obj.get("on_disconnect", OnDisconnect.CONTINUE)
+        try:
+            on_disconnect = OnDisconnect(policy)
+        except ValueError:
+            raise ValueError(
+                f"'on_disconnect' must be 'continue' or 'cancel', not {policy!r}"
+            ) from None
+        return cls(task, timeout, max_iterations, on_disconnect)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+AgentFactory: TypeAlias = Callable[[RunRequest], Agent]
+"""Builds the :class:`~trioflow.Agent` for one run from its request.
+
+A factory that raises :exc:`ValueError` rejects the request (``400``).
+"""
+
+
+def default_agent(request: RunRequest) -> Agent:
+    """The agent used when none is given: the offline scripted model with the calculator."""
+    return Agent(tools=[calculator])
+
+
+class Watch:
+    """One connection watching one run, from :meth:`RunHub.attach` to :meth:`release`."""
+
+    __slots__ = ("_hub", "_released", "run")
+
+    def __init__(self, hub: RunHub, run: Run) -> None:
+        self._hub = hub
+        self.run = run
+        self._released = False
+
+    def release(self, *, disconnected: bool) -> None:
+        """Stop watching; idempotent.
+
+        Args:
+            disconnected: whether the client went away (rather than the
+                server ending the stream). When the last watcher of an
+                unfinished run disconnects and the run's ``on_disconnect`` is
+                ``cancel``, the run is cancelled.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._hub._detach(self.run, disconnected=disconnected)
+
+
+class RunHub:
+    """What the endpoints share: the executor, the agent factory, the options and the counts.
+
+    Made by :func:`~trioflow.web.create_app`, reachable as
+    ``app.state.trioflow``. Its :meth:`lifespan` gives runs a nursery for the
+    server's lifetime; :meth:`drain` is the graceful shutdown.
+
+    Args:
+        executor: the executor that runs and registers the runs.
+        agent: an :class:`~trioflow.Agent` for every run, an
+            :data:`AgentFactory`, or ``None`` for :func:`default_agent`.
+        config: the server's options.
+    """
+
+    def __init__(
+        self,
+        executor: StreamingFlowExecutor,
+        agent: Agent | AgentFactory | None,
+        config: WebConfig,
+    ) -> None:
+        self.executor = executor
+        self.config = config
+        if agent is None:
+            self._factory: AgentFactory = default_agent
+        elif isinstance(agent, Agent):
+            shared = agent
+            self._factory = lambda request: shared
+        else:
+            self._factory = agent
+        self._nursery: trio.Nursery | None = None
+        self._closing = trio.Event()
+        self._watchers: dict[str, int] = {}
+        self._connections: set[trio.CancelScope] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Whether a shutdown has begun (no new runs are accepted)."""
+        return self._closing.is_set()
+
+    async def wait_closing(self) -> None:
+        """Return once a shutdown has begun."""
+        await self._closing.wait()
+
+    @asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """The ASGI lifespan: a nursery for runs while the server is up.
+
+        On exit, runs still going are cancelled (each ends with
+        ``flow.cancelled``) and waited for.
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                yield
+            finally:
+                self._nursery = None
+                self._closing.set()
+                self.executor.cancel_all("server shutdown")
+
+    async def drain(self, grace: float) -> None:
+        """Shut down gracefully: refuse new runs, cancel running ones, let streams finish.
+
+        Every running run of the executor is cancelled, so each emits
+        ``flow.cancelled``; event streams deliver it and end. Waits at most
+        ``grace`` seconds, then cancels the connections still open.
+        """
+        self._closing.set()
+        with trio.move_on_after(grace):
+            self.executor.cancel_all("server shutdown")
+            for run in list(self.executor.runs.values()):
+                await run.wait()
+            while self._connections:
+                await self._idle.wait()
+        for scope in list(self._connections):
+            scope.cancel()
+        await trio.lowlevel.checkpoint()
+
+    @contextmanager
+    def connection(self) -> Iterator[trio.CancelScope]:
+        """Track a streaming connection for :meth:`drain`, inside a cancel scope it may cancel."""
+        with trio.CancelScope() as scope:
+            if not self._connections:
+                self._idle = trio.Event()
+            self._connections.add(scope)
+            try:
+                yield scope
+            finally:
+                self._connections.discard(scope)
+                if not self._connections:
+                    self._idle.set()
+
+    # -- runs --------------------------------------------------------------------
+
+    def running(self) -> int:
+        """How many runs of the executor are going now."""
+        return sum(1 for run in self.executor.runs.values() if not run.done)
+
+    async def start(self, request: RunRequest, *, source: str) -> Run:
+        """Start a run for ``request`` and return it once it is running.
+
+        Args:
+            request: the validated request.
+            source: where it came from (``"http"``, ``"ws"``), kept in the
+                run's ``metadata`` next to ``on_disconnect``.
+
+        Raises:
+            ApiError: ``503`` while shutting down or before the server is up,
+                ``429`` when :attr:`WebConfig.max_running` runs are going,
+                ``400`` when the agent factory or the executor rejects the request.
+        """
+        if self.closing:
+            raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
+        if self.running() >= self.config.max_running:
+            raise ApiError(
+                429,
+                "too_many_runs",
+                f"{self.config.max_running} runs are going already; try again when one ends",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            agent = self._factory(request)
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
+        try:
+            return await self.executor.start(
+                agent,
+                request.task,
+                timeout=request.timeout,
+                max_iterations=request.max_iterations,
+                metadata={"on_disconnect": str(request.on_disconnect), "source": source},
+                nursery=self._nursery,
+            )
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
+        except RuntimeError as exc:
+            raise ApiError(503, "not_ready", f"the server cannot start runs: {exc}") from None
+
+    def get(self, run_id: str) -> Run:
+        """The run with that id.
+
+        Raises:
+            ApiError: ``404`` when there is no such run (or it was forgotten).
+        """
+        try:
+            return self.executor.get_run(run_id)
+        except KeyError:
+            raise ApiError(404, "run_not_found", f"no run with id {run_id!r}") from None
+
+    def cancel(self, run: Run, reason: str = "cancelled by client") -> None:
+        """Cancel ``run``; it ends with ``flow.cancelled``. Cancelling twice is fine.
+
+        Raises:
+            ApiError: ``409`` when the run has finished already.
+        """
+        if run.done:
+            raise ApiError(
+                409,
+                "run_finished",
+                f"run {run.run_id} has finished already ({run.status})",
+                status=str(run.status),
+            )
+        run.cancel(reason)
+
+    # -- watchers ------------------------------------------------------------------
+
+    def attach(self, run: Run) -> Watch:
+        """Count one more connection watching ``run``; release the returned :class:`Watch`."""
+        self._watchers[run.run_id] = self._watchers.get(run.run_id, 0) + 1
+        return Watch(self, run)
+
+    def watchers(self, run_id: str) -> int:
+        """How many connections watch the run now."""
+        return self._watchers.get(run_id, 0)
+
+    def _detach(self, run: Run, *, disconnected: bool) -> None:
+        left = self._watchers.get(run.run_id, 1) - 1
+        if left > 0:
+            self._watchers[run.run_id] = left
+            return
+        self._watchers.pop(run.run_id, None)
+        if disconnected and not run.done and on_disconnect(run) is OnDisconnect.CANCEL:
+            run.cancel("client disconnected")
+
+
+def resume_point(value: object, run: Run) -> int:
+    """Validate ``value`` as a resume point of ``run``: a seq from ``0`` to the run's newest.
+
+    Accepts an int, or a string of digits (from a header or a query string).
+
+    Raises:
+        ApiError: ``400`` (``invalid_after``) for anything else, or a seq the
+            run has not reached.
+    """
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 18:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(
+            400,
+            "invalid_after",
+            f"the resume point must be the seq of an event (an integer >= 0), not {value!r}",
+        )
+    if value > run.last_seq:
+        raise ApiError(
+            400,
+            "invalid_after",
+            f"run {run.run_id} has no event {value} (its newest is {run.last_seq})",
+        )
+    return value
+
+
+def on_disconnect(run: Run) -> OnDisconnect:
+    """The run's :class:`OnDisconnect` policy (``continue`` unless its metadata says otherwise)."""
+    value: Any = run.metadata.get("on_disconnect", OnDisconnect.CONTINUE)
+    try:
+        return OnDisconnect(value)
+    except ValueError:
+        return OnDisconnect.CONTINUE

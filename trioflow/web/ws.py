@@ -1,0 +1,380 @@
+"""The WebSocket endpoints: ``/runs/{id}/ws`` follows one run, ``/ws`` starts and follows many.
+
+Frames from the server are JSON text frames of two kinds:
+
+* **events**: exactly :meth:`FlowEvent.to_json() <trioflow.FlowEvent.to_json>`
+  (the ``data:`` of the event stream), so they always have an integer
+  ``"id"`` (the seq) and a ``"run_id"``;
+* **control frames**, which never have an ``"id"``:
+  ``{"type": "error", "code": ..., "message": ..., ...}`` for a message the
+  server could not act on or a stream it had to stop (the connection stays
+  open), and, on ``/ws``, ``{"type": "accepted", "run_id": ..., "ref": ...}``
+  when a run was started.
+
+``/runs/{id}/ws`` (``?after=<seq>`` to start after an event) sends the run's
+events from the first (or after ``after``) and closes with code ``1000``
+after the terminal event. The client may send:
+
+* ``{"action": "cancel"}``: cancel the run (an ``error`` frame with code
+  ``run_finished`` if it has finished);
+* ``{"action": "resume", "after": <seq>}``: replay the run's events after
+  ``<seq>`` and go on live (the current stream is replaced).
+
+``/ws`` follows any number of runs (up to
+:attr:`~trioflow.web.WebConfig.max_runs_per_socket` at once); every event
+says which run it belongs to. The client may send:
+
+* ``{"action": "start", "task": ..., "timeout"?, "max_iterations"?,
+  "on_disconnect"?, "ref"?}``: start a run (the fields of ``POST /runs``);
+  the server answers ``accepted`` (with ``ref`` echoed, to match replies to
+  requests), then sends the run's events;
+* ``{"action": "cancel", "run_id": ...}`` and
+  ``{"action": "resume", "run_id": ..., "after": <seq>}``: as above, for any
+  run (``resume`` with ``after: 0`` also follows a run started elsewhere).
+
+Error codes: ``invalid_json``, ``invalid_message``, ``unknown_action``,
+``invalid_request``, ``invalid_after``, ``run_not_found``, ``run_finished``,
+``too_many_runs``, ``shutting_down``, ``message_too_large``, and for a
+stream: ``evicted`` (the client fell behind by more than the connection's
+buffer; ``last_seq`` is the last event sent: ``resume`` after it, with no
+gap) and ``history_expired``. An error caused by a message echoes its
+``action`` and ``ref``.
+
+Each followed run has its own subscription with a bounded buffer
+(:attr:`~trioflow.Overflow.EVICT`); a client that disconnects releases them
+all at once, and runs started with ``"on_disconnect": "cancel"`` that no one
+else watches are cancelled. On a graceful shutdown, connections close with
+code ``1001`` once their runs' terminal events are delivered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
+
+import trio
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from trioflow._util import collapse_single_group
+from trioflow.bus import Overflow, SubscriberEvicted
+from trioflow.executor import Run
+from trioflow.history import HistoryExpired
+from trioflow.web.auth import deny_websocket
+from trioflow.web.errors import ApiError
+from trioflow.web.runs import RunHub, RunRequest, Watch, resume_point
+
+__all__ = ["run_socket", "socket"]
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[None]]
+
+
+def _hub(websocket: WebSocket) -> RunHub:
+    return cast("RunHub", websocket.app.state.trioflow)
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _only(message: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(message) - allowed - {"action", "ref"})
+    if unknown:
+        raise ApiError(
+            400,
+            "invalid_message",
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for action {message.get('action')!r}",
+        )
+
+
+def _run_id(message: Mapping[str, Any]) -> str:
+    run_id = message.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise ApiError(400, "invalid_message", "'run_id' (a string) is required")
+    return run_id
+
+
+def _after(message: Mapping[str, Any], run: Run, default: int | None = None) -> int:
+    after = message.get("after", default)
+    if not isinstance(after, int):  # JSON numbers only: no "3"
+        raise ApiError(
+            400, "invalid_after", f"'after' must be the seq of an event (an integer), not {after!r}"
+        )
+    return resume_point(after, run)
+
+
+class _Connection:
+    """One accepted WebSocket: a send lock, the runs it follows, its lifetime."""
+
+    def __init__(self, websocket: WebSocket, hub: RunHub, *, per_run: bool) -> None:
+        self.ws = websocket
+        self.hub = hub
+        self.per_run = per_run
+        self.disconnected = False
+        self._lock = trio.Lock()
+        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._streams: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
+        self._watches: dict[str, Watch] = {}
+
+    async def serve(self, handle: Handler, first: Run | None = None, after: int = 0) -> None:
+        """Accept, then read messages (and follow ``first``) until either side closes."""
+        await self.ws.accept()
+        try:
+            with self.hub.connection(), collapse_single_group():
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._receive_loop, handle)
+                    nursery.start_soon(self._close_on_shutdown)
+                    if first is not None:
+                        await self.follow(first, after)
+        finally:
+            for watch in self._watches.values():
+                watch.release(disconnected=self.disconnected)
+            self._watches.clear()
+
+    def _finish(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # -- sending -------------------------------------------------------------------
+
+    async def send(self, frames: list[str]) -> bool:
+        """Send text frames back to back; False if the connection is closed."""
+        async with self._lock:
+            if self._closed:
+                return False
+            try:
+                for frame in frames:
+                    await self.ws.send_text(frame)
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                self._closed = True
+                self.disconnected = True
+                self._finish()
+                return False
+        return True
+
+    async def control(self, frame: Mapping[str, Any]) -> None:
+        """Send one control frame."""
+        await self.send([_dumps(frame)])
+
+    async def error(self, code: str, message: str, **details: Any) -> None:
+        """Send an ``error`` control frame; members whose value is ``None`` are left out."""
+        extra = {k: v for k, v in details.items() if v is not None}
+        await self.control({"type": "error", "code": code, "message": message, **extra})
+
+    async def close(self, code: int, reason: str | None = None) -> None:
+        """Close the connection with ``code`` (once) and stop serving it."""
+        async with self._lock:
+            if not self._closed:
+                self._closed = True
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.ws.close(code, reason)
+                    except (WebSocketDisconnect, RuntimeError):
+                        pass
+        self._finish()
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def _receive_loop(self, handle: Handler) -> None:
+        limit = self.hub.config.max_body
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                self.disconnected = not self._closed  # else: the end of our own close
+                self._finish()
+                return
+            text = message.get("text")
+            if text is None:
+                try:
+                    text = bytes(message.get("bytes") or b"").decode()
+                except UnicodeDecodeError:
+                    await self.error("invalid_json", "a message must be UTF-8 JSON text")
+                    continue
+            if len(text) > limit:
+                await self.error("message_too_large", f"a message may have at most {limit} bytes")
+                continue
+            try:
+                obj = json.loads(text, parse_constant=_reject_constant)
+            except ValueError as exc:
+                await self.error("invalid_json", f"a message must be JSON: {exc}")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("action"), str):
+                await self.error(
+                    "invalid_message",
+                    'a message must be a JSON object with an "action" (for example '
+                    '{"action": "cancel"})',
+                )
+                continue
+            try:
+                await handle(obj)
+            except ApiError as exc:
+                await self.error(
+                    exc.code, exc.message, action=obj["action"], ref=obj.get("ref"), **exc.details
+                )
+
+    async def _close_on_shutdown(self) -> None:
+        await self.hub.wait_closing()
+        if not self._streams:
+            await self.close(1001, "server shutting down")
+
+    # -- following runs --------------------------------------------------------------
+
+    def check_capacity(self, run_id: str | None = None) -> None:
+        """Raise ``too_many_runs`` if this connection follows as many unfinished runs as allowed."""
+        if run_id is not None and run_id in self._watches:
+            return
+        limit = self.hub.config.max_runs_per_socket
+        if sum(1 for w in self._watches.values() if not w.run.done) >= limit:
+            raise ApiError(
+                429, "too_many_runs", f"a connection may follow at most {limit} runs at once"
+            )
+
+    async def follow(self, run: Run, after: int) -> None:
+        """Stream ``run``'s events after ``after``, replacing a stream of the same run."""
+        current = self._streams.get(run.run_id)
+        if current is not None:
+            scope, done = current
+            scope.cancel()
+            await done.wait()
+        if run.run_id not in self._watches:
+            self._watches[run.run_id] = self.hub.attach(run)
+        assert self._nursery is not None
+        await self._nursery.start(self._stream, run, after)
+
+    async def _stream(
+        self, run: Run, after: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        done = trio.Event()
+        finished = False
+        with trio.CancelScope() as scope:
+            self._streams[run.run_id] = (scope, done)
+            task_status.started()
+            try:
+                finished = await self._pump(run, after)
+            finally:
+                if self._streams.get(run.run_id, (None,))[0] is scope:
+                    del self._streams[run.run_id]
+                done.set()
+        if scope.cancelled_caught:
+            return
+        if finished:
+            watch = self._watches.pop(run.run_id, None)
+            if watch is not None:
+                watch.release(disconnected=False)
+            if self.per_run:
+                await self.close(1000)
+                return
+        if self.hub.closing and not self._streams:
+            await self.close(1001, "server shutting down")
+
+    async def _pump(self, run: Run, after: int) -> bool:
+        """Send the run's events; True once its end was delivered."""
+        config = self.hub.config
+        try:
+            async with run.subscribe(
+                after=after,
+                buffer=config.buffer,
+                overflow=Overflow.EVICT,
+                name=f"ws {run.run_id}",
+            ) as sub:
+                while True:
+                    try:
+                        batch = await sub.receive_batch()
+                    except trio.EndOfChannel:
+                        return True
+                    except SubscriberEvicted as exc:
+                        await self.error(
+                            "evicted",
+                            "this client fell behind and the stream stopped; send "
+                            f'{{"action": "resume", "run_id": "{run.run_id}", '
+                            f'"after": {exc.last_seq}}} to go on',
+                            run_id=run.run_id,
+                            last_seq=exc.last_seq,
+                        )
+                        return False
+                    if not await self.send([event.to_json() for event in batch]):
+                        return False
+                    if batch[-1].is_terminal():
+                        return True
+        except HistoryExpired as exc:
+            await self.error(
+                "history_expired",
+                str(exc),
+                run_id=run.run_id,
+                requested=exc.requested,
+                first_available=exc.first_available,
+            )
+            return False
+
+
+async def run_socket(websocket: WebSocket) -> None:
+    """``/runs/{run_id}/ws``: follow one run; ``cancel`` and ``resume`` messages."""
+    hub = _hub(websocket)
+    try:
+        run = hub.get(websocket.path_params["run_id"])
+        after = resume_point(websocket.query_params.get("after", "0"), run)
+    except ApiError as exc:
+        await deny_websocket(websocket.scope, websocket.receive, websocket.send, exc)
+        return
+    conn = _Connection(websocket, hub, per_run=True)
+
+    async def handle(message: Mapping[str, Any]) -> None:
+        action = message["action"]
+        if message.get("run_id", run.run_id) != run.run_id:
+            raise ApiError(400, "invalid_message", f"this connection follows run {run.run_id} only")
+        if action == "cancel":
+            _only(message, {"run_id"})
+            hub.cancel(run)
+        elif action == "resume":
+            _only(message, {"run_id", "after"})
+            await conn.follow(run, _after(message, run))
+        else:
+            raise ApiError(
+                400, "unknown_action", f"unknown action {action!r}; use 'cancel' or 'resume'"
+            )
+
+    await conn.serve(handle, run, after)
+
+
+async def socket(websocket: WebSocket) -> None:
+    """``/ws``: start runs and follow any number of them over one connection."""
+    hub = _hub(websocket)
+    conn = _Connection(websocket, hub, per_run=False)
+
+    async def handle(message: Mapping[str, Any]) -> None:
+        action = message["action"]
+        if action == "start":
+            fields = {k: v for k, v in message.items() if k not in ("action", "ref")}
+            try:
+                request = RunRequest.parse(fields)
+            except ValueError as exc:
+                raise ApiError(400, "invalid_request", str(exc)) from None
+            conn.check_capacity()
+            run = await hub.start(request, source="ws")
+            accepted: dict[str, Any] = {"type": "accepted", "run_id": run.run_id}
+            if "ref" in message:
+                accepted["ref"] = message["ref"]
+            await conn.control(accepted)
+            await conn.follow(run, 0)
+        elif action == "cancel":
+            _only(message, {"run_id"})
+            hub.cancel(hub.get(_run_id(message)))
+        elif action == "resume":
+            _only(message, {"run_id", "after"})
+            run = hub.get(_run_id(message))
+            after = _after(message, run, 0)
+            conn.check_capacity(run.run_id)
+            await conn.follow(run, after)
+        else:
+            raise ApiError(
+                400,
+                "unknown_action",
+                f"unknown action {action!r}; use 'start', 'cancel' or 'resume'",
+            )
+
+    await conn.serve(handle)
