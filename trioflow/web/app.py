@@ -11,6 +11,9 @@
 ``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished)
 ``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web.sse`)
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web.ws`)
+``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
+                            was given (``404`` otherwise); it needs the token like every
+                            other API endpoint (a scraper sends ``Authorization: Bearer``)
 ==========================  ===============================================================
 
 Every answer is JSON; errors are ``{"error": {"code", "message"}}`` with a
@@ -22,8 +25,10 @@ request handling; it runs on Trio through anyio.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from contextlib import aclosing
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -41,7 +46,12 @@ from trioflow.web.runs import AgentFactory, RunHub, RunRequest, resume_point
 from trioflow.web.sse import EventStreamResponse
 from trioflow.web.ws import run_socket, socket
 
-__all__ = ["create_app", "hub_of"]
+__all__ = ["MetricsRenderer", "create_app", "hub_of"]
+
+MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
+"""Renders metrics for ``GET /metrics``: returns the body and its ``Content-Type``
+(``lambda: (prometheus.render(), prometheus.content_type)`` for a
+:class:`~trioflow.telemetry.PrometheusMetrics`)."""
 
 _JSON_TYPES = ("application/json",)
 
@@ -113,8 +123,20 @@ def run_links(request: Request, run: Run) -> dict[str, str]:
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``null`` (JSON has none; a replay's ``speed`` may be inf)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
 def _view(request: Request, run: Run) -> dict[str, Any]:
-    return {**run.to_dict(), **run_links(request, run)}
+    view: dict[str, Any] = _json_safe(run.to_dict())
+    return {**view, **run_links(request, run)}
 
 
 # -- endpoints ----------------------------------------------------------------------
@@ -178,7 +200,7 @@ async def list_runs(request: Request) -> Response:
                 ) from None
     runs = [
         _view(request, run)
-        for run in list(hub.executor.runs.values())
+        for run in [*hub.replays(), *hub.executor.runs.values()]
         if wanted is None or run.status in wanted
     ]
     return JSONResponse({"runs": runs, "count": len(runs)})
@@ -212,11 +234,21 @@ async def run_events(request: Request) -> Response:
     return EventStreamResponse(hub, run, after)
 
 
+def _metrics_endpoint(render: MetricsRenderer) -> Callable[[Request], Any]:
+    async def metrics(request: Request) -> Response:
+        """``GET /metrics``: the metrics in the Prometheus text format."""
+        body, content_type = render()
+        return Response(body, media_type=content_type, headers={"Cache-Control": "no-cache"})
+
+    return metrics
+
+
 def create_app(
     executor: StreamingFlowExecutor,
     *,
     agent: Agent | AgentFactory | None = None,
     config: WebConfig | None = None,
+    metrics: MetricsRenderer | None = None,
 ) -> Starlette:
     """Make the ASGI application serving ``executor``'s runs.
 
@@ -233,6 +265,10 @@ def create_app(
             :class:`~trioflow.web.RunRequest`; ``None`` for the offline
             scripted model with the calculator tool.
         config: the options (:class:`~trioflow.web.WebConfig`); the defaults if ``None``.
+        metrics: a :data:`MetricsRenderer` to serve on ``GET /metrics``
+            (called on every request, so keep it quick); ``None``: no
+            ``/metrics`` endpoint (``404``). The endpoint is not public: with
+            a token it needs ``Authorization: Bearer <token>``, like ``/runs``.
 
     Returns:
         A Starlette application; ``app.state.trioflow`` is its
@@ -251,6 +287,10 @@ def create_app(
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),
     ]
+    if metrics is not None:
+        routes.append(
+            Route("/metrics", _metrics_endpoint(metrics), methods=["GET"], name="metrics")
+        )
     app = Starlette(
         routes=routes,
         middleware=[

@@ -1,12 +1,22 @@
 """``trioflow serve``: the HTTP/SSE/WebSocket API and the browser page.
 
 ``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
-serves until SIGINT or SIGTERM, then shuts down gracefully: running runs end
+``[--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM, then shuts down gracefully: running runs end
 with ``flow.cancelled``, streams deliver it and close (a second signal stops
 at once). The token may also come from the ``TRIOFLOW_TOKEN`` environment
 variable. Exit status: 0 after a graceful shutdown, 1 when the server could
 not start (address in use, model unavailable), 2 for bad usage, 130 when
 stopped by a second signal.
+
+``--metrics`` serves OpenTelemetry metrics of every run on ``GET /metrics`` in
+the Prometheus text format: the executor emits every run's events into one
+shared bus, which a :class:`~trioflow.telemetry.Telemetry` listens to. The
+endpoint needs the token like the rest of the API, when one is set.
+
+``--replay FILE`` plays a recording (``trioflow run --json`` output) as a run
+of the server, at ``--speed`` (``inf``: no delays): ``/runs/{id}``,
+``/runs/{id}/events`` and the WebSockets serve it like a live run, from its
+first event whenever a client connects. Its events URL is printed on startup.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import IO
 
 import trio
@@ -23,16 +35,19 @@ import trio
 from trioflow._util import collapse_single_group
 from trioflow.agent import Agent
 from trioflow.arithmetic import calculator
+from trioflow.bus import EventBus, open_event_bus
 from trioflow.cli import positive_float, watch_signals
 from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
-from trioflow.web.app import create_app
+from trioflow.recording import RecordingError, ReplayRun, start_replay
+from trioflow.recording.command import _speed
+from trioflow.web.app import MetricsRenderer, create_app, hub_of
 from trioflow.web.config import TOKEN_ENV, WebConfig
 from trioflow.web.runs import AgentFactory, RunRequest
 from trioflow.web.server import serve
 
-__all__ = ["HELP", "add_arguments", "agent_factory", "main"]
+__all__ = ["HELP", "add_arguments", "agent_factory", "main", "open_metrics"]
 
 HELP = "serve runs over HTTP, Server-Sent Events and WebSockets, with a browser page"
 
@@ -107,6 +122,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="events buffered per connection before a slow client is evicted (default: 256)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve OpenTelemetry metrics on GET /metrics (Prometheus text format)",
+    )
+    parser.add_argument(
+        "--replay",
+        default=None,
+        metavar="FILE",
+        help="also serve this recording (trioflow run --json output) as a run",
+    )
+    parser.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        help="the replay's playback speed: 2 is twice as fast, 'inf' without delays (default: 1)",
+    )
 
 
 def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
@@ -123,13 +155,58 @@ def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
     return make
 
 
+@asynccontextmanager
+async def open_metrics() -> AsyncIterator[tuple[EventBus, MetricsRenderer]]:
+    """A shared event bus with Prometheus telemetry attached, and the renderer of its metrics.
+
+    Give the bus to the executor (``StreamingFlowExecutor(bus=bus)``) so it
+    sees every run, and the renderer to ``create_app(..., metrics=...)``.
+
+    Raises:
+        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
+    """
+    from trioflow.telemetry import open_telemetry
+
+    async with open_telemetry(metrics=True) as telemetry:
+        prometheus = telemetry.prometheus
+        assert prometheus is not None  # open_telemetry(metrics=True) makes one
+
+        def render() -> tuple[bytes, str]:
+            return prometheus.render(), prometheus.content_type
+
+        # Inside the telemetry's block: the bus closes (its listener drains) first.
+        async with open_event_bus(history=0, name="serve") as bus:
+            telemetry.attach(bus)
+            yield bus, render
+
+
+def _history_for(path: str) -> int:
+    """A replay history holding the whole recording, so late clients see every event."""
+    with open(path, "rb") as file:
+        return max(4096, sum(1 for _ in file) + 16)
+
+
+async def _start_replay(path: str, speed: float, nursery: trio.Nursery) -> ReplayRun:
+    replay = await start_replay(path, nursery=nursery, speed=speed, history=_history_for(path))
+    if replay.run_id is None:
+        replay.cancel("empty recording")
+        raise RecordingError(path, 0, "the recording holds no events")
+    return replay
+
+
 async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> int:
-    async with open_model(args.model, pace=args.pace) as model:
-        executor = StreamingFlowExecutor(timeout=args.timeout)
+    async with AsyncExitStack() as stack:
+        model = await stack.enter_async_context(open_model(args.model, pace=args.pace))
+        metrics: MetricsRenderer | None = None
+        bus: EventBus | None = None
+        if args.metrics:
+            bus, metrics = await stack.enter_async_context(open_metrics())
+        executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout)
         app = create_app(
             executor,
             agent=agent_factory(model, max_iterations=args.max_iterations),
             config=config,
+            metrics=metrics,
         )
         stop = trio.Event()
 
@@ -139,6 +216,14 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
 
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
+                replay: ReplayRun | None = None
+                if args.replay is not None:
+                    try:
+                        replay = await _start_replay(args.replay, args.speed, nursery)
+                    except (OSError, RecordingError) as exc:
+                        print(f"trioflow serve: cannot replay {args.replay}: {exc}", file=err)
+                        return EXIT_FAILED
+                    hub_of(app).add_replay(replay)
                 nursery.start_soon(watch_signals, on_signal)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -151,12 +236,20 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                 hint = (
                     " (token required: open /?token=<token> in a browser)" if config.token else ""
                 )
+                extra = f"; metrics on {urls[0]}/metrics" if metrics is not None else ""
                 print(
-                    f"trioflow: serving on {', '.join(urls)} with the {model.name} model{hint}; "
-                    "Ctrl-C to stop",
+                    f"trioflow: serving on {', '.join(urls)} with the {model.name} model{hint}"
+                    f"{extra}; Ctrl-C to stop",
                     file=err,
                     flush=True,
                 )
+                if replay is not None:
+                    print(
+                        f"trioflow: replaying {args.replay} as run {replay.run_id}: "
+                        f"{urls[0]}/runs/{replay.run_id}/events",
+                        file=err,
+                        flush=True,
+                    )
         print("trioflow: stopped", file=err, flush=True)
         return EXIT_OK
 

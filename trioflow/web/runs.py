@@ -17,7 +17,7 @@ import enum
 import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import trio
 
@@ -26,6 +26,9 @@ from trioflow.arithmetic import calculator
 from trioflow.executor import Run, StreamingFlowExecutor
 from trioflow.web.config import WebConfig
 from trioflow.web.errors import ApiError
+
+if TYPE_CHECKING:
+    from trioflow.recording import ReplayRun
 
 __all__ = [
     "AgentFactory",
@@ -211,6 +214,7 @@ class RunHub:
         self._connections: set[trio.CancelScope] = set()
         self._idle = trio.Event()
         self._idle.set()
+        self._replays: dict[str, ReplayRun] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -238,19 +242,27 @@ class RunHub:
                 self._nursery = None
                 self._closing.set()
                 self.executor.cancel_all("server shutdown")
+                for replay in self._replays.values():
+                    replay.cancel("server shutdown")
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: refuse new runs, cancel running ones, let streams finish.
 
         Every running run of the executor is cancelled, so each emits
-        ``flow.cancelled``; event streams deliver it and end. Waits at most
-        ``grace`` seconds, then cancels the connections still open.
+        ``flow.cancelled``; event streams deliver it and end. Replays still
+        going are stopped (their streams end without a terminal event: the
+        recording did not hold one yet). Waits at most ``grace`` seconds,
+        then cancels the connections still open.
         """
         self._closing.set()
         with trio.move_on_after(grace):
             self.executor.cancel_all("server shutdown")
+            for replay in self._replays.values():
+                replay.cancel("server shutdown")
             for run in list(self.executor.runs.values()):
                 await run.wait()
+            for replay in list(self._replays.values()):
+                await replay.wait()
             while self._connections:
                 await self._idle.wait()
         for scope in list(self._connections):
@@ -317,12 +329,38 @@ class RunHub:
         except RuntimeError as exc:
             raise ApiError(503, "not_ready", f"the server cannot start runs: {exc}") from None
 
+    def add_replay(self, replay: ReplayRun) -> None:
+        """Serve a started :class:`~trioflow.recording.ReplayRun` as a run (``trioflow serve --replay``).
+
+        :meth:`get` finds it by its ``run_id`` (before the executor's runs),
+        so ``GET /runs/{id}``, ``/runs/{id}/events`` and the WebSockets serve
+        it like a live run; ``GET /runs`` lists it. A replay offers the parts
+        of the :class:`~trioflow.Run` interface the transports use
+        (``run_id``, ``status``, ``done``, ``last_seq``, ``subscribe``,
+        ``cancel``, ``wait``, ``to_dict``), which is why it is handed to them
+        as a ``Run``. It is never forgotten, and is stopped on shutdown.
+
+        Raises:
+            ValueError: the replay has no run id (it has not started, or the
+                recording is empty).
+        """
+        if replay.run_id is None:
+            raise ValueError(f"replay of {replay.path!r} has no run id (is the recording empty?)")
+        self._replays[replay.run_id] = replay
+
+    def replays(self) -> list[Run]:
+        """The replays served as runs (see :meth:`add_replay`), in the order they were added."""
+        return [cast("Run", replay) for replay in self._replays.values()]
+
     def get(self, run_id: str) -> Run:
-        """The run with that id.
+        """The run with that id: a replay added with :meth:`add_replay`, or an executor's run.
 
         Raises:
             ApiError: ``404`` when there is no such run (or it was forgotten).
         """
+        replay = self._replays.get(run_id)
+        if replay is not None:
+            return cast("Run", replay)  # duck-typed: see add_replay
         try:
             return self.executor.get_run(run_id)
         except KeyError:
@@ -392,7 +430,8 @@ def resume_point(value: object, run: Run) -> int:
 
 def on_disconnect(run: Run) -> OnDisconnect:
     """The run's :class:`OnDisconnect` policy (``continue`` unless its metadata says otherwise)."""
-    value: Any = run.metadata.get("on_disconnect", OnDisconnect.CONTINUE)
+    metadata: Mapping[str, Any] = getattr(run, "metadata", None) or {}  # a replay has none
+    value: Any = metadata.get("on_disconnect", OnDisconnect.CONTINUE)
     try:
         return OnDisconnect(value)
     except ValueError:
