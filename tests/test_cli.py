@@ -105,3 +105,32 @@ def test_python_dash_m_and_version():
     proc = trioflow("--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("trioflow ")
+
+
+def test_run_reads_defaults_from_settings_environment():
+    env = {**ENV, "TRIOFLOW_MAX_ITERATIONS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trioflow", "run", "What is 25 * 4?", "--json", "--pace", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 1  # one iteration is not enough for a tool call and an answer
+    last = FlowEvent.from_json(proc.stdout.splitlines()[-1])
+    assert last.data["reason"] == "max_iterations"
+
+
+def test_bad_settings_environment_is_a_usage_error():
+    env = {**ENV, "TRIOFLOW_MAX_ITERATIONS": "many"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trioflow", "run", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "TRIOFLOW_MAX_ITERATIONS" in proc.stderr

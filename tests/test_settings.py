@@ -16,7 +16,7 @@ def test_defaults_without_environment() -> None:
     settings = Settings.from_env({})
     assert settings == Settings()
     assert settings.host == "127.0.0.1"
-    assert settings.port == 8000
+    assert settings.port == 8080
     assert settings.token is None
     assert settings.has_api_key is False
     assert settings.model_name == "scripted"
@@ -97,7 +97,7 @@ def test_the_token_is_hidden_from_repr_and_to_dict() -> None:
 def test_to_dict_holds_every_field() -> None:
     data = Settings().to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(Settings)}
-    assert data["port"] == 8000
+    assert data["port"] == 8080
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ from trioflow.console import (
 from trioflow.events import FlowEvent
 from trioflow.executor import Run, StreamingFlowExecutor
 from trioflow.models import ModelError, default_model_name, open_model
+from trioflow.settings import Settings, SettingsError
 
 __all__ = ["SUBCOMMANDS", "main", "positive_float", "watch_signals"]
 
@@ -116,19 +117,27 @@ def _non_negative(text: str) -> float:
     return value
 
 
-def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+def _add_run_arguments(run: argparse.ArgumentParser, settings: Settings) -> None:
     run.add_argument("task", help='what to ask, e.g. "What is 25 * 4?"')
     run.add_argument(
         "--model",
-        default=None,
-        help="'scripted' (offline), 'claude' or a Claude model name; default: "
-        f"{default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
+        default=settings.model,
+        help="'scripted' (offline), 'claude' or a Claude model name; default: $TRIOFLOW_MODEL "
+        f"or {default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
     )
     run.add_argument("--json", action="store_true", help="write one JSON event per line")
     run.add_argument("--plain", action="store_true", help="plain text output (no live view)")
-    run.add_argument("--timeout", type=positive_float, default=None, help="time limit in seconds")
     run.add_argument(
-        "--max-iterations", type=int, default=10, help="most model turns (default: 10)"
+        "--timeout",
+        type=positive_float,
+        default=settings.timeout,
+        help="time limit in seconds (default: $TRIOFLOW_TIMEOUT or none)",
+    )
+    run.add_argument(
+        "--max-iterations",
+        type=int,
+        default=settings.max_iterations,
+        help=f"most model turns (default: $TRIOFLOW_MAX_ITERATIONS or {settings.max_iterations})",
     )
     run.add_argument(
         "--pace",
@@ -177,12 +186,17 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     )
     parser.add_argument("--version", action="version", version=f"trioflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        parser.exit(EXIT_USAGE, f"trioflow: {exc}\n")
     _add_run_arguments(
         sub.add_parser(
             "run",
             help="run the agent on a task and stream its execution",
             description="Run the agent on TASK and show its execution live.",
-        )
+        ),
+        settings,
     )
     modules: dict[str, ModuleType] = {}
     for name, module_name in SUBCOMMANDS.items():

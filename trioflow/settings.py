@@ -23,7 +23,7 @@ variable                       field                  default
 ``TRIOFLOW_MODEL``             ``model``              automatic
 ``ANTHROPIC_API_KEY``          ``has_api_key``        absent
 ``TRIOFLOW_HOST``              ``host``               ``127.0.0.1``
-``TRIOFLOW_PORT``              ``port``               ``8000``
+``TRIOFLOW_PORT``              ``port``               ``8080``
 ``TRIOFLOW_TOKEN``             ``token``              none
 ``TRIOFLOW_HISTORY_SIZE``      ``history_size``       ``1024``
 ``TRIOFLOW_BUFFER_SIZE``       ``buffer_size``        ``256``
@@ -257,7 +257,7 @@ class Settings:
     """Whether ``ANTHROPIC_API_KEY`` is set. The key itself is never stored."""
     host: str = "127.0.0.1"
     """The interface ``trioflow serve`` listens on."""
-    port: int = 8000
+    port: int = 8080
     """The port ``trioflow serve`` listens on (0 for any free port)."""
     token: str | None = None
     """The bearer token the server asks clients for; ``None`` for none. A
