@@ -24,6 +24,13 @@ Servers (each in its own subprocess, so its RSS and CPU are its own):
   history); ``GET /runs/{id}/events`` is a ``StreamingResponse`` reading that
   queue. This is the shape most Python SSE services have. The same JSON
   event shape as :meth:`FlowEvent.to_json` is sent.
+* ``hypercorn`` (only with ``--servers ...,hypercorn``): the baseline's design
+  as a raw ASGI app on Hypercorn's Trio worker (Trio memory channels, no
+  Starlette, no trioflow): the floor that trioflow's transport sets, to tell
+  trioflow's own cost per event from Hypercorn's and Trio's.
+* ``trio`` (only with ``--servers ...,trio``): the same on raw Trio sockets,
+  HTTP/1.1 written by hand: what a Trio server could reach with a transport
+  of its own for the event stream.
 
 The clients are the same for both: one Trio process of lightweight raw-socket
 HTTP/1.1 readers (chunked decoding and SSE framing by hand, so the client is
@@ -252,12 +259,192 @@ def serve_trioflow(rate: float, tokens: int, runs_count: int) -> None:
         profiler.enable()
     try:
         trio.run(main, instruments=instruments)
-    except KeyboardInterrupt:
+    except* KeyboardInterrupt:
         pass
     finally:
         if profile_to:
             profiler.disable()
             profiler.dump_stats(profile_to)
+
+
+def serve_hypercorn(rate: float, tokens: int, runs_count: int) -> None:
+    """The floor under trioflow's server: a raw ASGI SSE app on Hypercorn's Trio worker.
+
+    No Starlette, no bus, no agent: the baseline's design (pre-encoded frames
+    into one channel per client) on the server trioflow uses. It tells how much
+    of trioflow's cost per event is the transport's.
+    """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    go = trio.Event()
+    runs: dict[str, dict[str, Any]] = {}
+
+    def publish(run: dict[str, Any], type: str, data: dict[str, Any]) -> None:
+        seq = len(run["history"]) + 1
+        body = _event_json(seq, run["id"], type, data, time.time())
+        frame = f"id: {seq}\nevent: {type}\ndata: {body}\n\n".encode()
+        run["history"].append(frame)
+        for channel in run["channels"]:
+            channel.send_nowait(frame)
+
+    async def produce(run: dict[str, Any], index: int) -> None:
+        publish(run, "flow.started", {"task": "bench"})
+        await go.wait()
+        start = trio.current_time() + _offset(index, rate, runs_count)
+        for i in range(tokens):
+            await trio.sleep_until(start + (i + 1) / rate)
+            publish(run, "token.received", {"token": f" w{i}"})
+        publish(run, "flow.completed", {"output": "done", "iterations": 1})
+        run["done"] = True
+        for channel in run["channels"]:
+            channel.close()
+
+    async def respond(send: Any, status: int, body: dict[str, Any]) -> None:
+        headers = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                if scope["type"] == "lifespan":
+                    while (await receive())["type"] != "lifespan.shutdown":
+                        await send({"type": "lifespan.startup.complete"})
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+                path = scope["path"]
+                if path == "/runs":
+                    run_id = f"run_{len(runs) + 1:04d}"
+                    run = runs[run_id] = {"id": run_id, "history": [], "channels": set()}
+                    run["done"] = False
+                    nursery.start_soon(produce, run, len(runs) - 1)
+                    await respond(send, 201, {"run_id": run_id})
+                elif path == "/bench/go":
+                    go.set()
+                    await respond(send, 200, {"ok": True})
+                else:
+                    run = runs[path.split("/")[2]]
+                    headers = [(b"content-type", b"text/event-stream")]
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    sender, receiver = trio.open_memory_channel[bytes](100_000)
+                    backlog, done = list(run["history"]), run["done"]
+                    run["channels"].add(sender)
+                    try:
+                        for frame in backlog:
+                            await send(
+                                {"type": "http.response.body", "body": frame, "more_body": True}
+                            )
+                        if not done:
+                            async for frame in receiver:
+                                await send(
+                                    {"type": "http.response.body", "body": frame, "more_body": True}
+                                )
+                        await send({"type": "http.response.body", "body": b""})
+                    finally:
+                        run["channels"].discard(sender)
+
+            config = Config()
+            config.bind = [f"{HOST}:0"]
+            config.accesslog = None
+            binds = await nursery.start(serve, app, config)
+            print(f"PORT {binds[0].rsplit(':', 1)[1]}", flush=True)
+
+    try:
+        trio.run(main)
+    except* KeyboardInterrupt:
+        pass
+
+
+def serve_trio(rate: float, tokens: int, runs_count: int) -> None:
+    """The floor under any Trio server: the baseline's design on raw Trio sockets.
+
+    HTTP/1.1 by hand (no HTTP library, no ASGI): one task per connection
+    writes each frame as one chunk with ``send_all``. What a server on Trio
+    could reach with a transport of its own for the event stream.
+    """
+    go = trio.Event()
+    runs: dict[str, dict[str, Any]] = {}
+
+    def publish(run: dict[str, Any], type: str, data: dict[str, Any]) -> None:
+        seq = len(run["history"]) + 1
+        body = _event_json(seq, run["id"], type, data, time.time())
+        frame = f"id: {seq}\nevent: {type}\ndata: {body}\n\n".encode()
+        run["history"].append(frame)
+        for channel in run["channels"]:
+            channel.send_nowait(frame)
+
+    async def produce(run: dict[str, Any], index: int) -> None:
+        publish(run, "flow.started", {"task": "bench"})
+        await go.wait()
+        start = trio.current_time() + _offset(index, rate, runs_count)
+        for i in range(tokens):
+            await trio.sleep_until(start + (i + 1) / rate)
+            publish(run, "token.received", {"token": f" w{i}"})
+        publish(run, "flow.completed", {"output": "done", "iterations": 1})
+        run["done"] = True
+        for channel in run["channels"]:
+            channel.close()
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def handle(stream: trio.SocketStream) -> None:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    head += data
+                request = head.split(b"\r\n", 1)[0].split()
+                path = request[1].decode()
+                if path in ("/runs", "/bench/go"):
+                    if path == "/runs":
+                        run_id = f"run_{len(runs) + 1:04d}"
+                        run = runs[run_id] = {"id": run_id, "history": [], "channels": set()}
+                        run["done"] = False
+                        nursery.start_soon(produce, run, len(runs) - 1)
+                        body = json.dumps({"run_id": run_id}).encode()
+                    else:
+                        go.set()
+                        body = b"{}"
+                    await stream.send_all(
+                        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                    )
+                    await stream.aclose()
+                    return
+                run = runs[path.split("/")[2]]
+                sender, receiver = trio.open_memory_channel[bytes](100_000)
+                backlog, done = list(run["history"]), run["done"]
+                run["channels"].add(sender)
+                try:
+                    await stream.send_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + b"".join(map(chunk, backlog))
+                    )
+                    if not done:
+                        async for frame in receiver:
+                            await stream.send_all(chunk(frame))
+                    await stream.send_all(b"0\r\n\r\n")
+                except trio.BrokenResourceError:
+                    pass
+                finally:
+                    run["channels"].discard(sender)
+                    await stream.aclose()
+
+            listeners = await trio.open_tcp_listeners(0, host=HOST, backlog=4096)
+            print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+            await trio.serve_listeners(handle, listeners)
+
+    try:
+        trio.run(main)
+    except* KeyboardInterrupt:
+        pass
 
 
 class _Trace(trio.abc.Instrument):
@@ -710,15 +897,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--duration", type=float, default=None, help="seconds of tokens per run (default: 10)"
     )
-    parser.add_argument("--serve", choices=["trioflow", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=["trioflow", "baseline", "hypercorn", "trio"], help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.duration is None:
         args.duration = 3.0 if args.quick else 10.0
     if args.serve is not None:
         rate = args.rates[0]
         tokens = max(1, round(rate * args.duration))
-        serve = serve_baseline if args.serve == "baseline" else serve_trioflow
-        serve(rate, tokens, args.runs)
+        servers = {
+            "trioflow": serve_trioflow,
+            "baseline": serve_baseline,
+            "hypercorn": serve_hypercorn,
+            "trio": serve_trio,
+        }
+        servers[args.serve](rate, tokens, args.runs)
         return
     if "baseline" in args.servers and importlib.util.find_spec("uvicorn") is None:
         parser.error("the baseline needs uvicorn: pip install uvicorn")
