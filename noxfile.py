@@ -42,6 +42,6 @@ def docs(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks: ratios against baselines measured in the same run."""
-    session.install("-e", ".[all]")
-    for script in ("benchmarks/bus.py", "benchmarks/executor.py"):
+    session.install("-e", ".[bench]")
+    for script in ("benchmarks/bus.py", "benchmarks/executor.py", "benchmarks/serve.py"):
         session.run("python", script, *session.posargs)

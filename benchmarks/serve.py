@@ -2,7 +2,7 @@
 
 Run with ``python benchmarks/serve.py [--quick] [--json]``: a full run (100 and
 1,000 clients, 5 and 20 tokens/s per run, 10 s of tokens each) takes about four
-minutes, ``--quick`` (3 s of tokens) about a minute and a half. The baseline
+minutes, ``--quick`` (3 s of tokens) about one. The baseline
 needs ``uvicorn`` (``pip install uvicorn``).
 
 Each scenario starts one server process, creates ``--runs`` runs with

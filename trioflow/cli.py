@@ -174,9 +174,9 @@ def _load(module: str) -> ModuleType | None:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            return None  # that feature is not part of this installation
-        raise
+        if exc.name and exc.name.split(".")[0] == "trioflow" and not module.startswith(exc.name):
+            raise  # a bug in trioflow itself, not a missing feature
+        return None  # that feature or its optional dependency is not installed
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
