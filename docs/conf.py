@@ -104,6 +104,8 @@ DOCUMENTED_MODULES = [
     "trioflow.telemetry",
     "trioflow.recording",
     "trioflow.patterns",
+    "trioflow.web",
+    "trioflow.client",
 ]
 
 
