@@ -42,6 +42,7 @@ from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
 from trioflow.recording import RecordingError, ReplayRun, start_replay
 from trioflow.recording.command import _speed
+from trioflow.settings import Settings
 from trioflow.web.app import MetricsRenderer, create_app, hub_of
 from trioflow.web.config import TOKEN_ENV, WebConfig
 from trioflow.web.runs import AgentFactory, RunRequest
@@ -74,14 +75,26 @@ def _at_least_one(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``trioflow serve`` to ``parser``."""
-    parser.add_argument("--host", default="127.0.0.1", help="interface (default: 127.0.0.1)")
+    """Add the options of ``trioflow serve`` to ``parser``; defaults come from :class:`Settings`.
+
+    Raises:
+        SettingsError: a ``TRIOFLOW_*`` variable has a bad value.
+    """
+    settings = Settings.from_env()
     parser.add_argument(
-        "--port", type=_port, default=8080, help="TCP port; 0 picks a free one (default: 8080)"
+        "--host",
+        default=settings.host,
+        help=f"interface (default: $TRIOFLOW_HOST or {settings.host})",
+    )
+    parser.add_argument(
+        "--port",
+        type=_port,
+        default=settings.port,
+        help=f"TCP port; 0 picks a free one (default: $TRIOFLOW_PORT or {settings.port})",
     )
     parser.add_argument(
         "--model",
-        default=None,
+        default=settings.model,
         help="'scripted' (offline), 'claude' or a Claude model name; default: "
         f"{default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
     )
@@ -104,16 +117,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also allow WebSockets and POSTs from this origin (repeatable; '*' for any)",
     )
     parser.add_argument(
-        "--timeout", type=positive_float, default=None, help="default time limit of a run (s)"
+        "--timeout",
+        type=positive_float,
+        default=settings.timeout,
+        help="default time limit of a run (s)",
     )
     parser.add_argument(
-        "--max-iterations", type=_at_least_one, default=10, help="default iteration budget"
+        "--max-iterations",
+        type=_at_least_one,
+        default=settings.max_iterations,
+        help="default iteration budget",
     )
     parser.add_argument(
         "--keepalive",
         type=positive_float,
-        default=15.0,
-        help="seconds of silence before a keepalive (default: 15)",
+        default=settings.keepalive,
+        help="seconds of silence before a keepalive (default: $TRIOFLOW_KEEPALIVE or 15)",
     )
     parser.add_argument(
         "--buffer",
