@@ -2,14 +2,16 @@
 
 Each example runs as a subprocess, the way a reader runs it, with the
 scripted model (``ANTHROPIC_API_KEY`` removed) at pace 0. To add an example,
-add one line to ``EXAMPLES``: its file name and the texts its output must
-contain, in this order. (Output that concurrent listeners print may
-interleave with the main task's: list only texts whose order is certain.)
+add one line to ``EXAMPLES``: its file name (followed by its command-line
+arguments, if it needs any) and the texts its output must contain, in this
+order. (Output that concurrent listeners print may interleave with the main
+task's: list only texts whose order is certain.)
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +75,17 @@ EXAMPLES: dict[str, list[str]] = {
         "3 received live [8, 9, 10]",
         "Book: 3 trades, 40 shares traded, profit +55.00",
     ],
+    "04_sse_streaming.py": [
+        "server listening on http://127.0.0.1:",
+        "POST /runs -> 201: run run_",
+        "/events",
+        "Let me calculate that.",
+        "tool.completed: 100",
+        "25 * 4 = 100.",
+        "flow.completed (terminal event)",
+        "Answer: 25 * 4 = 100.",
+        "server stopped",
+    ],
     "06_error_handling.py": [
         "1. A normal run",
         "=> flow.completed: '25 * 4 = 100.'",
@@ -95,15 +108,62 @@ EXAMPLES: dict[str, list[str]] = {
         "6. Out of iterations",
         "=> flow.failed: MaxIterationsExceeded",
     ],
+    "07_integration.py": [
+        "settings: cache_size=100, cache_ttl=60 s, metrics=True",
+        "services created: settings, cache, telemetry, event_manager, flow_executor",
+        "run 1: 'What is 25 * 4?' -> completed: '25 * 4 = 100.' (computed, cached)",
+        "run 4: 'What is 25 * 4?' -> completed: '25 * 4 = 100.' (cache hit)",
+        "Telemetry (Prometheus text",
+        "Cache statistics:",
+        "hits 1, misses 3, hit rate 25%",
+        "size 3 of at most 100 entries",
+        "services torn down",
+    ],
+    "production_patterns.py": [
+        "1. Buffered streaming",
+        "token.chunk (",
+        "flow.completed",
+        "token.received events became",
+        "2. Conditional streaming: preset 'essential'",
+        "tool.completed: 100",
+        "received only: token.received x9, tool.completed x1, flow.completed x1",
+        "3. Recording three runs",
+        "'What is 2 ^ 10?' -> failed",
+        "recorded 79 events to runs.jsonl",
+        "live: 3 runs, 79 events, 25 tokens, 5 iterations, 3 tool calls (1 failed), 2 errors",
+        "errors: 2 in 2 runs",
+        "by error type: {'CalculationError': 1, 'MaxIterationsExceeded': 1}",
+        "replayed terminal events: flow.completed, flow.completed, flow.failed",
+        "replay: 3 runs, 79 events",
+        "live and replayed figures agree: True",
+    ],
+    "supervisor.py --runs 12 --concurrency 3": [
+        "supervisor: at most 3 flows at once, until 12 runs",
+        "completed in",
+        "supervisor stopped: 12 flows started; 12 completed",
+        "peak concurrency: ",
+        "(limit 3)",
+    ],
+    "websocket_client.py": [
+        "connecting to ws://127.0.0.1:",
+        "run 1 started: run_",
+        "run 2 started: run_",
+        "cancelling run 2 over the same connection",
+        "Summary, by run:",
+        "flow.completed: '25 * 4 = 100.'",
+        "flow.cancelled: reason 'cancelled by client'",
+        "server stopped",
+    ],
 }
 
 
 def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    file, *args = shlex.split(name)
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     env["TRIOFLOW_PACE"] = "0"
     env["PYTHONIOENCODING"] = "utf-8"
     return subprocess.run(
-        [sys.executable, str(EXAMPLES_DIR / name)],
+        [sys.executable, str(EXAMPLES_DIR / file), *args],
         env=env,
         capture_output=True,
         text=True,
@@ -130,5 +190,6 @@ def test_example_runs_offline_and_prints_what_its_chapter_promises(name: str) ->
 
 
 def test_every_example_is_tested() -> None:
-    on_disk = {p.name for p in EXAMPLES_DIR.glob("[0-9][0-9]_*.py")}
-    assert on_disk <= set(EXAMPLES), f"examples without a test: {sorted(on_disk - set(EXAMPLES))}"
+    on_disk = {p.name for p in EXAMPLES_DIR.glob("*.py")}
+    tested = {shlex.split(name)[0] for name in EXAMPLES}
+    assert on_disk <= tested, f"examples without a test: {sorted(on_disk - tested)}"
