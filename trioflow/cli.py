@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from trioflow.console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    detach_stdout,
     exit_status,
     open_renderer,
 )
@@ -164,10 +164,7 @@ def _run_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (``trioflow run --json ... | head``): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILED
+        return detach_stdout()
 
 
 def _load(module: str) -> ModuleType | None:

@@ -9,6 +9,8 @@ recording format), a live ``rich`` view (:class:`RichRenderer`) or plain text
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import IO, Any, Protocol
 
 from trioflow.events import EventType, FlowEvent
@@ -23,6 +25,7 @@ __all__ = [
     "PlainRenderer",
     "Renderer",
     "RichRenderer",
+    "detach_stdout",
     "exit_status",
     "open_renderer",
 ]
@@ -248,4 +251,16 @@ def exit_status(terminal: FlowEvent | None, *, interrupted: bool = False) -> int
         return EXIT_OK
     if interrupted:
         return EXIT_INTERRUPTED
+    return EXIT_FAILED
+
+
+def detach_stdout() -> int:
+    """Stop writing to a standard output whose reader went away (``... --json | head``).
+
+    Points file descriptor 1 at ``/dev/null`` so the interpreter's final flush
+    does not fail again, and returns :data:`EXIT_FAILED` for the command to exit with.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return EXIT_FAILED

@@ -39,7 +39,14 @@ from trioflow.cli import watch_signals
 from trioflow.client.errors import StreamError
 from trioflow.client.sse import sse_events
 from trioflow.client.ws import ws_connect
-from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, exit_status, open_renderer
+from trioflow.console import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    detach_stdout,
+    exit_status,
+    open_renderer,
+)
 from trioflow.events import EventType, FlowEvent
 from trioflow.supervise import RetryPolicy
 
@@ -200,10 +207,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (``trioflow watch --json ... | head``): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILED
+        return detach_stdout()
     except StreamError as exc:
         hint = f" (pass --token or set ${TOKEN_ENV})" if exc.status == 401 else ""
         print(

@@ -25,7 +25,14 @@ import trio
 
 from trioflow._util import collapse_single_group
 from trioflow.cli import watch_signals
-from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, exit_status, open_renderer
+from trioflow.console import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    detach_stdout,
+    exit_status,
+    open_renderer,
+)
 from trioflow.events import EventType, FlowEvent
 from trioflow.recording._replay import RecordingError, replay
 
@@ -140,7 +147,4 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (``trioflow replay --json FILE | head``): stop quietly.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILED
+        return detach_stdout()

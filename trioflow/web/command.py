@@ -295,6 +295,13 @@ def main(args: argparse.Namespace) -> int:
         return trio.run(functools.partial(_serve, args, config, sys.stderr))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except ImportError as exc:
+        print(
+            f"trioflow serve: {exc.name or exc} is not installed; "
+            "install trioflow[telemetry] for --metrics",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except ModelError as exc:
         print(f"trioflow serve: {exc}", file=sys.stderr)
         return EXIT_FAILED
