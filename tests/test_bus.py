@@ -642,6 +642,17 @@ async def test_cancelled_emit_sends_nothing():
         assert sub.statistics().size == 0
 
 
+@pytest.mark.parametrize("after", [None, 0])
+async def test_subscribe_cancelled_before_it_returns_leaves_no_subscriber(after):
+    async with open_event_bus() as bus:
+        await bus.emit("info")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with bus.subscribe(after=after, name="never"):
+                pytest.fail("the subscription was handed out despite the cancellation")
+        assert bus.statistics().subscribers == ()
+
+
 async def test_emit_that_delivered_returns_despite_pending_cancellation():
     async with open_event_bus() as bus, bus.subscribe() as sub:
         with trio.CancelScope() as scope:

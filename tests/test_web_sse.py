@@ -134,7 +134,7 @@ async def test_keepalive_comment_fills_silences(
 
 async def test_ready_events_are_written_in_one_send() -> None:
     # At the ASGI level, to count the messages: a finished run's 29 events go
-    # out in one body message (after the one with ``retry:``).
+    # out in one body message, with ``retry:`` first.
     async with StreamingFlowExecutor() as executor:
         app = create_app(executor, agent=talker(words=20))
         run = await executor.start(talker(words=20)(RunRequest("hi")), "hi")
@@ -168,9 +168,9 @@ async def test_ready_events_are_written_in_one_send() -> None:
         }
         await app(scope, receive, send)
     bodies = [m for m in messages if m["type"] == "http.response.body"]
-    assert [b["more_body"] for b in bodies] == [True, False]
-    assert bodies[0]["body"] == b"retry: 3000\n\n"
-    assert bodies[1]["body"].count(b"\nevent: ") == run.last_seq == 29
+    assert [b["more_body"] for b in bodies] == [False]
+    assert bodies[0]["body"].startswith(b"retry: 3000\n\nid: 1\n")
+    assert bodies[0]["body"].count(b"\nevent: ") == run.last_seq == 29
 
 
 # -- resuming --------------------------------------------------------------------------
@@ -352,7 +352,6 @@ async def test_a_slow_client_is_evicted_and_resumes_without_a_gap(
         with trio.fail_after(10):
             result = await run.wait()  # the flood ends while the client reads nothing
         assert result.status == "completed"
-        assert run.bus.statistics().evicted == 1
         frames = [first, *await stream.events()]
     error = frames.pop()
     assert error.event == ERROR_EVENT

@@ -1008,16 +1008,17 @@ class EventBus:
         # history, everything after it from the channel. No gap, no duplicate.
         sub = self._register(name=name, types=types, buffer=buffer, overflow=overflow)
         horizon = self._seq
-        if after is not None and after < horizon:
-            try:
+        try:
+            if after is not None and after < horizon:
                 events = await self._history.read(after, horizon)
-            except BaseException:
-                sub.close()
-                raise
-            sub._replay.extend(e for e in events if sub._matches(e))
-            sub._last_seq = after
-        else:
-            await trio.lowlevel.checkpoint()
+                sub._replay.extend(e for e in events if sub._matches(e))
+                sub._last_seq = after
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            # Cancelled (or the history failed) before the caller got it: unsubscribe.
+            sub.close()
+            raise
         return sub
 
     # -- listeners ---------------------------------------------------------------

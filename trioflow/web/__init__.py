@@ -21,7 +21,8 @@
 
 The modules, one concept each: :mod:`~trioflow.web.app` (the application
 and its HTTP endpoints), :mod:`~trioflow.web.sse` (the event stream, its
-framing and its error events), :mod:`~trioflow.web.ws` (the WebSocket
+framing and its error events), :mod:`~trioflow.web.fanout` (one run's
+events encoded once and written to every watching connection), :mod:`~trioflow.web.ws` (the WebSocket
 protocol), :mod:`~trioflow.web.auth` (token and ``Origin``),
 :mod:`~trioflow.web.errors` (the JSON error shape),
 :mod:`~trioflow.web.runs` (requests, watchers, draining),

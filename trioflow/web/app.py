@@ -46,7 +46,7 @@ from trioflow.web.runs import AgentFactory, RunHub, RunRequest, resume_point
 from trioflow.web.sse import EventStreamResponse
 from trioflow.web.ws import run_socket, socket
 
-__all__ = ["MetricsRenderer", "create_app", "hub_of"]
+__all__ = ["MetricsRenderer", "create_app", "direct_writes", "hub_of"]
 
 MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
 """Renders metrics for ``GET /metrics``: returns the body and its ``Content-Type``
@@ -300,4 +300,20 @@ def create_app(
         lifespan=hub.lifespan,
     )
     app.state.trioflow = hub
+    app.state.trioflow_middleware = tuple(app.user_middleware)
     return app
+
+
+def direct_writes(app: Starlette) -> bool:
+    """Whether event streams of ``app`` may write straight to the socket.
+
+    True when its :class:`~trioflow.web.WebConfig` allows it and no ASGI
+    middleware was added after :func:`create_app` (middleware wrapping
+    ``send`` must see every body it wraps).
+
+    Raises:
+        TypeError: ``app`` was not made by :func:`create_app`.
+    """
+    hub = hub_of(app)
+    own = getattr(app.state, "trioflow_middleware", None)
+    return hub.config.direct_writes and own == tuple(app.user_middleware)

@@ -29,6 +29,7 @@ from trioflow.web.errors import ApiError
 
 if TYPE_CHECKING:
     from trioflow.recording import ReplayRun
+    from trioflow.web.fanout import EventFanout
 
 __all__ = [
     "AgentFactory",
@@ -215,6 +216,7 @@ class RunHub:
         self._idle = trio.Event()
         self._idle.set()
         self._replays: dict[str, ReplayRun] = {}
+        self._fanouts: dict[str, EventFanout] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -380,6 +382,47 @@ class RunHub:
                 status=str(run.status),
             )
         run.cancel(reason)
+
+    async def fanout(
+        self, run: Run, factory: Callable[[Run, WebConfig], EventFanout]
+    ) -> EventFanout | None:
+        """The run's :class:`~trioflow.web.fanout.EventFanout`, claimed, started with ``factory`` if none runs.
+
+        The caller holds a :meth:`~trioflow.web.fanout.EventFanout.claim` on
+        it and must :meth:`~trioflow.web.fanout.EventFanout.release` it
+        (after joining, or when giving up). The fan-out runs in the server's
+        nursery until the run ends, or its last connection leaves with no
+        claim left; the hub forgets it then. One started by another
+        connection may not be :attr:`~trioflow.web.fanout.EventFanout.ready`
+        yet. Returns ``None`` when there is no nursery to run one in (the
+        application's lifespan is not running) or the run has ended: the
+        connection streams on its own then.
+        """
+        existing = self._fanouts.get(run.run_id)
+        if existing is not None and existing.open:
+            existing.claim()
+            return existing
+        if self._nursery is None or run.done:
+            return None
+        fanout = factory(run, self.config)
+
+        def forget(done: EventFanout) -> None:
+            if self._fanouts.get(run.run_id) is done:
+                del self._fanouts[run.run_id]
+
+        fanout.on_close = forget
+        self._fanouts[run.run_id] = fanout
+        fanout.claim()
+        try:
+            await self._nursery.start(fanout.run_until_done)
+        except BaseException:
+            fanout.release()
+            raise
+        return fanout
+
+    def fanouts(self) -> list[EventFanout]:
+        """The fan-outs running now, one per run with event-stream clients."""
+        return list(self._fanouts.values())
 
     # -- watchers ------------------------------------------------------------------
 

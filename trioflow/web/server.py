@@ -14,10 +14,20 @@ event and end, and only then does Hypercorn stop; all within
 :attr:`~trioflow.web.WebConfig.shutdown_timeout` (connections still open then
 are closed regardless). Cancelling :func:`serve` instead stops at once (runs
 still end with ``flow.cancelled``, but streams may not deliver it).
+
+The server is Hypercorn's Trio worker, with one difference: trioflow accepts
+the connections itself and hands each to Hypercorn's connection server
+(``hypercorn.trio.tcp_server.TCPServer``, as ``hypercorn.trio.serve`` does),
+after making the connection's socket known to the application
+(:data:`~trioflow.web.fanout.connection_socket`). Hypercorn parses every
+request and writes every response head; the event stream writes its chunks
+to the socket itself (:mod:`trioflow.web.fanout`), which is what lets one
+process serve a thousand event-stream clients.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -25,12 +35,17 @@ from typing import Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.web.app import create_app, hub_of
+from trioflow.web.app import create_app, direct_writes, hub_of
 from trioflow.web.config import WebConfig
+from trioflow.web.fanout import connection_socket
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -121,9 +136,10 @@ async def serve(
 
             async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 try:
-                    await hypercorn_serve(
-                        cast("Any", app),
+                    await _worker(
+                        app,
                         hconfig,
+                        direct=direct_writes(app),
                         shutdown_trigger=stop.wait,
                         task_status=task_status,
                     )
@@ -134,3 +150,63 @@ async def serve(
                 nursery.start_soon(drain, shutdown_trigger)
             urls: list[str] = await nursery.start(run_server)
             task_status.started(urls)
+
+
+async def _worker(
+    app: Starlette,
+    config: HypercornConfig,
+    *,
+    direct: bool,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """``hypercorn.trio.serve`` for plain TCP, setting :data:`connection_socket` per connection.
+
+    With ``direct`` false, the socket is not made known: every event stream
+    goes through the ASGI ``send``.
+
+    The same steps as Hypercorn's Trio worker: the lifespan, the listeners,
+    one ``TCPServer`` per connection, and on shutdown the grace period.
+    """
+    wrapped = wrap_app(cast("Any", app), config.wsgi_max_body_size, "asgi")
+    state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, state)
+    context = WorkerContext(None)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        if direct:
+            connection_socket.set(stream)  # this task's context, inherited by the app's tasks
+        await TCPServer(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            sockets = config.create_sockets()
+            listeners = []
+            urls = []
+            for sock in sockets.insecure_sockets:
+                sock.listen(config.backlog)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            task_status.started(urls)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(
+                        functools.partial(
+                            trio.serve_listeners,
+                            connection,
+                            listeners,
+                            handler_nursery=server_nursery,
+                        )
+                    )
+            except BaseExceptionGroup as group:
+                _, others = group.split(ShutdownError)
+                if others is not None:
+                    raise others from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()

@@ -57,6 +57,8 @@ from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.executor import Run
 from trioflow.history import HistoryExpired
+from trioflow.web.config import WebConfig
+from trioflow.web.fanout import EventFanout, FanoutTarget, chunk, connection_socket, duplicate
 from trioflow.web.runs import RunHub
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "encode_error",
     "encode_event",
     "event_name",
+    "new_fanout",
 ]
 
 ERROR_EVENT = "trioflow.error"
@@ -100,12 +103,48 @@ def encode_error(code: str, message: str, **details: Any) -> str:
     return f"event: {ERROR_EVENT}\ndata: {payload}\n\n"
 
 
-def _body(text: str, *, more: bool = True) -> Message:
-    return {"type": "http.response.body", "body": text.encode("ascii"), "more_body": more}
+def _body(text: str | bytes, *, more: bool = True) -> Message:
+    body = text.encode("ascii") if isinstance(text, str) else text
+    return {"type": "http.response.body", "body": body, "more_body": more}
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
+def _encode_frame(event: FlowEvent) -> bytes:
+    return encode_event(event).encode("ascii")
+
+
+def _evicted_frame(last_seq: int) -> bytes:
+    return encode_error(
+        "evicted",
+        f"this client fell behind and was disconnected; reconnect with "
+        f"Last-Event-ID: {last_seq} to resume",
+        last_seq=last_seq,
+    ).encode("ascii")
+
+
+def new_fanout(run: Run, config: WebConfig) -> EventFanout:
+    """The :class:`~trioflow.web.fanout.EventFanout` writing ``run``'s SSE frames."""
+    return EventFanout(
+        run,
+        encode=_encode_frame,
+        evicted=_evicted_frame,
+        keepalive=config.keepalive,
+        keepalive_frame=KEEPALIVE.encode("ascii"),
+        buffer=max(4096, config.buffer),
+    )
 
 
 class EventStreamResponse(Response):
     """The ``text/event-stream`` response of one run, from ``after`` on.
+
+    The connection first reads the run through a subscription of its own
+    (the replay from ``after``, then live events) until it has caught up;
+    then it joins the run's :class:`~trioflow.web.fanout.EventFanout`, which
+    encodes each event once for every connection and, under
+    :func:`~trioflow.web.serve`, writes it straight to the socket.
 
     Args:
         hub: the server's :class:`~trioflow.web.runs.RunHub`.
@@ -122,11 +161,16 @@ class EventStreamResponse(Response):
         self.status_code = 200
         self.background = None
         self._ending = False
+        self._broken = False
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Stream until the terminal event, an eviction, or the client leaving."""
-        config = self.hub.config
+        # The connection's socket, where the chunks can be written directly:
+        # only for a plain HTTP/1.1 GET, whose body the server sends chunked.
+        stream = None
+        if scope.get("http_version") == "1.1" and scope.get("method") == "GET":
+            stream = connection_socket.get()
         watch = self.hub.attach(self.run)
         disconnected = False
         try:
@@ -144,25 +188,33 @@ class EventStreamResponse(Response):
                             nursery.cancel_scope.cancel()
 
                     nursery.start_soon(wait_disconnect)
-                    await self._respond(send, config.buffer, config.keepalive, config.retry)
+                    await self._respond(send, stream)
                     nursery.cancel_scope.cancel()
         finally:
-            watch.release(disconnected=disconnected)
+            watch.release(disconnected=disconnected or self._broken)
 
-    async def _respond(self, send: Send, buffer: int, keepalive: float, retry: float) -> None:
-        head = f"retry: {max(1, math.ceil(retry * 1000))}\n\n"
+    async def _respond(self, send: Send, stream: trio.SocketStream | None) -> None:
+        config = self.hub.config
+        head = f"retry: {max(1, math.ceil(config.retry * 1000))}\n\n"
         try:
             async with self.run.subscribe(
                 after=self.after,
-                buffer=buffer,
+                buffer=config.buffer,
                 overflow=Overflow.EVICT,
                 name=f"sse {self.run.run_id}",
             ) as sub:
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                )
-                await send(_body(head))
-                await self._pump(sub, send, keepalive)
+                headers = self.raw_headers
+                if stream is not None:
+                    # The stream may end with the chunk terminator written
+                    # directly, after which the server closes the connection.
+                    headers = [*headers, (b"connection", b"close")]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                claims: list[EventFanout] = []
+                try:
+                    joined = await self._catch_up(sub, send, stream, claims, head)
+                finally:
+                    for fanout in claims:
+                        fanout.release()
         except HistoryExpired as exc:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             error = encode_error(
@@ -172,13 +224,59 @@ class EventStreamResponse(Response):
                 first_available=exc.first_available,
             )
             await self._end(send, head + error)
+            return
+        if joined is not None:
+            await self._follow(*joined, send, stream)
 
-    async def _pump(self, sub: Subscription, send: Send, keepalive: float) -> None:
+    async def _catch_up(
+        self,
+        sub: Subscription,
+        send: Send,
+        stream: trio.SocketStream | None,
+        claims: list[EventFanout],
+        head: str,
+    ) -> tuple[EventFanout, FanoutTarget] | None:
+        """Stream from the connection's own subscription until it can join the fan-out.
+
+        Returns the fan-out and the joined target, or None when the stream
+        has ended here (terminal event, end of the run's events, eviction).
+        Every fan-out it claimed is added to ``claims`` (for the caller to
+        release). ``head`` (the ``retry:`` field) goes out with the first write.
+        """
+        config = self.hub.config
+        sent_through = self.after
+        fanout: EventFanout | None = None
+        solo = False  # no fan-out to be had (no nursery for it): stream alone to the end
         while True:
+            if not solo and sub.statistics().size == 0:
+                if fanout is None or not fanout.open:
+                    fanout = await self.hub.fanout(self.run, new_fanout)
+                    solo = fanout is None
+                    if fanout is not None:
+                        claims.append(fanout)
+                if (
+                    fanout is not None
+                    and fanout.ready
+                    and fanout.open
+                    and fanout.position <= sent_through
+                    and sub.statistics().size == 0
+                ):
+                    if head:
+                        await send(_body(head))
+                        head = ""
+                        continue  # events may have come meanwhile: look again
+                    target = FanoutTarget(
+                        skip_through=sent_through,
+                        limit=config.buffer,
+                        sock=None if stream is None else duplicate(stream),
+                        encode=_as_is if stream is None else chunk,
+                    )
+                    fanout.add(target)
+                    return fanout, target
             batch: list[FlowEvent] | None = None
             ended = False
             evicted: SubscriberEvicted | None = None
-            with trio.move_on_after(keepalive):
+            with trio.move_on_after(config.keepalive):
                 try:
                     batch = await sub.receive_batch()
                 except trio.EndOfChannel:
@@ -186,27 +284,65 @@ class EventStreamResponse(Response):
                 except SubscriberEvicted as exc:
                     evicted = exc
             if evicted is not None:
-                error = encode_error(
-                    "evicted",
-                    f"this client fell behind and was disconnected; reconnect with "
-                    f"Last-Event-ID: {evicted.last_seq} to resume",
-                    last_seq=evicted.last_seq,
-                )
-                await self._end(send, error)
-                return
+                await self._end(send, head + _evicted_frame(evicted.last_seq).decode("ascii"))
+                return None
             if ended:
-                await self._end(send, "")
-                return
+                await self._end(send, head)
+                return None
             if batch is None:
-                await send(_body(KEEPALIVE))
+                await send(_body(head + KEEPALIVE))
+                head = ""
                 continue
-            frames = "".join([encode_event(e) for e in batch])
+            frames = "".join([head, *[encode_event(e) for e in batch]])
+            head = ""
+            sent_through = batch[-1].seq
             if batch[-1].is_terminal():
                 await self._end(send, frames)
-                return
+                return None
             await send(_body(frames))
 
-    async def _end(self, send: Send, text: str) -> None:
+    async def _follow(
+        self,
+        fanout: EventFanout,
+        target: FanoutTarget,
+        send: Send,
+        stream: trio.SocketStream | None,
+    ) -> None:
+        """Send what the fan-out leaves to this connection until the stream is over."""
+        try:
+            while True:
+                data = target.take()
+                if data:
+                    if stream is None:
+                        await send(_body(data))
+                    else:
+                        await stream.send_all(data)
+                    continue
+                if target.finished:
+                    break
+                target.go_direct()  # all sent: the fan-out may write itself again
+                await target.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            target.broken = True
+        finally:
+            fanout.discard(target)
+        if target.broken:
+            self._broken = True
+            return
+        if stream is None:
+            await self._end(send, "")
+            return
+        # The last chunk, written here rather than through the server (which
+        # then closes the connection, as the response head announced): the
+        # end of a run ends many streams at once, and this is the cheap way.
+        self._ending = True
+        with trio.CancelScope(shield=True):
+            try:
+                await stream.send_all(b"0\r\n\r\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken = True
+
+    async def _end(self, send: Send, text: str | bytes) -> None:
         # The last message must not be cancelled half-way: the server finishes
         # the exchange (and readies the connection for its next request) in it.
         self._ending = True

@@ -1,0 +1,474 @@
+"""One run's event stream, encoded once and written to every watching connection.
+
+An event stream with a thousand clients on ten runs carries each event to a
+hundred connections. Reading the run through one subscription per connection
+costs a task switch per connection and an encoding per connection for every
+event. :class:`EventFanout` reads the run once (one subscription, one task),
+encodes each batch of events once, and appends the same bytes to every
+connection's :class:`FanoutTarget`.
+
+Where the server hands the connection's socket to the application (the
+:func:`~trioflow.web.serve` server does, through :data:`connection_socket`),
+a target is *direct*: the fan-out writes the HTTP/1.1 chunk straight to the
+socket without blocking (``send`` with ``MSG_DONTWAIT``), so a client that
+keeps up costs one system call per batch and no task switch at all. What the
+kernel does not take at once goes to the target's pending bytes, which the
+connection's own task sends with :meth:`trio.SocketStream.send_all`; the
+target writes directly again once they are out. A target without a socket
+(any other ASGI server) is never direct: its task sends the pending bytes
+with the ASGI ``send``.
+
+Every target is bounded: when more than ``limit`` events wait in its pending
+bytes, it is evicted. Bytes already handed to the kernel, or the part of a
+chunk the kernel took half of, are never taken back; the client receives the
+events up to :attr:`FanoutTarget.committed_through` completely, then an
+``evicted`` error event, then the end of the stream, and can resume with
+``Last-Event-ID``.
+
+The fan-out ends with the run (after its terminal event), when the run's
+event bus closes, when its own subscription is evicted (the process could not
+keep up with the run at all: every target is evicted), or when its last
+target leaves. Connections read the run through a subscription of their own
+until they have caught up with the fan-out, then join it (see
+:class:`~trioflow.web.sse.EventStreamResponse`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import os
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from trioflow.bus import Overflow, SubscriberEvicted, Subscription
+from trioflow.events import FlowEvent
+from trioflow.history import HistoryExpired
+
+if TYPE_CHECKING:
+    from trioflow.executor import Run
+
+__all__ = [
+    "EventFanout",
+    "FanoutStatistics",
+    "FanoutTarget",
+    "chunk",
+    "connection_socket",
+    "duplicate",
+]
+
+connection_socket: contextvars.ContextVar[trio.SocketStream | None] = contextvars.ContextVar(
+    "trioflow_connection_socket", default=None
+)
+"""The plain TCP stream of the HTTP/1.1 connection the current request came on.
+
+Set by :func:`~trioflow.web.serve` in each connection's task (and so seen by
+the application's task for every request on it); ``None`` under any other
+server. Only the event stream uses it, to write its chunks without going
+through the server's HTTP layer; the server writes the response head and
+the end of the body as usual.
+"""
+
+_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` as one HTTP/1.1 chunk: its size in hex, CRLF, ``data``, CRLF."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FanoutStatistics:
+    """A snapshot of an :class:`EventFanout`'s figures."""
+
+    run_id: str
+    targets: int
+    """Connections receiving the run's events now."""
+    direct: int
+    """Of those, how many the fan-out writes to directly at this moment."""
+    position: int
+    """The seq of the last event the fan-out has written out (or it started after)."""
+    batches: int
+    """Batches of events read from the run."""
+    direct_writes: int
+    """Writes straight to a socket (one per batch and direct target)."""
+    queued_writes: int
+    """Writes left to a connection's task (no socket, or the socket was full)."""
+    evicted: int
+    """Targets evicted for falling more than their limit behind."""
+
+
+class FanoutTarget:
+    """One connection's share of an :class:`EventFanout`: its pending bytes and its state.
+
+    Made by :meth:`EventFanout.add`; the connection's task calls
+    :meth:`wait`, :meth:`take` and :meth:`go_direct` (see
+    :class:`~trioflow.web.sse.EventStreamResponse`) and leaves with
+    :meth:`EventFanout.discard`.
+
+    Args:
+        skip_through: events up to this seq were sent by the connection
+            itself before it joined; the fan-out skips them.
+        limit: the most events that may wait in the pending bytes.
+        sock: a non-blocking socket to write to directly (a duplicate of the
+            connection's descriptor, owned and closed by the target), or
+            ``None`` to leave every write to the connection's task.
+        encode: how to frame a batch's bytes for this connection
+            (:func:`chunk` for a raw HTTP/1.1 socket, identity for ASGI).
+    """
+
+    __slots__ = (
+        "_event",
+        "_pending",
+        "_pending_events",
+        "_queued_through",
+        "_remainder",
+        "broken",
+        "committed_through",
+        "direct",
+        "encode",
+        "finished",
+        "limit",
+        "skip_through",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        *,
+        skip_through: int,
+        limit: int,
+        sock: socket.socket | None,
+        encode: Callable[[bytes], bytes],
+    ) -> None:
+        self.skip_through = skip_through
+        self.limit = limit
+        self.sock = sock
+        self.encode = encode
+        self.direct = False
+        """Whether the fan-out writes straight to :attr:`sock` now."""
+        self.finished = False
+        """Whether the stream is over: after the pending bytes, nothing more comes."""
+        self.broken = False
+        """Whether the socket failed (the client has gone)."""
+        self.committed_through = skip_through
+        """Every event up to this seq is written out or on its way (never taken back)."""
+        self._queued_through = skip_through
+        self._remainder = b""  # the rest of a chunk the kernel took part of: committed
+        self._pending: list[bytes] = []  # queued, not committed: dropped on eviction
+        self._pending_events = 0
+        self._event = trio.Event()
+
+    # -- the connection's side -----------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """How many events wait in the pending bytes (the ones an eviction would drop)."""
+        return self._pending_events
+
+    async def wait(self) -> None:
+        """Wait until there are bytes to send or the target has finished."""
+        if self._remainder or self._pending or self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._event.wait()
+        self._event = trio.Event()
+
+    def take(self) -> bytes:
+        """Every pending byte, to be sent by the connection's task; ``b""`` if none."""
+        data = b"".join([self._remainder, *self._pending])
+        self._remainder = b""
+        self._pending.clear()
+        self._pending_events = 0
+        self.committed_through = self._queued_through
+        return data
+
+    def go_direct(self) -> None:
+        """Let the fan-out write straight to the socket again (once :meth:`take` emptied it)."""
+        if self.sock is not None and not (self._remainder or self._pending or self.finished):
+            self.direct = True
+
+    def close(self) -> None:
+        """Stop direct writes and close the duplicate socket (not the connection); idempotent."""
+        self.direct = False
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    # -- the fan-out's side ----------------------------------------------------
+
+    def _write(self, data: bytes, events: int, last_seq: int) -> bool:
+        """Hand ``data`` (``events`` events, the last one ``last_seq``) on; False: evict."""
+        if self.direct:
+            assert self.sock is not None
+            try:
+                sent = self.sock.send(data, _SEND_FLAGS)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._break()
+                return True
+            # A chunk the kernel took part of must be completed: it is committed.
+            self.committed_through = self._queued_through = last_seq
+            if sent < len(data):
+                self.direct = False
+                self._remainder = data[sent:]
+                self._event.set()
+            return True
+        self._pending.append(data)
+        self._pending_events += events
+        self._queued_through = last_seq
+        self._event.set()
+        return self._pending_events <= self.limit
+
+    def _evict(self, error: bytes) -> None:
+        """Drop the uncommitted bytes and finish with ``error`` (framed by :attr:`encode`)."""
+        self._pending = [self.encode(error)]
+        self._pending_events = 0
+        self._queued_through = self.committed_through
+        self._finish()
+
+    def _finish(self) -> None:
+        self.direct = False
+        self.finished = True
+        self._event.set()
+
+    def _break(self) -> None:
+        self.broken = True
+        self._remainder = b""
+        self._pending.clear()
+        self._pending_events = 0
+        self._finish()
+
+
+class EventFanout:
+    """Reads one run once and writes each batch of its events to every :class:`FanoutTarget`.
+
+    Made and started by :meth:`~trioflow.web.runs.RunHub.fanout`; see the
+    module documentation.
+
+    Args:
+        run: the run (or a replay served as one).
+        encode: encodes one event as an SSE frame.
+        evicted: makes the ``evicted`` error frame for a target, given the
+            last seq it received.
+        keepalive: seconds of silence after which every target gets
+            ``keepalive_frame``.
+        keepalive_frame: the comment sent after ``keepalive`` seconds of silence.
+        buffer: the bound of the fan-out's own subscription (it is evicted,
+            and every target with it, only if the process cannot keep up).
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        encode: Callable[[FlowEvent], bytes],
+        evicted: Callable[[int], bytes],
+        keepalive: float,
+        keepalive_frame: bytes,
+        buffer: int = 4096,
+    ) -> None:
+        self.run = run
+        self._encode = encode
+        self._evicted_frame = evicted
+        self._keepalive = keepalive
+        self._keepalive_frame = keepalive_frame
+        self._buffer = buffer
+        self._targets: list[FanoutTarget] = []
+        self._claims = 0
+        self._sub: Subscription | None = None
+        self._scope = trio.CancelScope()
+        self._done = False
+        self.ready = False
+        """Whether the fan-out has subscribed: :attr:`position` is set and targets may join."""
+        self.position = 0
+        """The seq of the last event written to the targets (or the fan-out started after)."""
+        self._batches = 0
+        self._direct_writes = 0
+        self._queued_writes = 0
+        self._evicted = 0
+        self.on_close: Callable[[EventFanout], None] | None = None
+        """Called once when the fan-out stops (the hub forgets it)."""
+
+    @property
+    def open(self) -> bool:
+        """Whether targets may still join (False once the fan-out has stopped or is stopping)."""
+        return not self._done
+
+    def statistics(self) -> FanoutStatistics:
+        """A snapshot of the fan-out's figures."""
+        return FanoutStatistics(
+            run_id=self.run.run_id,
+            targets=len(self._targets),
+            direct=sum(1 for t in self._targets if t.direct),
+            position=self.position,
+            batches=self._batches,
+            direct_writes=self._direct_writes,
+            queued_writes=self._queued_writes,
+            evicted=self._evicted,
+        )
+
+    def add(self, target: FanoutTarget) -> None:
+        """Add ``target``; the next batch after its ``skip_through`` goes to it.
+
+        Raises:
+            RuntimeError: the fan-out is not ready or has stopped, or
+                ``target`` would miss events (its ``skip_through`` is before
+                :attr:`position`).
+        """
+        if self._done or not self.ready:
+            raise RuntimeError("the fan-out is not running")
+        if target.skip_through < self.position:
+            raise RuntimeError(
+                f"target starts after {target.skip_through}, the fan-out is at {self.position}"
+            )
+        self._targets.append(target)
+
+    def discard(self, target: FanoutTarget) -> None:
+        """Remove ``target`` (idempotent) and close its socket.
+
+        The fan-out stops when its last target leaves and no connection
+        holds a :meth:`claim` on it.
+        """
+        target.close()
+        try:
+            self._targets.remove(target)
+        except ValueError:
+            return
+        self._stop_if_unused()
+
+    def claim(self) -> None:
+        """Keep the fan-out going, with no target, until :meth:`release` (a connection about to join)."""
+        self._claims += 1
+
+    def release(self) -> None:
+        """Give back a :meth:`claim`; with no claim and no target left, the fan-out stops."""
+        self._claims -= 1
+        self._stop_if_unused()
+
+    def _stop_if_unused(self) -> None:
+        if not self._targets and self._claims <= 0:
+            self._stop()
+
+    async def run_until_done(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Subscribe to the run, report ready, then fan its events out until it ends.
+
+        Start it with :meth:`trio.Nursery.start`: once started, :attr:`position`
+        is where the fan-out's subscription begins.
+        """
+        try:
+            with self._scope:
+                self.position = self.run.last_seq
+                try:
+                    async with self.run.subscribe(
+                        after=self.position,
+                        buffer=self._buffer,
+                        overflow=Overflow.EVICT,
+                        name=f"sse fanout {self.run.run_id}",
+                    ) as sub:
+                        self._sub = sub
+                        self.ready = True
+                        task_status.started()
+                        await self._pump(sub)
+                except HistoryExpired:  # pragma: no cover - last_seq is always retained
+                    task_status.started()
+        finally:
+            self._stop()
+            for target in self._targets:
+                target._finish()
+
+    async def _pump(self, sub: Subscription) -> None:
+        while True:
+            batch: list[FlowEvent] | None = None
+            with trio.move_on_after(self._keepalive):
+                try:
+                    batch = await sub.receive_batch()
+                except trio.EndOfChannel:
+                    return
+                except SubscriberEvicted:
+                    for target in list(self._targets):
+                        self._evict(target)
+                    return
+            if batch is None:
+                self._broadcast([], self._keepalive_frame, 0, self.position)
+                continue
+            self._batches += 1
+            frames = [self._encode(event) for event in batch]
+            last = batch[-1].seq
+            self._broadcast(batch, b"".join(frames), len(batch), last, frames)
+            self.position = last
+            if batch[-1].is_terminal():
+                for target in self._targets:
+                    target._finish()
+                self._targets.clear()
+                return
+
+    def _broadcast(
+        self,
+        batch: list[FlowEvent],
+        data: bytes,
+        events: int,
+        last: int,
+        frames: list[bytes] | None = None,
+    ) -> None:
+        framed: dict[Callable[[bytes], bytes], bytes] = {}
+        for target in list(self._targets):
+            if batch and target.skip_through >= batch[0].seq:
+                # It joined with events of this batch sent already: only the rest.
+                assert frames is not None
+                kept = [
+                    f for e, f in zip(batch, frames, strict=True) if e.seq > target.skip_through
+                ]
+                if not kept:
+                    continue
+                events_here = len(kept)
+                out = target.encode(b"".join(kept))
+            else:
+                events_here = events
+                cached = framed.get(target.encode)
+                if cached is None:
+                    cached = framed[target.encode] = target.encode(data)
+                out = cached
+            if target.direct:
+                self._direct_writes += 1
+            else:
+                self._queued_writes += 1
+            if not target._write(out, events_here, last):
+                self._evict(target)
+            elif target.broken:
+                self._targets.remove(target)
+
+    def _evict(self, target: FanoutTarget) -> None:
+        self._evicted += 1
+        target._evict(self._evicted_frame(target.committed_through))
+        try:
+            self._targets.remove(target)
+        except ValueError:
+            pass
+
+    def _stop(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._scope.cancel()
+        if self._sub is not None:
+            self._sub.close()  # at once, not when the task next runs
+        if self.on_close is not None:
+            self.on_close(self)
+
+
+def duplicate(stream: trio.SocketStream) -> socket.socket | None:
+    """A non-blocking duplicate of ``stream``'s socket to write to directly, or None if impossible."""
+    try:
+        fd = os.dup(stream.socket.fileno())
+    except (OSError, ValueError):
+        return None
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
