@@ -469,6 +469,10 @@ def duplicate(stream: trio.SocketStream) -> socket.socket | None:
         fd = os.dup(stream.socket.fileno())
     except (OSError, ValueError):
         return None
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        os.close(fd)
+        return None
     sock.setblocking(False)
     return sock

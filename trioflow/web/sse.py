@@ -36,10 +36,15 @@ Resuming
 Framing and flow
     ``retry:`` is sent once, first; a ``: keepalive`` comment after every
     ``keepalive`` seconds of silence. Every event ready at once goes out in
-    one write. Each connection reads the run through its own subscription
-    with a bounded buffer and :attr:`~trioflow.Overflow.EVICT`: a client
-    that cannot keep up never holds the run back nor makes the server's
-    memory grow. A client that disconnects releases its subscription at once.
+    one write. A connection reads the run through its own subscription
+    (bounded, :attr:`~trioflow.Overflow.EVICT`) until it has caught up, then
+    through the run's shared fan-out (:mod:`trioflow.web.fanout`), where it
+    is bounded by ``buffer`` events too: a client that cannot keep up never
+    holds the run back nor makes the server's memory grow. A client that
+    disconnects releases its subscription or its place in the fan-out at
+    once. Under :func:`~trioflow.web.serve` the response says
+    ``Connection: close``: its last chunk is written directly, and the
+    server closes the connection after it.
 """
 
 from __future__ import annotations
