@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,39 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
     from trioflow.web import AgentFactory, RunHub, WebConfig
+
+
+# -- external programs ------------------------------------------------------------------
+
+REQUIRED = frozenset(
+    name.strip().lower()
+    for name in os.environ.get("TRIOFLOW_REQUIRE", "").split(",")
+    if name.strip()
+)
+"""Programs named in ``TRIOFLOW_REQUIRE`` (``chromium,redis,node``; ``all`` for every one):
+a test that needs one of them fails when it is missing, instead of skipping."""
+
+
+def require(name: str, found: bool, install: str) -> None:
+    """Skip the calling test (or fixture) when program ``name`` was not ``found``.
+
+    The skip reason is one line saying what to install. When ``TRIOFLOW_REQUIRE``
+    names the program (as ``.ci/run`` does), a missing program fails the test.
+    """
+    if found:
+        return
+    reason = f"needs {name}: {install}"
+    if name in REQUIRED or "all" in REQUIRED:
+        pytest.fail(f"{reason} (TRIOFLOW_REQUIRE names it)", pytrace=False)
+    pytest.skip(f"{reason} (or set TRIOFLOW_REQUIRE={name} to fail instead)")
+
+
+def which(program: str, env: str | None = None) -> str | None:
+    """The path of ``program`` (``$env`` overrides the lookup when set), or None."""
+    path = os.environ.get(env) if env else None
+    if path:
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which(program)
 
 
 @pytest.fixture

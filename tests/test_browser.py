@@ -5,8 +5,9 @@ runs an asyncio loop of its own) drives the browser in a worker thread
 (``trio.to_thread.run_sync``), so the two event loops never meet.
 
 Chromium is Debian's ``/usr/bin/chromium`` (CI installs the ``chromium``
-package with apt; set ``TRIOFLOW_CHROMIUM`` to use another binary). A missing
-browser fails these tests: it is never a reason to skip them.
+package with apt; set ``TRIOFLOW_CHROMIUM`` to use another binary). Without
+it these tests skip, saying what to install; with ``TRIOFLOW_REQUIRE=chromium``
+(as in CI) a missing browser fails them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from playwright.sync_api import Page, expect, sync_playwright
 
 from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
 from trioflow.web import RunRequest, WebConfig, create_app, serve
+
+from conftest import require
 
 if TYPE_CHECKING:
     from conftest import StartWebServer
@@ -67,12 +70,10 @@ Browse = Callable[[str, Callable[[Page], T]], Awaitable[T]]
 
 @pytest.fixture
 def chromium() -> str:
-    if not CHROMIUM.is_file() or not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"the browser tests need Chromium at {CHROMIUM}: install Debian's 'chromium' "
-            "package (apt-get install chromium, as .ci/run does) or set TRIOFLOW_CHROMIUM",
-            pytrace=False,
-        )
+    found = CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
+    require(
+        "chromium", found, f"apt-get install chromium (or point TRIOFLOW_CHROMIUM at {CHROMIUM})"
+    )
     return str(CHROMIUM)
 
 
