@@ -1,0 +1,82 @@
+"""Decoding JSON from untrusted sources: request bodies, WebSocket messages, recordings.
+
+:func:`loads` is :func:`json.loads` with the limits an input from outside
+needs: no ``NaN``/``Infinity`` (not JSON), a bound on nesting (CPython's
+decoder raises ``RecursionError`` on deep input, and every later walk of a
+deep value risks it again), and, by default, no lone surrogates in strings
+(``"\\ud800"`` decodes to a ``str`` that cannot be encoded as UTF-8 again, so
+it would fail every later encoding of the value, far from its source).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["MAX_DEPTH", "InvalidJSON", "loads"]
+
+MAX_DEPTH = 64
+"""The deepest nesting of arrays and objects :func:`loads` accepts by default."""
+
+
+class InvalidJSON(ValueError):
+    """The text is not JSON that :func:`loads` accepts; the message says why."""
+
+
+def _reject_constant(name: str) -> object:
+    raise InvalidJSON(f"{name} is not valid JSON")
+
+
+def _check(value: Any, max_depth: int, unicode: bool) -> None:
+    """Raise :exc:`InvalidJSON` if ``value`` nests deeper than ``max_depth`` or holds a lone surrogate."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if unicode and not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidJSON("a string is not valid Unicode (a lone surrogate)") from None
+            continue
+        if isinstance(item, dict):
+            children: Any = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= max_depth:
+            raise InvalidJSON(f"nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH, unicode: bool = True) -> Any:
+    """Decode one JSON value from ``text`` (``bytes`` must be UTF-8).
+
+    Args:
+        text: the JSON document.
+        max_depth: the deepest nesting of arrays and objects accepted (a
+            scalar has depth 0, ``[1]`` depth 1).
+        unicode: refuse strings (keys or values) holding a lone surrogate
+            (``"\\ud800"``), which no UTF-8 encoder accepts.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        InvalidJSON: ``text`` is not valid UTF-8 or JSON, holds ``NaN`` or
+            ``Infinity``, nests deeper than ``max_depth`` (never
+            ``RecursionError``), or (with ``unicode``) holds a lone surrogate.
+    """
+    try:
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except InvalidJSON:
+        raise
+    except RecursionError:
+        raise InvalidJSON(f"nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidJSON(str(exc)) from None
+    _check(value, max_depth, unicode)
+    return value
