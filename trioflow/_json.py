@@ -1,4 +1,4 @@
-"""Decoding JSON from untrusted sources: request bodies, WebSocket messages, recordings.
+r"""Decoding JSON from untrusted sources: request bodies, WebSocket messages, recordings.
 
 :func:`loads` is :func:`json.loads` with the limits an input from outside
 needs: no ``NaN``/``Infinity`` (not JSON), a bound on nesting (CPython's
@@ -51,7 +51,7 @@ def _check(value: Any, max_depth: int, unicode: bool) -> None:
 
 
 def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH, unicode: bool = True) -> Any:
-    """Decode one JSON value from ``text`` (``bytes`` must be UTF-8).
+    r"""Decode one JSON value from ``text`` (``bytes`` must be UTF-8).
 
     Args:
         text: the JSON document.
