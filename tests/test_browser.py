@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import trio
+from conftest import require
 from playwright.sync_api import Page, expect, sync_playwright
 
 from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
 from trioflow.web import RunRequest, WebConfig, create_app, serve
-
-from conftest import require
 
 if TYPE_CHECKING:
     from conftest import StartWebServer

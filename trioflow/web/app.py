@@ -25,14 +25,16 @@ request handling; it runs on Trio through anyio.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, TypeAlias, cast
 
+import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -55,6 +57,8 @@ MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
 
 _JSON_TYPES = ("application/json",)
 
+_log = logging.getLogger("trioflow.web")
+
 
 def _hub(request: Request) -> RunHub:
     return cast("RunHub", request.app.state.trioflow)
@@ -76,14 +80,19 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Request, limit: int) -> object:
+async def read_json(request: Request, limit: int, *, body_timeout: float = math.inf) -> object:
     """Read and decode a JSON request body of at most ``limit`` bytes.
+
+    ``body_timeout`` bounds the wait for each part of the body (the body-read
+    timeout): a client that stops sending mid-body is answered ``408``.
 
     Raises:
         ApiError: ``415`` unless the body is ``application/json``; ``413``
             when it is larger than ``limit`` (checked against
             ``Content-Length`` first, then while reading); ``400`` when it is
-            empty or not valid UTF-8 JSON.
+            empty or not valid UTF-8 JSON; ``408`` when a part of the body
+            took longer than ``body_timeout``; ``400`` ``client_disconnected``
+            (logged in one line, no traceback) when the client left mid-body.
     """
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media not in _JSON_TYPES and not (
@@ -102,7 +111,26 @@ async def read_json(request: Request, limit: int) -> object:
         raise too_large
     body = bytearray()
     async with aclosing(request.stream()) as chunks:
-        async for chunk in chunks:
+        while True:
+            with trio.move_on_after(body_timeout) as waiting:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except ClientDisconnect:
+                    _log.info(
+                        "%s %s: the client left before sending its whole body",
+                        request.method,
+                        request.url.path,
+                    )
+                    raise ApiError(400, "client_disconnected", "the client left mid-body") from None
+            if waiting.cancelled_caught:
+                raise ApiError(
+                    408,
+                    "request_timeout",
+                    f"the request body stopped arriving for {body_timeout:g} s; send it whole",
+                    headers={"Connection": "close"},
+                )
             body += chunk
             if len(body) > limit:
                 raise too_large
@@ -170,7 +198,9 @@ async def create_run(request: Request) -> Response:
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
     try:
-        run_request = RunRequest.parse(await read_json(request, hub.config.max_body))
+        run_request = RunRequest.parse(
+            await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+        )
     except ValueError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
     run = await hub.start(run_request, source="http")

@@ -1,12 +1,21 @@
 """``trioflow serve``: the HTTP/SSE/WebSocket API and the browser page.
 
 ``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
-``[--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM, then shuts down gracefully: running runs end
-with ``flow.cancelled``, streams deliver it and close (a second signal stops
-at once). The token may also come from the ``TRIOFLOW_TOKEN`` environment
-variable. Exit status: 0 after a graceful shutdown, 1 when the server could
-not start (address in use, model unavailable), 2 for bad usage, 130 when
-stopped by a second signal.
+``[--timeout S] [--write-timeout S] [--shutdown-timeout S] [--max-connections N]``
+``[--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM,
+then shuts down gracefully: running runs end with ``flow.cancelled``, streams
+deliver it and close, and after ``--shutdown-timeout`` seconds (10) every
+connection still open is closed by force. A second signal stops at once
+(runs still end with ``flow.cancelled``; streams may not deliver it). The
+token may also come from the ``TRIOFLOW_TOKEN`` environment variable.
+
+Every run has a time limit, ``--timeout`` (default 900 s, or
+``TRIOFLOW_TIMEOUT``; ``0`` for none), so that no run holds a slot for ever;
+a peer that takes nothing for ``--write-timeout`` seconds (30) is
+disconnected; beyond ``--max-connections`` new connections get ``503``.
+
+Exit status: 0 after a shutdown (graceful or after a second signal), 1 when
+the server could not start (address in use, model unavailable), 2 for bad usage.
 
 ``--metrics`` serves OpenTelemetry metrics of every run on ``GET /metrics`` in
 the Prometheus text format: the executor emits every run's events into one
@@ -25,6 +34,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -36,7 +46,7 @@ from trioflow._util import collapse_single_group
 from trioflow.agent import Agent
 from trioflow.arithmetic import calculator
 from trioflow.bus import EventBus, open_event_bus
-from trioflow.cli import positive_float, watch_signals
+from trioflow.cli import positive_float
 from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
@@ -48,7 +58,13 @@ from trioflow.web.config import TOKEN_ENV, WebConfig
 from trioflow.web.runs import AgentFactory, RunRequest
 from trioflow.web.server import serve
 
-__all__ = ["HELP", "add_arguments", "agent_factory", "main", "open_metrics"]
+__all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "agent_factory", "main", "open_metrics"]
+
+_DEFAULTS = WebConfig()
+
+DEFAULT_RUN_TIMEOUT = 900.0
+"""The time limit of a served run unless ``--timeout`` or ``TRIOFLOW_TIMEOUT`` say otherwise:
+no run holds a slot for ever."""
 
 HELP = "serve runs over HTTP, Server-Sent Events and WebSockets, with a browser page"
 
@@ -118,9 +134,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
-        default=settings.timeout,
-        help="default time limit of a run (s)",
+        type=_non_negative,
+        default=settings.timeout if settings.timeout is not None else DEFAULT_RUN_TIMEOUT,
+        help="time limit of a run (s); 0 for none "
+        f"(default: $TRIOFLOW_TIMEOUT or {DEFAULT_RUN_TIMEOUT:g})",
     )
     parser.add_argument(
         "--max-iterations",
@@ -139,6 +156,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_at_least_one,
         default=256,
         help="events buffered per connection before a slow client is evicted (default: 256)",
+    )
+    parser.add_argument(
+        "--write-timeout",
+        type=positive_float,
+        default=_DEFAULTS.write_timeout,
+        help="seconds a peer may take nothing before its connection is closed (default: 30)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=positive_float,
+        default=_DEFAULTS.shutdown_timeout,
+        help="seconds a graceful shutdown may take before connections are closed by force "
+        "(default: 10)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=_at_least_one,
+        default=None,
+        help="connections open at once; beyond it new ones get 503 "
+        "(default: what the file-descriptor limit leaves room for)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -213,6 +250,18 @@ async def _start_replay(path: str, speed: float, nursery: trio.Nursery) -> Repla
     return replay
 
 
+async def _watch_signals(stop: trio.Event, scope: trio.CancelScope, err: IO[str]) -> None:
+    """The first SIGINT/SIGTERM starts a graceful shutdown; the second stops at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if not stop.is_set():
+                print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
+                stop.set()
+            else:
+                print("trioflow: stopping at once", file=err, flush=True)
+                scope.cancel()
+
+
 async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> int:
     async with AsyncExitStack() as stack:
         model = await stack.enter_async_context(open_model(args.model, pace=args.pace))
@@ -220,7 +269,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
         bus: EventBus | None = None
         if args.metrics:
             bus, metrics = await stack.enter_async_context(open_metrics())
-        executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout)
+        executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout or None)
         app = create_app(
             executor,
             agent=agent_factory(model, max_iterations=args.max_iterations),
@@ -228,10 +277,6 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
             metrics=metrics,
         )
         stop = trio.Event()
-
-        def on_signal(signum: int) -> None:
-            print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
-            stop.set()
 
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
@@ -243,7 +288,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                         print(f"trioflow serve: cannot replay {args.replay}: {exc}", file=err)
                         return EXIT_FAILED
                     hub_of(app).add_replay(replay)
-                nursery.start_soon(watch_signals, on_signal)
+                nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, err)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                     try:
@@ -284,6 +329,9 @@ def main(args: argparse.Namespace) -> int:
             allowed_origins=frozenset(args.allow_origin),
             keepalive=args.keepalive,
             buffer=args.buffer,
+            write_timeout=args.write_timeout,
+            shutdown_timeout=args.shutdown_timeout,
+            max_connections=args.max_connections,
             access_log=args.access_log,
         )
     except (TypeError, ValueError) as exc:

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import resource
 from pathlib import Path
 
-__all__ = ["DEFAULT_STATIC_DIR", "TOKEN_ENV", "WebConfig"]
+__all__ = ["DEFAULT_STATIC_DIR", "TOKEN_ENV", "WebConfig", "default_max_connections"]
 
 TOKEN_ENV = "TRIOFLOW_TOKEN"
 """The environment variable ``trioflow serve`` reads the bearer token from."""
 
 DEFAULT_STATIC_DIR = Path(__file__).with_name("static")
 """The folder served at ``/static/`` (with its ``index.html`` at ``/``)."""
+
+
+def default_max_connections() -> int:
+    """The default connection cap: what the process's file-descriptor limit leaves room for.
+
+    Each event-stream connection can hold two descriptors (the socket and the
+    duplicate the fan-out writes to), and the process keeps 64 for itself
+    (listeners, files, the model's connections): ``(RLIMIT_NOFILE - 64) // 2``,
+    at least 16 and at most 10,000.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        soft = 1 << 20
+    return max(16, min(10_000, (soft - 64) // 2))
 
 
 def _positive(name: str, value: float) -> None:
@@ -69,8 +84,25 @@ class WebConfig:
     max_runs_per_socket: int = 32
     """The most runs one ``/ws`` connection may follow at once."""
     shutdown_timeout: float = 10.0
-    """Seconds a graceful shutdown waits for runs to end and streams to
-    deliver their terminal event before connections are closed regardless."""
+    """Seconds a graceful shutdown may take, from its start: runs are
+    cancelled and streams deliver their terminal event meanwhile; then every
+    connection still open is closed by force, whatever it is doing."""
+    write_timeout: float = 30.0
+    """Seconds a write to a connection may make no progress (the peer stopped
+    reading, or the connection is half-open) before the connection is closed.
+    An event-stream client can resume with ``Last-Event-ID``."""
+    header_timeout: float = 5.0
+    """Seconds a connection may wait for the head of its next request: a new
+    connection for its first one, a keep-alive connection between requests.
+    Then it is closed (this is what ends a slowloris client)."""
+    body_timeout: float = 10.0
+    """Seconds a request body may take between two parts of it: a client
+    that stops sending mid-body is answered ``408`` and its connection closed."""
+    max_connections: int | None = None
+    """The most connections open at once; beyond it, :func:`~trioflow.web.serve`
+    answers new connections with ``503`` (``/healthz`` with its status) and
+    closes them. ``None``: what the file-descriptor limit leaves room for
+    (:func:`default_max_connections`)."""
     static_dir: Path = DEFAULT_STATIC_DIR
     """The folder served at ``/static/``; its ``index.html`` is the page at ``/``."""
     access_log: bool = False
@@ -104,6 +136,11 @@ class WebConfig:
         _count("max_running", self.max_running)
         _count("max_runs_per_socket", self.max_runs_per_socket)
         _positive("shutdown_timeout", self.shutdown_timeout)
+        _positive("write_timeout", self.write_timeout)
+        _positive("header_timeout", self.header_timeout)
+        _positive("body_timeout", self.body_timeout)
+        if self.max_connections is not None:
+            _count("max_connections", self.max_connections)
         if not isinstance(self.direct_writes, bool):
             raise TypeError(f"direct_writes must be a bool, not {self.direct_writes!r}")
         object.__setattr__(self, "static_dir", Path(self.static_dir))

@@ -13,7 +13,7 @@ a target is *direct*: the fan-out writes the HTTP/1.1 chunk straight to the
 socket without blocking (``send`` with ``MSG_DONTWAIT``), so a client that
 keeps up costs one system call per batch and no task switch at all. What the
 kernel does not take at once goes to the target's pending bytes, which the
-connection's own task sends with :meth:`trio.SocketStream.send_all`; the
+connection's own task sends with its ``send_all`` (which has the write timeout); the
 target writes directly again once they are out. A target without a socket
 (any other ASGI server) is never direct: its task sends the pending bytes
 with the ASGI ``send``.
@@ -47,6 +47,7 @@ import trio
 from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.history import HistoryExpired
+from trioflow.web.connections import GuardedStream
 
 if TYPE_CHECKING:
     from trioflow.executor import Run
@@ -60,10 +61,10 @@ __all__ = [
     "duplicate",
 ]
 
-connection_socket: contextvars.ContextVar[trio.SocketStream | None] = contextvars.ContextVar(
+connection_socket: contextvars.ContextVar[GuardedStream | None] = contextvars.ContextVar(
     "trioflow_connection_socket", default=None
 )
-"""The plain TCP stream of the HTTP/1.1 connection the current request came on.
+"""The TCP stream of the HTTP/1.1 connection the current request came on.
 
 Set by :func:`~trioflow.web.serve` in each connection's task (and so seen by
 the application's task for every request on it); ``None`` under any other
@@ -463,7 +464,7 @@ class EventFanout:
             self.on_close(self)
 
 
-def duplicate(stream: trio.SocketStream) -> socket.socket | None:
+def duplicate(stream: GuardedStream) -> socket.socket | None:
     """A non-blocking duplicate of ``stream``'s socket to write to directly, or None if impossible."""
     try:
         fd = os.dup(stream.socket.fileno())

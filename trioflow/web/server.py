@@ -27,25 +27,32 @@ process serve a thousand event-stream clients.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import errno
+import json
 import logging
+import math
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
-from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr, wrap_app
+from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.web.app import create_app, direct_writes, hub_of
-from trioflow.web.config import WebConfig
+from trioflow.web.config import WebConfig, default_max_connections
+from trioflow.web.connections import Connections
 from trioflow.web.fanout import connection_socket
+from trioflow.web.runs import RunHub
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -82,6 +89,8 @@ def hypercorn_config(config: WebConfig) -> HypercornConfig:
         host = f"[{host}]"
     hconfig.bind = [f"{host}:{config.port}"]
     hconfig.graceful_timeout = config.shutdown_timeout
+    hconfig.keep_alive_timeout = config.header_timeout
+    hconfig.backlog = 2048  # a burst of a thousand clients connecting at once (Hypercorn: 100)
     hconfig.websocket_max_message_size = config.max_body
     # No websocket_ping_interval: Hypercorn 0.18's ping task outlives a closed
     # WebSocket and holds a graceful shutdown for its whole graceful_timeout.
@@ -103,12 +112,26 @@ async def serve(
     listening on (``["http://127.0.0.1:8080"]``) once the socket is bound,
     which is how to learn the port picked for ``port=0``.
 
+    Every connection is bounded: a write that makes no progress for
+    :attr:`~trioflow.web.WebConfig.write_timeout` closes it, and beyond
+    :attr:`~trioflow.web.WebConfig.max_connections` new connections are
+    answered ``503`` (``GET /healthz`` still gets its answer) and closed.
+    When accepting fails for want of file descriptors, the server logs it
+    once and retries every 0.1 s until it can accept again.
+
+    The shutdown is bounded too: from the moment ``shutdown_trigger``
+    returns, it takes at most :attr:`~trioflow.web.WebConfig.shutdown_timeout`
+    (see the module documentation), after which every connection still open
+    is closed by force. Cancelling :func:`serve` closes every connection at
+    once and returns promptly.
+
     Args:
         app: an application made by :func:`~trioflow.web.create_app`, or an
             executor to make one for (with ``config`` and the default agent).
-        config: where to listen and how long a graceful shutdown may take;
-            ``None`` for the options ``app`` was made with. The application's
-            own behaviour (token, limits) is the one it was made with.
+        config: where to listen, the connection limits and how long a
+            graceful shutdown may take; ``None`` for the options ``app`` was
+            made with. The application's own behaviour (token, limits) is the
+            one it was made with.
         shutdown_trigger: an async callable (``event.wait``); when it
             returns, the server shuts down gracefully (see the module
             documentation). ``None``: serve until cancelled.
@@ -123,24 +146,31 @@ async def serve(
     hub = hub_of(app)
     config = config or hub.config
     hconfig = hypercorn_config(config)
-    stop = trio.Event()
+    shutdown = _Shutdown()
+    connections = Connections(
+        max_connections=config.max_connections or default_max_connections(),
+        write_timeout=config.write_timeout,
+    )
 
     with _unwrap_single():
         async with trio.open_nursery() as nursery:
 
             async def drain(trigger: Callable[[], Awaitable[Any]]) -> None:
                 await trigger()
+                shutdown.deadline = trio.current_time() + config.shutdown_timeout
                 _log.info("shutting down: cancelling runs, letting streams finish")
                 await hub.drain(config.shutdown_timeout)
-                stop.set()
+                shutdown.event.set()
 
             async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                 try:
                     await _worker(
                         app,
                         hconfig,
+                        hub=hub,
+                        connections=connections,
                         direct=direct_writes(app),
-                        shutdown_trigger=stop.wait,
+                        shutdown=shutdown,
                         task_status=task_status,
                     )
                 finally:
@@ -152,21 +182,133 @@ async def serve(
             task_status.started(urls)
 
 
+@dataclasses.dataclass(slots=True)
+class _Shutdown:
+    """When the graceful shutdown began to end, and by when it must be over."""
+
+    event: trio.Event = dataclasses.field(default_factory=trio.Event)
+    deadline: float = math.inf
+
+
+_ACCEPT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS},
+)
+"""Accept errors that mean "out of resources for now": wait and try again."""
+
+_ACCEPT_RETRY = 0.1
+"""Seconds between two attempts to accept while out of file descriptors."""
+
+
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+    nursery: trio.Nursery,
+) -> None:
+    """Accept connections from ``listener`` and start ``handle`` for each in ``nursery``.
+
+    Runs until cancelled. Out of file descriptors (``EMFILE``), it logs one
+    warning, waits and tries again, without a traceback and without
+    spinning; it logs again once it accepts again. Other errors propagate.
+    """
+    starved = False
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_ERRNOS:
+                raise
+            if not starved:
+                _log.warning(
+                    "cannot accept connections: %s; trying again every %g s",
+                    os.strerror(exc.errno or 0),
+                    _ACCEPT_RETRY,
+                )
+                starved = True
+            await trio.sleep(_ACCEPT_RETRY)
+            continue
+        if starved:
+            _log.warning("accepting connections again")
+            starved = False
+        nursery.start_soon(handle, stream)
+
+
+_REFUSE_TIMEOUT = 2.0
+"""Seconds a connection over the cap has to send its request head."""
+
+
+async def _refuse(stream: trio.SocketStream, hub: RunHub, connections: Connections) -> None:
+    """Answer a connection over the cap: ``503``, or the health status for ``GET /healthz``.
+
+    The request head is read (for at most a couple of seconds, 16 KiB) so
+    that a health check learns the server is alive; every other request is
+    told to come back later (``Retry-After``). Then the connection is closed.
+    """
+    connections.count_refused()
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    request: h11.Request | None = None
+    async with stream:
+        with trio.move_on_after(_REFUSE_TIMEOUT):
+            try:
+                while request is None:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(16 * 1024)
+                        conn.receive_data(data)
+                        if not data:
+                            return
+                    elif isinstance(event, h11.Request):
+                        request = event
+                    else:
+                        return
+            except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+        body: dict[str, Any]
+        if request is not None and request.method == b"GET" and request.target == b"/healthz":
+            status, body = (
+                (503, {"status": "shutting_down"}) if hub.closing else (200, {"status": "ok"})
+            )
+        else:
+            status, body = (
+                503,
+                {
+                    "error": {
+                        "code": "too_many_connections",
+                        "message": f"the server holds its limit of {connections.max_connections} "
+                        "connections; try again shortly",
+                    }
+                },
+            )
+        payload = json.dumps(body).encode()
+        head = (
+            f"HTTP/1.1 {status} {'OK' if status == 200 else 'Service Unavailable'}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n"
+            "retry-after: 1\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n"
+        ).encode("ascii")
+        with trio.move_on_after(_REFUSE_TIMEOUT):
+            try:
+                await stream.send_all(head + payload)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
 async def _worker(
     app: Starlette,
     config: HypercornConfig,
     *,
+    hub: RunHub,
+    connections: Connections,
     direct: bool,
-    shutdown_trigger: Callable[[], Awaitable[Any]],
+    shutdown: _Shutdown,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
-    """``hypercorn.trio.serve`` for plain TCP, setting :data:`connection_socket` per connection.
+    """``hypercorn.trio.serve`` for plain TCP, with trioflow's connection guards.
 
-    With ``direct`` false, the socket is not made known: every event stream
-    goes through the ASGI ``send``.
-
-    The same steps as Hypercorn's Trio worker: the lifespan, the listeners,
-    one ``TCPServer`` per connection, and on shutdown the grace period.
+    The same steps as Hypercorn's Trio worker (the lifespan, the listeners,
+    one ``TCPServer`` per connection), except that every connection is a
+    :class:`~trioflow.web.connections.GuardedStream` registered in
+    ``connections``, made known to the application through
+    :data:`connection_socket` unless ``direct`` is false; and that the
+    shutdown ends at ``shutdown.deadline`` by closing what is still open.
     """
     wrapped = wrap_app(cast("Any", app), config.wsgi_max_body_size, "asgi")
     state: LifespanState = {}
@@ -174,39 +316,54 @@ async def _worker(
     context = WorkerContext(None)
 
     async def connection(stream: trio.SocketStream) -> None:
-        if direct:
-            connection_socket.set(stream)  # this task's context, inherited by the app's tasks
-        await TCPServer(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
+        if connections.full():
+            await _refuse(stream, hub, connections)
+            return
+        guarded = connections.guard(stream)
+        try:
+            if direct:
+                connection_socket.set(guarded)  # this task's context, inherited by the app's
+            await TCPServer(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
+        finally:
+            guarded.abort()  # closed already, unless the connection's task was cancelled
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        async with trio.open_nursery() as server_nursery:
-            sockets = config.create_sockets()
-            listeners = []
-            urls = []
-            for sock in sockets.insecure_sockets:
+        sockets = config.create_sockets().insecure_sockets
+        listeners: list[trio.SocketListener] = []
+        urls = []
+        try:
+            for sock in sockets:
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
                 urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            task_status.started(urls)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(raise_shutdown, shutdown_trigger)
-                    nursery.start_soon(
-                        functools.partial(
-                            trio.serve_listeners,
-                            connection,
-                            listeners,
-                            handler_nursery=server_nursery,
-                        )
-                    )
-            except BaseExceptionGroup as group:
-                _, others = group.split(ShutdownError)
-                if others is not None:
-                    raise others from None
-            finally:
-                await context.terminated.set()
-                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
-        await lifespan.wait_for_shutdown()
+            async with trio.open_nursery() as handlers:
+                try:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(_accept_loop, listener, connection, handlers)
+                        task_status.started(urls)
+                        await shutdown.event.wait()
+                        accepting.cancel_scope.cancel()
+                    for sock in sockets:
+                        sock.close()  # refuse new connections from now on
+                    await context.terminated.set()  # idle keep-alive connections close
+                    with trio.move_on_at(shutdown.deadline):
+                        await connections.wait_empty()
+                finally:
+                    forced = connections.close_all()
+                    if forced:
+                        _log.info("shutdown: closed %d connection(s) still open", forced)
+                    handlers.cancel_scope.cancel()
+        finally:
+            for sock in sockets:
+                sock.close()
+        with trio.move_on_after(_LIFESPAN_GRACE):
+            await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
+
+
+_LIFESPAN_GRACE = 1.0
+"""Seconds the application's lifespan may take to shut down (its runs end) once
+the connections are closed; then it is cancelled."""

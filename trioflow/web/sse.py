@@ -63,6 +63,7 @@ from trioflow.events import FlowEvent
 from trioflow.executor import Run
 from trioflow.history import HistoryExpired
 from trioflow.web.config import WebConfig
+from trioflow.web.connections import GuardedStream
 from trioflow.web.fanout import EventFanout, FanoutTarget, chunk, connection_socket, duplicate
 from trioflow.web.runs import RunHub
 
@@ -198,7 +199,7 @@ class EventStreamResponse(Response):
         finally:
             watch.release(disconnected=disconnected or self._broken)
 
-    async def _respond(self, send: Send, stream: trio.SocketStream | None) -> None:
+    async def _respond(self, send: Send, stream: GuardedStream | None) -> None:
         config = self.hub.config
         head = f"retry: {max(1, math.ceil(config.retry * 1000))}\n\n"
         try:
@@ -237,7 +238,7 @@ class EventStreamResponse(Response):
         self,
         sub: Subscription,
         send: Send,
-        stream: trio.SocketStream | None,
+        stream: GuardedStream | None,
         claims: list[EventFanout],
         head: str,
     ) -> tuple[EventFanout, FanoutTarget] | None:
@@ -311,7 +312,7 @@ class EventStreamResponse(Response):
         fanout: EventFanout,
         target: FanoutTarget,
         send: Send,
-        stream: trio.SocketStream | None,
+        stream: GuardedStream | None,
     ) -> None:
         """Send what the fan-out leaves to this connection until the stream is over."""
         try:

@@ -1,0 +1,237 @@
+"""The server's connections: a write timeout on each, a cap on how many, and a forced close.
+
+:func:`~trioflow.web.serve` hands every accepted TCP connection to Hypercorn
+as a :class:`GuardedStream`, registered in the server's :class:`Connections`:
+
+* **Write timeout.** A write that makes no progress for
+  :attr:`~trioflow.web.WebConfig.write_timeout` seconds (the peer's receive
+  window stays shut: it stopped reading, or the connection is half-open)
+  closes the connection and raises :exc:`trio.BrokenResourceError` to the
+  writer. Hypercorn writes under a shielded cancel scope with no timeout of
+  its own, so without this one such peer could hold a shutdown forever.
+* **Forced close.** :meth:`Connections.close_all` shuts every connection
+  down at once, from outside, whatever it is doing: a task blocked writing
+  to or reading from it (shielded or not) gets
+  :exc:`trio.ClosedResourceError` immediately. This is how a shutdown ends
+  on time.
+* **The cap.** :meth:`Connections.full` says when
+  :attr:`~trioflow.web.WebConfig.max_connections` are open; the server then
+  answers new connections itself with a short ``503`` (see
+  :func:`~trioflow.web.server.serve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket as _socket
+
+import trio
+
+__all__ = ["ConnectionStatistics", "Connections", "GuardedStream"]
+
+_log = logging.getLogger("trioflow.web")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionStatistics:
+    """A snapshot of a :class:`Connections` registry's figures."""
+
+    open: int
+    """Connections open now."""
+    max_connections: int
+    """The cap: beyond it new connections are answered ``503``."""
+    accepted: int
+    """Connections handed to the HTTP server since the start."""
+    refused: int
+    """Connections answered ``503`` because the cap was reached."""
+    write_timeouts: int
+    """Connections closed because a write made no progress for the write timeout."""
+    forced: int
+    """Connections closed by :meth:`Connections.close_all`."""
+
+
+class GuardedStream(trio.abc.HalfCloseableStream):
+    """A TCP connection with a write timeout, that its :class:`Connections` can close by force.
+
+    It has the interface Hypercorn's connection server uses (``socket``,
+    ``send_all``, ``receive_some``, ``send_eof``, ``aclose``). Made by
+    :meth:`Connections.guard`.
+    """
+
+    def __init__(self, stream: trio.SocketStream, registry: Connections) -> None:
+        self._stream = stream
+        self._registry = registry
+        self._aborted = False
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection's Trio socket."""
+        return self._stream.socket
+
+    @property
+    def aborted(self) -> bool:
+        """Whether the connection was closed by force (write timeout or :meth:`abort`)."""
+        return self._aborted
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, closing the connection if the peer takes nothing for the write timeout.
+
+        Raises:
+            trio.BrokenResourceError: the peer is gone, or took nothing for
+                the write timeout (the connection is then closed).
+            trio.ClosedResourceError: the connection was closed (by force).
+        """
+        if self._aborted:
+            raise trio.ClosedResourceError("the connection was closed by the server")
+        sock = self._stream.socket
+        timeout = self._registry.write_timeout
+        with memoryview(data) as view:
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            sent = 0
+            while sent < len(view):
+                with trio.move_on_after(timeout) as scope:
+                    try:
+                        sent += await sock.send(view[sent:])
+                    except trio.ClosedResourceError:
+                        raise
+                    except OSError as exc:
+                        if self._aborted:
+                            raise trio.ClosedResourceError(
+                                "the connection was closed by the server"
+                            ) from None
+                        raise trio.BrokenResourceError(str(exc)) from exc
+                if scope.cancelled_caught:
+                    self._registry.count_write_timeout(self)
+                    self.abort()
+                    raise trio.BrokenResourceError(
+                        f"the peer took nothing for {timeout:g} s (write timeout)"
+                    )
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until a :meth:`send_all` might not block."""
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive what the peer sent (``b""`` at its end of file).
+
+        Raises:
+            trio.BrokenResourceError: the peer reset the connection.
+            trio.ClosedResourceError: the connection was closed (by force).
+        """
+        try:
+            return bytes(await self._stream.receive_some(max_bytes))
+        except trio.BrokenResourceError:
+            if self._aborted:
+                raise trio.ClosedResourceError("the connection was closed by the server") from None
+            raise
+
+    async def send_eof(self) -> None:
+        """Shut the sending side down (the peer reads end of file)."""
+        await self._stream.send_eof()
+
+    def abort(self) -> None:
+        """Close the connection now: every task using it gets :exc:`trio.ClosedResourceError`.
+
+        The TCP connection is shut down both ways first, so the peer sees it
+        end even where another descriptor still refers to the socket.
+        """
+        if self._aborted:
+            return
+        self._aborted = True
+        sock = self._stream.socket
+        try:
+            sock.shutdown(_socket.SHUT_RDWR)
+        except OSError:
+            pass  # not connected any more
+        sock.close()  # wakes every task waiting on it with ClosedResourceError
+        self._registry.discard(self)
+
+    async def aclose(self) -> None:
+        """Close the connection (it leaves its registry)."""
+        self._registry.discard(self)
+        await self._stream.aclose()
+
+
+class Connections:
+    """The open connections of one server: their cap, write timeout and forced close.
+
+    Args:
+        max_connections: how many may be open at once (:meth:`full` beyond).
+        write_timeout: seconds a write may make no progress before its
+            connection is closed.
+    """
+
+    def __init__(self, *, max_connections: int, write_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.write_timeout = write_timeout
+        self._open: set[GuardedStream] = set()
+        self._empty = trio.Event()
+        self._empty.set()
+        self._accepted = 0
+        self._refused = 0
+        self._write_timeouts = 0
+        self._forced = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def full(self) -> bool:
+        """Whether ``max_connections`` connections are open."""
+        return len(self._open) >= self.max_connections
+
+    def guard(self, stream: trio.SocketStream) -> GuardedStream:
+        """Register ``stream`` and return it guarded."""
+        guarded = GuardedStream(stream, self)
+        if not self._open:
+            self._empty = trio.Event()
+        self._open.add(guarded)
+        self._accepted += 1
+        return guarded
+
+    def discard(self, stream: GuardedStream) -> None:
+        """Forget ``stream`` (closed); nothing if it was not registered."""
+        if stream in self._open:
+            self._open.discard(stream)
+            if not self._open:
+                self._empty.set()
+
+    def count_refused(self) -> None:
+        """Count a connection refused for the cap."""
+        self._refused += 1
+
+    def count_write_timeout(self, stream: GuardedStream) -> None:
+        """Count (and log) a connection closed for its write timeout."""
+        self._write_timeouts += 1
+        try:
+            peer = stream.socket.getpeername()
+        except OSError:
+            peer = "?"
+        _log.info(
+            "closing the connection from %s: it took nothing for %g s", peer, self.write_timeout
+        )
+
+    async def wait_empty(self) -> None:
+        """Wait until no connection is open."""
+        await self._empty.wait()
+
+    def close_all(self) -> int:
+        """Close every open connection by force (:meth:`GuardedStream.abort`); return how many."""
+        streams = list(self._open)
+        for stream in streams:
+            stream.abort()
+        self._forced += len(streams)
+        return len(streams)
+
+    def statistics(self) -> ConnectionStatistics:
+        """The registry's figures now."""
+        return ConnectionStatistics(
+            open=len(self._open),
+            max_connections=self.max_connections,
+            accepted=self._accepted,
+            refused=self._refused,
+            write_timeouts=self._write_timeouts,
+            forced=self._forced,
+        )
