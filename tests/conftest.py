@@ -64,10 +64,18 @@ def autojump_clock() -> trio.testing.MockClock:
 
 
 @pytest.fixture
-async def anthropic_server() -> AsyncIterator[AnthropicServer]:
+def no_proxy_for_local_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the SDK's HTTP client off ``$HTTP(S)_PROXY`` / ``$ALL_PROXY`` for 127.0.0.1."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, ",".join(filter(None, [os.environ.get(name), "127.0.0.1"])))
+
+
+@pytest.fixture
+async def anthropic_server(no_proxy_for_local_servers: None) -> AsyncIterator[AnthropicServer]:
     """A local Anthropic Messages API server on 127.0.0.1 with an empty script.
 
-    Add replies with ``anthropic_server.add(...)``; point the SDK at its ``base_url``.
+    Add replies with ``anthropic_server.add(...)``; point the SDK at its ``base_url``
+    (``$NO_PROXY`` covers 127.0.0.1 for the test).
     """
     async with open_anthropic_server() as server:
         yield server

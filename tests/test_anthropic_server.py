@@ -577,3 +577,17 @@ async def test_open_anthropic_server_serves_its_script_in_order() -> None:
         assert (await client.request()).status_code == 200
         await client.frames()
     assert [r.reply for r in server.requests] == script
+
+
+def test_raw_bytes_go_out_verbatim_before_the_event_they_precede() -> None:
+    reply = StreamedReply(text=["a"], raw=[(3, b"data: not json\n\n"), (99, b"\xff\n\n")])
+    events = reply.sse_events()
+    frames = reply.sse_frames()
+    assert len(frames) == len(events)
+    assert frames[3] == b"data: not json\n\n" + encode_sse(*events[3])
+    assert frames[-1] == encode_sse(*events[-1]) + b"\xff\n\n"
+    assert [f for i, f in enumerate(frames) if i not in (3, len(frames) - 1)] == [
+        encode_sse(*e) for i, e in enumerate(events) if i not in (3, len(events) - 1)
+    ]
+    with pytest.raises(ValueError, match="raw indexes"):
+        StreamedReply(raw=[(-1, b"data: x\n\n")])

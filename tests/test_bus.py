@@ -14,7 +14,6 @@ from trioflow import (
     FlowEvent,
     HistoryExpired,
     Overflow,
-    RestartPolicy,
     SubscriberEvicted,
     open_event_bus,
 )
@@ -488,55 +487,6 @@ async def test_slow_listener_does_not_stall_others(autojump_clock):
         assert fast == list(range(1, 51))
         stats = {s.name: s for s in bus.statistics().listeners}
         assert stats["slow"].subscription.dropped > 0
-
-
-async def test_crashing_listener_is_isolated_reported_and_restarted(autojump_clock):
-    seen: list[int] = []
-    warnings: list[FlowEvent] = []
-
-    def flaky(event: FlowEvent) -> None:
-        if event.data.get("i") == 2:
-            raise RuntimeError("listener bug")
-        seen.append(event.data["i"])
-
-    async with open_event_bus() as bus:
-        bus.add_listener(flaky, types={"info"}, name="flaky")
-        bus.add_listener(warnings.append, types={"warning"})
-        for i in range(5):
-            await bus.emit("info", {"i": i})
-            await trio.sleep(1)
-        stats = bus.statistics()
-    assert seen == [0, 1, 3, 4]  # the failing event is skipped, the rest arrive
-    (listener,) = [s for s in stats.listeners if s.name == "flaky"]
-    assert (listener.crashes, listener.restarts, listener.gave_up) == (1, 1, False)
-    assert stats.listener_crashes == 1
-    assert len(warnings) == 1
-    assert warnings[0].data["listener"] == "flaky"
-    assert warnings[0].data["error"] == {"type": "RuntimeError", "message": "listener bug"}
-
-
-async def test_listener_removed_after_too_many_crashes(autojump_clock):
-    errors: list[FlowEvent] = []
-
-    def always_fails(event: FlowEvent) -> None:
-        raise ValueError("nope")
-
-    async with open_event_bus() as bus:
-        bus.add_listener(
-            always_fails,
-            types={"info"},
-            restart=RestartPolicy(max_restarts=2, window=60, base_delay=0.1),
-            name="broken",
-        )
-        bus.add_listener(errors.append, types={"error"})
-        for _ in range(5):
-            await bus.emit("info")
-            await trio.sleep(1)
-        stats = {s.name: s for s in bus.statistics().listeners}
-    assert stats["broken"].gave_up
-    assert not stats["broken"].running
-    assert stats["broken"].crashes == 3
-    assert len(errors) == 1 and "removed" in errors[0].data["message"]
 
 
 async def test_remove_listener_stops_it():

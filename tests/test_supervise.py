@@ -269,6 +269,35 @@ async def test_retry_after_shorter_than_backoff_keeps_backoff(
     assert fn.times == [0.0, 0.5]
 
 
+async def test_retry_after_longer_than_max_retry_after_raises_at_once_without_sleeping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    error = ConnectionError("come back in an hour")
+    fn = Flaky(error)
+    retried: list[RetryAttempt] = []
+    policy = RetryPolicy(jitter=0.0, max_retry_after=60.0)
+    with pytest.raises(ConnectionError) as info:
+        await retry(fn, policy, retry_after=lambda exc: 3600.0, on_retry=retried.append)
+    assert info.value is error
+    assert fn.calls == 1
+    assert retried == []
+    assert trio.current_time() == 0.0
+
+
+async def test_retry_after_up_to_max_retry_after_is_honoured(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fn = Flaky(ConnectionError())
+    await retry(fn, RetryPolicy(jitter=0.0, max_retry_after=60.0), retry_after=lambda exc: 60.0)
+    assert fn.times == [0.0, 60.0]
+
+
+@pytest.mark.parametrize("cap", [-1.0, math.nan])
+def test_bad_max_retry_after_raises_value_error(cap: float) -> None:
+    with pytest.raises(ValueError, match="max_retry_after"):
+        RetryPolicy(max_retry_after=cap)
+
+
 @pytest.mark.parametrize("hint", [None, -5.0, math.nan, math.inf])
 async def test_retry_after_ignores_missing_and_meaningless_hints(
     autojump_clock: trio.testing.MockClock, hint: float | None

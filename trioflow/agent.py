@@ -14,6 +14,14 @@ iteration asks the model for a turn and streams it live:
 * ``iteration.completed`` with the turn's token usage, and ``progress.update``
   with the :class:`~trioflow.FlowProgress` figures.
 
+A model retry voids what the failed attempt streamed: its ``warning``
+carries ``discarded_tokens``, the number of ``token.received`` events just
+before it (of the same iteration, since its ``step.started`` ``model`` or
+the previous retry) whose text no longer counts. The turn's text, the
+assistant message sent back to the model and the run's ``output`` hold only
+the text of the attempt that counted (for a turn that failed for good: its
+last attempt).
+
 The loop ends when the model answers without asking for a tool; it raises
 :exc:`MaxIterationsExceeded` when it runs out of iterations and
 :exc:`~trioflow.models.ModelError` when the model fails for good. The agent
@@ -343,7 +351,22 @@ class Agent:
         progress: FlowProgress,
         control: RunControl,
     ) -> tuple[str, list[ToolCall], Usage, str]:
-        """One model turn: stream its deltas as tokens, collect its tool calls."""
+        """One model turn: stream its deltas as tokens, collect its tool calls.
+
+        On a :class:`~trioflow.models.RetryNotice` the text and tool calls
+        collected so far are dropped (the model streams the turn again from
+        its start) and the ``warning`` event says how many ``token.received``
+        events that voids (``discarded_tokens``), so that consumers who
+        assemble text from tokens can drop them too.
+
+        Returns:
+            The text and tool calls of the attempt that completed, its usage
+            and stop reason.
+
+        Raises:
+            ModelError: the model failed for good, or its stream ended
+                without a :class:`~trioflow.models.TurnEnd`.
+        """
         await emit(
             EventType.STEP_STARTED, {"step": "model", "iteration": n, "model": self.model.name}
         )
@@ -364,9 +387,10 @@ class Agent:
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, RetryNotice):
-                    if event.restarted:
-                        parts.clear()
-                        calls.clear()
+                    # The failed attempt's deltas are void, restarted or not.
+                    discarded = len(parts)
+                    parts.clear()
+                    calls.clear()
                     await emit(
                         EventType.WARNING,
                         {
@@ -376,6 +400,7 @@ class Agent:
                             "delay": event.delay,
                             "kind": event.kind,
                             "restarted": event.restarted,
+                            "discarded_tokens": discarded,
                             "iteration": n,
                         },
                     )

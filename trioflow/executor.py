@@ -94,7 +94,12 @@ class RunResult:
     status: RunStatus
     """``completed``, ``failed`` or ``cancelled``."""
     output: str
-    """The final answer (or the text produced so far, for an unfinished run)."""
+    """The final answer; for a failed or cancelled run, the text produced so far.
+
+    The text produced so far is that of the ``token.received`` events, less
+    those a model retry voided (see ``discarded_tokens`` of the ``warning``
+    event): a turn whose stream was cut and retried counts once, with the
+    text of its last attempt only."""
     iterations: int
     """Iterations run."""
     usage: Usage
@@ -279,7 +284,13 @@ class Run:
         return dataclasses.asdict(self._counts)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-compatible view: id, status, task, progress, counts and result."""
+        """A JSON-compatible view: id, status, task, progress, counts and result.
+
+        ``output`` is the final answer once the run completed; before, or for
+        a failed or cancelled run, the text streamed so far, less the tokens
+        a model retry voided (see :attr:`RunResult.output`). ``counts``
+        counts every ``token.received`` event, voided ones included.
+        """
         result = self._result
         return {
             "run_id": self.run_id,
@@ -329,13 +340,20 @@ class Run:
             token_type = EventType.TOKEN_RECEIVED
 
             async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent:
-                event = await bus_emit(type, data, run_id=run_id)
+                # Book-keeping first, so that a subscriber woken by the event
+                # finds the run's output and counts already up to date.
                 if type == token_type:
                     counts.events += 1
                     counts.tokens += 1
                     self._output_parts.append(data["token"])
                 else:
                     self._count(type)
+                    if type == EventType.WARNING:
+                        # A model retry voids the tokens of the failed attempt.
+                        discarded = data.get("discarded_tokens")
+                        if isinstance(discarded, int) and discarded > 0:
+                            del self._output_parts[-discarded:]
+                event = await bus_emit(type, data, run_id=run_id)
                 if shared is not None and not shared.closed:
                     await shared.emit(event)
                 return event

@@ -116,7 +116,8 @@ class RetryPolicy:
             tuple of exception classes (a single class is accepted too) nor a
             callable.
         ValueError: ``attempts`` < 1, a delay is negative or not finite,
-            ``multiplier`` < 1, or ``jitter`` is outside ``[0, 1]``.
+            ``multiplier`` < 1, ``jitter`` is outside ``[0, 1]``, or
+            ``max_retry_after`` is negative or NaN.
     """
 
     attempts: int = 3
@@ -136,6 +137,14 @@ class RetryPolicy:
     of one of them or when every exception in it is (a strict nursery inside
     the retried function wraps even a single error in a group).
     """
+    max_retry_after: float = 60.0
+    """The longest server hint (``Retry-After``) honoured, in seconds; ``math.inf`` for no cap.
+
+    A hint longer than the policy's delay replaces it, even beyond
+    ``max_delay``; a hint longer than ``max_retry_after`` ends the retries
+    instead: the failure is raised at once, without sleeping (a server that
+    asks for an hour is not waited for with a task blocked for an hour).
+    """
 
     def __post_init__(self) -> None:
         _check_int("attempts", self.attempts, 1)
@@ -144,6 +153,11 @@ class RetryPolicy:
         _check_multiplier(self.multiplier)
         if not (0 <= self.jitter <= 1):
             raise ValueError(f"jitter must be between 0 and 1, not {self.jitter!r}")
+        if not self.max_retry_after >= 0:  # also rejects NaN
+            raise ValueError(
+                f"max_retry_after must be a number >= 0 (math.inf for no cap), "
+                f"not {self.max_retry_after!r}"
+            )
         retry_on: object = self.retry_on
         if isinstance(retry_on, type) and issubclass(retry_on, BaseException):
             # A lone class is callable too; never mistake it for a predicate.
@@ -235,7 +249,9 @@ async def retry(
     attempts are left, :func:`retry` computes the delay
     (:meth:`RetryPolicy.next_delay`, or the ``retry_after`` hint if that is
     longer), calls ``on_retry``, emits a ``warning`` event on ``bus``, sleeps
-    the delay and calls ``fn()`` again.
+    the delay and calls ``fn()`` again. A hint longer than
+    ``policy.max_retry_after`` is not waited for: the failure is raised at
+    once, as when the attempts run out.
 
     The ``warning`` event's data is ``{"message", "attempt", "delay",
     "error": {"type", "message"}}``, where ``attempt`` is the number of the
@@ -251,8 +267,10 @@ async def retry(
         run_id: The run the ``warning`` events belong to.
         retry_after: Given a failure, returns the seconds the server asked to
             wait (its ``Retry-After``), or ``None``. A hint longer than the
-            policy's delay replaces it, even beyond ``policy.max_delay``;
-            negative, NaN and infinite hints are ignored.
+            policy's delay replaces it, even beyond ``policy.max_delay``, up
+            to ``policy.max_retry_after``; a longer one ends the retries
+            (the failure is raised without sleeping); negative, NaN and
+            infinite hints are ignored.
 
     Returns:
         What the first successful call of ``fn()`` returned.
@@ -260,7 +278,9 @@ async def retry(
     Raises:
         Exception: The exception of the last attempt, as it was raised (not
             wrapped, and not chained to the earlier failures), when attempts
-            run out; at once, an exception the policy does not retry.
+            run out or its ``retry_after`` hint exceeds
+            ``policy.max_retry_after``; at once, an exception the policy
+            does not retry.
             Exceptions from ``on_retry``, ``bus.emit`` or ``retry_after``
             propagate too.
 
@@ -282,7 +302,9 @@ async def retry(
         delay = policy.next_delay(attempt)
         if retry_after is not None:
             hint = retry_after(error)
-            if hint is not None and math.isfinite(hint):
+            if hint is not None and math.isfinite(hint) and hint >= 0:
+                if hint > policy.max_retry_after:
+                    raise error
                 delay = max(delay, hint)
         await _notify(on_retry, RetryAttempt(attempt, delay, error))
         if bus is not None:

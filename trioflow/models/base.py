@@ -45,9 +45,16 @@ class ModelError(Exception):
     Attributes:
         kind: a short machine-readable category (``"rate_limit"``,
             ``"overloaded"``, ``"server_error"``, ``"connection"``,
-            ``"bad_request"``, ``"authentication"``, ``"script"``, ...).
+            ``"bad_request"``, ``"authentication"``, ``"invalid_response"``
+            (the model's response broke its protocol: invalid data in the
+            stream, a tool input that is not a JSON object), ``"script"``,
+            ...).
         status: the HTTP status, when there was one.
         retryable: whether the failure was of a retryable kind.
+        retry_after: the seconds the server asked to wait before another
+            request, when that hint is why the model gave up (it exceeded
+            the retry policy's
+            :attr:`~trioflow.RetryPolicy.max_retry_after`); else ``None``.
     """
 
     def __init__(
@@ -57,11 +64,13 @@ class ModelError(Exception):
         kind: str = "error",
         status: int | None = None,
         retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class StopReason(enum.StrEnum):
@@ -212,9 +221,10 @@ class RetryNotice:
     """The model is about to retry a failed request after ``delay`` seconds.
 
     ``error`` describes the failure (its type and message) and never contains
-    credentials. Text already streamed in the failed attempt is discarded; the
-    retried attempt streams the turn from its start (``restarted`` is true when
-    some text had been streamed).
+    credentials. Everything the failed attempt streamed (text deltas, tool
+    calls) is void: the consumer must discard it, and the retried attempt
+    streams the turn from its start (``restarted`` is true when the failed
+    attempt had streamed something).
     """
 
     attempt: int

@@ -11,10 +11,15 @@ Retries are trioflow's, not the SDK's (the SDK client is made with
 ``max_retries=0``): a failed attempt that is worth retrying becomes a
 :class:`~trioflow.models.RetryNotice`, yielded before the backoff sleep, so
 that the agent loop can report it. Retried: rate limits (``429``, honouring
-``retry-after``), overload (``529`` / ``overloaded_error``), server errors
-(``5xx``, ``408``), timeouts, connection errors and streams that break off
-before ``message_stop`` (including an ``error`` event mid-stream). Not
-retried: other client errors (``400``, ``401``, ``403``, ``404``, ...).
+``retry-after`` up to the policy's
+:attr:`~trioflow.RetryPolicy.max_retry_after`), overload (``529`` /
+``overloaded_error``), server errors (``5xx``, ``408``), timeouts,
+connection errors, streams that break off before ``message_stop``
+(including an ``error`` event mid-stream) and streams that carry invalid
+data (a ``data:`` field that is not a JSON object, bytes that are not
+UTF-8). Not retried: other client errors (``400``, ``401``, ``403``,
+``404``, ...), a ``retry-after`` longer than ``max_retry_after``, and a
+tool call whose input is not a JSON object.
 
 The request goes through the SDK (``client.messages.create(stream=True)``:
 headers, authentication, error statuses as SDK exceptions); the
@@ -43,6 +48,7 @@ import anthropic
 import trio
 from anthropic.types import RawMessageStreamEvent
 
+from trioflow._json import loads as _loads
 from trioflow.models.base import (
     Message,
     ModelError,
@@ -122,9 +128,14 @@ class AnthropicModel:
             :class:`anthropic.OverloadedError`,
             :class:`anthropic.InternalServerError`,
             :class:`anthropic.APIConnectionError` also for a stream cut
-            short, :class:`anthropic.APITimeoutError`, or
+            short, :class:`anthropic.APITimeoutError`,
             :class:`anthropic.APIStatusError` for an ``error`` event
-            mid-stream), so ``retry_on`` can narrow them down.
+            mid-stream, or :class:`anthropic.APIResponseValidationError`
+            for invalid data in the stream), so ``retry_on`` can narrow them
+            down. A server's ``retry-after`` longer than the backoff
+            replaces it, up to ``retry.max_retry_after``; a longer one fails
+            the request at once with a :class:`~trioflow.models.ModelError`
+            instead of sleeping.
         timeout: Seconds the SDK waits for the server (per read, connect,
             ...); ``None`` for no timeout. Ignored when ``client`` is given.
         client: An SDK client to use instead of a new one. The model uses a
@@ -256,12 +267,18 @@ class AnthropicModel:
                 ``kind`` is ``"bad_request"`` (400), ``"authentication"``
                 (401), ``"permission"`` (403), ``"not_found"`` (404), ... at
                 once; or, with ``retryable=True``, ``"rate_limit"``,
-                ``"overloaded"``, ``"server_error"``, ``"timeout"`` or
-                ``"connection"`` once the retry policy's attempts are spent
-                (or at once if its ``retry_on`` refuses the failure); or
-                ``"invalid_response"``, not retried, if a tool's input is not
-                a JSON object or an event is malformed. The message names
-                the error type, the API's message and the request id.
+                ``"overloaded"``, ``"server_error"``, ``"timeout"``,
+                ``"connection"`` or ``"invalid_response"`` (a ``data:`` field
+                that is not a JSON object, or bytes that are not UTF-8) once
+                the retry policy's attempts are spent (or at once if its
+                ``retry_on`` refuses the failure); at once, with
+                ``retryable=True`` and :attr:`~trioflow.models.ModelError.retry_after`
+                set, when the server asks to wait longer than the policy's
+                ``max_retry_after`` (the message gives the hint and the
+                cap); or ``"invalid_response"``, not retried, if a tool's
+                input is not a JSON object or an event is malformed. The
+                message names the error type, the API's message and the
+                request id.
             trio.ClosedResourceError: On entry, if the model was closed; on
                 iteration, if the block was left.
             trio.BusyResourceError: Two tasks iterate at once.
@@ -307,7 +324,12 @@ class _SSEDecoder:
         """Complete ``(event, data)`` pairs, oldest first."""
 
     def feed(self, chunk: bytes) -> None:
-        """Decode ``chunk``; complete events go to :attr:`events`."""
+        """Decode ``chunk``; complete events go to :attr:`events`.
+
+        Raises:
+            UnicodeDecodeError: a complete line is not UTF-8 (a character
+                split between two chunks is fine: lines are decoded whole).
+        """
         lines = (self._buffer + chunk).splitlines(keepends=True)
         # Keep a partial last line, and a lone CR that may be half of a CRLF.
         self._buffer = b""
@@ -317,7 +339,11 @@ class _SSEDecoder:
             self._line(line.rstrip(b"\r\n").decode("utf-8"))
 
     def finish(self) -> None:
-        """Decode what is left at the end of the body (an event without its blank line is lost)."""
+        """Decode what is left at the end of the body (an event without its blank line is lost).
+
+        Raises:
+            UnicodeDecodeError: the last line is not UTF-8.
+        """
         if self._buffer.endswith(b"\r"):
             self._line(self._buffer.rstrip(b"\r").decode("utf-8"))
             self._line("")
@@ -443,6 +469,8 @@ class _Turn:
             anthropic.APIConnectionError: the connection failed, or the body
                 ended before ``message_stop``.
             anthropic.APITimeoutError: the server went silent for too long.
+            InvalidStreamData: an event's data is not a JSON object, or a
+                line of the body is not UTF-8.
         """
         assert self._body is not None
         assert self._response is not None
@@ -453,14 +481,23 @@ class _Turn:
                 if name == "ping":
                     continue
                 try:
-                    data = json.loads(text)
-                except ValueError:
+                    data = _loads(text)
+                except ValueError as exc:
+                    if name != "error":
+                        raise InvalidStreamData(
+                            self._response,
+                            f"the data of a {name!r} event is not JSON ({exc})",
+                            text,
+                        ) from None
                     data = text
                 if name == "error" or (isinstance(data, dict) and data.get("type") == "error"):
                     body = data if isinstance(data, dict) else {"error": {"message": text}}
                     raise anthropic.APIStatusError(f"{body}", response=self._response, body=body)
-                if isinstance(data, dict):
-                    return data
+                if not isinstance(data, dict):
+                    raise InvalidStreamData(
+                        self._response, f"the data of a {name!r} event is not a JSON object", text
+                    )
+                return data
             if self._eof:
                 if self._stopped:
                     return None
@@ -472,13 +509,20 @@ class _Turn:
                 chunk = await self._body.__anext__()
             except StopAsyncIteration:
                 self._eof = True
-                decoder.finish()
-                continue
+                chunk = None
             except _httpx.TimeoutException as exc:
                 raise anthropic.APITimeoutError(request=self._response.request) from exc
             except _httpx.TransportError as exc:
                 raise anthropic.APIConnectionError(request=self._response.request) from exc
-            decoder.feed(chunk)
+            try:
+                if chunk is None:
+                    decoder.finish()
+                else:
+                    decoder.feed(chunk)
+            except UnicodeDecodeError as exc:
+                raise InvalidStreamData(
+                    self._response, f"a line of the event stream is not UTF-8 ({exc.reason})"
+                ) from None
 
     def _handle(self, event: dict[str, Any]) -> None:
         """Turn one event of the stream into zero or one pending model event."""
@@ -574,6 +618,16 @@ class _Turn:
         delay = self._policy.next_delay(self._attempt)
         hint = _retry_after(exc)
         if hint is not None:
+            cap = self._policy.max_retry_after
+            if hint > cap:
+                raise ModelError(
+                    f"Claude request failed: the server asked to retry after {hint:g} s, "
+                    f"longer than the retry policy's max_retry_after of {cap:g} s: {description}",
+                    kind=kind,
+                    status=status,
+                    retryable=True,
+                    retry_after=hint,
+                ) from None
             delay = max(delay, hint)
         return RetryNotice(
             attempt=self._attempt,
@@ -608,6 +662,32 @@ class _Turn:
 # -- errors ---------------------------------------------------------------------
 
 
+_EXCERPT = 60
+"""Characters of invalid data quoted in an error message."""
+
+
+class InvalidStreamData(anthropic.APIResponseValidationError):
+    """The body of a streamed response holds what the API never sends.
+
+    A ``data:`` field that is not a JSON object (text, a number, a truncated
+    object) or a line that is not UTF-8. The attempt fails and is retried
+    like a stream cut short (``kind="invalid_response"``), since the next
+    attempt may well get a sound stream; it is never silently skipped.
+
+    Args:
+        response: The attempt's HTTP response.
+        what: What is wrong, for the message.
+        data: The offending data, quoted (shortened) in the message.
+    """
+
+    def __init__(self, response: _httpx.Response, what: str, data: str | None = None) -> None:
+        message = what
+        if data is not None:
+            excerpt = data if len(data) <= _EXCERPT else data[:_EXCERPT] + "..."
+            message += f": {excerpt!r}"
+        super().__init__(response, None, message=message)
+
+
 def _error_field(body: object, field: str) -> str | None:
     """``body["error"][field]`` if it is a string."""
     if isinstance(body, Mapping):
@@ -639,6 +719,8 @@ def _classify(exc: BaseException) -> tuple[str, int | None, bool] | None:
         return "timeout", None, True
     if isinstance(exc, (anthropic.APIConnectionError, _httpx.TransportError)):
         return "connection", None, True
+    if isinstance(exc, InvalidStreamData):
+        return "invalid_response", None, True
     if isinstance(exc, anthropic.APIResponseValidationError):
         return "invalid_response", exc.status_code, False
     return None

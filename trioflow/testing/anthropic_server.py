@@ -16,6 +16,11 @@ request:
 - :class:`ErrorEventAfter`: the first events of a streamed reply, then an
   ``error`` event, as the API sends when it becomes overloaded mid-stream.
 
+A streamed reply may also carry *raw* bytes, sent verbatim between its
+events (:attr:`StreamedReply.raw`), to play a server or a proxy that
+corrupts the stream: a ``data:`` line that is not JSON, bytes that are not
+UTF-8.
+
 Each streamed reply may be paced (a :func:`trio.sleep` before each event) or
 held at a *gate* (a :class:`trio.Event`) so that tests can observe a consumer
 mid-stream. The server records every request it receives
@@ -147,6 +152,9 @@ class StreamedReply:
 
     A request without ``"stream": true`` gets the same message as one JSON
     object instead.
+
+    Raises:
+        ValueError: an index of :attr:`raw` is negative.
     """
 
     text: Sequence[str] = ()
@@ -167,6 +175,35 @@ class StreamedReply:
     """When set, the server sends ``gate_after`` events, then waits for this event."""
     gate_after: int = 0
     """How many events to send before waiting for ``gate``."""
+    raw: Sequence[tuple[int, bytes]] = ()
+    """Verbatim bytes to send before event number ``index`` (0-based, as
+    listed by :meth:`sse_events`; an index past the last event sends them
+    after it), as ``(index, bytes)`` pairs: a ``data:`` line that is not JSON,
+    bytes that are not UTF-8. Write the whole block, its ending blank line
+    included (a ``data:`` line, then two line feeds). They travel with the event they precede, so a
+    :class:`DisconnectAfter` that cuts before that event drops them too."""
+
+    def __post_init__(self) -> None:
+        for index, _ in self.raw:
+            if index < 0:
+                raise ValueError(f"raw indexes must be >= 0, not {index!r}")
+
+    def sse_frames(
+        self, *, model: str = "claude-test", message_id: str = "msg_test", request: int = 0
+    ) -> list[bytes]:
+        """The bytes sent for each event of :meth:`sse_events`, with :attr:`raw` prepended.
+
+        Bytes of :attr:`raw` whose index is past the last event are appended
+        to the last frame.
+        """
+        events = self.sse_events(model=model, message_id=message_id, request=request)
+        frames = [encode_sse(name, data) for name, data in events]
+        for index, data in self.raw:
+            if index < len(frames):
+                frames[index] = data + frames[index]
+            else:
+                frames[-1] += data
+        return frames
 
     def sse_events(
         self, *, model: str = "claude-test", message_id: str = "msg_test", request: int = 0
@@ -647,7 +684,7 @@ class AnthropicServer:
             payload = json.dumps(streamed.message(**names)).encode()
             await self._send_whole(stream, conn, 200, "application/json", payload, (), number)
             return True
-        frames = [encode_sse(name, data) for name, data in streamed.sse_events(**names)]
+        frames = streamed.sse_frames(**names)
         cut = False
         if isinstance(reply, DisconnectAfter):
             frames = frames[: max(0, reply.events)]
