@@ -47,7 +47,7 @@ def require(name: str, found: bool, install: str) -> None:
     reason = f"needs {name}: {install}"
     if name in REQUIRED or "all" in REQUIRED:
         pytest.fail(f"{reason} (TRIOFLOW_REQUIRE names it)", pytrace=False)
-    pytest.skip(f"{reason} (or set TRIOFLOW_REQUIRE={name} to fail instead)")
+    pytest.skip(f"{reason} (TRIOFLOW_REQUIRE={name} fails instead)")
 
 
 def which(program: str, env: str | None = None) -> str | None:

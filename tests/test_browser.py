@@ -70,9 +70,7 @@ Browse = Callable[[str, Callable[[Page], T]], Awaitable[T]]
 @pytest.fixture
 def chromium() -> str:
     found = CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)
-    require(
-        "chromium", found, f"apt-get install chromium (or point TRIOFLOW_CHROMIUM at {CHROMIUM})"
-    )
+    require("chromium", found, f"no {CHROMIUM}; apt-get install chromium, or set TRIOFLOW_CHROMIUM")
     return str(CHROMIUM)
 
 

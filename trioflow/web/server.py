@@ -7,13 +7,23 @@ In the shape of :func:`hypercorn.trio.serve`::
             functools.partial(serve, app, WebConfig(port=0), shutdown_trigger=stop.wait)
         )
 
-When ``shutdown_trigger`` returns, the shutdown is graceful: new runs are
-refused (``503``), every running run is cancelled (each emits
+When ``shutdown_trigger`` returns, the shutdown is graceful and bounded:
+new runs are refused (``503``), every running run is cancelled (each emits
 ``flow.cancelled``), open event streams and WebSockets deliver that terminal
-event and end, and only then does Hypercorn stop; all within
-:attr:`~trioflow.web.WebConfig.shutdown_timeout` (connections still open then
-are closed regardless). Cancelling :func:`serve` instead stops at once (runs
-still end with ``flow.cancelled``, but streams may not deliver it).
+event and end, the listening sockets close and idle connections are closed.
+:attr:`~trioflow.web.WebConfig.shutdown_timeout` seconds after the trigger,
+every connection still open is closed by force, whatever it is doing (a
+client that stopped reading cannot hold the process). Cancelling
+:func:`serve` instead closes every connection at once (runs still end with
+``flow.cancelled``, but streams may not deliver it).
+
+Every connection is guarded (:mod:`trioflow.web.connections`): a write that
+makes no progress for :attr:`~trioflow.web.WebConfig.write_timeout` closes
+it; a request head must arrive within
+:attr:`~trioflow.web.WebConfig.header_timeout`; beyond
+:attr:`~trioflow.web.WebConfig.max_connections` new connections are answered
+``503`` by the server itself (``GET /healthz`` gets its usual answer) and
+closed; and running out of file descriptors is logged once, not spun on.
 
 The server is Hypercorn's Trio worker, with one difference: trioflow accepts
 the connections itself and hands each to Hypercorn's connection server
