@@ -54,8 +54,8 @@ async def main(task: str, pace: float) -> None:
                     print(f"[{event.seq:>2}] tool.failed: {data['error']['message']}")
                 elif event.type == "progress.update":
                     print(
-                        f"[{event.seq:>2}] progress: iteration {data['current_iteration']} of at "
-                        f"most {data['total_iterations']} ({data['percent']:.0f}%), "
+                        f"[{event.seq:>2}] progress: {data['current_iteration']}/"
+                        f"{data['total_iterations']} iterations ({data['percent']:.0f}%), "
                         f"{data['formatted_duration']} elapsed"
                     )
                 elif event.is_terminal():

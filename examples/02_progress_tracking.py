@@ -47,7 +47,7 @@ BAR_WIDTH = 30
 
 def progress_bar(figures: Mapping[str, Any], *, done: bool = False) -> str:
     """One line: the bar, percent, iteration, duration and ETA of a ``progress.update``."""
-    percent = 100.0 if done else figures["progress_percent"]
+    percent = figures["progress_percent"]  # 100 once the run has answered
     filled = round(percent / 100 * BAR_WIDTH)
     bar = "#" * filled + "-" * (BAR_WIDTH - filled)
     line = f"[{bar}] {percent:5.1f}%  {figures['formatted_duration']} elapsed"

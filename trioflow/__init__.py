@@ -21,7 +21,16 @@ from trioflow.bus import (
     open_event_bus,
 )
 from trioflow.cache import Cache, MemoryCache, cached
-from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent, validate_event_type
+from trioflow.events import (
+    LEGACY_TYPE_NAMES,
+    TERMINAL_TYPES,
+    EventType,
+    FlowEvent,
+    check_event_types,
+    known_event_types,
+    register_event_type,
+    validate_event_type,
+)
 from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor
 from trioflow.history import EventHistory, HistoryExpired, MemoryHistory
 from trioflow.models import (
@@ -68,6 +77,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EVENTS",
+    "LEGACY_TYPE_NAMES",
     "STREAMING_EVENTS",
     "TERMINAL_TYPES",
     "Agent",
@@ -125,12 +135,15 @@ __all__ = [
     "__version__",
     "cached",
     "calculator",
+    "check_event_types",
     "current_services",
     "evaluate",
     "format_duration",
+    "known_event_types",
     "open_default_services",
     "open_event_bus",
     "open_model",
+    "register_event_type",
     "retry",
     "supervise",
     "tool",

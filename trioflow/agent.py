@@ -249,7 +249,9 @@ class Agent:
             task: the user's request.
             emit: ``await emit(type, data)`` for every event.
             progress: updated after each iteration (its total is set to the
-                iteration budget); a fresh one when ``None``.
+                iteration budget, and to the iterations taken once the model
+                answers, so that a run that answers reads 100 %); a fresh
+                one when ``None``.
             control: pause/resume (:class:`RunControl`).
             max_iterations: this run's budget instead of the agent's.
 
@@ -325,6 +327,10 @@ class Agent:
                     },
                 )
             progress.complete_iteration(n)
+            if not calls:
+                # The answer came in n iterations: that is the run's whole length,
+                # so its last progress.update reads 100 %, not n / budget.
+                progress.set_total(n)
             await emit(
                 EventType.ITERATION_COMPLETED,
                 {

@@ -35,18 +35,20 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias
 
 import trio
 
+from trioflow._frozen import EMPTY, freeze_data
 from trioflow._util import collapse_single_group
 from trioflow.events import (
     EventType,
     FlowEvent,
     _stamp,
     _Unfrozen,
+    check_event_types,
     validate_event_type,
 )
 from trioflow.history import EventHistory, MemoryHistory
@@ -251,11 +253,11 @@ class Subscription:
         if types is None:
             pass
         elif isinstance(types, str):
-            self._types = frozenset({validate_event_type(types)})
+            self._types = bus._check_types((types,))
         elif callable(types):
             self._accepts = types
         else:
-            self._types = frozenset(validate_event_type(t) for t in types)
+            self._types = bus._check_types(types)
         self._all = self._types is None and self._accepts is None
         self._buf: deque[FlowEvent] = deque()
         self._replay: deque[FlowEvent] = deque()
@@ -660,6 +662,14 @@ class EventBus:
     def __repr__(self) -> str:
         return f"<EventBus {self.name!r} seq={self._seq} subscribers={len(self._subs)}>"
 
+    def _check_types(self, types: Iterable[str]) -> frozenset[str]:
+        """A filter's type names, checked (:func:`~trioflow.events.check_event_types`).
+
+        Known on this bus besides the built-in and registered types: the
+        types of its named events (:meth:`register_event`).
+        """
+        return check_event_types(types, extra=frozenset(self._named.values()))
+
     # -- emitting --------------------------------------------------------------
 
     @property
@@ -699,7 +709,12 @@ class EventBus:
                 if len(_known_types) < 4096:
                     _known_types.add(type)
             event = _stamp(
-                self._event_class, type, {} if data is None else dict(data), _now(), seq, run_id
+                self._event_class,
+                type,
+                EMPTY if data is None else freeze_data(data),
+                _now(),
+                seq,
+                run_id,
             )
         self._seq = seq
         self._hist_append(event)
@@ -714,7 +729,7 @@ class EventBus:
     ) -> FlowEvent:
         """Emit an event to every matching subscriber and return it, stamped with its seq.
 
-        ``type`` is an event type (``data`` is copied into the event) or a
+        ``type`` is an event type (a read-only deep copy of ``data`` goes into the event) or a
         ready :class:`FlowEvent` (for example from a factory or a subclass),
         which is re-stamped with the next seq and keeps its class, data and
         timestamp. ``run_id`` overrides the event's run id when given.
@@ -744,7 +759,7 @@ class EventBus:
             seq = self._seq + 1
             blank: Any = _Unfrozen()
             blank.type = type
-            blank.data = {} if data is None else dict(data)
+            blank.data = EMPTY if data is None else freeze_data(data)
             blank.timestamp = _now()
             blank.seq = seq
             blank.run_id = run_id
@@ -825,7 +840,7 @@ class EventBus:
             for sub in block_subs:
                 if len(sub._buf) >= sub._capacity:
                     if probe is None:
-                        probe = FlowEvent(validate_event_type(type), {}, 0.0, 0, run_id)
+                        probe = FlowEvent(validate_event_type(type), EMPTY, 0.0, 0, run_id)
                     if sub._matches(probe):
                         raise trio.WouldBlock
         if isinstance(type, str) and type in _known_types and self._event_class is FlowEvent:
@@ -833,7 +848,7 @@ class EventBus:
             seq = self._seq + 1
             blank: Any = _Unfrozen()
             blank.type = type
-            blank.data = {} if data is None else dict(data)
+            blank.data = EMPTY if data is None else freeze_data(data)
             blank.timestamp = _now()
             blank.seq = seq
             blank.run_id = run_id
@@ -967,6 +982,14 @@ class EventBus:
         Args:
             types: which events to receive: ``None`` for all, a type, a
                 collection of types, or a predicate (``FlowEvent.is_token``).
+                Type names must be known: an :class:`~trioflow.EventType`
+                value, a custom type declared with
+                :func:`~trioflow.register_event_type` or as a constant of a
+                :class:`~trioflow.FlowEvent` subclass, or the type of a
+                named event of this bus (:meth:`register_event`). An unknown
+                name (a typo, an old short name such as ``"token"``) raises
+                :exc:`ValueError` listing the valid names, instead of
+                silently matching nothing.
             buffer: the channel's bound (>= 1).
             overflow: what happens when the channel is full (:class:`Overflow`).
             after: replay every retained event with ``seq > after`` first,
@@ -980,7 +1003,9 @@ class EventBus:
 
         Raises:
             HistoryExpired: ``after`` is older than the history retains.
-            ValueError: ``buffer`` < 1 or ``after`` < 0.
+            ValueError: ``buffer`` < 1, ``after`` < 0, or ``types`` names an
+                unknown or invalid event type.
+            TypeError: a type name in ``types`` is not a string.
         """
         sub = await self._open_subscription(
             types=types, buffer=buffer, overflow=overflow, after=after, name=name
@@ -1048,7 +1073,8 @@ class EventBus:
 
         Raises:
             trio.ClosedResourceError: the bus is closed.
-            ValueError: ``buffer`` < 1.
+            ValueError: ``buffer`` < 1, or ``types`` names an unknown event
+                type (as :meth:`subscribe`).
         """
         if self._closed:
             raise trio.ClosedResourceError(f"event bus {self.name!r} is closed")

@@ -140,7 +140,12 @@ def _terminal_summary(event: FlowEvent) -> str:
 
 
 class RichRenderer:
-    """A live terminal view with ``rich``: the transcript above a progress bar."""
+    """A live terminal view with ``rich``: the transcript above a progress bar.
+
+    The status line under the bar names the iteration *in progress* (from
+    ``iteration.started``: "iteration 1/10" during the first one), with the
+    percent of the last ``progress.update``; a completed run ends at 100 %.
+    """
 
     def __init__(self, out: IO[str], *, task: str, model: str) -> None:
         from rich.console import Console, Group
@@ -156,6 +161,9 @@ class RichRenderer:
         self._transcript = Text()
         self._status = Text("starting…", style="dim")
         self._percent = 0.0
+        self._iteration = 0
+        self._budget: object = "?"
+        self._elapsed = ""
         self._live = Live(
             self._render(), console=self._console, refresh_per_second=15, transient=False
         )
@@ -165,6 +173,19 @@ class RichRenderer:
         filled = round(self._percent / 100 * width)
         return self._Text.assemble(
             ("█" * filled, "green"), ("░" * (width - filled), "dim"), " ", self._status
+        )
+
+    @property
+    def status(self) -> str:
+        """The text of the status line under the bar, as shown now."""
+        return str(self._status.plain)
+
+    def _iteration_status(self, eta: Any = None) -> Any:
+        eta_text = "" if eta is None else f" · ETA {format_duration(float(eta))}"
+        elapsed = f" · {self._elapsed}" if self._elapsed else ""
+        return self._Text(
+            f"iteration {self._iteration}/{self._budget} · {self._percent:.0f}%{elapsed}{eta_text}",
+            style="dim",
         )
 
     def _render(self) -> Any:
@@ -203,15 +224,17 @@ class RichRenderer:
                 text.append("\n")
         elif t == EventType.WARNING:
             text.append(f"\n⚠ {data.get('message')}\n", style="yellow")
+        elif t == EventType.ITERATION_STARTED:
+            # The iteration now running, not the last one completed.
+            self._iteration = int(data.get("iteration") or self._iteration + 1)
+            self._budget = data.get("max_iterations", self._budget)
+            self._status = self._iteration_status()
         elif t == EventType.PROGRESS_UPDATE:
             self._percent = float(data.get("percent") or 0.0)
-            eta = data.get("estimated_remaining")
-            eta_text = "" if eta is None else f" · ETA {format_duration(float(eta))}"
-            self._status = self._Text(
-                f"iteration {data.get('current_iteration')}/{data.get('total_iterations')} · "
-                f"{self._percent:.0f}% · {data.get('formatted_duration')}{eta_text}",
-                style="dim",
-            )
+            self._iteration = max(self._iteration, int(data.get("current_iteration") or 0))
+            self._budget = data.get("total_iterations", self._budget)
+            self._elapsed = str(data.get("formatted_duration") or "")
+            self._status = self._iteration_status(data.get("estimated_remaining"))
         elif t == EventType.FLOW_PAUSED:
             self._status = self._Text("paused", style="yellow")
         elif event.is_terminal():
@@ -220,6 +243,7 @@ class RichRenderer:
                 EventType.FLOW_FAILED: "bold red",
             }
             style = styles.get(t, "bold yellow")
+            self._percent = float(data.get("percent", self._percent) or 0.0)
             if t == EventType.FLOW_COMPLETED:
                 self._percent = 100.0
             mark = "✔" if t == EventType.FLOW_COMPLETED else "✖"

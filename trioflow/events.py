@@ -8,6 +8,12 @@ emitted") and the ``run_id`` of the run it belongs to.
 
 Events encode to a dict, to JSON and to a Server-Sent Events frame, and decode
 back with :meth:`FlowEvent.from_dict`.
+
+An event's ``data`` is read-only, all the way down: every subscriber and
+listener gets the same event object, so none may change what the others see.
+Building an event copies its ``data`` into read-only ``dict`` and ``list``
+subclasses (see :attr:`FlowEvent.data`); trying to change them raises
+:exc:`TypeError`.
 """
 
 from __future__ import annotations
@@ -19,13 +25,20 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, Self, cast
 
+from trioflow._frozen import EMPTY, freeze_data, thaw
+
 __all__ = [
+    "LEGACY_TYPE_NAMES",
     "TERMINAL_TYPES",
     "EventType",
     "FlowEvent",
+    "check_event_types",
+    "known_event_types",
+    "register_event_type",
     "validate_event_type",
 ]
 
@@ -136,6 +149,104 @@ def validate_event_type(type: str) -> str:
     return str(type)
 
 
+LEGACY_TYPE_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        # The PHP StreamingFlowExecutor's output names (executeWithStreaming).
+        "flow_started": str(EventType.FLOW_STARTED),
+        "token": str(EventType.TOKEN_RECEIVED),
+        "iteration_start": str(EventType.ITERATION_STARTED),
+        "iteration_end": str(EventType.ITERATION_COMPLETED),
+        "tool_start": str(EventType.TOOL_STARTED),
+        "tool_end": str(EventType.TOOL_COMPLETED),
+        "progress": str(EventType.PROGRESS_UPDATE),
+        "end": str(EventType.FLOW_COMPLETED),
+        "result": str(EventType.FLOW_COMPLETED),
+        # Langflow's EventManager names that differ from trioflow's.
+        "log": str(EventType.INFO),
+        "message": str(EventType.ADD_MESSAGE),
+    }
+)
+"""Old short names of the PHP original's executor and of Langflow, by the type that replaced them.
+
+They are not event types: a filter that names one is rejected, and the
+error says which type to use instead (``"tool_end"``: use ``"tool.completed"``).
+"""
+
+_BUILTIN_TYPES: frozenset[str] = frozenset(str(t) for t in EventType)
+_custom_types: set[str] = set()
+
+
+def register_event_type(*types: str) -> None:
+    """Declare custom event types, so that filters accept them (for this process).
+
+    Filters (``types=`` of :meth:`trioflow.EventBus.subscribe`,
+    :func:`trioflow.patterns.event_predicate`, ...) accept only known types, so
+    that a misspelt or outdated name fails loudly instead of matching
+    nothing. Known are the :class:`EventType` values, the types registered
+    here, the upper-case string constants of every :class:`FlowEvent`
+    subclass (registered when the class is defined), and, on a bus, the
+    types given to :meth:`trioflow.EventBus.register_event`. Emitting needs
+    no registration.
+
+    Raises:
+        TypeError: a type is not a string.
+        ValueError: a type is not a valid event type, or is an old short name
+            (:data:`LEGACY_TYPE_NAMES`).
+    """
+    checked = [validate_event_type(t) for t in types]
+    for t in checked:
+        if t in LEGACY_TYPE_NAMES and t not in _BUILTIN_TYPES:
+            raise ValueError(
+                f"{t!r} is the old name of {LEGACY_TYPE_NAMES[t]!r}: use that type instead"
+            )
+    _custom_types.update(checked)
+
+
+def known_event_types(extra: Iterable[str] = ()) -> frozenset[str]:
+    """The types filters accept: built-in, registered (:func:`register_event_type`) and ``extra``."""
+    return _BUILTIN_TYPES | _custom_types | frozenset(extra)
+
+
+def check_event_types(types: Iterable[str], *, extra: Collection[str] = ()) -> frozenset[str]:
+    """Check the type names of a filter and return them as a set.
+
+    Each name must be a valid event type (:func:`validate_event_type`) and
+    a known one: an :class:`EventType` value, a registered custom type
+    (:func:`register_event_type`, :class:`FlowEvent` subclass constants) or
+    one of ``extra`` (the caller's own, such as a bus's named events).
+
+    Raises:
+        TypeError: a name is not a string.
+        ValueError: a name is invalid or unknown; the message lists the
+            valid names and, for an old PHP or Langflow short name
+            (:data:`LEGACY_TYPE_NAMES`), the type that replaced it.
+    """
+    checked = frozenset(validate_event_type(t) for t in types)
+    unknown = checked - _BUILTIN_TYPES
+    if unknown:
+        unknown = unknown - _custom_types - frozenset(extra)
+    if unknown:
+        raise ValueError(_unknown_types_message(sorted(unknown), extra))
+    return checked
+
+
+def _unknown_types_message(unknown: list[str], extra: Collection[str]) -> str:
+    hints = [
+        f"{name!r} is the old name of {LEGACY_TYPE_NAMES[name]!r}"
+        for name in unknown
+        if name in LEGACY_TYPE_NAMES
+    ]
+    names = ", ".join(repr(n) for n in unknown)
+    text = f"unknown event type{'s' if len(unknown) > 1 else ''} {names}"
+    if hints:
+        text += f" ({'; '.join(hints)})"
+    valid = ", ".join(sorted(known_event_types(extra)))
+    return (
+        f"{text}; valid types: {valid}. Declare a custom type with "
+        "trioflow.register_event_type() or EventBus.register_event()"
+    )
+
+
 def _json_default(value: object) -> object:
     """Encode what :mod:`json` does not know: mappings, sets, dataclasses, the rest as text."""
     if isinstance(value, Mapping):
@@ -177,14 +288,29 @@ class FlowEvent:
             def trade_executed(cls, symbol: str, qty: int) -> Self:
                 return cls.create(cls.TRADE_EXECUTED, {"symbol": symbol, "qty": qty})
 
-    ``data`` must be JSON-compatible and is shared by every consumer: treat it
-    as read-only.
+    ``data`` must be JSON-compatible. It is shared by every consumer, so it
+    is read-only: see :attr:`data`. Events pickle and copy (:mod:`copy`),
+    and compare equal when their fields are equal.
     """
 
     type: str
     """The event type: an :class:`EventType` value or a custom string."""
-    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """The payload, a JSON-compatible mapping."""
+    data: Mapping[str, Any] = dataclasses.field(default_factory=lambda: EMPTY)
+    """The payload, a JSON-compatible mapping, read-only all the way down.
+
+    The event holds a deep copy of the mapping it was built with: mappings
+    in it are read-only :class:`dict` subclasses, lists read-only
+    :class:`list` subclasses, sets :class:`frozenset`; strings, numbers and
+    other objects are kept as they are. Reading, ``==`` with plain dicts
+    and lists, ``isinstance(..., dict)`` and :mod:`json` work as usual;
+    ``data["k"] = v``, ``data.update(...)``, ``data["items"].append(...)``
+    and every other change raise :exc:`TypeError`. Copy to change:
+    ``dict(event.data)``, or :meth:`to_dict` for a mutable deep copy.
+
+    The copy costs one dict copy and one pass over the top-level values for
+    a flat payload (the common case: a token, a counter), and a walk of the
+    nested containers otherwise.
+    """
     timestamp: float = dataclasses.field(default_factory=time.time)
     """Wall-clock time of creation, in seconds since the epoch."""
     seq: int = 0
@@ -208,11 +334,25 @@ class FlowEvent:
         validate_event_type(self.type)
         if not isinstance(self.data, Mapping):
             raise TypeError(f"event data must be a mapping, not {type(self.data).__name__}")
+        object.__setattr__(self, "data", freeze_data(self.data))
         if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
             raise ValueError(f"event seq must be a non-negative int, not {self.seq!r}")
 
     def __hash__(self) -> int:
         return hash((self.type, self.seq, self.run_id, self.timestamp))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register the subclass's upper-case string constants as event types."""
+        super(FlowEvent, cls).__init_subclass__(**kwargs)  # the slots class is a new one
+        for name, value in vars(cls).items():
+            if (
+                name.isupper()
+                and isinstance(value, str)
+                and value not in _BUILTIN_TYPES
+                and _TYPE_RE.fullmatch(value)
+                and value not in LEGACY_TYPE_NAMES
+            ):
+                _custom_types.add(value)
 
     # -- construction -------------------------------------------------------
 
@@ -224,13 +364,13 @@ class FlowEvent:
         *,
         run_id: str | None = None,
     ) -> Self:
-        """Build an unsequenced event of ``type`` with a copy of ``data``, stamped now.
+        """Build an unsequenced event of ``type`` with a read-only copy of ``data``, stamped now.
 
         Raises:
             TypeError: ``data`` is not a mapping or ``type`` not a string.
             ValueError: ``type`` is not a valid event type.
         """
-        return cls(type, dict(data) if data else {}, time.time(), 0, run_id)
+        return cls(type, data if data else EMPTY, time.time(), 0, run_id)
 
     @classmethod
     def flow_started(cls, task: str = "", *, run_id: str | None = None, **data: Any) -> Self:
@@ -371,8 +511,15 @@ class FlowEvent:
     def to_dict(self) -> dict[str, Any]:
         """The wire shape: ``{"id", "run_id", "type", "data", "timestamp"}``.
 
-        ``id`` is :attr:`seq`. The result shares ``data`` with the event.
+        ``id`` is :attr:`seq`. The result is the caller's to change: its
+        ``data`` is a mutable deep copy (plain dicts and lists).
         """
+        wire = self._wire()
+        wire["data"] = thaw(self.data)
+        return wire
+
+    def _wire(self) -> dict[str, Any]:
+        """:meth:`to_dict` sharing the read-only ``data``: for encoding, with no copy."""
         return {
             "id": self.seq,
             "run_id": self.run_id,
@@ -389,7 +536,7 @@ class FlowEvent:
         ``{"type", "message"}``, anything else to its ``str``; NaN and
         infinities raise :class:`ValueError`.
         """
-        return _encoder.encode(self.to_dict())
+        return _encoder.encode(self._wire())
 
     def to_sse(self) -> str:
         """A complete Server-Sent Events frame: ``id:``, ``event:``, ``data:`` and a blank line.
@@ -437,7 +584,7 @@ class FlowEvent:
         run_id = obj.get("run_id")
         if run_id is not None and not isinstance(run_id, str):
             raise ValueError(f"event field 'run_id' must be a string or null, not {run_id!r}")
-        return cls(etype, dict(data), float(timestamp), seq, run_id)
+        return cls(etype, data, float(timestamp), seq, run_id)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Self:
@@ -494,7 +641,10 @@ def _stamp(
     seq: int,
     run_id: str | None,
 ) -> FlowEvent:
-    """Build an event without validation; ``type`` must have passed :func:`validate_event_type`."""
+    """Build an event without validation; ``type`` must have passed :func:`validate_event_type`.
+
+    ``data`` must be frozen already (:func:`trioflow._frozen.freeze_data`).
+    """
     if cls is FlowEvent:
         blank: Any = _Unfrozen()
         blank.type = type

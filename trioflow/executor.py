@@ -51,7 +51,7 @@ import trio
 from trioflow._util import collapse_single_group
 from trioflow.agent import Agent, AgentResult, MaxIterationsExceeded, RunControl
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
-from trioflow.events import EventType, FlowEvent
+from trioflow.events import EventType, FlowEvent, check_event_types
 from trioflow.models.base import ModelError, Usage
 from trioflow.progress import FlowProgress
 
@@ -442,6 +442,7 @@ class Run:
             "usage": outcome.usage.to_dict(),
             "stop_reason": outcome.stop_reason,
             "duration": duration,
+            "percent": self.progress.percent,
         }
 
     def _finish_failed(
@@ -472,6 +473,7 @@ class Run:
             "error": error,
             "duration": duration,
             "iterations": self._counts.iterations,
+            "percent": self.progress.percent,
         }
         if reason:
             data["reason"] = reason
@@ -494,6 +496,7 @@ class Run:
             "reason": reason,
             "duration": duration,
             "iterations": self._counts.iterations,
+            "percent": self.progress.percent,
         }
 
 
@@ -660,8 +663,14 @@ class StreamingFlowExecutor:
         slow consumer slows the run rather than losing events.
 
         Raises:
-            ValueError: empty task, or bad ``timeout`` / ``max_iterations``.
+            ValueError: empty task, bad ``timeout`` / ``max_iterations``, or
+                ``types`` names an unknown event type (before the run starts;
+                see :meth:`trioflow.EventBus.subscribe`).
         """
+        if isinstance(types, str):
+            check_event_types((types,))
+        elif types is not None and not callable(types):
+            check_event_types(types)
         run = self._make_run(agent, task, timeout, max_iterations, run_id, None)
         with collapse_single_group():
             async with trio.open_nursery() as nursery:

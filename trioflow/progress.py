@@ -83,6 +83,13 @@ class FlowProgress:
     derive from it and :attr:`total_iterations`. Going past the total is
     allowed (an agent may need an extra turn): the percent stays at 100.
 
+    In a run, the total starts as the iteration budget (``max_iterations``).
+    When the agent answers, it sets the total to the iterations it took
+    (:meth:`set_total`), so a completed run reads 100 % whatever its budget
+    (a 2-iteration run with a budget of 10 ends at 2/2, not 2/10 = 20 %).
+    A run that fails or is cancelled keeps the budget as its total and
+    reads the share it reached: it did not finish its work.
+
     Steps are named phases (``"model"``, ``"tools"``, ...) timed between
     :meth:`start_step` and :meth:`complete_step`. Several steps may be open
     at once; :attr:`current_step` is the most recently started open one. A

@@ -1,7 +1,7 @@
 """``trioflow watch``: show a run that is going on a trioflow server, like ``trioflow run``.
 
-``trioflow watch URL [--run ID] [--json | --plain] [--token TOKEN] [--after SEQ]``
-follows the run's events from the server and shows them with the same
+``trioflow watch URL [--run ID] [--json | --plain] [--token TOKEN] [--after SEQ]
+[--types T1,T2 [--custom-type TYPE]]`` follows the run's events from the server and shows them with the same
 renderers as ``trioflow run`` (the live view, ``--plain`` text, or ``--json``
 lines, byte for byte the events the server sent). URL is one of:
 
@@ -11,6 +11,13 @@ lines, byte for byte the events the server sent). URL is one of:
 * the server's URL, ``http://host:port``, with ``--run ID``;
 * a run's WebSocket URL, ``ws://host:port/runs/ID/ws`` (or the server's
   ``ws://`` URL with ``--run ID``), to follow it over a WebSocket instead.
+
+``--types`` shows only the events of those types (comma-separated,
+repeatable); the watch still ends with the run's terminal event, whose type
+sets the exit status. Names must be :class:`~trioflow.EventType` values or
+custom types given with ``--custom-type``: an unknown name (such as the old
+short name ``token``) is bad usage (exit status 2, the message lists the
+valid names).
 
 Over HTTP, a dropped connection is resumed where it stopped. The token
 comes from ``--token`` or the ``TRIOFLOW_TOKEN`` environment variable.
@@ -47,7 +54,7 @@ from trioflow.console import (
     exit_status,
     open_renderer,
 )
-from trioflow.events import EventType, FlowEvent
+from trioflow.events import EventType, FlowEvent, check_event_types
 from trioflow.supervise import RetryPolicy
 
 __all__ = ["HELP", "TOKEN_ENV", "add_arguments", "events_url", "main"]
@@ -137,6 +144,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SEQ",
         help="start after this event (default: from the run's first event)",
     )
+    parser.add_argument(
+        "--types",
+        action="append",
+        default=None,
+        metavar="T1,T2",
+        help="show only events of these types (comma-separated, repeatable), "
+        "e.g. token.received,tool.completed",
+    )
+    parser.add_argument(
+        "--custom-type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="a custom event type the server emits, accepted by --types (repeatable)",
+    )
+
+
+def selected_types(args: argparse.Namespace) -> frozenset[str] | None:
+    """The event types ``--types`` selects, checked; ``None`` without ``--types``.
+
+    Raises:
+        ValueError: a name is neither an :class:`~trioflow.EventType` value nor
+            given with ``--custom-type``; the message lists the valid names.
+    """
+    if not args.types:
+        return None
+    names = [name.strip() for part in args.types for name in part.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--types names no event type")
+    try:
+        return check_event_types(names, extra=frozenset(args.custom_type))
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 @asynccontextmanager
@@ -154,7 +194,13 @@ async def _open_events(
             yield events
 
 
-async def _watch(url: str, args: argparse.Namespace, token: str | None, out: IO[str]) -> int:
+async def _watch(
+    url: str,
+    args: argparse.Namespace,
+    token: str | None,
+    out: IO[str],
+    types: frozenset[str] | None = None,
+) -> int:
     interrupted: list[int] = []
     terminal: FlowEvent | None = None
     with collapse_single_group():
@@ -184,7 +230,8 @@ async def _watch(url: str, args: argparse.Namespace, token: str | None, out: IO[
                     ) as renderer:
                         event: FlowEvent | None = first
                         while event is not None:
-                            renderer.show(event)
+                            if types is None or event.type in types:
+                                renderer.show(event)
                             if event.is_terminal():
                                 terminal = event
                                 break
@@ -199,11 +246,12 @@ def main(args: argparse.Namespace) -> int:
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
         url = events_url(args.url, args.run)
+        types = selected_types(args)
     except ValueError as exc:
         print(f"trioflow watch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return trio.run(_watch, url, args, token, sys.stdout)
+        return trio.run(_watch, url, args, token, sys.stdout, types)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

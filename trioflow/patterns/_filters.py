@@ -6,7 +6,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from types import MappingProxyType
 
 from trioflow.bus import EventFilter
-from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent, validate_event_type
+from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent, check_event_types
 
 __all__ = ["PRESETS", "event_predicate", "filter_events", "preset"]
 
@@ -101,16 +101,21 @@ def event_predicate(types: EventFilter) -> Callable[[FlowEvent], bool]:
         A function ``event -> bool`` that says whether ``types`` selects the event.
 
     Raises:
-        TypeError, ValueError: a type in ``types`` is not a valid event type.
+        TypeError: a type name in ``types`` is not a string.
+        ValueError: a type name is invalid or unknown: not an
+            :class:`~trioflow.EventType` value nor a registered custom type
+            (:func:`trioflow.register_event_type`). The message lists the
+            valid names, and says which type replaced an old PHP or
+            Langflow short name (``"token"``, ``"tool_end"``, ...).
     """
     if types is None:
         return _accept_all
     if isinstance(types, str):
-        wanted = validate_event_type(types)
+        (wanted,) = check_event_types((types,))
         return lambda event: event.type == wanted
     if callable(types):
         return types
-    selected = frozenset(validate_event_type(t) for t in types)
+    selected = check_event_types(types)
     return lambda event: event.type in selected
 
 
@@ -134,8 +139,8 @@ async def filter_events(
         propagates unchanged.
 
     Raises:
-        TypeError, ValueError: a type in ``types`` is not a valid event type
-            (raised on the first iteration).
+        TypeError, ValueError: a type name in ``types`` is invalid or unknown
+            (see :func:`event_predicate`; raised on the first iteration).
     """
     accepts = event_predicate(types)
     async for event in events:
