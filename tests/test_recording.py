@@ -34,9 +34,7 @@ from trioflow import (
 )
 from trioflow.patterns import MetricsCollector, coalesce_tokens
 from trioflow.recording import (
-    MAX_LINE_BYTES,
     EventRecorder,
-    RecordingError,
     record,
     replay,
     replay_into,
@@ -174,6 +172,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.filterwarnings("ignore::trioflow.recording.RecordingWarning")  # arbitrary seqs
 @settings(max_examples=30, deadline=None)
 @given(
     st.lists(
@@ -251,74 +250,10 @@ async def test_peek_shows_the_next_event_without_taking_it(autojump_clock, tmp_p
         assert events.count == 2 and events.line == 2
 
 
-async def test_corrupted_line_is_reported_with_its_number_after_the_valid_events(tmp_path):
-    lines = [e.to_json() for e in timed([0, 0, 0, 0])]
-    lines[2] = '{"id": 3, "type": "token.rec'  # a line cut short, then more lines
-    path = tmp_path / "corrupt.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    seen = []
-    with pytest.raises(RecordingError) as info:
-        async with replay(path, speed=math.inf) as events:
-            async for event in events:
-                seen.append(event)
-    assert [e.seq for e in seen] == [1, 2]
-    assert info.value.line == 3
-    assert info.value.path == str(path)
-    assert not info.value.truncated
-    assert isinstance(info.value, ValueError)
-    assert f"{path}, line 3" in str(info.value)
-
-
-async def test_truncated_last_line_is_reported_after_the_valid_events(tmp_path):
-    text = "".join(e.to_json() + "\n" for e in timed([0, 0, 0]))
-    path = tmp_path / "cut.jsonl"
-    path.write_text(text[:-20])  # the writer died in the middle of the third line
-    seen = []
-    with pytest.raises(RecordingError, match="truncated") as info:
-        async with replay(path, speed=math.inf) as events:
-            async for event in events:
-                seen.append(event)
-    assert [e.seq for e in seen] == [1, 2]
-    assert (info.value.line, info.value.truncated) == (3, True)
-
-
-async def test_iteration_ends_after_a_recording_error(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text("not json\n" + timed([0])[0].to_json() + "\n")
-    async with replay(path) as events:
-        with pytest.raises(RecordingError):
-            await events.__anext__()
-        assert [e async for e in events] == []
-
-
-@pytest.mark.parametrize(
-    ("line", "reason"),
-    [
-        (b'{"data": {}}', "'type' is missing"),
-        (b"[1, 2]", "JSON object"),
-        (b'{"type": "token.received", "id": -1}', "'id'"),
-        (b'{"type": "bad type"}', "'type'"),
-        (b'{"type": "info", "data": {"m": "\xff\xfe"}}', "not an event"),
-    ],
-)
-async def test_lines_that_are_not_events_are_corrupted(line: bytes, reason: str):
-    data = timed([0])[0].to_json().encode() + b"\n" + line + b"\n"
-    with pytest.raises(RecordingError, match=reason) as info:
-        await replayed(io.BytesIO(data))
-    assert info.value.line == 2
-
-
 async def test_blank_lines_are_skipped_and_a_last_line_may_lack_its_line_end():
     events = timed([0, 0])
     data = f"\n{events[0].to_json()}\n\n   \r\n{events[1].to_json()}".encode()
     assert await replayed(io.BytesIO(data), speed=math.inf) == events
-
-
-async def test_an_overlong_line_is_corrupted_not_buffered_for_ever():
-    data = b'{"type": "info", "data": {"m": "' + b"x" * (MAX_LINE_BYTES + 1)
-    with pytest.raises(RecordingError, match="longer than") as info:
-        await replayed(io.BytesIO(timed([0])[0].to_json().encode() + b"\n" + data))
-    assert info.value.line == 2
 
 
 async def test_missing_recording_raises_on_entering(tmp_path):
@@ -352,18 +287,6 @@ async def test_a_replay_feeds_the_consumers_of_live_streams(tmp_path):
     assert again.result().events < live.result().events
 
 
-async def test_a_corrupted_line_reaches_a_coalesced_consumer_after_the_chunks(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text("".join(e.to_json() + "\n" for e in timed([0, 0])) + "garbage\n")
-    chunks_seen = []
-    with pytest.raises(RecordingError):
-        async with replay(path) as events:
-            async with coalesce_tokens(events, min_chars=1000) as chunks:
-                async for chunk in chunks:
-                    chunks_seen.append(chunk.data["chunk"])
-    assert chunks_seen == ["01"]
-
-
 # -- replay into a bus, and a replay served like a run -----------------------------------
 
 
@@ -380,17 +303,6 @@ async def test_replay_into_a_bus_restamps_seqs_and_keeps_the_rest(tmp_path):
     assert [(e.type, e.data, e.timestamp, e.run_id) for e in received] == [
         (e.type, e.data, e.timestamp, e.run_id) for e in recorded
     ]
-
-
-async def test_replay_into_emits_the_valid_events_before_raising(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text(timed([0])[0].to_json() + "\n{broken\n")
-    async with open_event_bus() as bus:
-        with pytest.raises(RecordingError):
-            await replay_into(bus, path, run_id="renamed")
-        assert bus.last_seq == 1
-        (event,) = await bus.history.read(0, 1)
-        assert event.run_id == "renamed"
 
 
 async def test_start_replay_serves_a_recording_like_a_live_run(autojump_clock, tmp_path):
@@ -419,20 +331,6 @@ async def test_start_replay_serves_a_recording_like_a_live_run(autojump_clock, t
         assert [e.type async for e in late] == ["flow.completed"]
 
 
-async def test_a_replayed_corrupted_recording_ends_with_an_error_event(tmp_path):
-    path = tmp_path / "c.jsonl"
-    path.write_text(timed([0])[0].to_json() + "\n{broken\n")
-    async with trio.open_nursery() as nursery:
-        run = await start_replay(path, nursery=nursery, speed=math.inf)
-        async with run.subscribe() as events:
-            received = [event async for event in events]
-    assert [e.type for e in received] == ["token.received", "error"]
-    assert received[1].data["line"] == 2
-    assert received[1].run_id == "r1"
-    assert run.status is RunStatus.FAILED
-    assert run.error is not None and run.error.line == 2
-
-
 async def test_cancelling_a_replay_ends_it(autojump_clock, tmp_path):
     path = write(tmp_path / "t.jsonl", timed([0, 60, 120]))
     async with trio.open_nursery() as nursery:
@@ -445,15 +343,6 @@ async def test_cancelling_a_replay_ends_it(autojump_clock, tmp_path):
     assert run.status is RunStatus.CANCELLED
     assert run.to_dict()["metadata"]["cancelled"] == "enough"
     assert run.last_seq == 1
-
-
-async def test_start_replay_fails_fast_on_a_missing_or_foreign_file(tmp_path):
-    async with trio.open_nursery() as nursery:
-        with pytest.raises(FileNotFoundError):
-            await start_replay(tmp_path / "nope.jsonl", nursery=nursery)
-        (tmp_path / "notes.txt").write_text("these are not events\n")
-        with pytest.raises(RecordingError):
-            await start_replay(tmp_path / "notes.txt", nursery=nursery)
 
 
 # -- the `trioflow replay` command -----------------------------------------------------------
@@ -497,27 +386,6 @@ async def test_replay_of_a_failed_run_exits_1(tmp_path):
     assert "failed" in proc.stdout
 
 
-def test_replay_of_a_corrupted_recording_shows_the_valid_events_then_exits_1(run_json, tmp_path):
-    lines = run_json.read_text().splitlines(keepends=True)
-    path = tmp_path / "corrupt.jsonl"
-    path.write_text("".join(lines[:5]) + "{not json\n" + "".join(lines[5:]))
-    proc = trioflow("replay", str(path), "--json", "--speed", "inf")
-    assert proc.returncode == 1
-    assert proc.stdout == "".join(lines[:5])
-    assert f"{path}, line 6" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_replay_of_a_truncated_recording_exits_1(run_json, tmp_path):
-    path = tmp_path / "cut.jsonl"
-    text = run_json.read_text()
-    path.write_text(text[: text.rindex("\n", 0, -1) + 30])
-    proc = trioflow("replay", str(path), "--json", "--speed", "inf")
-    assert proc.returncode == 1
-    assert "truncated" in proc.stderr
-    assert f"line {len(text.splitlines())}" in proc.stderr
-
-
 def test_replay_of_a_missing_file_exits_2(tmp_path):
     proc = trioflow("replay", str(tmp_path / "nope.jsonl"))
     assert proc.returncode == 2
@@ -536,7 +404,7 @@ def test_replay_bad_speed_is_a_usage_error(speed, capsys):
 def test_ctrl_c_stops_a_replay_with_130(tmp_path):
     path = write(tmp_path / "slow.jsonl", timed([0, 3600, 7200]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trioflow", "replay", str(path), "--json"],
+        [sys.executable, "-m", "trioflow", "replay", str(path), "--json", "--max-gap", "inf"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, Self, cast
 
+from trioflow import _json
 from trioflow._frozen import EMPTY, freeze_data, thaw
 
 __all__ = [
@@ -590,12 +591,17 @@ class FlowEvent:
     def from_json(cls, text: str | bytes) -> Self:
         """Decode :meth:`to_json` output.
 
+        Decoded with ``trioflow._json.loads``: nesting deeper than 64 levels,
+        ``NaN``/``Infinity`` and lone surrogates are refused (never a
+        :exc:`RecursionError`).
+
         Raises:
-            ValueError: the text is not JSON, or a field is invalid (as :meth:`from_dict`).
+            ValueError: the text is not such JSON, or a field is invalid (as
+                :meth:`from_dict`).
         """
         try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+            obj = _json.loads(text)
+        except _json.InvalidJSON as exc:
             raise ValueError(f"event is not valid JSON: {exc}") from None
         return cls.from_dict(obj)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import IO, Any
 
@@ -14,34 +15,99 @@ import trio
 from trioflow.bus import EventBus
 from trioflow.events import FlowEvent
 
-__all__ = ["RecordingError", "ReplayStream", "replay", "replay_into"]
+__all__ = [
+    "DEFAULT_MAX_GAP",
+    "MAX_LINE_BYTES",
+    "RecordingError",
+    "RecordingWarning",
+    "ReplayStream",
+    "WarningHandler",
+    "replay",
+    "replay_into",
+]
 
 _CHUNK_SIZE = 64 * 1024
 """Bytes read per call (one worker-thread round trip)."""
 MAX_LINE_BYTES = 16 * 1024 * 1024
 """The longest line a recording may hold; a longer one is reported as corrupted."""
+DEFAULT_MAX_GAP = 5.0
+"""The longest pause a replay makes between two events by default, in recorded seconds.
+
+A recording with a huge timestamp jump (a corrupted clock, runs appended
+days apart) therefore never stalls a replay for longer than this (divided by
+the speed). Pass ``max_gap=math.inf`` (``--max-gap inf``) to keep every pause.
+"""
 
 
 class RecordingError(ValueError):
     """A line of a recording is not an event: corrupted, truncated or too long.
 
     Raised by a replay after every valid event before that line was
-    delivered.
+    delivered. A line nested too deeply (say 30,000 levels of ``[``) is such
+    a line too, never a :exc:`RecursionError`.
+
+    The message is ``"<path>, line <line>: <reason>"``, or ``"<path>:
+    <reason>"`` when the error concerns the whole recording (``line`` 0: the
+    commands report a recording without any event so).
 
     Attributes:
         path: the recording's path (or the name of the stream it came from).
-        line: the line's number, starting at 1.
+        line: the line's number, starting at 1; 0 for the whole recording.
         reason: what is wrong with it.
         truncated: whether it is the last line and has no line end (the
             recording was cut off in the middle of writing it).
     """
 
     def __init__(self, path: str, line: int, reason: str, *, truncated: bool = False) -> None:
-        super().__init__(f"{path}, line {line}: {reason}")
+        super().__init__(f"{path}, line {line}: {reason}" if line else f"{path}: {reason}")
         self.path = path
         self.line = line
         self.reason = reason
         self.truncated = truncated
+
+
+def empty_recording(path: str) -> RecordingError:
+    """The error the commands report for a recording that holds no event at all."""
+    return RecordingError(path, 0, "holds no events (it is empty or holds only blank lines)")
+
+
+class RecordingWarning(UserWarning):
+    """A line of a recording is an event, but not one a single recorded run produces.
+
+    The replay delivers the event anyway and goes on. The kinds:
+
+    * ``"seq"``: the event's seq does not follow the previous event's (a gap:
+      events missing, or a recording made with a ``types`` filter; or a seq
+      that repeats or goes back). Events with seq 0 (never emitted) are not
+      checked.
+    * ``"terminal"``: a second terminal event (``flow.completed``,
+      ``flow.failed``, ``flow.cancelled``) for the same run id.
+    * ``"run_id"``: an event of a run id other than the ones before it (the
+      recording holds several runs); once per new run id. Events without a
+      run id are not checked.
+
+    Reported to the replay's ``on_warning`` callback, or else with
+    :func:`warnings.warn` (so ``warnings.simplefilter("error",
+    RecordingWarning)`` turns them into exceptions). The message is
+    ``"<path>, line <line>: <reason>"``.
+
+    Attributes:
+        path: the recording's path (or the name of the stream it came from).
+        line: the line's number, starting at 1.
+        kind: ``"seq"``, ``"terminal"`` or ``"run_id"``.
+        reason: what is unexpected.
+    """
+
+    def __init__(self, path: str, line: int, kind: str, reason: str) -> None:
+        super().__init__(f"{path}, line {line}: {reason}")
+        self.path = path
+        self.line = line
+        self.kind = kind
+        self.reason = reason
+
+
+WarningHandler = Callable[[RecordingWarning], object]
+"""An ``on_warning`` callback: called with each :class:`RecordingWarning`, synchronously."""
 
 
 def _check_speed(speed: float) -> float:
@@ -54,7 +120,10 @@ def _check_max_gap(max_gap: float | None) -> float:
     if max_gap is None:
         return math.inf
     if isinstance(max_gap, bool) or not isinstance(max_gap, (int, float)) or not max_gap >= 0:
-        raise ValueError(f"max_gap must be a number of seconds >= 0 or None, not {max_gap!r}")
+        raise ValueError(
+            f"max_gap must be a number of seconds >= 0 (math.inf or None: no limit), "
+            f"not {max_gap!r}"
+        )
     return float(max_gap)
 
 
@@ -67,10 +136,16 @@ class ReplayStream:
 
     Event ``i`` (``i > 0``) is delivered ``(timestamp[i] - timestamp[i-1]) /
     speed`` seconds (of Trio's clock) after event ``i-1`` was due; the first is
-    delivered at once. Delays are kept against a schedule fixed when the
-    first event is delivered, so they do not drift: a consumer that takes an
-    event late gets the following ones without delay until it has caught up
-    (never early). Timestamps that go backwards count as no delay.
+    delivered at once. The recorded gap is first capped at ``max_gap``, so no
+    wait is longer than ``max_gap / speed``. Delays are kept against a
+    schedule fixed when the first event is delivered, so they do not drift: a
+    consumer that takes an event late gets the following ones without delay
+    until it has caught up (never early). Timestamps that go backwards (or are
+    not finite) count as no delay.
+
+    Each event is checked against the ones before it as its line is read
+    (before it is delivered); an unexpected one is reported as a
+    :class:`RecordingWarning`, and delivered all the same.
 
     Cancellation: if ``__anext__`` is cancelled, no event is lost; the next
     call delivers the event it was waiting for.
@@ -84,6 +159,7 @@ class ReplayStream:
         speed: float,
         max_gap: float,
         event_class: type[FlowEvent],
+        on_warning: WarningHandler | None = None,
     ) -> None:
         self._file: Any = file
         self.path = path
@@ -105,6 +181,11 @@ class ReplayStream:
         self._previous_ts = 0.0
         self._offset = 0.0
         self._count = 0
+        self._on_warning = on_warning
+        self._previous_seq = 0
+        self._run_ids: set[str] = set()
+        self._last_run_id: str | None = None
+        self._terminals: dict[str | None, int] = {}
 
     def __repr__(self) -> str:
         return f"<ReplayStream {self.path!r} line={self._line} events={self._count}>"
@@ -194,7 +275,49 @@ class ReplayStream:
                 return None
             self._schedule(event)
             self._next = event
+            self._check(event)
         return self._next
+
+    def _check(self, event: FlowEvent) -> None:
+        """Report what is unexpected about ``event`` (just read) as :class:`RecordingWarning`."""
+        seq, previous = event.seq, self._previous_seq
+        if seq:
+            if previous and seq != previous + 1:
+                if seq > previous + 1:
+                    gap = f"{previous + 1}" if seq == previous + 2 else f"{previous + 1}-{seq - 1}"
+                    reason = f"seq {seq} follows seq {previous}: seq {gap} missing"
+                else:
+                    reason = f"seq {seq} follows seq {previous}: out of order or repeated"
+                self._warn("seq", reason)
+            self._previous_seq = seq
+        run_id = event.run_id
+        if run_id is not None:
+            if self._run_ids and run_id not in self._run_ids:
+                self._warn(
+                    "run_id",
+                    f"run id {run_id!r} after events of run {self._last_run_id!r}: "
+                    "the recording holds several runs",
+                )
+            self._run_ids.add(run_id)
+            self._last_run_id = run_id
+        if event.is_terminal():
+            first = self._terminals.get(run_id)
+            if first is None:
+                self._terminals[run_id] = self._line
+            else:
+                self._warn(
+                    "terminal",
+                    f"a second terminal event ({event.type}) of run {run_id!r}; "
+                    f"the first is on line {first}",
+                )
+
+    def _warn(self, kind: str, reason: str) -> None:
+        warning = RecordingWarning(self.path, self._line, kind, reason)
+        if self._on_warning is not None:
+            self._on_warning(warning)
+        else:
+            # _warn <- _check <- _fetch <- __anext__ or peek <- the consumer
+            warnings.warn(warning, stacklevel=5)
 
     def _schedule(self, event: FlowEvent) -> None:
         """Place ``event`` on the recording's timeline: seconds after the first event."""
@@ -252,8 +375,9 @@ async def replay(
     source: str | os.PathLike[str] | IO[bytes],
     *,
     speed: float = 1.0,
-    max_gap: float | None = None,
+    max_gap: float | None = DEFAULT_MAX_GAP,
     event_class: type[FlowEvent] = FlowEvent,
+    on_warning: WarningHandler | None = None,
 ) -> AsyncIterator[ReplayStream]:
     """Stream a recording back as a live stream, for the duration of the ``async with`` block.
 
@@ -266,9 +390,14 @@ async def replay(
             async for event in events:
                 ...
 
-    Blank lines are skipped. A line that is not an event raises
+    Blank lines are skipped; an empty recording yields no events. A line
+    that is not an event (not JSON, nested deeper than 64 levels, not an
+    event's shape, longer than :data:`MAX_LINE_BYTES`, truncated) raises
     :exc:`RecordingError` (with its line number) from the iteration, after
-    every valid event before it was delivered.
+    every valid event before it was delivered. An event that a single
+    recorded run would not produce (a gap in the seqs, a second terminal
+    event of a run, a second run id) is reported as a
+    :class:`RecordingWarning` and delivered.
 
     Args:
         source: the recording's path, or an open binary file (read, not closed).
@@ -276,10 +405,20 @@ async def replay(
             speed; ``math.inf`` delivers every event without delay (still
             with a checkpoint per event). Delays use :func:`trio.sleep_until`,
             so a :class:`trio.testing.MockClock` makes them exact.
-        max_gap: the longest delay between two events, in recorded seconds
-            (before scaling by ``speed``); ``None`` for no limit. Useful for
-            recordings with idle stretches or several runs appended.
+        max_gap: the longest delay between two events, in recorded seconds:
+            a longer gap between two timestamps counts as ``max_gap``. It
+            applies before scaling by ``speed``, so the longest wait is
+            ``max_gap / speed`` (10 s at ``speed=0.5`` with the default 5 s).
+            ``0`` replays without pauses (like ``speed=math.inf``);
+            ``math.inf`` or ``None`` keeps every pause, however long. The
+            default, :data:`DEFAULT_MAX_GAP` (5 s), keeps a corrupted
+            timestamp or runs appended hours apart from stalling a replay.
         event_class: the :class:`~trioflow.FlowEvent` subclass to decode into.
+        on_warning: called with each :class:`RecordingWarning`, when the
+            event's line is read (before that event is delivered); ``None``
+            (the default) issues them with :func:`warnings.warn`. An
+            exception it raises comes out of the iteration, and the event
+            is delivered by the next call.
 
     Yields:
         A :class:`ReplayStream`, an async iterator of events.
@@ -300,7 +439,9 @@ async def replay(
         file = trio.wrap_file(source)
         owned = False
     try:
-        yield ReplayStream(file, path, speed=rate, max_gap=gap, event_class=event_class)
+        yield ReplayStream(
+            file, path, speed=rate, max_gap=gap, event_class=event_class, on_warning=on_warning
+        )
     finally:
         if owned:
             await file.aclose()
@@ -311,8 +452,9 @@ async def replay_into(
     source: str | os.PathLike[str] | IO[bytes],
     *,
     speed: float = 1.0,
-    max_gap: float | None = None,
+    max_gap: float | None = DEFAULT_MAX_GAP,
     run_id: str | None = None,
+    on_warning: WarningHandler | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Re-emit a recording into ``bus``, with its timing, as if it were happening now.
@@ -328,7 +470,9 @@ async def replay_into(
         source: as :func:`replay`.
         speed: as :func:`replay`.
         max_gap: as :func:`replay`.
-        run_id: give every event this run id instead of the recorded one.
+        run_id: give every event this run id instead of the recorded one
+            (the warnings concern the recorded ones).
+        on_warning: as :func:`replay`.
         task_status: for ``nursery.start``: started once the recording is open.
 
     Returns:
@@ -342,7 +486,7 @@ async def replay_into(
         trio.ClosedResourceError: the bus was closed.
         ValueError: ``speed`` or ``max_gap`` is out of range.
     """
-    async with replay(source, speed=speed, max_gap=max_gap) as events:
+    async with replay(source, speed=speed, max_gap=max_gap, on_warning=on_warning) as events:
         task_status.started()
         async for event in events:
             await bus.emit(event, run_id=run_id)

@@ -14,7 +14,14 @@ from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_eve
 from trioflow.events import EventType, FlowEvent
 from trioflow.executor import RunStatus
 from trioflow.patterns import FlowMetrics, MetricsCollector
-from trioflow.recording._replay import RecordingError, _check_max_gap, _check_speed, replay
+from trioflow.recording._replay import (
+    DEFAULT_MAX_GAP,
+    RecordingError,
+    WarningHandler,
+    _check_max_gap,
+    _check_speed,
+    replay,
+)
 
 __all__ = ["ReplayRun", "start_replay"]
 
@@ -54,9 +61,10 @@ class ReplayRun:
         source: str | os.PathLike[str] | IO[bytes],
         *,
         speed: float = 1.0,
-        max_gap: float | None = None,
+        max_gap: float | None = DEFAULT_MAX_GAP,
         history: int = 4096,
         run_id: str | None = None,
+        on_warning: WarningHandler | None = None,
     ) -> None:
         _check_speed(speed)
         _check_max_gap(max_gap)
@@ -71,6 +79,7 @@ class ReplayRun:
         self.speed = speed
         self.max_gap = max_gap
         self.history = history
+        self.on_warning = on_warning
         self.task = ""
         self.model = ""
         self.created_at = time.time()
@@ -257,7 +266,9 @@ class ReplayRun:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            async with replay(self.source, speed=self.speed, max_gap=self.max_gap) as events:
+            async with replay(
+                self.source, speed=self.speed, max_gap=self.max_gap, on_warning=self.on_warning
+            ) as events:
                 first = await events.peek()
                 if first is not None:
                     if self._run_id is None:
@@ -295,9 +306,10 @@ async def start_replay(
     *,
     nursery: trio.Nursery,
     speed: float = 1.0,
-    max_gap: float | None = None,
+    max_gap: float | None = DEFAULT_MAX_GAP,
     history: int = 4096,
     run_id: str | None = None,
+    on_warning: WarningHandler | None = None,
 ) -> ReplayRun:
     """Start replaying a recording in ``nursery``; return its handle once its bus exists.
 
@@ -318,11 +330,13 @@ async def start_replay(
         source: the recording: a path, or an open binary file (read, not closed).
         nursery: where the replay's task runs.
         speed: as :func:`~trioflow.recording.replay` (``math.inf``: no delays).
-        max_gap: as :func:`~trioflow.recording.replay`.
+        max_gap: as :func:`~trioflow.recording.replay` (default: 5 s).
         history: how many events the replay's bus retains for late
             subscribers; make it at least the recording's length for
             ``after=0`` to work after the replay ended.
         run_id: give every event this run id instead of the recorded ones.
+        on_warning: as :func:`~trioflow.recording.replay`; called in the
+            replay's task.
 
     Returns:
         The running :class:`ReplayRun`.
@@ -333,6 +347,13 @@ async def start_replay(
             (nothing can be replayed).
         ValueError: ``speed``, ``max_gap`` or ``history`` is out of range.
     """
-    run = ReplayRun(source, speed=speed, max_gap=max_gap, history=history, run_id=run_id)
+    run = ReplayRun(
+        source,
+        speed=speed,
+        max_gap=max_gap,
+        history=history,
+        run_id=run_id,
+        on_warning=on_warning,
+    )
     await nursery.start(run._execute, name=f"trioflow replay {run.path}")
     return run

@@ -5,20 +5,29 @@ The recording is JSON lines, one event per line, as written by
 events are shown with the views of ``trioflow run``: a live view, plain text
 (``--plain``) or JSON lines again (``--json``, byte for byte the recording's
 events). ``--speed 2`` replays twice as fast, ``--speed inf`` without delays.
+``--max-gap S`` (default 5) caps every pause at S recorded seconds, so at
+most S / speed seconds of waiting; ``--max-gap inf`` keeps every pause,
+``--max-gap 0`` none.
+
+Events a single recorded run would not produce (a gap in the seqs, a second
+terminal event of a run, a second run id) are replayed, each reported on
+standard error as ``trioflow replay: warning: FILE, line N: ...`` (at most
+10 of each kind).
 
 Exit status: 0 when the recording ends with ``flow.completed``; 1 when it ends
-with ``flow.failed`` or ``flow.cancelled``, without a terminal event, or at a
+with ``flow.failed`` or ``flow.cancelled``, without a terminal event, at a
 corrupted or truncated line (reported on standard error with its line
-number, after the valid events before it); 2 when the file cannot be opened
-or for bad usage; 130 when interrupted with Ctrl-C.
+number, after the valid events before it), or when it holds no events
+(``FILE: holds no events``); 2 when the file cannot be opened or for bad
+usage; 130 when interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+from collections import Counter
 from typing import IO
 
 import trio
@@ -34,12 +43,45 @@ from trioflow.console import (
     open_renderer,
 )
 from trioflow.events import EventType, FlowEvent
-from trioflow.recording._replay import RecordingError, replay
+from trioflow.recording._replay import (
+    DEFAULT_MAX_GAP,
+    RecordingError,
+    RecordingWarning,
+    WarningHandler,
+    empty_recording,
+    replay,
+)
 
-__all__ = ["HELP", "add_arguments", "main"]
+__all__ = ["HELP", "add_arguments", "main", "print_warnings"]
 
 HELP = "replay a recorded run (the JSON lines of 'trioflow run --json') with its timing"
 """The subcommand's one-line help."""
+
+MAX_WARNINGS = 10
+"""The most warnings of one kind the commands show; they say when they stop showing them."""
+
+
+def print_warnings(command: str, err: IO[str]) -> WarningHandler:
+    """An ``on_warning`` callback printing ``trioflow COMMAND: warning: ...`` lines on ``err``.
+
+    It prints the first :data:`MAX_WARNINGS` warnings of each kind, then one
+    more saying that the further ones of that kind are not shown, then none.
+    """
+    shown: Counter[str] = Counter()
+
+    def on_warning(warning: RecordingWarning) -> None:
+        shown[warning.kind] += 1
+        if shown[warning.kind] <= MAX_WARNINGS:
+            print(f"trioflow {command}: warning: {warning}", file=err, flush=True)
+        elif shown[warning.kind] == MAX_WARNINGS + 1:
+            print(
+                f"trioflow {command}: warning: {warning} "
+                f"(further {warning.kind} warnings not shown)",
+                file=err,
+                flush=True,
+            )
+
+    return on_warning
 
 
 def _speed(text: str) -> float:
@@ -55,13 +97,23 @@ def _speed(text: str) -> float:
 
 
 def _seconds(text: str) -> float:
+    """``argparse`` type of ``--max-gap``: seconds >= 0, or ``inf`` for no limit."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, not {text}")
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(
+            f"must be a non-negative number of seconds ('inf' for no limit), not {text}"
+        )
     return value
+
+
+MAX_GAP_HELP = (
+    "cap every pause between two events at SECONDS of the recording (divided by the speed "
+    f"when waiting); 'inf' keeps every pause, 0 none (default: {DEFAULT_MAX_GAP:g})"
+)
+"""The help of ``--max-gap`` (``trioflow replay`` and ``trioflow serve``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-gap",
         type=_seconds,
-        default=None,
+        default=DEFAULT_MAX_GAP,
         metavar="SECONDS",
-        help="the longest pause between two events, in recorded seconds (default: no limit)",
+        help=MAX_GAP_HELP,
     )
     parser.add_argument("--json", action="store_true", help="write one JSON event per line")
     parser.add_argument("--plain", action="store_true", help="plain text output (no live view)")
@@ -108,7 +160,12 @@ async def _replay(args: argparse.Namespace, out: IO[str]) -> int:
         interrupted.append(signum)
         scope.cancel()
 
-    async with replay(source, speed=args.speed, max_gap=args.max_gap) as events:
+    async with replay(
+        source,
+        speed=args.speed,
+        max_gap=args.max_gap,
+        on_warning=print_warnings("replay", sys.stderr),
+    ) as events:
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watch_signals, on_signal)
@@ -118,17 +175,20 @@ async def _replay(args: argparse.Namespace, out: IO[str]) -> int:
                             first = await events.peek()
                         except RecordingError as exc:
                             error, first = exc, None
-                        title, model = _titles(first, args.file)
-                        with open_renderer(
-                            out, json=args.json, plain=args.plain, title=title, model=model
-                        ) as renderer:
-                            try:
-                                async for event in events:
-                                    renderer.show(event)
-                                    if event.is_terminal():
-                                        terminal = event
-                            except RecordingError as exc:
-                                error = exc
+                        if first is None and error is None:
+                            error = empty_recording(events.path)  # nothing to show
+                        else:
+                            title, model = _titles(first, args.file)
+                            with open_renderer(
+                                out, json=args.json, plain=args.plain, title=title, model=model
+                            ) as renderer:
+                                try:
+                                    async for event in events:
+                                        renderer.show(event)
+                                        if event.is_terminal():
+                                            terminal = event
+                                except RecordingError as exc:
+                                    error = exc
                 finally:
                     nursery.cancel_scope.cancel()
     if error is not None:

@@ -23,9 +23,16 @@ shared bus, which a :class:`~trioflow.telemetry.Telemetry` listens to. The
 endpoint needs the token like the rest of the API, when one is set.
 
 ``--replay FILE`` plays a recording (``trioflow run --json`` output) as a run
-of the server, at ``--speed`` (``inf``: no delays): ``/runs/{id}``,
+of the server, at ``--speed`` (``inf``: no delays), each pause capped at
+``--max-gap`` recorded seconds (default 5; ``inf``: no cap): ``/runs/{id}``,
 ``/runs/{id}/events`` and the WebSockets serve it like a live run, from its
 first event whenever a client connects. Its events URL is printed on startup.
+A recording that holds no events, or whose first line is not an event, is
+not served: the command exits with status 1 and a one-line message. A later
+line that is not an event ends the replay with an ``error`` event, after the
+valid events before it. Warnings about the recording (see
+:class:`~trioflow.recording.RecordingWarning`) are printed on standard error,
+at most 10 of a kind.
 """
 
 from __future__ import annotations
@@ -50,8 +57,9 @@ from trioflow.cli import positive_float
 from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
-from trioflow.recording import RecordingError, ReplayRun, start_replay
-from trioflow.recording.command import _speed
+from trioflow.recording import DEFAULT_MAX_GAP, RecordingError, ReplayRun, start_replay
+from trioflow.recording._replay import empty_recording
+from trioflow.recording.command import MAX_GAP_HELP, _seconds, _speed, print_warnings
 from trioflow.settings import Settings
 from trioflow.web.app import MetricsRenderer, create_app, hub_of
 from trioflow.web.config import TOKEN_ENV, WebConfig
@@ -195,6 +203,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="the replay's playback speed: 2 is twice as fast, 'inf' without delays (default: 1)",
     )
+    parser.add_argument(
+        "--max-gap",
+        type=_seconds,
+        default=DEFAULT_MAX_GAP,
+        metavar="SECONDS",
+        help=f"the replay's pauses: {MAX_GAP_HELP}",
+    )
 
 
 def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
@@ -237,16 +252,33 @@ async def open_metrics() -> AsyncIterator[tuple[EventBus, MetricsRenderer]]:
 
 
 def _history_for(path: str) -> int:
-    """A replay history holding the whole recording, so late clients see every event."""
+    """A replay history holding the whole recording, so late clients see every event.
+
+    Raises:
+        RecordingError: the recording holds no events (only blank lines, if any).
+        OSError: it cannot be read.
+    """
     with open(path, "rb") as file:
-        return max(4096, sum(1 for _ in file) + 16)
+        lines = sum(1 for line in file if line.strip())
+    if not lines:
+        raise empty_recording(path)
+    return max(4096, lines + 16)
 
 
-async def _start_replay(path: str, speed: float, nursery: trio.Nursery) -> ReplayRun:
-    replay = await start_replay(path, nursery=nursery, speed=speed, history=_history_for(path))
+async def _start_replay(
+    path: str, speed: float, max_gap: float, nursery: trio.Nursery, err: IO[str]
+) -> ReplayRun:
+    replay = await start_replay(
+        path,
+        nursery=nursery,
+        speed=speed,
+        max_gap=max_gap,
+        history=_history_for(path),
+        on_warning=print_warnings("serve", err),
+    )
     if replay.run_id is None:
-        replay.cancel("empty recording")
-        raise RecordingError(path, 0, "the recording holds no events")
+        replay.cancel("no run id")
+        raise RecordingError(path, 0, "the first event has no run id")
     return replay
 
 
@@ -283,8 +315,13 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                 replay: ReplayRun | None = None
                 if args.replay is not None:
                     try:
-                        replay = await _start_replay(args.replay, args.speed, nursery)
-                    except (OSError, RecordingError) as exc:
+                        replay = await _start_replay(
+                            args.replay, args.speed, args.max_gap, nursery, err
+                        )
+                    except RecordingError as exc:
+                        print(f"trioflow serve: cannot replay {exc}", file=err)
+                        return EXIT_FAILED
+                    except OSError as exc:
                         print(f"trioflow serve: cannot replay {args.replay}: {exc}", file=err)
                         return EXIT_FAILED
                     hub_of(app).add_replay(replay)
