@@ -37,7 +37,7 @@ import trio
 from trioflow import Agent, FlowEvent, Overflow, StreamingFlowExecutor, calculator, open_event_bus
 from trioflow.models import Model, open_model
 from trioflow.patterns import ErrorTracker, FlowMetrics, MetricsCollector, coalesce_tokens, preset
-from trioflow.recording import EventRecorder, replay
+from trioflow.recording import EventRecorder, RecordingWarning, replay
 
 
 async def buffered(model: Model) -> None:
@@ -117,12 +117,16 @@ async def record_and_replay(model: Model, path: Path) -> None:
     print("   replaying the recording at speed=inf")
     replayed = MetricsCollector()
     terminals = []
-    async with replay(path, speed=math.inf) as events:
+    # A recording of a shared bus holds several runs: the replay reports each
+    # new run id as a RecordingWarning (a one-run recording never has one).
+    notes: list[RecordingWarning] = []
+    async with replay(path, speed=math.inf, on_warning=notes.append) as events:
         async for event in events:
             replayed(event)
             if event.is_terminal():
                 terminals.append(event.type)
     print(f"   replayed terminal events: {', '.join(terminals)}")
+    print(f"   runs in the recording: {1 + sum(note.kind == 'run_id' for note in notes)}")
     show_metrics("replay", replayed.result())
     same = replayed.result().events == metrics.result().events
     print(f"   live and replayed figures agree: {same}")

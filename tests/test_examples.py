@@ -135,6 +135,7 @@ EXAMPLES: dict[str, list[str]] = {
         "errors: 2 in 2 runs",
         "by error type: {'CalculationError': 1, 'MaxIterationsExceeded': 1}",
         "replayed terminal events: flow.completed, flow.completed, flow.failed",
+        "runs in the recording: 3",
         "replay: 3 runs, 79 events",
         "live and replayed figures agree: True",
     ],
