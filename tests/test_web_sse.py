@@ -159,7 +159,7 @@ async def test_ready_events_are_written_in_one_send() -> None:
             "path": f"/runs/{run.run_id}/events",
             "raw_path": f"/runs/{run.run_id}/events".encode(),
             "query_string": b"",
-            "headers": [(b"host", b"test")],
+            "headers": [(b"host", b"localhost")],
             "scheme": "http",
             "server": ("test", 80),
             "root_path": "",
@@ -226,20 +226,6 @@ async def test_resuming_a_finished_run_at_its_end_is_204(web_server: WebServer) 
         )
     assert response.status_code == 204
     assert response.content == b""
-
-
-async def test_invalid_resume_points_are_400(web_server: WebServer) -> None:
-    async with client(web_server) as http:
-        run_id = await start_run(http)
-        await web_server.executor.get_run(run_id).wait()
-        responses = [
-            await http.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "abc"}),
-            await http.get(f"/runs/{run_id}/events", params={"after": "-1"}),
-            await http.get(f"/runs/{run_id}/events", params={"after": "999"}),
-        ]
-    for response in responses:
-        assert response.status_code == 400
-        assert response.json()["error"]["code"] == "invalid_after"
 
 
 async def test_a_stale_id_gets_a_history_expired_error_event_not_a_gap(

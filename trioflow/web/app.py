@@ -24,9 +24,9 @@ request handling; it runs on Trio through anyio.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, TypeAlias, cast
@@ -39,6 +39,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import Run, RunStatus, StreamingFlowExecutor
 from trioflow.web.auth import AccessControl
@@ -56,6 +57,7 @@ MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
 :class:`~trioflow.telemetry.PrometheusMetrics`)."""
 
 _JSON_TYPES = ("application/json",)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _log = logging.getLogger("trioflow.web")
 
@@ -76,12 +78,14 @@ def hub_of(app: Starlette) -> RunHub:
     return hub
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json(request: Request, limit: int, *, body_timeout: float = math.inf) -> object:
-    """Read and decode a JSON request body of at most ``limit`` bytes.
+    r"""Read and decode a JSON request body of at most ``limit`` bytes.
+
+    Decodes with :func:`trioflow._json.loads`: nesting is bounded (a deep
+    body is ``invalid_json``, never a ``RecursionError``), ``NaN`` and
+    ``Infinity`` are refused. Strings may hold lone surrogates (``"\ud800"``):
+    the caller validates the strings it keeps and names the member at fault
+    (:meth:`RunRequest.parse <trioflow.web.RunRequest.parse>`).
 
     ``body_timeout`` bounds the wait for each part of the body (the body-read
     timeout): a client that stops sending mid-body is answered ``408``.
@@ -89,10 +93,11 @@ async def read_json(request: Request, limit: int, *, body_timeout: float = math.
     Raises:
         ApiError: ``415`` unless the body is ``application/json``; ``413``
             when it is larger than ``limit`` (checked against
-            ``Content-Length`` first, then while reading); ``400`` when it is
-            empty or not valid UTF-8 JSON; ``408`` when a part of the body
-            took longer than ``body_timeout``; ``400`` ``client_disconnected``
-            (logged in one line, no traceback) when the client left mid-body.
+            ``Content-Length`` first, then while reading); ``400``
+            (``invalid_json``) when it is empty, not valid UTF-8 JSON, or
+            nested too deep; ``408`` when a part of the body took longer
+            than ``body_timeout``; ``400`` ``client_disconnected`` (logged in
+            one line, no traceback) when the client left mid-body.
     """
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media not in _JSON_TYPES and not (
@@ -137,8 +142,8 @@ async def read_json(request: Request, limit: int, *, body_timeout: float = math.
     if not body.strip():
         raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return loads(bytes(body), unicode=False)
+    except InvalidJSON as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
@@ -152,11 +157,17 @@ def run_links(request: Request, run: Run) -> dict[str, str]:
 
 
 def _json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as ``null`` (JSON has none; a replay's ``speed`` may be inf)."""
+    """``value`` made encodable: non-finite floats as ``null``, lone surrogates as U+FFFD.
+
+    JSON has no non-finite numbers (a replay's ``speed`` may be inf), UTF-8
+    no lone surrogates (a run started in-process may hold one in its task).
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     return value
@@ -324,7 +335,12 @@ def create_app(
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(AccessControl, token=config.token, allowed_origins=config.allowed_origins)
+            Middleware(
+                AccessControl,
+                token=config.token,
+                allowed_origins=config.allowed_origins,
+                allowed_hosts=config.host_allow_list,
+            )
         ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=hub.lifespan,

@@ -1,4 +1,14 @@
-"""Access control: the bearer token and the ``Origin`` allow-list, as ASGI middleware.
+"""Access control: the ``Host`` check, the bearer token and the ``Origin`` allow-list, as ASGI middleware.
+
+Host
+    Every request and WebSocket handshake but ``GET /healthz`` must name the
+    server in its ``Host`` header: one of the names of
+    :attr:`~trioflow.web.WebConfig.host_allow_list` (by default the
+    loopback names and the bound address); ``403`` ``forbidden_host``
+    otherwise, before the token is looked at. This defeats DNS rebinding,
+    where a page of another site reaches a local server under its own name
+    (:mod:`trioflow.web.hosts`). ``/healthz`` answers any ``Host``: load
+    balancers probe it by address.
 
 Token
     With a token configured, every request but the public ones (``/``,
@@ -12,7 +22,9 @@ Token
 Origin
     A browser sends ``Origin`` with every WebSocket handshake and every
     cross-site ``POST``. Those are allowed only from the server's own origin
-    (the ``Origin`` host equals the ``Host`` header) and the configured
+    (the ``Origin`` host and port equal the ``Host`` header, and that
+    ``Host`` is on the allow-list above: a rebinding page controls its
+    ``Host`` too, so equality alone proves nothing) and the configured
     :attr:`~trioflow.web.WebConfig.allowed_origins` (``"*"`` for any);
     ``403`` otherwise. Requests without ``Origin`` come from non-browser
     clients and pass. Together with ``POST /runs`` accepting only
@@ -32,8 +44,12 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from trioflow.web.errors import ApiError
+from trioflow.web.hosts import ANY_HOST, HostAllowList
 
-__all__ = ["PUBLIC_PATHS", "AccessControl"]
+__all__ = ["ANY_HOST_PATHS", "PUBLIC_PATHS", "AccessControl"]
+
+ANY_HOST_PATHS = frozenset({"/healthz"})
+"""Paths answered whatever the ``Host`` header (load balancers probe by address)."""
 
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/favicon.ico"})
 """Paths open without a token (besides everything under ``/static/``)."""
@@ -56,23 +72,32 @@ def _bearer(value: str | None) -> str | None:
 
 
 class AccessControl:
-    """ASGI middleware checking the bearer token and the ``Origin`` of requests.
+    """ASGI middleware checking the ``Host``, the bearer token and the ``Origin`` of requests.
 
     Args:
         app: the application to protect.
         token: the token every non-public request must carry; ``None`` for none.
         allowed_origins: origins allowed besides the server's own; ``"*"`` for any.
+        allowed_hosts: the ``Host`` values to answer
+            (:attr:`WebConfig.host_allow_list <trioflow.web.WebConfig.host_allow_list>`);
+            the default, ``"*"``, answers any.
     """
 
     def __init__(
-        self, app: ASGIApp, *, token: str | None, allowed_origins: Collection[str] = ()
+        self,
+        app: ASGIApp,
+        *,
+        token: str | None,
+        allowed_origins: Collection[str] = (),
+        allowed_hosts: HostAllowList | None = None,
     ) -> None:
         self.app = app
         self._token = token.encode() if token else None
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self._hosts = allowed_hosts if allowed_hosts is not None else HostAllowList([ANY_HOST])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass the request on, or answer ``401``/``403`` (a denied WebSocket handshake)."""
+        """Pass the request on, or answer ``401``/``403`` (also to a WebSocket handshake)."""
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
@@ -90,6 +115,15 @@ class AccessControl:
         path: str = scope["path"]
         websocket = scope["type"] == "websocket"
         method = scope.get("method", "GET")
+        host = headers.get("host")
+        if path not in ANY_HOST_PATHS and not self._hosts.allows(host):
+            return ApiError(
+                403,
+                "forbidden_host",
+                "this server does not answer to "
+                + ("requests without a Host header" if host is None else f"the host {host!r}")
+                + "; add the name to the server's allowed hosts (--allowed-host)",
+            )
         if self._token is not None and not _is_public(path):
             supplied = _bearer(headers.get("authorization"))
             if supplied is None and (
@@ -120,7 +154,11 @@ class AccessControl:
         return None
 
     def origin_allowed(self, headers: Headers) -> bool:
-        """Whether the request's ``Origin`` (if any) is the server's own or an allowed one."""
+        """Whether the request's ``Origin`` (if any) is the server's own or an allowed one.
+
+        The server's own origin is one whose host and port equal the
+        ``Host`` header, when that ``Host`` is on the allow-list.
+        """
         origin = headers.get("origin")
         if origin is None:
             return True
@@ -128,9 +166,13 @@ class AccessControl:
         if "*" in self._origins or origin in self._origins:
             return True
         host = headers.get("host")
-        if host is None or origin == "null":
+        if host is None or origin == "null" or not self._hosts.allows(host):
             return False
-        return urllib.parse.urlsplit(origin).netloc == host.lower()
+        try:
+            netloc = urllib.parse.urlsplit(origin).netloc
+        except ValueError:  # "http://[::1": not an origin at all
+            return False
+        return netloc == host.lower()
 
 
 async def deny_websocket(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:

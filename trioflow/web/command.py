@@ -1,13 +1,17 @@
 """``trioflow serve``: the HTTP/SSE/WebSocket API and the browser page.
 
 ``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
-``[--timeout S] [--write-timeout S] [--shutdown-timeout S] [--max-connections N]``
-``[--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM,
+``[--allowed-host HOST ...] [--timeout S] [--write-timeout S] [--shutdown-timeout S]``
+``[--max-connections N] [--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM,
 then shuts down gracefully: running runs end with ``flow.cancelled``, streams
 deliver it and close, and after ``--shutdown-timeout`` seconds (10) every
 connection still open is closed by force. A second signal stops at once
 (runs still end with ``flow.cancelled``; streams may not deliver it). The
-token may also come from the ``TRIOFLOW_TOKEN`` environment variable.
+token may also come from the ``TRIOFLOW_TOKEN`` environment variable; from
+either source it must be 8 to 4096 printable ASCII characters without white
+space (exit status 2 otherwise). ``--allowed-host`` adds a name clients may
+reach the server by (the ``Host`` header); binding a wildcard address
+(``--host 0.0.0.0``) requires at least one.
 
 Every run has a time limit, ``--timeout`` (default 900 s, or
 ``TRIOFLOW_TIMEOUT``; ``0`` for none), so that no run holds a slot for ever;
@@ -40,7 +44,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -60,7 +63,7 @@ from trioflow.models import Model, ModelError, ScriptedModel, default_model_name
 from trioflow.recording import DEFAULT_MAX_GAP, RecordingError, ReplayRun, start_replay
 from trioflow.recording._replay import empty_recording
 from trioflow.recording.command import MAX_GAP_HELP, _seconds, _speed, print_warnings
-from trioflow.settings import Settings
+from trioflow.settings import Settings, _check_token
 from trioflow.web.app import MetricsRenderer, create_app, hub_of
 from trioflow.web.config import TOKEN_ENV, WebConfig
 from trioflow.web.runs import AgentFactory, RunRequest
@@ -131,7 +134,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         default=None,
-        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set)",
+        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set); "
+        "8 to 4096 printable ASCII characters without white space, from either source",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="also answer requests whose Host header names HOST ('name' for any port, "
+        "'name:port', '*' for any Host: no DNS-rebinding protection); repeatable. "
+        "Always allowed: localhost, 127.0.0.1 and [::1] when bound to loopback or a "
+        "wildcard, and the --host address. Required with --host 0.0.0.0 or ::; "
+        "others get 403 forbidden_host (GET /healthz answers any Host)",
     )
     parser.add_argument(
         "--allow-origin",
@@ -355,15 +370,29 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
         return EXIT_OK
 
 
+def _token(flag: str | None) -> str | None:
+    """The token from ``--token``, else from ``TRIOFLOW_TOKEN``, checked by the same rule.
+
+    Raises:
+        SettingsError: the token is not 8 to 4096 printable ASCII characters
+            without white space (an HTTP header could not carry it); the
+            message names its source, never its value.
+    """
+    if flag is not None:
+        return _check_token("--token", flag)
+    return Settings.from_env().token
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``trioflow serve`` with parsed ``args``; return the exit status."""
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
+        token = _token(args.token)
         config = WebConfig(
             host=args.host,
             port=args.port,
             token=token,
             allowed_origins=frozenset(args.allow_origin),
+            allowed_hosts=frozenset(args.allowed_host),
             keepalive=args.keepalive,
             buffer=args.buffer,
             write_timeout=args.write_timeout,

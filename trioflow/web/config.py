@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import resource
 from pathlib import Path
+
+from trioflow.web.hosts import LOOPBACK_NAMES, HostAllowList, is_loopback, is_wildcard, parse_host
 
 __all__ = ["DEFAULT_STATIC_DIR", "TOKEN_ENV", "WebConfig", "default_max_connections"]
 
@@ -14,6 +17,8 @@ TOKEN_ENV = "TRIOFLOW_TOKEN"
 
 DEFAULT_STATIC_DIR = Path(__file__).with_name("static")
 """The folder served at ``/static/`` (with its ``index.html`` at ``/``)."""
+
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
 def default_max_connections() -> int:
@@ -54,7 +59,9 @@ class WebConfig:
     Raises:
         TypeError: an option has the wrong type.
         ValueError: an option is out of range (a port outside 0-65535, a
-            non-positive time or size, an empty token).
+            non-positive time or size, an empty token or one with characters
+            an HTTP header cannot carry, a malformed allowed host, a wildcard
+            ``host`` without ``allowed_hosts``).
     """
 
     host: str = "127.0.0.1"
@@ -65,13 +72,30 @@ class WebConfig:
     """With a token, every endpoint but ``/healthz`` and the page (``/`` and
     ``/static/...``) requires ``Authorization: Bearer <token>``; the event
     stream and the WebSocket endpoints also accept ``?token=<token>``, for
-    browsers, whose ``EventSource`` and ``WebSocket`` cannot set headers."""
+    browsers, whose ``EventSource`` and ``WebSocket`` cannot set headers.
+    It must be printable ASCII without white space (``!`` to ``~``): a token
+    with other characters could never arrive intact in a header."""
     allowed_origins: frozenset[str] = frozenset()
     """Origins (``"https://app.example"``) allowed to open WebSockets and to
     ``POST``, besides the server's own origin. Requests without an ``Origin``
     header (non-browser clients) are always allowed; ``"*"`` allows any."""
+    allowed_hosts: frozenset[str] = frozenset()
+    """More names (``"agents.example.com"``, ``"agents.example.com:8443"``)
+    clients may reach the server by, as sent in the ``Host`` header. The
+    server always answers to the loopback names (``localhost``,
+    ``127.0.0.1``, ``[::1]``) when bound to a loopback or wildcard address,
+    and to the bound address itself; a name without a port matches any
+    port. A request with any other ``Host`` is refused with ``403``
+    ``forbidden_host`` (except ``GET /healthz``, which load balancers probe
+    with a ``Host`` of their own), which defeats DNS rebinding. Binding a
+    wildcard address (``0.0.0.0``, ``::``) requires this option; ``"*"``
+    allows any ``Host`` and gives up that protection (only behind a proxy
+    that checks ``Host`` itself). See :attr:`host_allow_list`."""
     max_body: int = 64 * 1024
-    """The largest request body (and WebSocket message) accepted, in bytes."""
+    """The largest request body (and WebSocket message) accepted, in bytes.
+    A larger WebSocket message gets a ``message_too_large`` error frame, up
+    to :attr:`websocket_message_ceiling`, above which the server closes the
+    connection with code ``1009``."""
     keepalive: float = 15.0
     """Seconds of silence after which an event stream sends a ``: keepalive`` comment."""
     retry: float = 3.0
@@ -123,12 +147,28 @@ class WebConfig:
             raise ValueError(f"port must be 0-65535, not {self.port}")
         if self.token is not None and (not isinstance(self.token, str) or not self.token.strip()):
             raise ValueError("token must be a non-empty string or None")
+        if self.token is not None and _TOKEN_CHARS.fullmatch(self.token) is None:
+            raise ValueError(
+                "token must be printable ASCII without white space or control characters "
+                "(an HTTP header cannot carry it otherwise)"
+            )
         origins: object = self.allowed_origins
         if isinstance(origins, str):
             raise TypeError("allowed_origins must be a collection of origins, not a string")
         object.__setattr__(
             self, "allowed_origins", frozenset(o.rstrip("/") for o in self.allowed_origins)
         )
+        hosts: object = self.allowed_hosts
+        if isinstance(hosts, str):
+            raise TypeError("allowed_hosts must be a collection of host names, not a string")
+        object.__setattr__(self, "allowed_hosts", frozenset(self.allowed_hosts))
+        HostAllowList(self.allowed_hosts)  # raises ValueError for a malformed entry
+        if is_wildcard(self.host) and not self.allowed_hosts:
+            raise ValueError(
+                f"binding {self.host!r} (every interface) needs allowed_hosts "
+                "(trioflow serve --allowed-host NAME): the names clients reach the server by; "
+                "'*' accepts any Host header, without protection against DNS rebinding"
+            )
         _count("max_body", self.max_body)
         _positive("keepalive", self.keepalive)
         _positive("retry", self.retry)
@@ -144,3 +184,32 @@ class WebConfig:
         if not isinstance(self.direct_writes, bool):
             raise TypeError(f"direct_writes must be a bool, not {self.direct_writes!r}")
         object.__setattr__(self, "static_dir", Path(self.static_dir))
+
+    @property
+    def host_allow_list(self) -> HostAllowList:
+        """The ``Host`` values the server answers to.
+
+        :attr:`allowed_hosts`, the loopback names when bound to a loopback
+        or wildcard address, and the bound address itself (unless a wildcard).
+        """
+        names = set(self.allowed_hosts)
+        if is_loopback(self.host) or is_wildcard(self.host):
+            names |= LOOPBACK_NAMES
+        if not is_wildcard(self.host) and parse_host(self.host) is not None:
+            names.add(self.host)
+        return HostAllowList(names)
+
+    @property
+    def websocket_message_ceiling(self) -> int:
+        """The largest WebSocket message the server reads at all: ``2 * max_body + 64 KiB`` bytes.
+
+        A message above :attr:`max_body` but within this gets a
+        ``message_too_large`` error frame and the connection stays open; the
+        server (Hypercorn) buffers a whole message before the application
+        sees it, so beyond this bound it closes the connection with ``1009``
+        instead of buffering without limit. Twice the limit leaves room for
+        the common mistake (a message somewhat too large); the 64 KiB of
+        slack keeps a small ``max_body`` from turning every near miss into a
+        closed connection.
+        """
+        return 2 * self.max_body + 64 * 1024

@@ -73,7 +73,7 @@ class RunRequest:
 
     @classmethod
     def parse(cls, obj: object, *, ignore: frozenset[str] = frozenset()) -> RunRequest:
-        """Validate decoded JSON: ``{"task": str, "timeout"?, "max_iterations"?, "on_disconnect"?}``.
+        r"""Validate decoded JSON: ``{"task": str, "timeout"?, "max_iterations"?, "on_disconnect"?}``.
 
         Args:
             obj: the decoded JSON value.
@@ -82,8 +82,10 @@ class RunRequest:
 
         Raises:
             ValueError: ``obj`` is not an object, has an unknown member, or a
-                member is missing, empty or of the wrong type; the message
-                names the member and says what is expected.
+                member is missing, empty, of the wrong type, or a string
+                that is not valid Unicode (a lone surrogate such as
+                ``"\ud800"``, which could never be encoded as UTF-8 again);
+                the message names the member and says what is expected.
         """
         if not isinstance(obj, Mapping):
             raise ValueError(f"expected a JSON object, not {_json_type(obj)}")
@@ -100,6 +102,7 @@ class RunRequest:
             raise ValueError(f"'task' must be a string, not {_json_type(task)}")
         if not task.strip():
             raise ValueError("'task' must not be empty")
+        _check_unicode("task", task)
         timeout = obj.get("timeout")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -125,6 +128,17 @@ class RunRequest:
                 f"'on_disconnect' must be 'continue' or 'cancel', not {policy!r}"
             ) from None
         return cls(task, timeout, max_iterations, on_disconnect)
+
+
+def _check_unicode(name: str, value: str) -> None:
+    """Raise :exc:`ValueError` naming ``name`` if ``value`` holds a lone surrogate."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{name} is not valid Unicode: it holds a lone surrogate (such as \\ud800)"
+            ) from None
 
 
 def _json_type(value: object) -> str:

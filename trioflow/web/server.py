@@ -101,7 +101,10 @@ def hypercorn_config(config: WebConfig) -> HypercornConfig:
     hconfig.graceful_timeout = config.shutdown_timeout
     hconfig.keep_alive_timeout = config.header_timeout
     hconfig.backlog = 2048  # a burst of a thousand clients connecting at once (Hypercorn: 100)
-    hconfig.websocket_max_message_size = config.max_body
+    # Above max_body, so that the application sees a message somewhat too
+    # large and answers it with a message_too_large frame (the connection
+    # stays open); beyond the ceiling Hypercorn closes with 1009.
+    hconfig.websocket_max_message_size = config.websocket_message_ceiling
     # No websocket_ping_interval: Hypercorn 0.18's ping task outlives a closed
     # WebSocket and holds a graceful shutdown for its whole graceful_timeout.
     hconfig.errorlog = _log

@@ -38,7 +38,10 @@ Error codes: ``invalid_json``, ``invalid_message``, ``unknown_action``,
 stream: ``evicted`` (the client fell behind by more than the connection's
 buffer; ``last_seq`` is the last event sent: ``resume`` after it, with no
 gap) and ``history_expired``. An error caused by a message echoes its
-``action`` and ``ref``.
+``action`` and ``ref``. A message larger than
+:attr:`~trioflow.web.WebConfig.max_body` gets ``message_too_large``; one
+larger than :attr:`~trioflow.web.WebConfig.websocket_message_ceiling` is
+never read: the server closes the connection with code ``1009``.
 
 Each followed run has its own subscription with a bounded buffer
 (:attr:`~trioflow.Overflow.EVICT`); a client that disconnects releases them
@@ -56,6 +59,7 @@ from typing import Any, cast
 import trio
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
+from trioflow._json import InvalidJSON, loads
 from trioflow._util import collapse_single_group
 from trioflow.bus import Overflow, SubscriberEvicted
 from trioflow.executor import Run
@@ -73,10 +77,6 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 def _hub(websocket: WebSocket) -> RunHub:
     return cast("RunHub", websocket.app.state.trioflow)
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _only(message: Mapping[str, Any], allowed: set[str]) -> None:
@@ -104,6 +104,11 @@ def _after(message: Mapping[str, Any], run: Run, default: int | None = None) -> 
             400, "invalid_after", f"'after' must be the seq of an event (an integer), not {after!r}"
         )
     return resume_point(after, run)
+
+
+def _utf8_size(text: str) -> int:
+    """The size of ``text`` in UTF-8, in bytes (a WebSocket text frame is valid UTF-8)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 class _Connection:
@@ -189,19 +194,19 @@ class _Connection:
                 self._finish()
                 return
             text = message.get("text")
-            if text is None:
-                try:
-                    text = bytes(message.get("bytes") or b"").decode()
-                except UnicodeDecodeError:
-                    await self.error("invalid_json", "a message must be UTF-8 JSON text")
-                    continue
-            if len(text) > limit:
-                await self.error("message_too_large", f"a message may have at most {limit} bytes")
+            data = message.get("bytes") or b""
+            size = len(data) if text is None else _utf8_size(text)
+            if size > limit:
+                await self.error(
+                    "message_too_large",
+                    f"a message may have at most {limit} bytes (this one has {size})",
+                )
                 continue
             try:
-                obj = json.loads(text, parse_constant=_reject_constant)
-            except ValueError as exc:
-                await self.error("invalid_json", f"a message must be JSON: {exc}")
+                # Lone surrogates pass here: RunRequest.parse names the member holding one.
+                obj = loads(data if text is None else text, unicode=False)
+            except InvalidJSON as exc:
+                await self.error("invalid_json", f"a message must be UTF-8 JSON: {exc}")
                 continue
             if not isinstance(obj, dict) or not isinstance(obj.get("action"), str):
                 await self.error(
