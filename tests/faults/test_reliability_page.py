@@ -11,7 +11,7 @@ PAGE = ROOT / "docs" / "reliability.rst"
 FAULTS = ROOT / "tests" / "faults"
 
 
-def tests_in(path: Path) -> set[str]:
+def defined_tests(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     return {
         node.name
@@ -32,7 +32,7 @@ def test_every_test_the_page_names_exists() -> None:
     missing = sorted(
         f"{file}::{name}"
         for file, name in named
-        if not (FAULTS / file).is_file() or name not in tests_in(FAULTS / file)
+        if not (FAULTS / file).is_file() or name not in defined_tests(FAULTS / file)
     )
     assert not missing, f"docs/reliability.rst names tests that do not exist: {missing}"
 
