@@ -37,6 +37,7 @@ __all__ = [
     "TERMINAL_TYPES",
     "EventType",
     "FlowEvent",
+    "OutputText",
     "check_event_types",
     "known_event_types",
     "register_event_type",
@@ -604,6 +605,42 @@ class FlowEvent:
         except _json.InvalidJSON as exc:
             raise ValueError(f"event is not valid JSON: {exc}") from None
         return cls.from_dict(obj)
+
+
+class OutputText:
+    """A run's answer as its events tell it: its tokens, less those a model retry voided.
+
+    The text is that of the run's ``token.received`` events. A ``warning`` event with ``discarded_tokens: n`` says that the last ``n``
+    tokens belonged to an attempt of the model turn that was cut and
+    retried: they are dropped, so a turn counts once, with the text of its
+    last attempt. Feed it every event of a run, in order, with
+    :meth:`observe` (or the type and data before the event exists, as the
+    executor does); read :attr:`text`.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def observe(self, type: str, data: Mapping[str, Any]) -> None:
+        """Take one event's type and data into account."""
+        if type == EventType.TOKEN_RECEIVED:
+            token = data.get("token")
+            if isinstance(token, str):
+                self._parts.append(token)
+        elif type == EventType.WARNING:
+            discarded = data.get("discarded_tokens")
+            if isinstance(discarded, int) and not isinstance(discarded, bool) and discarded > 0:
+                del self._parts[-discarded:]
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return "".join(self._parts)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def _error_info(error: BaseException | str) -> dict[str, str]:

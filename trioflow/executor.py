@@ -51,7 +51,7 @@ import trio
 from trioflow._util import collapse_single_group
 from trioflow.agent import Agent, AgentResult, MaxIterationsExceeded, RunControl
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
-from trioflow.events import EventType, FlowEvent, check_event_types
+from trioflow.events import EventType, FlowEvent, OutputText, check_event_types
 from trioflow.models.base import ModelError, Usage
 from trioflow.progress import FlowProgress
 
@@ -179,7 +179,7 @@ class Run:
         self._cancel_reason: str | None = None
         self._done = trio.Event()
         self._counts = _Counts()
-        self._output_parts: list[str] = []
+        self._output = OutputText()
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self._status.value} task={self.task[:40]!r}>"
@@ -302,7 +302,7 @@ class Run:
             "last_seq": self.last_seq,
             "progress": self.progress.to_dict(),
             "counts": self.counts(),
-            "output": result.output if result else "".join(self._output_parts),
+            "output": result.output if result else self._output.text,
             "result": result.to_dict() if result else None,
             "metadata": self.metadata,
         }
@@ -338,6 +338,7 @@ class Run:
             bus_emit = bus.emit
             counts = self._counts
             token_type = EventType.TOKEN_RECEIVED
+            observe = self._output.observe
 
             async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent:
                 # Book-keeping first, so that a subscriber woken by the event
@@ -345,14 +346,9 @@ class Run:
                 if type == token_type:
                     counts.events += 1
                     counts.tokens += 1
-                    self._output_parts.append(data["token"])
                 else:
                     self._count(type)
-                    if type == EventType.WARNING:
-                        # A model retry voids the tokens of the failed attempt.
-                        discarded = data.get("discarded_tokens")
-                        if isinstance(discarded, int) and discarded > 0:
-                            del self._output_parts[-discarded:]
+                observe(type, data)  # a model retry's warning voids the failed attempt's tokens
                 event = await bus_emit(type, data, run_id=run_id)
                 if shared is not None and not shared.closed:
                     await shared.emit(event)
@@ -457,7 +453,7 @@ class Run:
         self.progress.complete()
         error = {"type": type(exc).__name__, "message": str(exc), **(extra or {})}
         usage = exc.usage if isinstance(exc, MaxIterationsExceeded) else Usage()
-        output = "".join(self._output_parts)
+        output = self._output.text
         self._status = RunStatus.FAILED
         self._result = RunResult(
             self.run_id,
@@ -486,7 +482,7 @@ class Run:
         self._result = RunResult(
             self.run_id,
             RunStatus.CANCELLED,
-            "".join(self._output_parts),
+            self._output.text,
             self._counts.iterations,
             Usage(),
             duration,

@@ -526,3 +526,22 @@ def test_serve_replay_serves_the_valid_part_of_a_deep_recording_and_prints_its_w
     err = "".join(lines) + rest
     assert f"trioflow serve: warning: {path}, line 2: seq 3 follows seq 1: seq 2 missing\n" in err
     assert "Traceback" not in err
+
+
+# -- what a replayed run reports is what the live run reported ------------------------------
+
+
+async def test_a_replayed_run_with_a_retried_cut_reports_only_the_attempt_that_counted(tmp_path):
+    t0 = 1_700_000_000.0
+    events = [
+        FlowEvent("token.received", {"token": "Hello "}, t0, 1, "r1"),
+        FlowEvent("token.received", {"token": "the"}, t0, 2, "r1"),
+        FlowEvent("warning", {"message": "retrying", "discarded_tokens": 2}, t0, 3, "r1"),
+        FlowEvent("token.received", {"token": "Hello "}, t0, 4, "r1"),
+        FlowEvent("token.received", {"token": "there."}, t0, 5, "r1"),
+    ]
+    path = write(tmp_path / "cut.jsonl", events)
+    async with trio.open_nursery() as nursery:
+        run = await start_replay(path, nursery=nursery, speed=math.inf)
+        await run.wait()
+    assert run.to_dict()["output"] == "Hello there."

@@ -11,7 +11,7 @@ from typing import IO, Any
 import trio
 
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
-from trioflow.events import EventType, FlowEvent
+from trioflow.events import EventType, FlowEvent, OutputText
 from trioflow.executor import RunStatus
 from trioflow.patterns import FlowMetrics, MetricsCollector
 from trioflow.recording._replay import (
@@ -94,7 +94,7 @@ class ReplayRun:
         self._terminal: FlowEvent | None = None
         self._error: RecordingError | None = None
         self._metrics = MetricsCollector()
-        self._output: list[str] = []
+        self._output = OutputText()
         self._progress: Mapping[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -239,7 +239,7 @@ class ReplayRun:
             "last_seq": self.last_seq,
             "progress": dict(self._progress),
             "counts": self.counts(),
-            "output": "".join(self._output),
+            "output": self._output.text,
             "result": None if terminal is None else dict(terminal.data),
             "metadata": {
                 "replay": self.path,
@@ -253,11 +253,8 @@ class ReplayRun:
 
     def _observe(self, event: FlowEvent) -> None:
         self._metrics(event)
-        if event.type == EventType.TOKEN_RECEIVED:
-            token = event.data.get("token")
-            if isinstance(token, str):
-                self._output.append(token)
-        elif event.type == EventType.PROGRESS_UPDATE:
+        self._output.observe(event.type, event.data)
+        if event.type == EventType.PROGRESS_UPDATE:
             self._progress = event.data
         elif event.is_terminal():
             self._terminal = event
