@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,6 +62,14 @@ def which(program: str, env: str | None = None) -> str | None:
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture
+def socket_clock() -> trio.testing.MockClock:
+    """A MockClock for tests with real sockets: it jumps once every task has been blocked
+    for 0.1 s of real time, not at once, so that data still on its way through the
+    loopback interface (delayed by a loaded machine) is never taken for a silent peer."""
+    return trio.testing.MockClock(autojump_threshold=0.1)
 
 
 @pytest.fixture
@@ -139,6 +148,60 @@ async def start_web_server(nursery: trio.Nursery) -> StartWebServer:
         return WebServer(url, "ws" + url[4:], executor, app, config, stop, stopped)
 
     return start
+
+
+def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> AgentFactory:
+    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
+    from trioflow import ScriptedModel, Turn
+
+    text = " ".join(f"w{i}" for i in range(words))
+
+    def make(request: Any) -> Agent:
+        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
+
+    return make
+
+
+async def start_run(
+    server: WebServer, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
+) -> str:
+    """``POST /runs`` to ``server`` (with the bearer ``token``, if given); return the run id."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
+    async with httpx.AsyncClient(
+        base_url=server.url, timeout=10, verify=False, headers=headers
+    ) as http:
+        response = await http.post("/runs", json={"task": task, **body})
+    assert response.status_code == 201, response.text
+    return str(response.json()["run_id"])
+
+
+@pytest.fixture
+def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """The records of the ``trioflow.web`` and ``hypercorn`` loggers (the server's errors)."""
+    caplog.set_level(logging.DEBUG, logger="trioflow.web")
+    caplog.set_level(logging.DEBUG, logger="hypercorn")
+    return caplog
+
+
+def assert_error(response: Any, status: int, code: str) -> dict[str, object]:
+    """The response is the JSON error ``{"error": {"code", "message"}}`` with ``status``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]  # type: ignore[no-any-return]
+
+
+def assert_no_traceback(log: pytest.LogCaptureFixture) -> None:
+    """A client's mistake is not the server's error: nothing logged with a traceback."""
+    bad = [r for r in log.records if r.exc_info is not None or r.levelno >= logging.ERROR]
+    assert not bad, [r.getMessage() for r in bad]
+    assert "Traceback" not in log.text
 
 
 @pytest.fixture

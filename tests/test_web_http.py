@@ -155,15 +155,6 @@ async def test_cancel_answers_202_and_the_run_ends_cancelled(
     assert error["status"] == "cancelled"
 
 
-async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:
-    server = await start_web_server(agent=talker(words=400, pace=100), max_running=1)
-    async with client(server) as http:
-        assert (await http.post("/runs", json={"task": "a"})).status_code == 201
-        response = await http.post("/runs", json={"task": "b"})
-    assert_error(response, 429, "too_many_runs")
-    assert response.headers["retry-after"] == "1"
-
-
 async def test_agent_factory_rejecting_a_request_is_400(start_web_server: StartWebServer) -> None:
     def picky(request: RunRequest) -> Agent:
         raise ValueError("this agent only does arithmetic")

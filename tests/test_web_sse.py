@@ -256,65 +256,6 @@ async def test_a_stale_id_gets_a_history_expired_error_event_not_a_gap(
 # -- disconnects and slow clients ---------------------------------------------------------
 
 
-async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
-    # The server learns of a disconnect from its socket: poll, with a deadline.
-    with trio.fail_after(5):
-        while server.hub.watchers(run_id) != count:  # noqa: ASYNC110 - no event to wait on
-            await trio.sleep(0.01)
-
-
-async def test_a_client_that_disconnects_releases_its_subscription_and_the_run_goes_on(
-    start_web_server: StartWebServer, open_sse: OpenSSE
-) -> None:
-    server = await start_web_server(agent=talker(words=100, pace=100))
-    async with client(server) as http:
-        run_id = await start_run(http)
-    run = server.executor.get_run(run_id)
-    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
-        await stream.next()
-        await stream.next()
-        assert [s.name for s in run.bus.statistics().subscribers] == [f"sse {run_id}"]
-        assert server.hub.watchers(run_id) == 1
-    await wait_for_watchers(server, run_id, 0)
-    assert run.bus.statistics().subscribers == ()
-    assert not run.done
-    run.cancel()
-
-
-async def test_on_disconnect_cancel_cancels_the_run_when_its_client_leaves(
-    start_web_server: StartWebServer, open_sse: OpenSSE
-) -> None:
-    server = await start_web_server(agent=talker(words=100, pace=100))
-    async with client(server) as http:
-        run_id = await start_run(http, on_disconnect="cancel")
-    run = server.executor.get_run(run_id)
-    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
-        await stream.next()
-        await stream.next()
-    with trio.fail_after(5):
-        result = await run.wait()
-    assert result.status == "cancelled"
-    assert result.reason == "client disconnected"
-
-
-async def test_on_disconnect_cancel_waits_for_the_last_client(
-    start_web_server: StartWebServer, open_sse: OpenSSE
-) -> None:
-    server = await start_web_server(agent=talker(words=50, pace=100))
-    async with client(server) as http:
-        run_id = await start_run(http, on_disconnect="cancel")
-    run = server.executor.get_run(run_id)
-    path = f"/runs/{run_id}/events"
-    async with open_sse(server.url, path) as staying:
-        async with open_sse(server.url, path) as leaving:
-            await leaving.next()
-            await wait_for_watchers(server, run_id, 2)
-        await wait_for_watchers(server, run_id, 1)
-        assert not run.done
-        frames = await staying.events()
-    assert frames[-1].event == "flow.completed"
-
-
 async def test_a_slow_client_is_evicted_and_resumes_without_a_gap(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:

@@ -140,34 +140,6 @@ async def test_run_socket_resume_replays_after_the_given_event(
     assert code == 1000
 
 
-async def test_run_socket_disconnect_lets_the_run_go_on_by_default(
-    start_web_server: StartWebServer,
-    open_ws: OpenWS,
-) -> None:
-    server = await start_web_server(agent=talker(words=50, pace=100))
-    run_id = await start_run(server)
-    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
-        await receive(ws)
-    with trio.fail_after(5):
-        result = await server.executor.get_run(run_id).wait()
-    assert result.status == "completed"
-
-
-async def test_run_socket_disconnect_cancels_a_run_that_asked_for_it(
-    start_web_server: StartWebServer,
-    open_ws: OpenWS,
-) -> None:
-    server = await start_web_server(agent=talker(words=400, pace=100))
-    run_id = await start_run(server, on_disconnect="cancel")
-    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
-        await receive(ws)
-    with trio.fail_after(5):
-        result = await server.executor.get_run(run_id).wait()
-    assert result.status == "cancelled"
-    assert result.reason == "client disconnected"
-    assert server.hub.watchers(run_id) == 0
-
-
 # -- /ws ---------------------------------------------------------------------------------
 
 
@@ -239,27 +211,6 @@ async def test_socket_limits_the_runs_one_connection_follows(
             frame = await receive(ws)
     assert frame["code"] == "too_many_runs"
     assert len(server.executor.runs) == 1
-
-
-async def test_socket_disconnect_applies_each_runs_policy(
-    start_web_server: StartWebServer,
-    open_ws: OpenWS,
-) -> None:
-    server = await start_web_server(agent=talker(words=60, pace=100))
-    async with open_ws(f"{server.ws_url}/ws") as ws:
-        await send(ws, {"action": "start", "task": "a", "on_disconnect": "cancel"})
-        cancel = (await receive(ws))["run_id"]
-        await send(ws, {"action": "start", "task": "b"})
-        frame = await receive(ws)
-        while frame["type"] != "accepted":
-            frame = await receive(ws)
-        keep = frame["run_id"]
-    with trio.fail_after(5):
-        cancelled = await server.executor.get_run(cancel).wait()
-        kept = await server.executor.get_run(keep).wait()
-    assert (cancelled.status, cancelled.reason) == ("cancelled", "client disconnected")
-    assert kept.status == "completed"
-    assert server.executor.get_run(cancel).metadata == {"on_disconnect": "cancel", "source": "ws"}
 
 
 async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(

@@ -9,7 +9,6 @@ counterparts are in ``test_ws_faults.py``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import trio
+from conftest import assert_error, assert_no_traceback, start_run
 
 from trioflow import Agent, ScriptedModel, Turn
 from trioflow.web import WebConfig
@@ -32,40 +32,8 @@ def client(server: WebServer, **headers: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=server.url, timeout=5, verify=False, headers=headers)
 
 
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
-
-
 def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
-
-
-async def start_run(server: WebServer) -> str:
-    async with client(server, Authorization=f"Bearer {TOKEN}") as http:
-        response = await http.post("/runs", json={"task": "What is 25 * 4?"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
-@pytest.fixture
-def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """The records of the ``trioflow.web`` and ``hypercorn`` loggers (the server's errors)."""
-    caplog.set_level(logging.DEBUG, logger="trioflow.web")
-    caplog.set_level(logging.DEBUG, logger="hypercorn")
-    return caplog
-
-
-def assert_no_traceback(log: pytest.LogCaptureFixture) -> None:
-    """A client's mistake is not the server's error: nothing logged with a traceback."""
-    bad = [r for r in log.records if r.exc_info is not None or r.levelno >= logging.ERROR]
-    assert not bad, [r.getMessage() for r in bad]
-    assert "Traceback" not in log.text
 
 
 def port_of(server: WebServer) -> int:
@@ -205,7 +173,7 @@ async def test_unknown_endpoint_and_method_are_json_errors(web_server: WebServer
 
 
 async def test_invalid_resume_points_are_400(web_server: WebServer) -> None:
-    run_id = await start_run(web_server)
+    run_id = await start_run(web_server, token=TOKEN)
     async with client(web_server) as http:
         await web_server.executor.get_run(run_id).wait()
         responses = [
@@ -534,7 +502,7 @@ async def test_cr_lf_in_paths_and_query_values_is_never_reflected_into_headers(
     code: str,
 ) -> None:
     server = await start_web_server(token=TOKEN if "token=" in target else None)
-    run_id = await start_run(server)
+    run_id = await start_run(server, token=TOKEN)
     target = target.format(run_id=run_id)
     auth = "" if "token=" in target else f"Authorization: Bearer {TOKEN}\r\n"
     request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n"
@@ -560,7 +528,7 @@ async def test_cr_lf_and_control_characters_in_headers_never_reach_the_response(
 ) -> None:
     # Hypercorn (h11) refuses what HTTP forbids, and reads a bare LF or a folded line
     # as HTTP allows; no request header is ever copied into the response.
-    run_id = await start_run(web_server)
+    run_id = await start_run(web_server, token=TOKEN)
     await web_server.executor.get_run(run_id).wait()
     request = (
         f"GET /runs/{run_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
@@ -577,7 +545,7 @@ async def test_cr_lf_and_control_characters_in_headers_never_reach_the_response(
 async def test_a_last_event_id_with_trailing_junk_is_400_invalid_after(
     web_server: WebServer, server_log: pytest.LogCaptureFixture
 ) -> None:
-    run_id = await start_run(web_server)
+    run_id = await start_run(web_server, token=TOKEN)
     values = ["1 2", "0x10", "1e3", "+1", "\u0661", "99999999999999999999999"]
     async with client(web_server) as http:
         responses = [
@@ -636,7 +604,7 @@ async def test_token_query_parameter_is_for_event_streams_and_sockets_only(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(token=TOKEN)
-    run_id = await start_run(server)
+    run_id = await start_run(server, token=TOKEN)
     async with client(server) as http:
         post = await http.post("/runs", params={"token": TOKEN}, json={"task": "hi"})
         listing = await http.get("/runs", params={"token": TOKEN})

@@ -27,13 +27,14 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import assert_error, start_run, talker
 
 from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
 from trioflow.recording import EventRecorder
 from trioflow.web import WebConfig, create_app, serve
 
 if TYPE_CHECKING:
-    from conftest import StartWebServer, WebServer
+    from conftest import OpenSSE, StartWebServer, WebServer
 
 TOKEN = "x" * 8192
 """One big token: a few hundred of them fill any socket buffer on loopback."""
@@ -49,13 +50,6 @@ def big_answer(*, then_wait: bool) -> Agent:
             Turn("done", delay=3600),
         ]
     return Agent(ScriptedModel(turns, pace=0), tools=[calculator])
-
-
-async def start_run(server: WebServer) -> str:
-    async with httpx.AsyncClient(base_url=server.url) as client:
-        response = await client.post("/runs", json={"task": "talk a lot"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 @contextmanager
@@ -152,7 +146,7 @@ async def test_cancelling_serve_closes_a_stuck_connection_at_once(
 
 
 async def test_a_write_that_makes_no_progress_closes_the_connection_and_the_client_resumes(
-    start_web_server: StartWebServer, autojump_clock: trio.testing.MockClock
+    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
 ) -> None:
     server = await start_web_server(agent=big_answer(then_wait=False), write_timeout=30)
     run_id = await start_run(server)
@@ -196,7 +190,7 @@ async def test_a_write_that_makes_no_progress_closes_the_connection_and_the_clie
 
 
 async def test_a_thousand_half_sent_bodies_are_answered_408_and_closed(
-    start_web_server: StartWebServer, autojump_clock: trio.testing.MockClock
+    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
 ) -> None:
     server = await start_web_server(body_timeout=10)
     host, port = server.url.split("://", 1)[1].rsplit(":", 1)
@@ -251,7 +245,7 @@ async def test_a_client_leaving_mid_body_costs_one_log_line_and_no_traceback(
 
 
 async def test_a_slowloris_head_is_closed_after_the_header_timeout(
-    start_web_server: StartWebServer, autojump_clock: trio.testing.MockClock
+    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
 ) -> None:
     server = await start_web_server(header_timeout=5)
     host, port = server.url.split("://", 1)[1].rsplit(":", 1)
@@ -267,7 +261,7 @@ async def test_a_slowloris_head_is_closed_after_the_header_timeout(
 
 
 async def test_beyond_max_connections_new_connections_get_503_and_healthz_answers(
-    start_web_server: StartWebServer, autojump_clock: trio.testing.MockClock
+    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
 ) -> None:
     server = await start_web_server(max_connections=5)
     host, port = server.url.split("://", 1)[1].rsplit(":", 1)
@@ -490,3 +484,71 @@ def test_serve_runs_have_a_default_time_limit(monkeypatch: pytest.MonkeyPatch) -
     assert parse("--timeout", "0").timeout == 0  # none
     monkeypatch.setenv("TRIOFLOW_TIMEOUT", "60")
     assert parse().timeout == 60
+
+
+# -- floods and disconnects ------------------------------------------------------------------
+
+
+async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
+    # The server learns of a disconnect from its socket: poll, with a deadline.
+    with trio.fail_after(5):
+        while server.hub.watchers(run_id) != count:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)
+
+
+async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100), max_running=1)
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
+        assert (await http.post("/runs", json={"task": "a"})).status_code == 201
+        response = await http.post("/runs", json={"task": "b"})
+    assert_error(response, 429, "too_many_runs")
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_a_client_that_disconnects_releases_its_subscription_and_the_run_goes_on(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=100, pace=100))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        await stream.next()
+        await stream.next()
+        assert [s.name for s in run.bus.statistics().subscribers] == [f"sse {run_id}"]
+        assert server.hub.watchers(run_id) == 1
+    await wait_for_watchers(server, run_id, 0)
+    assert run.bus.statistics().subscribers == ()
+    assert not run.done
+    run.cancel()
+
+
+async def test_on_disconnect_cancel_cancels_the_run_when_its_client_leaves(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=100, pace=100))
+    run_id = await start_run(server, on_disconnect="cancel")
+    run = server.executor.get_run(run_id)
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        await stream.next()
+        await stream.next()
+    with trio.fail_after(5):
+        result = await run.wait()
+    assert result.status == "cancelled"
+    assert result.reason == "client disconnected"
+
+
+async def test_on_disconnect_cancel_waits_for_the_last_client(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=50, pace=100))
+    run_id = await start_run(server, on_disconnect="cancel")
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/events"
+    async with open_sse(server.url, path) as staying:
+        async with open_sse(server.url, path) as leaving:
+            await leaving.next()
+            await wait_for_watchers(server, run_id, 2)
+        await wait_for_watchers(server, run_id, 1)
+        assert not run.done
+        frames = await staying.events()
+    assert frames[-1].event == "flow.completed"

@@ -9,41 +9,18 @@ log. Only a message above
 from __future__ import annotations
 
 import json
-import logging
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import pytest
 import trio
+from conftest import assert_no_traceback, start_run, talker
 from trio_websocket import ConnectionClosed, ConnectionRejected
-
-from trioflow import Agent, ScriptedModel, Turn
-from trioflow.web import RunRequest
 
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
 
 TOKEN = "s3cret-t0ken"
-
-
-def talker(words: int = 20, pace: float = 0.0) -> Any:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text)], pace=pace))
-
-    return make
-
-
-async def start_run(server: WebServer, **body: Any) -> str:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    headers = {"Authorization": f"Bearer {TOKEN}"}  # ignored by a server without a token
-    async with httpx.AsyncClient(base_url=server.url, verify=False, headers=headers) as http:
-        response = await http.post("/runs", json={"task": "hi", **body})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def receive(ws: WebSocketConnection) -> dict[str, Any]:
@@ -80,21 +57,6 @@ async def next_control(ws: WebSocketConnection) -> dict[str, Any]:
     return frame
 
 
-@pytest.fixture
-def server_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    """The records of the ``trioflow.web`` and ``hypercorn`` loggers (the server's errors)."""
-    caplog.set_level(logging.DEBUG, logger="trioflow.web")
-    caplog.set_level(logging.DEBUG, logger="hypercorn")
-    return caplog
-
-
-def assert_no_traceback(log: pytest.LogCaptureFixture) -> None:
-    """A client's mistake is not the server's error: nothing logged with a traceback."""
-    bad = [r for r in log.records if r.exc_info is not None or r.levelno >= logging.ERROR]
-    assert not bad, [r.getMessage() for r in bad]
-    assert "Traceback" not in log.text
-
-
 async def still_serves(ws: WebSocketConnection, server: WebServer) -> None:
     """The connection is open and working: a ``start`` is accepted and its run completes."""
     await send(ws, {"action": "start", "task": "What is 2 + 2?", "ref": "after"})
@@ -125,7 +87,7 @@ async def test_run_socket_answers_bad_messages_with_an_error_frame_and_stays_ope
     start_web_server: StartWebServer, message: Any, code: str, open_ws: OpenWS
 ) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100))
-    run_id = await start_run(server)
+    run_id = await start_run(server, token=TOKEN)
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
         await send(ws, message)
         frame = await receive(ws)
@@ -203,7 +165,7 @@ async def test_deeply_nested_json_on_a_run_socket_gets_an_error_frame(
     start_web_server: StartWebServer, open_ws: OpenWS, server_log: pytest.LogCaptureFixture
 ) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100))
-    run_id = await start_run(server)
+    run_id = await start_run(server, token=TOKEN)
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
         await send(ws, DEEP)
         error = await next_control(ws)
@@ -289,7 +251,7 @@ async def test_websockets_need_the_token_in_a_header_or_the_query(
     start_web_server: StartWebServer, open_ws: OpenWS
 ) -> None:
     server = await start_web_server(token=TOKEN)
-    run_id = await start_run(server)
+    run_id = await start_run(server, token=TOKEN)
     for url in (f"{server.ws_url}/ws", f"{server.ws_url}/runs/{run_id}/ws"):
         with pytest.raises(ConnectionRejected) as rejected:
             async with open_ws(url):
@@ -311,3 +273,55 @@ async def test_websockets_from_a_foreign_origin_are_403(
             pass
     assert rejected.value.status_code == 403
     assert json.loads(rejected.value.body or b"")["error"]["code"] == "forbidden_origin"
+
+
+# -- disconnects -----------------------------------------------------------------------------
+
+
+async def test_run_socket_disconnect_lets_the_run_go_on_by_default(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=50, pace=100))
+    run_id = await start_run(server)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        await receive(ws)
+    with trio.fail_after(5):
+        result = await server.executor.get_run(run_id).wait()
+    assert result.status == "completed"
+
+
+async def test_run_socket_disconnect_cancels_a_run_that_asked_for_it(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=400, pace=100))
+    run_id = await start_run(server, on_disconnect="cancel")
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        await receive(ws)
+    with trio.fail_after(5):
+        result = await server.executor.get_run(run_id).wait()
+    assert result.status == "cancelled"
+    assert result.reason == "client disconnected"
+    assert server.hub.watchers(run_id) == 0
+
+
+async def test_socket_disconnect_applies_each_runs_policy(
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+) -> None:
+    server = await start_web_server(agent=talker(words=60, pace=100))
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        await send(ws, {"action": "start", "task": "a", "on_disconnect": "cancel"})
+        cancel = (await receive(ws))["run_id"]
+        await send(ws, {"action": "start", "task": "b"})
+        frame = await receive(ws)
+        while frame["type"] != "accepted":
+            frame = await receive(ws)
+        keep = frame["run_id"]
+    with trio.fail_after(5):
+        cancelled = await server.executor.get_run(cancel).wait()
+        kept = await server.executor.get_run(keep).wait()
+    assert (cancelled.status, cancelled.reason) == ("cancelled", "client disconnected")
+    assert kept.status == "completed"
+    assert server.executor.get_run(cancel).metadata == {"on_disconnect": "cancel", "source": "ws"}
