@@ -165,12 +165,14 @@ def freeze_data(data: Mapping[str, Any]) -> FrozenDict:
     Flat payloads (strings, numbers, ``None`` as values) cost one dict copy
     and one pass over the values; nested ones are copied as deep as they go.
     """
-    if type(data) is FrozenDict:
+    # On the bus's hot path: the names are bound locally (no global look-ups).
+    frozen_dict, flat = FrozenDict, _FLAT
+    if type(data) is frozen_dict:
         return data
-    frozen = FrozenDict(data)
+    frozen = frozen_dict(data)
     for value in frozen.values():
-        if type(value) not in _FLAT:
-            return FrozenDict({k: freeze(v) for k, v in frozen.items()})
+        if type(value) not in flat:
+            return frozen_dict({k: freeze(v) for k, v in frozen.items()})
     return frozen
 
 

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import trio
 
+from trioflow._frozen import FrozenDict
 from trioflow.events import EventType
 from trioflow.models.base import (
     Message,
@@ -389,7 +390,8 @@ class Agent:
                     await control.checkpoint()
                 if type(event) is TextDelta:
                     parts.append(event.text)
-                    await emit(token, {"token": event.text, "iteration": n})
+                    # Built read-only (flat: str and int), so the bus need not copy it.
+                    await emit(token, FrozenDict(token=event.text, iteration=n))
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, RetryNotice):
