@@ -41,7 +41,7 @@ from typing import Any, Final, TypeAlias
 
 import trio
 
-from trioflow._frozen import EMPTY, freeze_data
+from trioflow._frozen import _FLAT, EMPTY, FrozenDict, freeze_data
 from trioflow._util import collapse_single_group
 from trioflow.events import (
     EventType,
@@ -759,7 +759,19 @@ class EventBus:
             seq = self._seq + 1
             blank: Any = _Unfrozen()
             blank.type = type
-            blank.data = EMPTY if data is None else freeze_data(data)
+            # freeze_data, inlined (a flat payload: one C-level copy and a pass over
+            # its values); ``type`` is the event type here, not the builtin.
+            if data is None:
+                frozen: Any = EMPTY
+            elif data.__class__ is FrozenDict:
+                frozen = data
+            else:
+                frozen = FrozenDict(data)
+                for value in frozen.values():
+                    if value.__class__ not in _FLAT:
+                        frozen = freeze_data(data)
+                        break
+            blank.data = frozen
             blank.timestamp = _now()
             blank.seq = seq
             blank.run_id = run_id
@@ -848,7 +860,19 @@ class EventBus:
             seq = self._seq + 1
             blank: Any = _Unfrozen()
             blank.type = type
-            blank.data = EMPTY if data is None else freeze_data(data)
+            # freeze_data, inlined (a flat payload: one C-level copy and a pass over
+            # its values); ``type`` is the event type here, not the builtin.
+            if data is None:
+                frozen: Any = EMPTY
+            elif data.__class__ is FrozenDict:
+                frozen = data
+            else:
+                frozen = FrozenDict(data)
+                for value in frozen.values():
+                    if value.__class__ not in _FLAT:
+                        frozen = freeze_data(data)
+                        break
+            blank.data = frozen
             blank.timestamp = _now()
             blank.seq = seq
             blank.run_id = run_id
