@@ -77,7 +77,7 @@ async def main(pace: float) -> None:
         executor = await services.get(ServiceType.FLOW_EXECUTOR)
         print(f"services created: {', '.join(services.created)}")
 
-        calc = cached(calculator, cache, ttl=60.0, telemetry=telemetry)
+        calc = cached(calculator, cache, ttl=60.0, observer=telemetry)
         for number, task in enumerate(TASKS, 1):
             before = cache.statistics()
             result = await executor.run(Agent(model, tools=[calc]), task, timeout=60)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -18,7 +20,14 @@ from trioflow import (
     calculator,
     tool,
 )
-from trioflow.cache import Cache, CacheStatistics, MemoryCache, cached, tool_cache_key
+from trioflow.cache import (
+    Cache,
+    CacheObserver,
+    CacheStatistics,
+    MemoryCache,
+    cached,
+    tool_cache_key,
+)
 from trioflow.telemetry import Telemetry
 
 # -- MemoryCache ---------------------------------------------------------------------------
@@ -282,7 +291,7 @@ async def test_cached_calculator_in_a_full_run_serves_the_second_run_from_the_ca
 async def test_hits_and_misses_reach_telemetry_counters() -> None:
     reader = InMemoryMetricReader()
     telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
-    calc = cached(calculator, telemetry=telemetry)
+    calc = cached(calculator, observer=telemetry)
     script = [
         Turn("", tool_calls=[ToolCall("c1", "calculator", {"operation": "add", "a": 1, "b": 2})]),
         Turn("", tool_calls=[ToolCall("c2", "calculator", {"operation": "add", "a": 1, "b": 2})]),
@@ -301,3 +310,72 @@ async def test_hits_and_misses_reach_telemetry_counters() -> None:
     }
     assert figures[("trioflow.cache.hits", (("tool", "calculator"),))] == 1
     assert figures[("trioflow.cache.misses", (("tool", "calculator"),))] == 1
+
+
+# -- the observer hook ------------------------------------------------------------------------
+
+
+class Lookups:
+    """A CacheObserver that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[bool, str | None]] = []
+
+    def record_cache(self, *, hit: bool, tool: str | None = None) -> None:
+        self.seen.append((hit, tool))
+
+
+async def test_the_observer_is_told_each_hit_and_miss_with_the_tool_name() -> None:
+    lookups = Lookups()
+    assert isinstance(lookups, CacheObserver)
+    calc = cached(calculator, observer=lookups)
+    add = {"operation": "add", "a": 1, "b": 2}
+    assert await calc.invoke(add) == 3
+    assert await calc.invoke(add) == 3
+    assert await calc.invoke({"operation": "add", "a": 2, "b": 2}) == 4
+    assert lookups.seen == [(False, "calculator"), (True, "calculator"), (False, "calculator")]
+
+
+async def test_failed_calls_are_told_as_misses_and_still_not_cached() -> None:
+    lookups = Lookups()
+    calls = 0
+
+    @tool
+    async def flaky(x: int) -> int:
+        """Fails on its first call."""
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first call")
+        return x
+
+    fast = cached(flaky, observer=lookups)
+    with pytest.raises(Exception, match="first call"):
+        await fast.invoke({"x": 1})
+    assert await fast.invoke({"x": 1}) == 1
+    assert await fast.invoke({"x": 1}) == 1
+    assert lookups.seen == [(False, "flaky"), (False, "flaky"), (True, "flaky")]
+
+
+async def test_telemetry_is_the_older_name_of_the_observer() -> None:
+    lookups = Lookups()
+    calc = cached(calculator, telemetry=lookups)
+    await calc.invoke({"operation": "add", "a": 1, "b": 2})
+    assert lookups.seen == [(False, "calculator")]
+    with pytest.raises(ValueError, match="not both"):
+        cached(calculator, observer=lookups, telemetry=lookups)
+
+
+def test_a_telemetry_is_a_cache_observer() -> None:
+    assert isinstance(Telemetry(), CacheObserver)
+
+
+def test_importing_the_cache_loads_no_telemetry() -> None:
+    code = (
+        "import sys, trioflow.cache; "
+        "print([m for m in sys.modules if 'telemetry' in m or 'opentelemetry' in m])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -502,3 +502,87 @@ async def test_prometheus_renders_from_a_worker_thread_with_the_latest_figures()
     assert dropped[("trioflow_events_dropped_total", frozenset({("bus", "lossy")}))] == 2
     assert families["trioflow_tokens"][("trioflow_tokens_total", frozenset())] == 1
     provider.shutdown()
+
+
+# -- registries: two applications in one process ------------------------------------------------
+
+
+async def test_two_telemetries_with_metrics_keep_their_figures_apart() -> None:
+    import prometheus_client
+
+    async with open_telemetry(metrics=True) as one, open_telemetry(metrics=True) as two:
+        assert one.prometheus is not None
+        assert two.prometheus is not None
+        assert one.prometheus.registry is not two.prometheus.registry
+        assert prometheus_client.REGISTRY not in (one.prometheus.registry, two.prometheus.registry)
+        await run_observed(one, Agent(tools=[calculator]))
+        await run_observed(one, Agent(tools=[calculator]))
+        await run_observed(two, Agent(tools=[calculator]))
+        completed = ("trioflow_runs_total", frozenset({("status", "completed")}))
+        assert parse(one.prometheus.text())["trioflow_runs"][completed] == 2
+        assert parse(two.prometheus.text())["trioflow_runs"][completed] == 1
+    # Nothing went to the process-wide registry.
+    assert "trioflow_runs_total" not in prometheus_client.generate_latest().decode()
+
+
+async def test_the_registry_is_released_when_the_provider_shuts_down() -> None:
+    async with open_telemetry(metrics=True) as telemetry:
+        prometheus = telemetry.prometheus
+        assert prometheus is not None
+        await run_observed(telemetry, Agent(tools=[calculator]))
+        assert b"trioflow_runs_total" in prometheus.render()
+    assert prometheus.render() == b""
+
+
+async def test_prometheus_metrics_joins_a_registry_given_to_it() -> None:
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()
+    prometheus_client.Counter("app_requests", "Requests.", registry=registry).inc(3)
+    prometheus = PrometheusMetrics(registry=registry)
+    provider = MeterProvider(metric_readers=[prometheus.reader])
+    await run_observed(Telemetry(meter_provider=provider), Agent(tools=[calculator]))
+    families = parse(prometheus.text())
+    assert families["app_requests"][("app_requests_total", frozenset())] == 3
+    completed = ("trioflow_runs_total", frozenset({("status", "completed")}))
+    assert families["trioflow_runs"][completed] == 1
+    provider.shutdown()
+
+
+async def test_render_prometheus_of_a_snapshot_matches_prometheus_metrics() -> None:
+    prometheus = PrometheusMetrics()
+    snapshot = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[prometheus.reader, snapshot])
+    telemetry = Telemetry(meter_provider=provider)
+    await run_observed(telemetry, Agent(ScriptedModel(failing_tool_script()), tools=[calculator]))
+    telemetry.record_cache(hit=True, tool="calculator")
+    exported = prometheus.text()
+    rendered = render_prometheus(snapshot.get_metrics_data()).decode()
+    assert sorted(exported.splitlines()) == sorted(rendered.splitlines())
+    provider.shutdown()
+
+
+def test_the_instruments_carry_the_package_version() -> None:
+    import trioflow
+    from trioflow._version import __version__
+
+    assert trioflow.__version__ == __version__
+    otel = make_otel()
+    otel.telemetry.handle(FlowEvent.flow_started("t", run_id="r"))
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    scopes = {
+        sm.scope.name: sm.scope.version for rm in data.resource_metrics for sm in rm.scope_metrics
+    }
+    assert scopes == {"trioflow": __version__}
+
+
+def test_the_version_is_written_once() -> None:
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"]
+    assert "version" in project["project"]["dynamic"]
+    assert project["tool"]["hatch"]["version"]["path"] == "trioflow/_version.py"

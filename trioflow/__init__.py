@@ -4,6 +4,7 @@ The public API is re-exported here; the modules behind it are named after
 their concept (:mod:`trioflow.events`, :mod:`trioflow.bus`, ...).
 """
 
+from trioflow._version import __version__
 from trioflow.agent import Agent, AgentResult, Emit, MaxIterationsExceeded, RunControl
 from trioflow.arithmetic import CalculationError, calculator, evaluate
 from trioflow.bus import (
@@ -73,8 +74,6 @@ from trioflow.tools import (
     UnknownToolError,
     tool,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_EVENTS",

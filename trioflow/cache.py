@@ -16,9 +16,11 @@ calculator does::
 
 A cached tool has the name, description and schema of the tool it wraps, so
 the model sees no difference. Results are cached, errors are not. Hits and
-misses are counted by the cache (:meth:`Cache.statistics`) and, when a
-:class:`~trioflow.telemetry.Telemetry` is given, on its
-``trioflow.cache.hits`` / ``trioflow.cache.misses`` counters.
+misses are counted by the cache (:meth:`Cache.statistics`) and reported, by
+tool, to the :class:`CacheObserver` given to :func:`cached`, if any: a
+:class:`~trioflow.telemetry.Telemetry` is one, counting them on its
+``trioflow.cache.hits`` / ``trioflow.cache.misses`` counters. This module
+does not import the telemetry.
 """
 
 from __future__ import annotations
@@ -28,17 +30,15 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 
 from trioflow.tools import Tool
 
-if TYPE_CHECKING:
-    from trioflow.telemetry import Telemetry
-
 __all__ = [
     "Cache",
+    "CacheObserver",
     "CacheStatistics",
     "MemoryCache",
     "cached",
@@ -98,6 +98,21 @@ class Cache(Protocol):
 
     def statistics(self) -> CacheStatistics:
         """A snapshot of the cache's figures."""
+        ...
+
+
+@runtime_checkable
+class CacheObserver(Protocol):
+    """What a cached tool tells of each of its lookups (see :func:`cached`).
+
+    :class:`~trioflow.telemetry.Telemetry` is one (its
+    :meth:`~trioflow.telemetry.Telemetry.record_cache`); anything with this
+    method is. It is called in the calling task, between the lookup and the
+    tool call on a miss: keep it quick, and let it not raise.
+    """
+
+    def record_cache(self, *, hit: bool, tool: str | None = None) -> None:
+        """One lookup: ``hit`` tells whether it found a value; ``tool`` is the tool's name."""
         ...
 
 
@@ -282,15 +297,15 @@ _MISS: Final = object()
 class _CachedCall:
     """The function of a cached tool: look up, else call the tool and store."""
 
-    __slots__ = ("_cache", "_locks", "_telemetry", "_tool", "_ttl")
+    __slots__ = ("_cache", "_locks", "_observer", "_tool", "_ttl")
 
     def __init__(
-        self, tool: Tool, cache: Cache, ttl: float | None, telemetry: Telemetry | None
+        self, tool: Tool, cache: Cache, ttl: float | None, observer: CacheObserver | None
     ) -> None:
         self._tool = tool
         self._cache = cache
         self._ttl = ttl
-        self._telemetry = telemetry
+        self._observer = observer
         # One lock per key being computed, so concurrent calls with the same
         # input run the tool once; the lock goes when its last user leaves.
         self._locks: dict[str, tuple[trio.Lock, list[int]]] = {}
@@ -315,8 +330,8 @@ class _CachedCall:
                 del self._locks[key]
 
     def _record(self, *, hit: bool) -> None:
-        if self._telemetry is not None:
-            self._telemetry.record_cache(hit=hit, tool=self._tool.name)
+        if self._observer is not None:
+            self._observer.record_cache(hit=hit, tool=self._tool.name)
 
 
 def cached(
@@ -324,7 +339,8 @@ def cached(
     cache: Cache | None = None,
     *,
     ttl: float | None = None,
-    telemetry: Telemetry | None = None,
+    observer: CacheObserver | None = None,
+    telemetry: CacheObserver | None = None,
 ) -> Tool:
     """A tool that answers repeated calls with the same input from a cache.
 
@@ -341,21 +357,27 @@ def cached(
         cache: where results are kept; ``None`` for a new
             :class:`MemoryCache` of this tool's own (default size and TTL).
         ttl: seconds a result lives; ``None`` for the cache's default.
-        telemetry: when given, each hit or miss is also counted on its
+        observer: told of each hit and miss (with this tool's name); a
+            :class:`~trioflow.telemetry.Telemetry` counts them on its
             ``trioflow.cache.hits`` / ``trioflow.cache.misses`` counters
             (attribute ``tool``).
+        telemetry: the same as ``observer`` (the older name).
 
     Returns:
         The cached tool.
 
     Raises:
         TypeError: ``tool`` is not a :class:`~trioflow.tools.Tool`.
-        ValueError: ``ttl`` is not positive.
+        ValueError: ``ttl`` is not positive, or both ``observer`` and
+            ``telemetry`` are given.
     """
     if not isinstance(tool, Tool):
         raise TypeError(f"cached() needs a Tool, not {type(tool).__name__}")
     ttl = _check_ttl(ttl)
-    call = _CachedCall(tool, cache if cache is not None else MemoryCache(), ttl, telemetry)
+    if observer is not None and telemetry is not None:
+        raise ValueError("cached(): give observer or telemetry (the same thing), not both")
+    observer = observer if observer is not None else telemetry
+    call = _CachedCall(tool, cache if cache is not None else MemoryCache(), ttl, observer)
 
     async def function(**arguments: Any) -> Any:
         return await call(**arguments)

@@ -1,70 +1,16 @@
-"""Telemetry: runs become OpenTelemetry metrics and traces; metrics become Prometheus text.
+"""The OpenTelemetry listener: metrics and spans from the events of runs.
 
-:class:`Telemetry` is an event listener. Attached to a bus that carries the
-events of runs (``telemetry.attach(bus)``, typically the shared bus of a
-:class:`~trioflow.StreamingFlowExecutor`), it records through the
-OpenTelemetry API:
-
-========================================  =========  ==========================================
-instrument                                kind       what
-========================================  =========  ==========================================
-``trioflow.tokens``                       observed   ``token.received`` events (text deltas)
-``trioflow.usage.tokens``                 counter    tokens the model billed; ``type``: input/output
-``trioflow.iterations``                   counter    iterations started
-``trioflow.tool_calls``                   counter    tool calls; ``tool``, ``outcome``: completed/failed
-``trioflow.runs``                         counter    finished runs; ``status``: completed/failed/cancelled
-``trioflow.runs.active``                  up-down    runs started and not finished
-``trioflow.events.dropped``               observed   events the attached buses dropped; ``bus``
-``trioflow.cache.hits`` / ``.misses``     counter    lookups of cached tools; ``tool``
-``trioflow.iteration.tokens``             histogram  text deltas per iteration
-``trioflow.run.duration``                 histogram  seconds from ``flow.started`` to the terminal event
-``trioflow.run.time_to_first_token``      histogram  seconds from ``flow.started`` to the first token
-``trioflow.tool.duration``                histogram  seconds per tool call; ``tool``, ``outcome``
-``trioflow.model.duration``               histogram  seconds per model call; ``model``
-========================================  =========  ==========================================
-
-and one trace per run: a ``trioflow.run`` span (from ``flow.started`` to
-the terminal event; status ERROR for ``flow.failed``), a
-``trioflow.iteration`` child span per iteration, and under each iteration a
-``chat {model}`` span per model call and an ``execute_tool {tool}`` span per
-tool call (keyed by its ``call_id``), with the OpenTelemetry GenAI
-attribute names where there is one (``gen_ai.request.model``,
-``gen_ai.tool.name``, ``gen_ai.usage.input_tokens``, ...). Every span
-carries the run's id as ``trioflow.run_id``.
-
-The listener sees events after they happened, so spans are given the
-events' own timestamps as start and end times: their durations are exact
-whatever the listener's lag. Durations the events report themselves (a
-run's ``duration``, a tool call's, a model call's, measured on Trio's
-clock) feed the histograms.
-
-Without an OpenTelemetry SDK, the API's no-op providers make all this cost
-next to nothing. Tests and programs pass providers explicitly::
-
-    reader = InMemoryMetricReader()
-    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
-    async with open_event_bus() as bus:
-        telemetry.attach(bus)
-        await StreamingFlowExecutor(bus=bus).run(agent, "What is 25 * 4?")
-
-:class:`PrometheusMetrics` is a metric reader that renders what it reads in
-the Prometheus text format, for a ``/metrics`` endpoint;
-:func:`open_telemetry` sets one up with an SDK meter provider.
-
-This module needs ``opentelemetry-api``; :class:`PrometheusMetrics` and
-:func:`open_telemetry` with ``metrics=True`` also need ``opentelemetry-sdk``
-and ``prometheus-client`` (all in the ``trioflow[telemetry]`` extra).
+Needs ``opentelemetry-api`` only; :mod:`trioflow.telemetry` describes the
+instruments and spans.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -72,22 +18,19 @@ from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from trioflow._version import __version__
 from trioflow.bus import EventBus, Overflow
 from trioflow.events import EventType, FlowEvent
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
-    from opentelemetry.sdk.metrics.export import MetricReader, MetricsData
+    from trioflow.telemetry._prometheus import PrometheusMetrics
 
-__all__ = [
-    "HANDLED_TYPES",
-    "PrometheusMetrics",
-    "Telemetry",
-    "open_telemetry",
-    "render_prometheus",
-]
+__all__ = ["HANDLED_TYPES", "Telemetry"]
 
-_TOKEN_BUCKETS: Final = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+# Floats, so that Prometheus shows the bounds as floats (``le="1.0"``), as it does its own.
+_TOKEN_BUCKETS: Final = (
+    0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+)  # fmt: skip
 _SECONDS_BUCKETS: Final = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
@@ -214,8 +157,6 @@ class Telemetry:
     ) -> None:
         if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
             raise ValueError(f"max_runs must be an int >= 1, not {max_runs!r}")
-        from trioflow import __version__
-
         meter = (
             meter_provider.get_meter("trioflow", __version__)
             if meter_provider is not None
@@ -421,6 +362,9 @@ class Telemetry:
 
     def record_cache(self, *, hit: bool, tool: str | None = None) -> None:
         """Count one cache lookup: ``trioflow.cache.hits`` or ``trioflow.cache.misses``.
+
+        This makes a telemetry a :class:`~trioflow.cache.CacheObserver`:
+        ``cached(tool, observer=telemetry)`` counts the cached tool's lookups here.
 
         Args:
             hit: whether the lookup found a value.
@@ -716,225 +660,3 @@ class Telemetry:
         if state.iteration is not None:
             self._end_span(state.iteration, when, error=None, interrupted=True)
         self._end_span(state.span, when, error=None)
-
-
-# -- Prometheus --------------------------------------------------------------------------
-
-
-def _pull_reader() -> MetricReader:
-    """A metric reader that collects when asked, keeping the latest data."""
-    from opentelemetry.sdk.metrics.export import MetricReader
-
-    class _PullReader(MetricReader):
-        def __init__(self) -> None:
-            super().__init__()
-            self._data: MetricsData | None = None
-            self._lock = threading.Lock()
-
-        def _receive_metrics(
-            self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-        ) -> None:
-            self._data = metrics_data
-
-        def read(self) -> MetricsData | None:
-            with self._lock:
-                self._data = None
-                self.collect()
-                return self._data
-
-        def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-            pass
-
-    return _PullReader()
-
-
-class PrometheusMetrics:
-    """A metric reader whose figures render in the Prometheus text exposition format.
-
-    Give :attr:`reader` to an SDK ``MeterProvider`` (``metric_readers=[...]``);
-    serve :meth:`render` with :attr:`content_type` on ``/metrics``.
-    :func:`open_telemetry` with ``metrics=True`` does the wiring.
-
-    Names follow the OpenTelemetry-to-Prometheus conventions: dots become
-    underscores, ``s`` units add ``_seconds``, counters end in ``_total``
-    (``trioflow.tokens`` is ``trioflow_tokens_total``,
-    ``trioflow.run.duration`` is ``trioflow_run_duration_seconds``).
-
-    Raises:
-        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
-    """
-
-    def __init__(self) -> None:
-        import prometheus_client
-
-        self.content_type: str = prometheus_client.CONTENT_TYPE_LATEST
-        """The ``Content-Type`` of :meth:`render`'s output."""
-        self.reader: MetricReader = _pull_reader()
-        """The OpenTelemetry metric reader to register with a meter provider."""
-
-    def render(self) -> bytes:
-        """Collect the metrics now and return them in the Prometheus text format.
-
-        Synchronous and quick; it runs the observable instruments' callbacks.
-
-        Returns:
-            The exposition, UTF-8 (empty when the reader is not registered
-            with a meter provider).
-        """
-        read: Callable[[], MetricsData | None] = self.reader.read  # type: ignore[attr-defined]
-        return render_prometheus(read())
-
-    def text(self) -> str:
-        """:meth:`render`, as a string."""
-        return self.render().decode("utf-8")
-
-
-_NAME_RE = re.compile(r"[^a-zA-Z0-9_:]")
-_LABEL_RE = re.compile(r"[^a-zA-Z0-9_]")
-_UNIT_SUFFIXES: Final = {"s": "seconds", "ms": "milliseconds", "By": "bytes"}
-
-
-def _metric_name(name: str, unit: str) -> str:
-    out = _NAME_RE.sub("_", name)
-    if out[:1].isdigit():
-        out = "_" + out
-    suffix = _UNIT_SUFFIXES.get(unit)
-    if suffix and not out.endswith("_" + suffix):
-        out = f"{out}_{suffix}"
-    return out
-
-
-def _labels(attributes: Mapping[str, Any] | None) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for key, value in (attributes or {}).items():
-        label = _LABEL_RE.sub("_", key)
-        if label[:1].isdigit():
-            label = "_" + label
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (list, tuple)):
-            text = ",".join(str(v) for v in value)
-        else:
-            text = str(value)
-        labels[label] = text
-    return labels
-
-
-def render_prometheus(data: MetricsData | None) -> bytes:
-    """Render OpenTelemetry metrics data in the Prometheus text exposition format.
-
-    Monotonic sums become counters (``_total``), other sums and gauges
-    become gauges, explicit-bucket histograms become histograms (cumulative
-    ``_bucket`` samples with ``le``, ``_sum``, ``_count``); exponential
-    histograms are left out. Expects cumulative temporality (the SDK
-    readers' default).
-
-    Args:
-        data: what a reader collected (``InMemoryMetricReader.get_metrics_data()``),
-            or ``None`` for nothing.
-
-    Returns:
-        The exposition, UTF-8.
-
-    Raises:
-        ImportError: ``prometheus-client`` or ``opentelemetry-sdk`` is not installed.
-    """
-    from opentelemetry.sdk.metrics.export import Gauge, Histogram, Sum
-    from prometheus_client import generate_latest
-    from prometheus_client.metrics_core import Metric
-
-    families: dict[str, Metric] = {}
-
-    def family(name: str, documentation: str, kind: str) -> Metric | None:
-        existing = families.get(name)
-        if existing is None:
-            existing = families[name] = Metric(name, documentation, kind)
-        return existing if existing.type == kind else None
-
-    for resource_metrics in data.resource_metrics if data is not None else ():
-        for scope_metrics in resource_metrics.scope_metrics:
-            for metric in scope_metrics.metrics:
-                name = _metric_name(metric.name, metric.unit or "")
-                doc = metric.description or metric.name
-                points = metric.data
-                if isinstance(points, Sum) and points.is_monotonic:
-                    base = name[: -len("_total")] if name.endswith("_total") else name
-                    fam = family(base, doc, "counter")
-                    if fam is not None:
-                        for p in points.data_points:
-                            fam.add_sample(base + "_total", _labels(p.attributes), p.value)
-                elif isinstance(points, (Sum, Gauge)):
-                    fam = family(name, doc, "gauge")
-                    if fam is not None:
-                        for p in points.data_points:
-                            fam.add_sample(name, _labels(p.attributes), p.value)
-                elif isinstance(points, Histogram):
-                    fam = family(name, doc, "histogram")
-                    if fam is None:
-                        continue
-                    for h in points.data_points:
-                        labels = _labels(h.attributes)
-                        cumulative = 0
-                        for bound, count in zip(h.explicit_bounds, h.bucket_counts, strict=False):
-                            cumulative += count
-                            fam.add_sample(
-                                name + "_bucket",
-                                {**labels, "le": repr(float(bound))},
-                                cumulative,
-                            )
-                        fam.add_sample(name + "_bucket", {**labels, "le": "+Inf"}, h.count)
-                        fam.add_sample(name + "_count", labels, h.count)
-                        fam.add_sample(name + "_sum", labels, h.sum)
-
-    class _Families:
-        def collect(self) -> Iterable[Metric]:
-            return list(families.values())
-
-    return generate_latest(_Families())
-
-
-@asynccontextmanager
-async def open_telemetry(
-    *,
-    metrics: bool = False,
-    tracer_provider: trace.TracerProvider | None = None,
-    clock: Callable[[], float] | None = None,
-    max_runs: int = 1024,
-) -> AsyncIterator[Telemetry]:
-    """A :class:`Telemetry` for the duration of the block, with Prometheus metrics if asked.
-
-    Args:
-        metrics: make an SDK meter provider of this telemetry's own, read
-            by a :class:`PrometheusMetrics` (:attr:`Telemetry.prometheus`),
-            shut down when the block exits. ``False``: the global meter
-            provider, and no Prometheus.
-        tracer_provider: where spans go; ``None`` for the global provider.
-        clock: see :class:`Telemetry`.
-        max_runs: see :class:`Telemetry`.
-
-    Raises:
-        ImportError: ``metrics`` is set and ``opentelemetry-sdk`` or
-            ``prometheus-client`` is not installed.
-    """
-    if not metrics:
-        await trio.lowlevel.checkpoint()
-        yield Telemetry(tracer_provider=tracer_provider, clock=clock, max_runs=max_runs)
-        return
-    provider, prometheus = _prometheus_provider()
-    try:
-        yield Telemetry(
-            meter_provider=provider,
-            tracer_provider=tracer_provider,
-            clock=clock,
-            max_runs=max_runs,
-            prometheus=prometheus,
-        )
-    finally:
-        provider.shutdown()
-
-
-def _prometheus_provider() -> tuple[SDKMeterProvider, PrometheusMetrics]:
-    from opentelemetry.sdk.metrics import MeterProvider
-
-    prometheus = PrometheusMetrics()
-    return MeterProvider(metric_readers=[prometheus.reader], shutdown_on_exit=False), prometheus
