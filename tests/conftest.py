@@ -238,11 +238,14 @@ class SSEStream:
     def __init__(self, stream: trio.SocketStream) -> None:
         import h11
 
+        from trioflow.sse import SSELineDecoder
+
         self._h11 = h11
         self._stream = stream
         self._conn = h11.Connection(h11.CLIENT)
-        self._pending: list[str] = []
-        self._blocks: collections.deque[str] = collections.deque()
+        self._lines = SSELineDecoder()
+        self._block: list[str] = []  # the lines of the block being received
+        self._blocks: collections.deque[list[str]] = collections.deque()
         self._raw: list[str] = []
         self.status = 0
         self.headers: dict[str, str] = {}
@@ -270,30 +273,33 @@ class SSEStream:
 
     async def next(self) -> SSEFrame | None:
         """The next block, or None once the server ended the response."""
+        from trioflow.sse import parse_line
+
         h11 = self._h11
         while not self._blocks:
             event = await self._event()
             if isinstance(event, h11.Data):
-                text = bytes(event.data).decode("ascii")
-                self._raw.append(text)
-                tail = self._pending[-1][-1:] if self._pending else ""
-                if "\n\n" not in tail + text:  # linear also for frames of megabytes
-                    self._pending.append(text)
-                    continue
-                *blocks, rest = "".join([*self._pending, text]).split("\n\n")
-                self._pending = [rest] if rest else []
-                self._blocks.extend(blocks)
+                data = bytes(event.data)
+                self._raw.append(data.decode("ascii"))
+                for line in self._lines.feed(data):
+                    if line:
+                        self._block.append(line)
+                    elif self._block:
+                        self._blocks.append(self._block)
+                        self._block = []
             else:
                 assert isinstance(event, h11.EndOfMessage), event
-                assert not self._pending, f"stream ended inside a frame: {self._pending!r}"
+                pending = (self._block, self._lines.pending)
+                assert pending == ([], False), f"stream ended inside a frame: {pending!r}"
                 return None
         block = self._blocks.popleft()
         frame = SSEFrame()
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                frame.comments.append(line[1:].strip())
+        for line in block:
+            name, value = parse_line(line)
+            if not name:
+                frame.comments.append(value.strip())
                 continue
-            name, _, value = line.partition(": ")
+            assert line.startswith(f"{name}: "), line
             assert name in ("id", "event", "data", "retry"), line
             assert getattr(frame, name) is None, f"repeated field in {block!r}"
             setattr(frame, name, value)

@@ -59,8 +59,8 @@ from trioflow.models.claude import (
     DEFAULT_CLAUDE_MODEL,
     DEFAULT_CLAUDE_RETRY,
     AnthropicModel,
-    _SSEDecoder,
 )
+from trioflow.sse import SSEDecoder
 from trioflow.supervise import RetryPolicy
 from trioflow.testing.anthropic_server import (
     AnthropicServer,
@@ -245,14 +245,15 @@ def test_sse_decoder_finds_the_same_events_however_the_bytes_are_split(
 ) -> None:
     wire = "".join(f"event: {e}{newline}data: {d}{newline}{newline}" for e, d in events)
     data = wire.encode()
-    decoder = _SSEDecoder()
+    decoder = SSEDecoder(errors="strict")  # as the model decodes the body
     start = 0
+    decoded = []
     for cut in sorted(min(c, len(data)) for c in cuts):
-        decoder.feed(data[start:cut])
+        decoded += decoder.feed(data[start:cut])
         start = cut
-    decoder.feed(data[start:])
-    decoder.finish()
-    assert list(decoder.events) == events
+    decoded += decoder.feed(data[start:])
+    decoded += decoder.close()
+    assert [(e.event, e.data) for e in decoded] == events
 
 
 # -- the request ------------------------------------------------------------------

@@ -4,8 +4,9 @@ import dataclasses
 import json
 from typing import Any, ClassVar, Self
 
+import httpx
 import pytest
-from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+from httpx_sse import EventSource
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -152,14 +153,9 @@ def test_to_json_encodes_non_json_values_safely():
 
 
 def parse_sse(text: str) -> list[Any]:
-    lines = SSELineDecoder()
-    decoder = SSEDecoder()
-    out = []
-    for line in [*lines.decode(text), *lines.flush()]:
-        sse = decoder.decode(line)
-        if sse is not None:
-            out.append(sse)
-    return out
+    """The events of ``text`` as httpx-sse (an independent parser) reads them."""
+    headers = {"content-type": "text/event-stream"}
+    return list(EventSource(httpx.Response(200, headers=headers, content=text.encode())).iter_sse())
 
 
 json_values = st.recursive(

@@ -56,6 +56,7 @@ from trioflow.models.base import (
     Usage,
 )
 from trioflow.progress import FlowProgress
+from trioflow.protocol import error_info
 from trioflow.tools import Tool, ToolError, ToolRegistry
 
 __all__ = [
@@ -181,10 +182,6 @@ def _result_text(result: Any) -> str:
         return str(result)
 
 
-def _error_info(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
 class Agent:
     """An LLM agent: a model, its tools, a system prompt and an iteration budget.
 
@@ -287,7 +284,7 @@ class Agent:
                     n, messages, specs, emit, progress, control
                 )
             except ModelError as exc:
-                await emit(EventType.ITERATION_FAILED, {"iteration": n, "error": _error_info(exc)})
+                await emit(EventType.ITERATION_FAILED, {"iteration": n, "error": error_info(exc)})
                 raise
             usage += turn_usage
             if text:
@@ -452,7 +449,7 @@ class Agent:
                 message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
                 await emit(
                     EventType.TOOL_FAILED,
-                    {**base, "error": _error_info(exc), "duration": trio.current_time() - start},
+                    {**base, "error": error_info(exc), "duration": trio.current_time() - start},
                 )
                 results[i] = ToolResultBlock(call.id, message, is_error=True)
                 return

@@ -52,6 +52,7 @@ from trioflow.events import (
     validate_event_type,
 )
 from trioflow.history import EventHistory, MemoryHistory
+from trioflow.protocol import error_info
 from trioflow.supervise import Crash, RestartPolicy, SupervisorGaveUp, supervise
 
 __all__ = [
@@ -1128,7 +1129,7 @@ class EventBus:
         async def on_crash(crash: Crash) -> None:
             listener._crashes += 1
             self._listener_crashes += 1
-            error = {"type": type(crash.error).__name__, "message": str(crash.error)}
+            error = error_info(crash.error)
             if crash.giving_up:
                 listener._gave_up = True
                 await self._report(

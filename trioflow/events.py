@@ -31,6 +31,8 @@ from typing import Any, ClassVar, Self, cast
 
 from trioflow import _json
 from trioflow._frozen import EMPTY, freeze_data, thaw
+from trioflow.protocol import error_info
+from trioflow.sse import event_frame
 
 __all__ = [
     "LEGACY_TYPE_NAMES",
@@ -260,7 +262,7 @@ def _json_default(value: object) -> object:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, BaseException):
-        return {"type": type(value).__name__, "message": str(value)}
+        return error_info(value)
     return str(value)
 
 
@@ -390,7 +392,7 @@ class FlowEvent:
     ) -> Self:
         """``flow.failed`` with ``error`` as ``{"type", "message"}`` (no traceback)."""
         return cls.create(
-            EventType.FLOW_FAILED, {"error": _error_info(error), **data}, run_id=run_id
+            EventType.FLOW_FAILED, {"error": error_info(error), **data}, run_id=run_id
         )
 
     @classmethod
@@ -445,7 +447,7 @@ class FlowEvent:
         """``tool.failed`` with ``error`` as ``{"type", "message"}``."""
         return cls.create(
             EventType.TOOL_FAILED,
-            {"tool": tool, "error": _error_info(error), **data},
+            {"tool": tool, "error": error_info(error), **data},
             run_id=run_id,
         )
 
@@ -546,7 +548,7 @@ class FlowEvent:
         The ``data:`` line is :meth:`to_json`, which escapes every line break
         and control character, so a payload can never split or end the frame.
         """
-        return f"id: {self.seq}\nevent: {self.type}\ndata: {self.to_json()}\n\n"
+        return event_frame(self.seq, self.type, self.to_json())
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> Self:
@@ -641,12 +643,6 @@ class OutputText:
 
     def __str__(self) -> str:
         return self.text
-
-
-def _error_info(error: BaseException | str) -> dict[str, str]:
-    if isinstance(error, BaseException):
-        return {"type": type(error).__name__, "message": str(error)}
-    return {"type": "Error", "message": str(error)}
 
 
 # Fast construction for the bus's hot path: set the slots directly, skipping the

@@ -54,6 +54,7 @@ from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_eve
 from trioflow.events import EventType, FlowEvent, OutputText, check_event_types
 from trioflow.models.base import ModelError, Usage
 from trioflow.progress import FlowProgress
+from trioflow.protocol import encode_event, error_info
 
 __all__ = [
     "Run",
@@ -451,7 +452,7 @@ class Run:
     ) -> tuple[str, dict[str, Any]]:
         duration = trio.current_time() - start
         self.progress.complete()
-        error = {"type": type(exc).__name__, "message": str(exc), **(extra or {})}
+        error = {**error_info(exc), **(extra or {})}
         usage = exc.usage if isinstance(exc, MaxIterationsExceeded) else Usage()
         output = self._output.text
         self._status = RunStatus.FAILED
@@ -688,7 +689,11 @@ class StreamingFlowExecutor:
         timeout: float | None = None,
         max_iterations: int | None = None,
     ) -> AsyncIterator[AsyncIterator[str]]:
-        """:meth:`stream`, as Server-Sent Events frames (``id:``, ``event:``, ``data:``)."""
+        """:meth:`stream`, as Server-Sent Events frames (``id:``, ``event:``, ``data:``).
+
+        Each frame is the one the web server sends for the event
+        (:func:`trioflow.protocol.encode_event`).
+        """
         async with self.stream(
             agent, task, timeout=timeout, max_iterations=max_iterations
         ) as events:
@@ -740,4 +745,4 @@ class StreamingFlowExecutor:
 
 async def _sse_frames(events: Subscription) -> AsyncIterator[str]:
     async for event in events:
-        yield event.to_sse()
+        yield encode_event(event)

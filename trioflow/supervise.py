@@ -28,6 +28,8 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from trioflow.protocol import error_info
+
 __all__ = [
     "Crash",
     "Emitter",
@@ -318,7 +320,7 @@ async def retry(
                     ),
                     "attempt": attempt,
                     "delay": delay,
-                    "error": {"type": kind, "message": str(error)},
+                    "error": error_info(error),
                 },
                 run_id=run_id,
             )

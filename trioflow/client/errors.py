@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trioflow.history import HistoryExpired
+from trioflow.protocol import HISTORY_EXPIRED
 
 __all__ = ["ResumeExpired", "StreamError"]
 
@@ -82,7 +83,7 @@ class StreamError(Exception):
         return cls(text, code=code_text, status=status, data=data)
 
 
-_EXPIRED_CODES = frozenset({"history_expired"})
+_EXPIRED_CODES = frozenset({HISTORY_EXPIRED})
 
 
 class ResumeExpired(StreamError, HistoryExpired):

@@ -11,14 +11,14 @@ and in order, however often the connection drops::
         async for event in events:
             print(event.seq, event.type, dict(event.data))
 
-:class:`SSEDecoder` is the incremental, spec-following frame parser underneath.
+:class:`SSEDecoder` (from :mod:`trioflow.sse`, the codec the server uses too)
+is the incremental, spec-following frame parser underneath.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import json
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -30,6 +30,8 @@ import trio
 
 from trioflow.client.errors import StreamError
 from trioflow.events import FlowEvent
+from trioflow.protocol import ERROR_EVENT, RESUMABLE_CODES
+from trioflow.sse import ServerSentEvent, SSEDecoder
 from trioflow.supervise import RetryPolicy
 
 __all__ = [
@@ -41,123 +43,9 @@ __all__ = [
     "sse_events",
 ]
 
-ERROR_EVENT: Final = "trioflow.error"
-"""The SSE ``event:`` name of a server's error report; its data is ``{"code", "message"}``."""
-
-_RESUMABLE_CODES = frozenset({"evicted"})
-"""Error codes after which the server expects the client to reconnect and resume."""
-
 DEFAULT_RETRY: Final = RetryPolicy(attempts=8, base_delay=0.25, max_delay=10.0)
 """The reconnect backoff of :func:`sse_events`: up to 8 connection attempts in a
 row without a new event, 0.25 s, 0.5 s, 1 s, ... apart (at most 10 s)."""
-
-
-# -- decoding -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServerSentEvent:
-    """One dispatched Server-Sent Event."""
-
-    event: str = "message"
-    """The ``event:`` field; ``"message"`` when the frame had none."""
-    data: str = ""
-    """The ``data:`` lines, joined with ``"\\n"``."""
-    id: str = ""
-    """The stream's last event ID when the event was dispatched (it carries over)."""
-
-
-class SSEDecoder:
-    """An incremental decoder of a ``text/event-stream`` body, as the HTML spec describes it.
-
-    Feed it the body's bytes in chunks of any size; it returns the events
-    completed so far. Lines end with CRLF, LF or CR; a leading byte order mark
-    is skipped; ``:`` lines are comments; an event is dispatched at a blank
-    line if it has data. ``id:`` (without NUL) sets :attr:`last_event_id`,
-    ``retry:`` (digits only) sets :attr:`retry`, unknown fields are ignored.
-
-    Attributes:
-        last_event_id: the last ``id:`` seen (``""`` before any).
-        retry: the last ``retry:`` value in milliseconds, or ``None``.
-    """
-
-    __slots__ = ("_data", "_event", "_partial", "_started", "last_event_id", "retry")
-
-    def __init__(self) -> None:
-        self._partial = b""
-        self._started = False
-        self._event = ""
-        self._data: list[str] = []
-        self.last_event_id = ""
-        self.retry: int | None = None
-
-    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        """Decode ``chunk``, the next bytes of the body.
-
-        Returns:
-            The events the chunk completed, in order (often none or one).
-        """
-        text = self._partial + chunk if self._partial else chunk
-        if b"\r" in text:
-            # Hold back a final CR: it may be the first half of a CRLF.
-            hold = text.endswith(b"\r")
-            if hold:
-                text = text[:-1]
-            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            lines = text.split(b"\n")
-            self._partial = lines.pop() + (b"\r" if hold else b"")
-        else:
-            lines = text.split(b"\n")
-            self._partial = lines.pop()
-        events: list[ServerSentEvent] = []
-        for raw in lines:
-            event = self._line(raw)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def close(self) -> list[ServerSentEvent]:
-        """End of the body: an unterminated last event is discarded, as the spec says.
-
-        Returns:
-            Always an empty list (for symmetry with :meth:`feed`).
-        """
-        self._partial = b""
-        self._event = ""
-        self._data = []
-        return []
-
-    def _line(self, raw: bytes) -> ServerSentEvent | None:
-        if not self._started:
-            self._started = True
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-        if not raw:
-            return self._dispatch()
-        if raw[0] == 0x3A:  # ":" starts a comment (the keep-alive pings)
-            return None
-        line = raw.decode("utf-8", "replace")
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self.last_event_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry = int(value)
-        return None
-
-    def _dispatch(self) -> ServerSentEvent | None:
-        data, event = self._data, self._event
-        self._data = []
-        self._event = ""
-        if not data:
-            return None
-        return ServerSentEvent(event or "message", "\n".join(data), self.last_event_id)
 
 
 # -- the stream -----------------------------------------------------------------
@@ -343,7 +231,7 @@ class SSEEventStream:
         except ValueError:
             payload = {"message": data}
         error = StreamError.from_payload(payload)
-        if error.code in _RESUMABLE_CODES and self._resume:
+        if error.code in RESUMABLE_CODES and self._resume:
             raise _Dropped(f"the server ended the stream: {error}")
         raise error
 

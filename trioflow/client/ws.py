@@ -46,6 +46,7 @@ from trio_websocket import (
 from trioflow._util import collapse_single_group
 from trioflow.client.errors import StreamError
 from trioflow.events import FlowEvent
+from trioflow.protocol import RESUMABLE_CODES
 
 __all__ = ["NORMAL_CLOSURE", "ConnectionClosed", "WsConnection", "ws_connect"]
 
@@ -365,7 +366,7 @@ class WsConnection:
         if frame.get("action") == "cancel" and error.code == "run_finished":
             return
         rid = frame.get("run_id") or self.run_id
-        if error.code == "evicted" and self._resume and isinstance(rid, str):
+        if error.code in RESUMABLE_CODES and self._resume and isinstance(rid, str):
             after = self._last_seq.get(rid, 0)
             await self._send({"action": "resume", "run_id": rid, "after": after, "ref": "resume"})
             return

@@ -23,8 +23,8 @@ tool call whose input is not a JSON object.
 
 The request goes through the SDK (``client.messages.create(stream=True)``:
 headers, authentication, error statuses as SDK exceptions); the
-Server-Sent Events of the body are decoded here, from the SDK's HTTP
-response, because the SDK's event iterator leaves its async generators
+Server-Sent Events of the body are decoded here (by
+:class:`trioflow.sse.SSEDecoder`), from the SDK's HTTP response, because the SDK's event iterator leaves its async generators
 suspended when it raises for an ``error`` event or its consumer stops early,
 and Trio warns (``ResourceWarning``) when the garbage collector finds them.
 
@@ -61,6 +61,7 @@ from trioflow.models.base import (
     TurnEnd,
     Usage,
 )
+from trioflow.sse import ServerSentEvent, SSEDecoder
 from trioflow.supervise import RetryPolicy
 
 try:  # anthropic >= 2 is built on httpx2
@@ -313,57 +314,6 @@ class AnthropicModel:
         return text
 
 
-class _SSEDecoder:
-    """Server-Sent Events from a byte stream: the ``event`` and ``data`` fields, nothing more."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._event = ""
-        self._data: list[str] = []
-        self.events: deque[tuple[str, str]] = deque()
-        """Complete ``(event, data)`` pairs, oldest first."""
-
-    def feed(self, chunk: bytes) -> None:
-        """Decode ``chunk``; complete events go to :attr:`events`.
-
-        Raises:
-            UnicodeDecodeError: a complete line is not UTF-8 (a character
-                split between two chunks is fine: lines are decoded whole).
-        """
-        lines = (self._buffer + chunk).splitlines(keepends=True)
-        # Keep a partial last line, and a lone CR that may be half of a CRLF.
-        self._buffer = b""
-        if lines and (not lines[-1].endswith((b"\n", b"\r")) or lines[-1].endswith(b"\r")):
-            self._buffer = lines.pop()
-        for line in lines:
-            self._line(line.rstrip(b"\r\n").decode("utf-8"))
-
-    def finish(self) -> None:
-        """Decode what is left at the end of the body (an event without its blank line is lost).
-
-        Raises:
-            UnicodeDecodeError: the last line is not UTF-8.
-        """
-        if self._buffer.endswith(b"\r"):
-            self._line(self._buffer.rstrip(b"\r").decode("utf-8"))
-            self._line("")
-        self._buffer = b""
-
-    def _line(self, line: str) -> None:
-        if not line:
-            if self._data:
-                self.events.append((self._event or "message", "\n".join(self._data)))
-            self._event = ""
-            self._data = []
-            return
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            self._event = value
-        elif name == "data":
-            self._data.append(value)
-
-
 class _Turn:
     """One streamed turn: what :meth:`AnthropicModel.stream` returns.
 
@@ -385,7 +335,8 @@ class _Turn:
         self._policy = model._retry
         self._response: _httpx.Response | None = None
         self._body: AsyncIterator[bytes] | None = None
-        self._decoder = _SSEDecoder()
+        self._decoder = SSEDecoder(errors="strict")
+        self._frames: deque[ServerSentEvent] = deque()
         self._pending: deque[ModelEvent] = deque()
         self._attempt = 0
         self._backoff: float | None = None
@@ -396,7 +347,8 @@ class _Turn:
 
     def _reset(self) -> None:
         """Forget what the current attempt streamed."""
-        self._decoder = _SSEDecoder()
+        self._decoder = SSEDecoder(errors="strict")
+        self._frames.clear()
         self._eof = False
         self._emitted = 0
         self._stopped = False
@@ -475,9 +427,11 @@ class _Turn:
         assert self._body is not None
         assert self._response is not None
         decoder = self._decoder
+        frames = self._frames
         while True:
-            while decoder.events:
-                name, text = decoder.events.popleft()
+            while frames:
+                frame = frames.popleft()
+                name, text = frame.event, frame.data
                 if name == "ping":
                     continue
                 try:
@@ -515,10 +469,7 @@ class _Turn:
             except _httpx.TransportError as exc:
                 raise anthropic.APIConnectionError(request=self._response.request) from exc
             try:
-                if chunk is None:
-                    decoder.finish()
-                else:
-                    decoder.feed(chunk)
+                frames.extend(decoder.close() if chunk is None else decoder.feed(chunk))
             except UnicodeDecodeError as exc:
                 raise InvalidStreamData(
                     self._response, f"a line of the event stream is not UTF-8 ({exc.reason})"

@@ -62,6 +62,8 @@ from typing import Any, TypedDict
 import h11
 import trio
 
+from trioflow.sse import encode
+
 __all__ = [
     "AnthropicServer",
     "AnthropicServerStatistics",
@@ -98,7 +100,7 @@ def encode_sse(event: str, data: Mapping[str, Any]) -> bytes:
         An ``event:`` line, a ``data:`` line of compact JSON and a blank line, in UTF-8.
     """
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {event}\ndata: {payload}\n\n".encode()
+    return encode(payload, event=event).encode()
 
 
 # -- the script -----------------------------------------------------------------

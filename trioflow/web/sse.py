@@ -2,7 +2,9 @@
 
 The response replays the run's retained events after the resume point, then
 streams live ones, and ends after the terminal event. Each event is the
-frame :meth:`FlowEvent.to_sse() <trioflow.FlowEvent.to_sse>` makes::
+frame :func:`trioflow.protocol.encode_event` makes (with the codec of
+:mod:`trioflow.sse`, :meth:`FlowEvent.to_sse() <trioflow.FlowEvent.to_sse>`
+but for the renamed events)::
 
     id: 7
     event: token.received
@@ -49,9 +51,7 @@ Framing and flow
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
 
 import trio
 from starlette.responses import Response
@@ -62,6 +62,16 @@ from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.executor import Run
 from trioflow.history import HistoryExpired
+from trioflow.protocol import (
+    ERROR_EVENT,
+    EVICTED,
+    HISTORY_EXPIRED,
+    RENAMED_EVENTS,
+    encode_error,
+    encode_event,
+    event_name,
+)
+from trioflow.sse import encode
 from trioflow.web.config import WebConfig
 from trioflow.web.connections import GuardedStream
 from trioflow.web.fanout import EventFanout, FanoutTarget, chunk, connection_socket, duplicate
@@ -78,35 +88,8 @@ __all__ = [
     "new_fanout",
 ]
 
-ERROR_EVENT = "trioflow.error"
-"""The SSE event name of errors of the stream itself (not of the run)."""
-
-RENAMED_EVENTS: dict[str, str] = {"error": "run.error", "open": "run.open"}
-"""Event types sent under another SSE name, because ``EventSource`` uses their names itself."""
-
-KEEPALIVE = ": keepalive\n\n"
+KEEPALIVE = encode(comment="keepalive")
 """The comment sent after ``keepalive`` seconds of silence."""
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
-
-
-def event_name(type: str) -> str:
-    """The SSE ``event:`` name of events of ``type`` (``type`` itself, except :data:`RENAMED_EVENTS`)."""
-    return RENAMED_EVENTS.get(type, type)
-
-
-def encode_event(event: FlowEvent) -> str:
-    """``event`` as one SSE frame: :meth:`FlowEvent.to_sse`, under :func:`event_name`."""
-    name = RENAMED_EVENTS.get(event.type)
-    if name is None:
-        return event.to_sse()
-    return f"id: {event.seq}\nevent: {name}\ndata: {event.to_json()}\n\n"
-
-
-def encode_error(code: str, message: str, **details: Any) -> str:
-    """A :data:`ERROR_EVENT` frame with ``{"code", "message", **details}`` (no ``id:``)."""
-    payload = _dumps({"code": code, "message": message, **details})
-    return f"event: {ERROR_EVENT}\ndata: {payload}\n\n"
 
 
 def _body(text: str | bytes, *, more: bool = True) -> Message:
@@ -124,7 +107,7 @@ def _encode_frame(event: FlowEvent) -> bytes:
 
 def _evicted_frame(last_seq: int) -> bytes:
     return encode_error(
-        "evicted",
+        EVICTED,
         f"this client fell behind and was disconnected; reconnect with "
         f"Last-Event-ID: {last_seq} to resume",
         last_seq=last_seq,
@@ -201,7 +184,7 @@ class EventStreamResponse(Response):
 
     async def _respond(self, send: Send, stream: GuardedStream | None) -> None:
         config = self.hub.config
-        head = f"retry: {max(1, math.ceil(config.retry * 1000))}\n\n"
+        head = encode(retry=max(1, math.ceil(config.retry * 1000)))
         try:
             async with self.run.subscribe(
                 after=self.after,
@@ -224,7 +207,7 @@ class EventStreamResponse(Response):
         except HistoryExpired as exc:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             error = encode_error(
-                "history_expired",
+                HISTORY_EXPIRED,
                 str(exc),
                 requested=exc.requested,
                 first_available=exc.first_available,

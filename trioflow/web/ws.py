@@ -64,6 +64,7 @@ from trioflow._util import collapse_single_group
 from trioflow.bus import Overflow, SubscriberEvicted
 from trioflow.executor import Run
 from trioflow.history import HistoryExpired
+from trioflow.protocol import EVICTED, HISTORY_EXPIRED
 from trioflow.web.auth import deny_websocket
 from trioflow.web.errors import ApiError
 from trioflow.web.runs import RunHub, RunRequest, Watch, resume_point
@@ -294,7 +295,7 @@ class _Connection:
                         return True
                     except SubscriberEvicted as exc:
                         await self.error(
-                            "evicted",
+                            EVICTED,
                             "this client fell behind and the stream stopped; send "
                             f'{{"action": "resume", "run_id": "{run.run_id}", '
                             f'"after": {exc.last_seq}}} to go on',
@@ -308,7 +309,7 @@ class _Connection:
                         return True
         except HistoryExpired as exc:
             await self.error(
-                "history_expired",
+                HISTORY_EXPIRED,
                 str(exc),
                 run_id=run.run_id,
                 requested=exc.requested,
