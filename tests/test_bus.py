@@ -572,6 +572,31 @@ async def test_emit_unknown_name_raises_key_error():
             await bus.emit_named("on_nothing")
 
 
+async def test_known_types_are_per_bus():
+    # Each bus keeps its own cache of validated type names: what one bus
+    # validated (by emitting) or named (register_event) does not leak to another.
+    async with open_event_bus(name="a") as a, open_event_bus(name="b") as b:
+        await a.emit("per-bus.emitted")
+        a.emit_nowait("per-bus.emitted-nowait")
+        a.register_event("on_per_bus", "per-bus.named")
+        for type in ("per-bus.emitted", "per-bus.emitted-nowait", "per-bus.named"):
+            assert type in a._known_types
+            assert type not in b._known_types
+        assert EventType.TOKEN_RECEIVED in b._known_types
+        async with a.subscribe(types={"per-bus.named"}):
+            pass
+        with pytest.raises(ValueError, match="unknown"):
+            async with b.subscribe(types={"per-bus.named"}):
+                pass
+        with pytest.raises(KeyError, match="on_per_bus"):
+            await b.emit_named("on_per_bus")
+        # The other bus still validates on its own.
+        with pytest.raises(ValueError, match="invalid event type"):
+            await b.emit("per-bus emitted")
+        assert (await b.emit("per-bus.emitted")).seq == 1
+        assert "per-bus.emitted" in b._known_types
+
+
 async def test_bus_statistics_counts():
     async with open_event_bus(history=10) as bus:
         async with bus.subscribe(buffer=1, overflow=Overflow.DROP_NEWEST):
