@@ -43,5 +43,6 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: ratios against baselines measured in the same run."""
     session.install("-e", ".[bench]")
-    for script in ("benchmarks/bus.py", "benchmarks/executor.py", "benchmarks/serve.py"):
+    scripts = ("bus.py", "executor.py", "serve.py", "startup.py")
+    for script in (f"benchmarks/{name}" for name in scripts):
         session.run("python", script, *session.posargs)

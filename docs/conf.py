@@ -96,7 +96,7 @@ DOCUMENTED_MODULES = [
     "trioflow.agent",
     "trioflow.executor",
     "trioflow.testing",
-    "trioflow.console",
+    "trioflow.cli.console",
     "trioflow.cli",
     "trioflow.services",
     "trioflow.settings",

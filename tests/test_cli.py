@@ -134,3 +134,64 @@ def test_bad_settings_environment_is_a_usage_error():
     )
     assert proc.returncode == 2
     assert "TRIOFLOW_MAX_ITERATIONS" in proc.stderr
+
+
+HEAVY = ("starlette", "hypercorn", "httpx", "trio_websocket", "anthropic", "rich", "opentelemetry")
+"""The optional dependencies that neither ``import trioflow`` nor the parser may load."""
+
+
+def heavy_modules_after(code: str) -> list[str]:
+    """The heavy modules (and ``trioflow.cli``'s) loaded after running ``code`` in a new interpreter."""
+    probe = (
+        f"{code}\nimport sys\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[:2] == ['trioflow', 'cli']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *HEAVY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=True,
+    )
+    heavy, cli = proc.stdout.splitlines()[-2:]
+    return [*json.loads(heavy.replace("'", '"')), *json.loads(cli.replace("'", '"'))]
+
+
+def test_import_trioflow_loads_no_web_stack_and_no_cli():
+    assert heavy_modules_after("import trioflow") == []
+
+
+def test_the_parser_loads_no_web_stack():
+    loaded = heavy_modules_after("from trioflow.cli import build_parser\nbuild_parser()")
+    assert not set(loaded) & set(HEAVY), loaded
+
+
+def test_run_json_loads_no_web_stack():
+    code = (
+        "import contextlib, io\nfrom trioflow.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['run', 'What is 25 * 4?', '--json', '--pace', '0']) == 0"
+    )
+    loaded = heavy_modules_after(code)
+    assert not set(loaded) & set(HEAVY), loaded
+
+
+def test_feature_packages_do_not_import_the_cli():
+    code = "import trioflow.web.app, trioflow.web.defaults, trioflow.client, trioflow.recording"
+    loaded = heavy_modules_after(code)
+    assert not [m for m in loaded if m.startswith("trioflow.")], loaded
+
+
+def test_python_dash_m_trioflow_cli_is_the_command_too():
+    proc = subprocess.run(
+        [sys.executable, "-m", "trioflow.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("trioflow ")

@@ -26,6 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioflow import Agent, FlowEvent, HistoryExpired, RetryPolicy, ScriptedModel, Turn
+from trioflow.cli.watch import events_url
 from trioflow.client import (
     ConnectionClosed,
     ResumeExpired,
@@ -34,7 +35,6 @@ from trioflow.client import (
     sse_events,
     ws_connect,
 )
-from trioflow.client.command import events_url
 from trioflow.web import RunRequest
 
 if TYPE_CHECKING:

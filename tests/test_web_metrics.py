@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
 from trioflow.web import RunRequest, WebConfig, create_app, serve
 from trioflow.web.app import MetricsRenderer
-from trioflow.web.command import open_metrics
+from trioflow.web.defaults import open_metrics
 
 
 def talker(request: RunRequest) -> Agent:

@@ -49,7 +49,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ENVIRONMENT_VARIABLES", "LOG_LEVELS", "Settings", "SettingsError"]
+__all__ = ["ENVIRONMENT_VARIABLES", "LOG_LEVELS", "Settings", "SettingsError", "check_token"]
 
 LOG_LEVELS: frozenset[str] = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 """The accepted values of ``log_level`` (case-insensitive on input)."""
@@ -146,7 +146,12 @@ def _check_host(name: str, value: object) -> str:
     return value
 
 
-def _check_token(name: str, value: object) -> str | None:
+def check_token(name: str, value: object) -> str | None:
+    """``value`` if it is a valid token (or ``None``): 8 to 4096 printable ASCII characters.
+
+    Raises:
+        SettingsError: it is not; the message names ``name``, never the value.
+    """
     if value is None:
         return None
     if not isinstance(value, str) or _TOKEN_RE.fullmatch(value) is None:
@@ -170,7 +175,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "has_api_key": _check_bool,
     "host": _check_host,
     "port": lambda n, v: _check_int(n, v, 0, 65535),
-    "token": _check_token,
+    "token": check_token,
     "history_size": lambda n, v: _check_int(n, v, 0),
     "buffer_size": lambda n, v: _check_int(n, v, 1),
     "keepalive": lambda n, v: _check_seconds(n, v, optional=False),

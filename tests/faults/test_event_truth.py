@@ -26,7 +26,7 @@ from trioflow import (
     open_event_bus,
     register_event_type,
 )
-from trioflow.console import RichRenderer
+from trioflow.cli.console import RichRenderer
 from trioflow.models import ModelError, ScriptedModel, Turn
 from trioflow.patterns import event_predicate, filter_events, preset
 

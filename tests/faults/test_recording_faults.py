@@ -25,6 +25,8 @@ import pytest
 import trio
 
 from trioflow import FlowEvent, RunStatus, cli, open_event_bus
+from trioflow.cli import replay as replay_command
+from trioflow.cli.common import MAX_WARNINGS
 from trioflow.patterns import coalesce_tokens
 from trioflow.recording import (
     DEFAULT_MAX_GAP,
@@ -35,7 +37,6 @@ from trioflow.recording import (
     replay_into,
     start_replay,
 )
-from trioflow.recording import command as replay_command
 
 ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
 SERVE = [sys.executable, "-m", "trioflow", "serve", "--port", "0", "--model", "scripted"]
@@ -366,7 +367,7 @@ async def test_max_gap_is_in_recorded_seconds_and_inf_or_none_disables_it(autoju
 
 
 def test_replay_and_serve_default_to_the_5_s_max_gap_and_take_inf(capsys):
-    from trioflow.web import command as serve_command
+    from trioflow.cli import serve as serve_command
 
     for module, argv in ((replay_command, ["f.jsonl"]), (serve_command, ["--replay", "f.jsonl"])):
         parser = argparse.ArgumentParser()
@@ -485,7 +486,7 @@ def test_replay_command_shows_at_most_10_warnings_of_a_kind(tmp_path, capsys):
     path = write(tmp_path / "odd.jsonl", [_event("info", seq) for seq in range(1, 30, 2)])
     assert main("replay", str(path), "--json", "--speed", "inf") == 1  # no terminal event
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == replay_command.MAX_WARNINGS + 1
+    assert len(err) == MAX_WARNINGS + 1
     assert err[-1].endswith("seq 22 missing (further seq warnings not shown)")
 
 

@@ -470,7 +470,7 @@ def test_serve_out_of_file_descriptors_logs_once_and_recovers(tmp_path: Path) ->
 def test_serve_runs_have_a_default_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from trioflow.web.command import DEFAULT_RUN_TIMEOUT, add_arguments
+    from trioflow.cli.serve import DEFAULT_RUN_TIMEOUT, add_arguments
 
     monkeypatch.delenv("TRIOFLOW_TIMEOUT", raising=False)
 

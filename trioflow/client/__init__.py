@@ -9,7 +9,7 @@
   reports; :class:`ConnectionClosed` (trio-websocket's) carries a WebSocket's
   close code and reason.
 
-``trioflow watch URL`` (:mod:`trioflow.client.command`) shows a run's events
+``trioflow watch URL`` (:mod:`trioflow.cli.watch`) shows a run's events
 in the terminal the way ``trioflow run`` does.
 """
 

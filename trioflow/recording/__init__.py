@@ -29,6 +29,7 @@ from trioflow.recording._replay import (
     RecordingWarning,
     ReplayStream,
     WarningHandler,
+    empty_recording,
     replay,
     replay_into,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "ReplayRun",
     "ReplayStream",
     "WarningHandler",
+    "empty_recording",
     "record",
     "replay",
     "replay_into",

@@ -28,15 +28,43 @@ protocol), :mod:`~trioflow.web.auth` (token and ``Origin``),
 :mod:`~trioflow.web.runs` (requests, watchers, draining),
 :mod:`~trioflow.web.server` (Hypercorn and graceful shutdown),
 :mod:`~trioflow.web.config` (the options) and
-:mod:`~trioflow.web.command` (``trioflow serve``).
+:mod:`~trioflow.web.defaults` (the agents and metrics of ``trioflow serve``,
+whose command is :mod:`trioflow.cli.serve`).
+
+The names below are imported on first use: ``import trioflow.web.config``
+does not load Starlette or Hypercorn.
 """
 
-from trioflow.web.app import create_app, hub_of
-from trioflow.web.config import TOKEN_ENV, WebConfig
-from trioflow.web.errors import ApiError
-from trioflow.web.runs import AgentFactory, OnDisconnect, RunHub, RunRequest
-from trioflow.web.server import serve
-from trioflow.web.sse import ERROR_EVENT, RENAMED_EVENTS
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trioflow.web.app import create_app, hub_of
+    from trioflow.web.config import TOKEN_ENV, WebConfig
+    from trioflow.web.defaults import agent_factory, open_metrics
+    from trioflow.web.errors import ApiError
+    from trioflow.web.runs import AgentFactory, OnDisconnect, RunHub, RunRequest
+    from trioflow.web.server import serve
+    from trioflow.web.sse import ERROR_EVENT, RENAMED_EVENTS
+
+_SOURCES = {
+    "ERROR_EVENT": "sse",
+    "RENAMED_EVENTS": "sse",
+    "TOKEN_ENV": "config",
+    "AgentFactory": "runs",
+    "ApiError": "errors",
+    "OnDisconnect": "runs",
+    "RunHub": "runs",
+    "RunRequest": "runs",
+    "WebConfig": "config",
+    "agent_factory": "defaults",
+    "create_app": "app",
+    "hub_of": "app",
+    "open_metrics": "defaults",
+    "serve": "server",
+}
 
 __all__ = [
     "ERROR_EVENT",
@@ -48,7 +76,23 @@ __all__ = [
     "RunHub",
     "RunRequest",
     "WebConfig",
+    "agent_factory",
     "create_app",
     "hub_of",
+    "open_metrics",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module behind a public name on first use (PEP 562)."""
+    source = _SOURCES.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{source}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -44,61 +44,45 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import signal
 import sys
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from typing import IO
+from contextlib import AsyncExitStack
+from typing import IO, TYPE_CHECKING
 
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
-from trioflow.bus import EventBus, open_event_bus
-from trioflow.cli import positive_float
-from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.cli.common import (
+    TOKEN_ENV,
+    add_max_gap_option,
+    add_model_option,
+    add_pace_option,
+    add_timeout_option,
+    at_least_one,
+    playback_speed,
+    port,
+    positive_float,
+    print_warnings,
+    watch_signals,
+)
+from trioflow.cli.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
-from trioflow.recording import DEFAULT_MAX_GAP, RecordingError, ReplayRun, start_replay
-from trioflow.recording._replay import empty_recording
-from trioflow.recording.command import MAX_GAP_HELP, _seconds, _speed, print_warnings
-from trioflow.settings import Settings, _check_token
-from trioflow.web.app import MetricsRenderer, create_app, hub_of
-from trioflow.web.config import TOKEN_ENV, WebConfig
-from trioflow.web.runs import AgentFactory, RunRequest
-from trioflow.web.server import serve
+from trioflow.models import ModelError, open_model
+from trioflow.recording import RecordingError, ReplayRun, empty_recording, start_replay
+from trioflow.settings import Settings, check_token
 
-__all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "agent_factory", "main", "open_metrics"]
+if TYPE_CHECKING:
+    from trioflow.bus import EventBus
+    from trioflow.web.app import MetricsRenderer
+    from trioflow.web.config import WebConfig
 
-_DEFAULTS = WebConfig()
+__all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "main"]
 
 DEFAULT_RUN_TIMEOUT = 900.0
 """The time limit of a served run unless ``--timeout`` or ``TRIOFLOW_TIMEOUT`` say otherwise:
 no run holds a slot for ever."""
 
 HELP = "serve runs over HTTP, Server-Sent Events and WebSockets, with a browser page"
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0-65535, not {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, not {text}")
-    return value
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
-    return value
+"""The subcommand's one-line help."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Raises:
         SettingsError: a ``TRIOFLOW_*`` variable has a bad value.
     """
+    from trioflow.web.config import WebConfig  # light: no web stack
+
+    defaults = WebConfig()
     settings = Settings.from_env()
     parser.add_argument(
         "--host",
@@ -115,22 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port",
-        type=_port,
+        type=port,
         default=settings.port,
         help=f"TCP port; 0 picks a free one (default: $TRIOFLOW_PORT or {settings.port})",
     )
-    parser.add_argument(
-        "--model",
-        default=settings.model,
-        help="'scripted' (offline), 'claude' or a Claude model name; default: "
-        f"{default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
-    )
-    parser.add_argument(
-        "--pace",
-        type=_non_negative,
-        default=20.0,
-        help="the scripted model's tokens per second (default: 20; 0 for no delay)",
-    )
+    add_model_option(parser, settings, env_in_help=False)
+    add_pace_option(parser)
     parser.add_argument(
         "--token",
         default=None,
@@ -155,16 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="also allow WebSockets and POSTs from this origin (repeatable; '*' for any)",
     )
-    parser.add_argument(
-        "--timeout",
-        type=_non_negative,
-        default=settings.timeout if settings.timeout is not None else DEFAULT_RUN_TIMEOUT,
-        help="time limit of a run (s); 0 for none "
-        f"(default: $TRIOFLOW_TIMEOUT or {DEFAULT_RUN_TIMEOUT:g})",
-    )
+    add_timeout_option(parser, settings, default=DEFAULT_RUN_TIMEOUT)
     parser.add_argument(
         "--max-iterations",
-        type=_at_least_one,
+        type=at_least_one,
         default=settings.max_iterations,
         help="default iteration budget",
     )
@@ -176,26 +147,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--buffer",
-        type=_at_least_one,
+        type=at_least_one,
         default=256,
         help="events buffered per connection before a slow client is evicted (default: 256)",
     )
     parser.add_argument(
         "--write-timeout",
         type=positive_float,
-        default=_DEFAULTS.write_timeout,
+        default=defaults.write_timeout,
         help="seconds a peer may take nothing before its connection is closed (default: 30)",
     )
     parser.add_argument(
         "--shutdown-timeout",
         type=positive_float,
-        default=_DEFAULTS.shutdown_timeout,
+        default=defaults.shutdown_timeout,
         help="seconds a graceful shutdown may take before connections are closed by force "
         "(default: 10)",
     )
     parser.add_argument(
         "--max-connections",
-        type=_at_least_one,
+        type=at_least_one,
         default=None,
         help="connections open at once; beyond it new ones get 503 "
         "(default: what the file-descriptor limit leaves room for)",
@@ -214,56 +185,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--speed",
-        type=_speed,
+        type=playback_speed,
         default=1.0,
         help="the replay's playback speed: 2 is twice as fast, 'inf' without delays (default: 1)",
     )
-    parser.add_argument(
-        "--max-gap",
-        type=_seconds,
-        default=DEFAULT_MAX_GAP,
-        metavar="SECONDS",
-        help=f"the replay's pauses: {MAX_GAP_HELP}",
-    )
-
-
-def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
-    """An agent factory for ``model`` with the calculator tool.
-
-    The scripted model records every call it serves, so each run gets a
-    fresh one (with the same pace); other models are shared by all runs.
-    """
-
-    def make(request: RunRequest) -> Agent:
-        run_model = ScriptedModel(pace=model.pace) if isinstance(model, ScriptedModel) else model
-        return Agent(run_model, tools=[calculator], max_iterations=max_iterations)
-
-    return make
-
-
-@asynccontextmanager
-async def open_metrics() -> AsyncIterator[tuple[EventBus, MetricsRenderer]]:
-    """A shared event bus with Prometheus telemetry attached, and the renderer of its metrics.
-
-    Give the bus to the executor (``StreamingFlowExecutor(bus=bus)``) so it
-    sees every run, and the renderer to ``create_app(..., metrics=...)``.
-
-    Raises:
-        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
-    """
-    from trioflow.telemetry import open_telemetry
-
-    async with open_telemetry(metrics=True) as telemetry:
-        prometheus = telemetry.prometheus
-        assert prometheus is not None  # open_telemetry(metrics=True) makes one
-
-        def render() -> tuple[bytes, str]:
-            return prometheus.render(), prometheus.content_type
-
-        # Inside the telemetry's block: the bus closes (its listener drains) first.
-        async with open_event_bus(history=0, name="serve") as bus:
-            telemetry.attach(bus)
-            yield bus, render
+    add_max_gap_option(parser, prefix="the replay's pauses: ")
 
 
 def _history_for(path: str) -> int:
@@ -297,19 +223,12 @@ async def _start_replay(
     return replay
 
 
-async def _watch_signals(stop: trio.Event, scope: trio.CancelScope, err: IO[str]) -> None:
-    """The first SIGINT/SIGTERM starts a graceful shutdown; the second stops at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            if not stop.is_set():
-                print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
-                stop.set()
-            else:
-                print("trioflow: stopping at once", file=err, flush=True)
-                scope.cancel()
-
-
 async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> int:
+    # The web stack, imported when serving only: the parser stays light.
+    from trioflow.web.app import create_app, hub_of
+    from trioflow.web.defaults import agent_factory, open_metrics
+    from trioflow.web.server import serve
+
     async with AsyncExitStack() as stack:
         model = await stack.enter_async_context(open_model(args.model, pace=args.pace))
         metrics: MetricsRenderer | None = None
@@ -340,7 +259,16 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                         print(f"trioflow serve: cannot replay {args.replay}: {exc}", file=err)
                         return EXIT_FAILED
                     hub_of(app).add_replay(replay)
-                nursery.start_soon(_watch_signals, stop, nursery.cancel_scope, err)
+
+                def shut_down(signum: int) -> None:
+                    print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
+                    stop.set()
+
+                def stop_at_once(signum: int) -> None:
+                    print("trioflow: stopping at once", file=err, flush=True)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch_signals, shut_down, stop_at_once)
 
                 async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                     try:
@@ -379,12 +307,14 @@ def _token(flag: str | None) -> str | None:
             message names its source, never its value.
     """
     if flag is not None:
-        return _check_token("--token", flag)
+        return check_token("--token", flag)
     return Settings.from_env().token
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``trioflow serve`` with parsed ``args``; return the exit status."""
+    from trioflow.web.config import WebConfig
+
     try:
         token = _token(args.token)
         config = WebConfig(

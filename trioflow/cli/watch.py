@@ -37,16 +37,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import IO
 
-import httpx
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
 
 from trioflow._util import collapse_single_group
-from trioflow.cli import watch_signals
-from trioflow.client.errors import StreamError
-from trioflow.client.sse import sse_events
-from trioflow.client.ws import ws_connect
-from trioflow.console import (
+from trioflow.cli.common import TOKEN_ENV, add_output_options, non_negative_int, watch_signals
+from trioflow.cli.console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -57,12 +52,10 @@ from trioflow.console import (
 from trioflow.events import EventType, FlowEvent, check_event_types
 from trioflow.supervise import RetryPolicy
 
-__all__ = ["HELP", "TOKEN_ENV", "add_arguments", "events_url", "main"]
+__all__ = ["HELP", "add_arguments", "events_url", "main", "selected_types"]
 
 HELP = "show the events of a run going on a trioflow server, as 'trioflow run' does"
-
-TOKEN_ENV = "TRIOFLOW_TOKEN"
-"""The environment variable the token is read from when ``--token`` is not given."""
+"""The subcommand's one-line help."""
 
 _RETRY = RetryPolicy(attempts=6, base_delay=0.25, max_delay=5.0)
 """Reconnect attempts in a row without a new event before giving up (about 8 s in all)."""
@@ -117,13 +110,6 @@ def events_url(url: str, run_id: str | None = None) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``trioflow watch`` to ``parser``."""
     parser.add_argument(
@@ -132,14 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the server's URL with --run",
     )
     parser.add_argument("--run", metavar="ID", default=None, help="the run, with a server URL")
-    parser.add_argument("--json", action="store_true", help="write one JSON event per line")
-    parser.add_argument("--plain", action="store_true", help="plain text output (no live view)")
+    add_output_options(parser)
     parser.add_argument(
         "--token", default=None, help=f"the server's bearer token (default: ${TOKEN_ENV})"
     )
     parser.add_argument(
         "--after",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         metavar="SEQ",
         help="start after this event (default: from the run's first event)",
@@ -183,6 +168,8 @@ def selected_types(args: argparse.Namespace) -> frozenset[str] | None:
 async def _open_events(
     url: str, token: str | None, after: int | None
 ) -> AsyncIterator[AsyncIterator[FlowEvent]]:
+    from trioflow.client import sse_events, ws_connect  # the web stack: when watching
+
     if urllib.parse.urlsplit(url).scheme in ("ws", "wss"):
         if after is not None:
             sep = "&" if "?" in url else "?"
@@ -243,6 +230,11 @@ async def _watch(
 
 def main(args: argparse.Namespace) -> int:
     """Run ``trioflow watch`` with parsed ``args``; return the exit status."""
+    import httpx
+    from trio_websocket import ConnectionClosed, HandshakeError
+
+    from trioflow.client import StreamError
+
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     try:
         url = events_url(args.url, args.run)

@@ -27,14 +27,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import Counter
 from typing import IO
 
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.cli import watch_signals
-from trioflow.console import (
+from trioflow.cli.common import (
+    add_max_gap_option,
+    add_output_options,
+    playback_speed,
+    print_warnings,
+    watch_signals,
+)
+from trioflow.cli.console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -43,77 +48,12 @@ from trioflow.console import (
     open_renderer,
 )
 from trioflow.events import EventType, FlowEvent
-from trioflow.recording._replay import (
-    DEFAULT_MAX_GAP,
-    RecordingError,
-    RecordingWarning,
-    WarningHandler,
-    empty_recording,
-    replay,
-)
+from trioflow.recording import RecordingError, empty_recording, replay
 
-__all__ = ["HELP", "add_arguments", "main", "print_warnings"]
+__all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "replay a recorded run (the JSON lines of 'trioflow run --json') with its timing"
 """The subcommand's one-line help."""
-
-MAX_WARNINGS = 10
-"""The most warnings of one kind the commands show; they say when they stop showing them."""
-
-
-def print_warnings(command: str, err: IO[str]) -> WarningHandler:
-    """An ``on_warning`` callback printing ``trioflow COMMAND: warning: ...`` lines on ``err``.
-
-    It prints the first :data:`MAX_WARNINGS` warnings of each kind, then one
-    more saying that the further ones of that kind are not shown, then none.
-    """
-    shown: Counter[str] = Counter()
-
-    def on_warning(warning: RecordingWarning) -> None:
-        shown[warning.kind] += 1
-        if shown[warning.kind] <= MAX_WARNINGS:
-            print(f"trioflow {command}: warning: {warning}", file=err, flush=True)
-        elif shown[warning.kind] == MAX_WARNINGS + 1:
-            print(
-                f"trioflow {command}: warning: {warning} "
-                f"(further {warning.kind} warnings not shown)",
-                file=err,
-                flush=True,
-            )
-
-    return on_warning
-
-
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number or 'inf', not {text!r}") from None
-    if not value > 0:  # also NaN
-        raise argparse.ArgumentTypeError(
-            f"must be a positive number ('inf' replays without delays), not {text}"
-        )
-    return value
-
-
-def _seconds(text: str) -> float:
-    """``argparse`` type of ``--max-gap``: seconds >= 0, or ``inf`` for no limit."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(
-            f"must be a non-negative number of seconds ('inf' for no limit), not {text}"
-        )
-    return value
-
-
-MAX_GAP_HELP = (
-    "cap every pause between two events at SECONDS of the recording (divided by the speed "
-    f"when waiting); 'inf' keeps every pause, 0 none (default: {DEFAULT_MAX_GAP:g})"
-)
-"""The help of ``--max-gap`` (``trioflow replay`` and ``trioflow serve``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,20 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="the recording ('-' reads standard input)")
     parser.add_argument(
         "--speed",
-        type=_speed,
+        type=playback_speed,
         default=1.0,
         help="playback speed: 2 is twice as fast, 0.5 half as fast, 'inf' without delays "
         "(default: 1)",
     )
-    parser.add_argument(
-        "--max-gap",
-        type=_seconds,
-        default=DEFAULT_MAX_GAP,
-        metavar="SECONDS",
-        help=MAX_GAP_HELP,
-    )
-    parser.add_argument("--json", action="store_true", help="write one JSON event per line")
-    parser.add_argument("--plain", action="store_true", help="plain text output (no live view)")
+    add_max_gap_option(parser)
+    add_output_options(parser)
 
 
 def _titles(first: FlowEvent | None, file: str) -> tuple[str, str]:

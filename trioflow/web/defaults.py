@@ -1,0 +1,60 @@
+"""The pieces ``trioflow serve`` builds its application from, for your own server too.
+
+:func:`agent_factory` makes the agents of the served runs (the calculator
+tool, a fresh scripted model per run); :func:`open_metrics` opens a shared
+event bus with OpenTelemetry metrics of every run and renders them for
+``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from trioflow.agent import Agent
+from trioflow.arithmetic import calculator
+from trioflow.bus import EventBus, open_event_bus
+from trioflow.models import Model, ScriptedModel
+from trioflow.web.app import MetricsRenderer
+from trioflow.web.runs import AgentFactory, RunRequest
+
+__all__ = ["agent_factory", "open_metrics"]
+
+
+def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
+    """An agent factory for ``model`` with the calculator tool.
+
+    The scripted model records every call it serves, so each run gets a
+    fresh one (with the same pace); other models are shared by all runs.
+    """
+
+    def make(request: RunRequest) -> Agent:
+        run_model = ScriptedModel(pace=model.pace) if isinstance(model, ScriptedModel) else model
+        return Agent(run_model, tools=[calculator], max_iterations=max_iterations)
+
+    return make
+
+
+@asynccontextmanager
+async def open_metrics() -> AsyncIterator[tuple[EventBus, MetricsRenderer]]:
+    """A shared event bus with Prometheus telemetry attached, and the renderer of its metrics.
+
+    Give the bus to the executor (``StreamingFlowExecutor(bus=bus)``) so it
+    sees every run, and the renderer to ``create_app(..., metrics=...)``.
+
+    Raises:
+        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
+    """
+    from trioflow.telemetry import open_telemetry
+
+    async with open_telemetry(metrics=True) as telemetry:
+        prometheus = telemetry.prometheus
+        assert prometheus is not None  # open_telemetry(metrics=True) makes one
+
+        def render() -> tuple[bytes, str]:
+            return prometheus.render(), prometheus.content_type
+
+        # Inside the telemetry's block: the bus closes (its listener drains) first.
+        async with open_event_bus(history=0, name="serve") as bus:
+            telemetry.attach(bus)
+            yield bus, render
