@@ -43,7 +43,8 @@ async def open_metrics() -> AsyncIterator[tuple[EventBus, MetricsRenderer]]:
     sees every run, and the renderer to ``create_app(..., metrics=...)``.
 
     Raises:
-        ImportError: ``opentelemetry-sdk`` or ``prometheus-client`` is not installed.
+        ImportError: ``opentelemetry-sdk``, ``opentelemetry-exporter-prometheus`` or
+            ``prometheus-client`` is not installed (the ``telemetry`` extra).
     """
     from trioflow.telemetry import open_telemetry
 
