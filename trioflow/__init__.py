@@ -32,7 +32,8 @@ from trioflow.events import (
     register_event_type,
     validate_event_type,
 )
-from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor
+from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor, open_executor
+from trioflow.handle import CancelReason, OnDisconnect, RunHandle
 from trioflow.history import EventHistory, HistoryExpired, MemoryHistory
 from trioflow.models import (
     Message,
@@ -86,6 +87,7 @@ __all__ = [
     "BusStatistics",
     "Cache",
     "CalculationError",
+    "CancelReason",
     "Crash",
     "Emit",
     "Emitter",
@@ -104,6 +106,7 @@ __all__ = [
     "Message",
     "Model",
     "ModelError",
+    "OnDisconnect",
     "OutputText",
     "Overflow",
     "RestartPolicy",
@@ -111,6 +114,7 @@ __all__ = [
     "RetryPolicy",
     "Run",
     "RunControl",
+    "RunHandle",
     "RunResult",
     "RunStatus",
     "ScriptedModel",
@@ -144,6 +148,7 @@ __all__ = [
     "known_event_types",
     "open_default_services",
     "open_event_bus",
+    "open_executor",
     "open_model",
     "register_event_type",
     "retry",

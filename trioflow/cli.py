@@ -29,8 +29,6 @@ import trio
 
 from trioflow import __version__
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
 from trioflow.console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -39,8 +37,10 @@ from trioflow.console import (
     exit_status,
     open_renderer,
 )
+from trioflow.demo import default_agent
 from trioflow.events import FlowEvent
 from trioflow.executor import Run, StreamingFlowExecutor
+from trioflow.handle import CancelReason
 from trioflow.models import ModelError, default_model_name, open_model
 from trioflow.settings import Settings, SettingsError
 
@@ -70,9 +70,7 @@ async def watch_signals(on_signal: Callable[[int], None]) -> None:
 
 async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     async with open_model(args.model, pace=args.pace) as model:
-        agent = Agent(
-            model, tools=[calculator], system=args.system, max_iterations=args.max_iterations
-        )
+        agent = default_agent(model, system=args.system, max_iterations=args.max_iterations)
         executor = StreamingFlowExecutor()
         interrupted: list[int] = []
         terminal: FlowEvent | None = None
@@ -81,7 +79,7 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
         def on_signal(signum: int) -> None:
             interrupted.append(signum)
             if run is not None:
-                run.cancel("interrupted")
+                run.cancel(CancelReason.INTERRUPTED)
 
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
@@ -97,7 +95,7 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                                 if event.is_terminal():
                                     terminal = event
                 finally:
-                    run.cancel("output closed")
+                    run.cancel(CancelReason.OUTPUT_CLOSED)
                     nursery.cancel_scope.cancel()
         return exit_status(terminal, interrupted=bool(interrupted))
 

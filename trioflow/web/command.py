@@ -53,20 +53,19 @@ from typing import IO
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
 from trioflow.bus import EventBus, open_event_bus
 from trioflow.cli import positive_float
 from trioflow.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.demo import default_agent_factory
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.models import Model, ModelError, ScriptedModel, default_model_name, open_model
+from trioflow.models import Model, ModelError, default_model_name, open_model
 from trioflow.recording import DEFAULT_MAX_GAP, RecordingError, ReplayRun, start_replay
 from trioflow.recording._replay import empty_recording
 from trioflow.recording.command import MAX_GAP_HELP, _seconds, _speed, print_warnings
 from trioflow.settings import Settings, _check_token
 from trioflow.web.app import MetricsRenderer, create_app, hub_of
 from trioflow.web.config import TOKEN_ENV, WebConfig
-from trioflow.web.runs import AgentFactory, RunRequest
+from trioflow.web.runs import AgentFactory
 from trioflow.web.server import serve
 
 __all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "agent_factory", "main", "open_metrics"]
@@ -228,17 +227,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
-    """An agent factory for ``model`` with the calculator tool.
-
-    The scripted model records every call it serves, so each run gets a
-    fresh one (with the same pace); other models are shared by all runs.
-    """
-
-    def make(request: RunRequest) -> Agent:
-        run_model = ScriptedModel(pace=model.pace) if isinstance(model, ScriptedModel) else model
-        return Agent(run_model, tools=[calculator], max_iterations=max_iterations)
-
-    return make
+    """The demo agent's factory for ``model``: :func:`trioflow.demo.default_agent_factory`."""
+    return default_agent_factory(model, max_iterations=max_iterations)
 
 
 @asynccontextmanager
@@ -291,7 +281,7 @@ async def _start_replay(
         history=_history_for(path),
         on_warning=print_warnings("serve", err),
     )
-    if replay.run_id is None:
+    if not replay.run_id:
         replay.cancel("no run id")
         raise RecordingError(path, 0, "the first event has no run id")
     return replay

@@ -50,7 +50,7 @@ from trioflow.history import HistoryExpired
 from trioflow.web.connections import GuardedStream
 
 if TYPE_CHECKING:
-    from trioflow.executor import Run
+    from trioflow.handle import RunHandle
 
 __all__ = [
     "EventFanout",
@@ -265,7 +265,7 @@ class EventFanout:
 
     def __init__(
         self,
-        run: Run,
+        run: RunHandle,
         *,
         encode: Callable[[FlowEvent], bytes],
         evicted: Callable[[int], bytes],
