@@ -12,7 +12,11 @@ history for late subscribers and ``Last-Event-ID`` resumes), a
   traceback),
 * ``flow.cancelled`` when the run was cancelled (:meth:`Run.cancel`, leaving
   :meth:`StreamingFlowExecutor.stream` early, the executor shutting down) or
-  its ``timeout`` expired (``reason: "timeout"``).
+  its ``timeout`` expired (``reason: "timeout"``); the reasons trioflow
+  cancels for are the :class:`~trioflow.handle.CancelReason` values.
+
+A :class:`Run` implements :class:`~trioflow.handle.RunHandle`, the protocol
+the web server and clients type against (as does a replayed recording).
 
 The terminal event is emitted in a shielded cleanup, so it is there also when
 the run is cancelled from outside.

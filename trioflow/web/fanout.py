@@ -390,7 +390,7 @@ class EventFanout:
             with trio.move_on_after(self._keepalive):
                 try:
                     batch = await sub.receive_batch()
-                except trio.EndOfChannel:
+                except (trio.EndOfChannel, trio.ClosedResourceError):  # ended, or stopped (_stop)
                     return
                 except SubscriberEvicted:
                     for target in list(self._targets):
