@@ -305,3 +305,30 @@ async def test_create_app_without_agent_runs_the_demo_agent() -> None:
         run = await executor.start(hub._factory(RunRequest("What is 25 * 4?")), "What is 25 * 4?")
         assert isinstance(run, Run)
         assert (await run.wait()).output == "25 * 4 = 100."
+
+
+# -- typed payloads ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["What is 25 * 4?", "What is 1 / 0?", "hello"])
+async def test_every_event_matches_the_schema_of_its_type(task: str) -> None:
+    from typing import NotRequired, get_origin, get_type_hints
+
+    from trioflow.events import EVENT_SCHEMAS
+
+    executor = StreamingFlowExecutor()
+    async with executor.stream(default_agent(), task) as events:
+        seen = [event async for event in events]
+    checked = set()
+    for event in seen:
+        schema = EVENT_SCHEMAS.get(event.type)
+        if schema is None:
+            continue
+        hints = get_type_hints(schema, include_extras=True)
+        keys = set(hints)
+        required = {k for k, hint in hints.items() if get_origin(hint) is not NotRequired}
+        assert required <= set(event.data) <= keys, (event.type, dict(event.data))
+        assert list(event.data) == [k for k in get_type_hints(schema) if k in event.data]
+        checked.add(event.type)
+    assert {"flow.started", "token.received", "add_message", "step.completed"} <= checked
+    assert checked & {"flow.completed", "flow.failed"}

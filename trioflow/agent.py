@@ -44,9 +44,13 @@ from trioflow.events import (
     AddMessageData,
     ErrorInfo,
     EventType,
+    FlowPausedData,
     IterationCompletedData,
+    IterationFailedData,
+    IterationStartedData,
     ModelRetryData,
     StepCompletedData,
+    StepStartedData,
     ToolCompletedData,
     ToolFailedData,
     ToolStartedData,
@@ -171,11 +175,13 @@ class RunControl:
         emit = self._emit
         self._holding = True
         try:
-            await emit(EventType.FLOW_PAUSED, {"message": "paused"})
+            paused: FlowPausedData = {"message": "paused"}
+            await emit(EventType.FLOW_PAUSED, paused)
             await self._resume.wait()
         finally:
             self._holding = False
-        await emit(EventType.FLOW_RESUMED, {"message": "resumed"})
+        resumed: FlowPausedData = {"message": "resumed"}
+        await emit(EventType.FLOW_RESUMED, resumed)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -306,15 +312,18 @@ class Agent:
         """The iterations: a model turn, its tools, until an answer or the budget's end."""
         specs = self.tools.specs()
         messages: list[Message] = [Message.user(task)]
-        await emit(EventType.ADD_MESSAGE, {"role": "user", "content": task, "index": 0})
+        asked: AddMessageData = {"role": "user", "content": task, "index": 0}
+        await emit(EventType.ADD_MESSAGE, asked)
         usage = Usage()
         output = ""
         for n in range(1, budget + 1):
-            await emit(EventType.ITERATION_STARTED, {"iteration": n, "max_iterations": budget})
+            started: IterationStartedData = {"iteration": n, "max_iterations": budget}
+            await emit(EventType.ITERATION_STARTED, started)
             try:
                 turn = await self._model_turn(n, messages, specs, emit, progress, control)
             except ModelError as exc:
-                await emit(EventType.ITERATION_FAILED, {"iteration": n, "error": _error_info(exc)})
+                failed: IterationFailedData = {"iteration": n, "error": _error_info(exc)}
+                await emit(EventType.ITERATION_FAILED, failed)
                 raise
             usage += turn.usage
             if turn.text:
@@ -407,9 +416,8 @@ class Agent:
             ModelError: the model failed for good, or its stream ended
                 without a :class:`~trioflow.models.TurnEnd`.
         """
-        await emit(
-            EventType.STEP_STARTED, {"step": "model", "iteration": n, "model": self.model.name}
-        )
+        started: StepStartedData = {"step": "model", "iteration": n, "model": self.model.name}
+        await emit(EventType.STEP_STARTED, started)
         progress.start_step("model")
         parts: list[str] = []
         calls: list[ToolCall] = []
@@ -453,7 +461,8 @@ class Agent:
         control: RunControl,
     ) -> list[ToolResultBlock]:
         """Run the calls concurrently; return their results in the model's order."""
-        await emit(EventType.STEP_STARTED, {"step": "tools", "iteration": n, "calls": len(calls)})
+        started: StepStartedData = {"step": "tools", "iteration": n, "calls": len(calls)}
+        await emit(EventType.STEP_STARTED, started)
         progress.start_step("tools")
         results: list[ToolResultBlock | None] = [None] * len(calls)
 
