@@ -392,9 +392,10 @@ class Run:
         count = self._count
         token_type = EventType.TOKEN_RECEIVED
         observe = self._output.observe
-        stage = tokens.stage
+        add_text = self._output._parts.append
         flush = tokens.flush
         staged = tokens.staged
+        full = _TOKENS_PER_BATCH
 
         async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent | None:
             # Book-keeping first, so that a subscriber woken by the event
@@ -402,8 +403,14 @@ class Run:
             if type == token_type:
                 counts.events += 1
                 counts.tokens += 1
-                observe(type, data)
-                if stage(data):  # a full batch: send it, with one checkpoint
+                text = data.get("token")
+                if isinstance(text, str):  # OutputText.observe, inlined: the hot path
+                    add_text(text)
+                # Stage it (see _TokenBatch); a full batch is sent now, with one checkpoint.
+                staged.append(data)
+                if len(staged) == 1:
+                    tokens.wake()
+                elif len(staged) >= full:
                     await flush()
                 return None
             count(type)
@@ -593,13 +600,9 @@ class _TokenBatch:
         self.staged: list[Mapping[str, Any]] = []
         self._wake = trio.Event()
 
-    def stage(self, data: Mapping[str, Any]) -> bool:
-        """Stage a token's data; returns True when the batch is full."""
-        staged = self.staged
-        staged.append(data)
-        if len(staged) == 1:
-            self._wake.set()
-        return len(staged) >= _TOKENS_PER_BATCH
+    def wake(self) -> None:
+        """The first token of a batch was staged (in :attr:`staged`): have :meth:`run` watch it."""
+        self._wake.set()
 
     def send_nowait(self) -> bool:
         """Send the staged tokens without waiting; False if a full subscriber kept some back."""
