@@ -8,7 +8,7 @@ import httpx
 import trio
 
 from trioflow import Agent, ScriptedModel, Turn
-from trioflow.web import RunRequest
+from trioflow.web import OnDisconnect, RunRequest
 
 if TYPE_CHECKING:
     from conftest import StartWebServer, WebServer
@@ -74,7 +74,9 @@ async def test_post_runs_starts_a_run_and_answers_201_with_urls(web_server: WebS
     run = web_server.executor.get_run(run_id)
     result = await run.wait()
     assert result.output == "25 * 4 = 100."
-    assert run.metadata == {"on_disconnect": "continue", "source": "http"}
+    assert run.metadata == {"source": "http"}
+    assert run.on_disconnect is OnDisconnect.CONTINUE
+    assert run.to_dict()["on_disconnect"] == "continue"
 
 
 async def test_post_runs_passes_options_to_the_run(web_server: WebServer) -> None:
@@ -87,7 +89,7 @@ async def test_post_runs_passes_options_to_the_run(web_server: WebServer) -> Non
     run = web_server.executor.get_run(response.json()["run_id"])
     assert run.timeout == 30
     assert run.max_iterations == 3
-    assert run.metadata["on_disconnect"] == "cancel"
+    assert run.on_disconnect is OnDisconnect.CANCEL
 
 
 async def test_post_runs_accepts_json_with_a_charset(web_server: WebServer) -> None:

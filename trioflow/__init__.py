@@ -33,7 +33,8 @@ from trioflow.events import (
     register_event_type,
     validate_event_type,
 )
-from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor
+from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor, open_executor
+from trioflow.handle import CancelReason, OnDisconnect, RunHandle
 from trioflow.history import EventHistory, HistoryExpired, MemoryHistory
 from trioflow.models import (
     Message,
@@ -85,6 +86,7 @@ __all__ = [
     "BusStatistics",
     "Cache",
     "CalculationError",
+    "CancelReason",
     "Crash",
     "Emit",
     "Emitter",
@@ -103,6 +105,7 @@ __all__ = [
     "Message",
     "Model",
     "ModelError",
+    "OnDisconnect",
     "OutputText",
     "Overflow",
     "RestartPolicy",
@@ -110,6 +113,7 @@ __all__ = [
     "RetryPolicy",
     "Run",
     "RunControl",
+    "RunHandle",
     "RunResult",
     "RunStatus",
     "ScriptedModel",
@@ -143,6 +147,7 @@ __all__ = [
     "known_event_types",
     "open_default_services",
     "open_event_bus",
+    "open_executor",
     "open_model",
     "register_event_type",
     "retry",

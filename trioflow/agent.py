@@ -40,13 +40,25 @@ from typing import Any, Protocol
 import trio
 
 from trioflow._frozen import FrozenDict
-from trioflow.events import EventType
+from trioflow.events import (
+    AddMessageData,
+    EventType,
+    FlowPausedData,
+    IterationCompletedData,
+    IterationFailedData,
+    IterationStartedData,
+    ModelRetryData,
+    StepCompletedData,
+    StepStartedData,
+    ToolCompletedData,
+    ToolFailedData,
+    ToolStartedData,
+)
 from trioflow.models.base import (
     Message,
     Model,
     ModelError,
     RetryNotice,
-    StopReason,
     TextBlock,
     TextDelta,
     ToolCall,
@@ -65,6 +77,7 @@ __all__ = [
     "Emit",
     "MaxIterationsExceeded",
     "RunControl",
+    "TurnResult",
 ]
 
 
@@ -162,14 +175,27 @@ class RunControl:
         emit = self._emit
         self._holding = True
         try:
-            await emit(EventType.FLOW_PAUSED, {"message": "paused"})
+            paused: FlowPausedData = {"message": "paused"}
+            await emit(EventType.FLOW_PAUSED, paused)
             await self._resume.wait()
         finally:
             self._holding = False
-        await emit(EventType.FLOW_RESUMED, {"message": "resumed"})
+        resumed: FlowPausedData = {"message": "resumed"}
+        await emit(EventType.FLOW_RESUMED, resumed)
 
 
-_NO_CONTROL = RunControl()
+@dataclasses.dataclass(frozen=True, slots=True)
+class TurnResult:
+    """What one model turn produced: the attempt that counted."""
+
+    text: str
+    """The turn's text (of its last attempt, after retries)."""
+    calls: tuple[ToolCall, ...]
+    """The tools the model asked for, in its order."""
+    usage: Usage
+    """The turn's token usage."""
+    stop_reason: str
+    """The model's stop reason."""
 
 
 def _result_text(result: Any) -> str:
@@ -269,82 +295,97 @@ class Agent:
         progress = progress if progress is not None else FlowProgress(budget)
         progress.set_total(budget)
         progress.start()
-        control = control if control is not None else _NO_CONTROL
-        control._emit = emit
+        control = control if control is not None else RunControl()
+        control._emit = emit  # flow.paused / flow.resumed go to this run
+        try:
+            return await self._loop(task, budget, emit, progress, control)
+        finally:
+            control._emit = None
+
+    async def _loop(
+        self, task: str, budget: int, emit: Emit, progress: FlowProgress, control: RunControl
+    ) -> AgentResult:
+        """The iterations: a model turn, its tools, until an answer or the budget's end."""
         specs = self.tools.specs()
         messages: list[Message] = [Message.user(task)]
-        await emit(EventType.ADD_MESSAGE, {"role": "user", "content": task, "index": 0})
+        asked: AddMessageData = {"role": "user", "content": task, "index": 0}
+        await emit(EventType.ADD_MESSAGE, asked)
         usage = Usage()
         output = ""
-        stop_reason: str = StopReason.END_TURN
         for n in range(1, budget + 1):
-            await emit(EventType.ITERATION_STARTED, {"iteration": n, "max_iterations": budget})
+            started: IterationStartedData = {"iteration": n, "max_iterations": budget}
+            await emit(EventType.ITERATION_STARTED, started)
             try:
-                text, calls, turn_usage, stop_reason = await self._model_turn(
-                    n, messages, specs, emit, progress, control
-                )
+                turn = await self._model_turn(n, messages, specs, emit, progress, control)
             except ModelError as exc:
-                await emit(EventType.ITERATION_FAILED, {"iteration": n, "error": error_info(exc)})
+                failed: IterationFailedData = {"iteration": n, "error": error_info(exc)}
+                await emit(EventType.ITERATION_FAILED, failed)
                 raise
-            usage += turn_usage
-            if text:
-                output = text
-            content: list[TextBlock | ToolUseBlock] = []
-            if text:
-                content.append(TextBlock(text))
-            content.extend(ToolUseBlock(c.id, c.name, dict(c.input)) for c in calls)
-            if content:
-                messages.append(Message("assistant", tuple(content)))
-                await emit(
-                    EventType.ADD_MESSAGE,
-                    {
-                        "role": "assistant",
-                        "content": text,
-                        "tool_calls": [
-                            {"id": c.id, "name": c.name, "input": dict(c.input)} for c in calls
-                        ],
-                        "index": len(messages) - 1,
-                    },
-                )
-            if calls:
-                results = await self._run_tools(n, calls, emit, progress, control)
-                messages.append(Message("user", tuple(results)))
-                await emit(
-                    EventType.ADD_MESSAGE,
-                    {
-                        "role": "user",
-                        "tool_results": [
-                            {
-                                "tool_use_id": r.tool_use_id,
-                                "content": r.content,
-                                "is_error": r.is_error,
-                            }
-                            for r in results
-                        ],
-                        "index": len(messages) - 1,
-                    },
-                )
-            progress.complete_iteration(n)
-            if not calls:
-                # The answer came in n iterations: that is the run's whole length,
-                # so its last progress.update reads 100 %, not n / budget.
-                progress.set_total(n)
-            await emit(
-                EventType.ITERATION_COMPLETED,
-                {
-                    "iteration": n,
-                    "usage": turn_usage.to_dict(),
-                    "stop_reason": str(stop_reason),
-                    "tool_calls": len(calls),
-                },
-            )
-            figures = progress.to_dict()
-            await emit(
-                EventType.PROGRESS_UPDATE, {"percent": figures["progress_percent"], **figures}
-            )
-            if not calls:
-                return AgentResult(output, n, usage, str(stop_reason), tuple(messages))
+            usage += turn.usage
+            if turn.text:
+                output = turn.text
+            await self._add_assistant_message(turn, messages, emit)
+            if turn.calls:
+                results = await self._run_tools(n, list(turn.calls), emit, progress, control)
+                await self._add_tool_results(results, messages, emit)
+            await self._end_iteration(n, turn, emit, progress)
+            if not turn.calls:
+                return AgentResult(output, n, usage, turn.stop_reason, tuple(messages))
         raise MaxIterationsExceeded(budget, output, usage)
+
+    @staticmethod
+    async def _add_assistant_message(turn: TurnResult, messages: list[Message], emit: Emit) -> None:
+        """Add the turn's text and tool calls to the conversation (if it has any)."""
+        content: list[TextBlock | ToolUseBlock] = []
+        if turn.text:
+            content.append(TextBlock(turn.text))
+        content.extend(ToolUseBlock(c.id, c.name, dict(c.input)) for c in turn.calls)
+        if not content:
+            return
+        messages.append(Message("assistant", tuple(content)))
+        data: AddMessageData = {
+            "role": "assistant",
+            "content": turn.text,
+            "tool_calls": [
+                {"id": c.id, "name": c.name, "input": dict(c.input)} for c in turn.calls
+            ],
+            "index": len(messages) - 1,
+        }
+        await emit(EventType.ADD_MESSAGE, data)
+
+    @staticmethod
+    async def _add_tool_results(
+        results: list[ToolResultBlock], messages: list[Message], emit: Emit
+    ) -> None:
+        """Add the tools' results to the conversation, for the model's next turn."""
+        messages.append(Message("user", tuple(results)))
+        data: AddMessageData = {
+            "role": "user",
+            "tool_results": [
+                {"tool_use_id": r.tool_use_id, "content": r.content, "is_error": r.is_error}
+                for r in results
+            ],
+            "index": len(messages) - 1,
+        }
+        await emit(EventType.ADD_MESSAGE, data)
+
+    @staticmethod
+    async def _end_iteration(n: int, turn: TurnResult, emit: Emit, progress: FlowProgress) -> None:
+        """Count the iteration done; emit ``iteration.completed`` and ``progress.update``."""
+        progress.complete_iteration(n)
+        if not turn.calls:
+            # The answer came in n iterations: that is the run's whole length,
+            # so its last progress.update reads 100 %, not n / budget.
+            progress.set_total(n)
+        completed: IterationCompletedData = {
+            "iteration": n,
+            "usage": turn.usage.to_dict(),
+            "stop_reason": turn.stop_reason,
+            "tool_calls": len(turn.calls),
+        }
+        await emit(EventType.ITERATION_COMPLETED, completed)
+        figures = progress.to_dict()
+        await emit(EventType.PROGRESS_UPDATE, {"percent": figures["progress_percent"], **figures})
 
     async def _model_turn(
         self,
@@ -354,7 +395,7 @@ class Agent:
         emit: Emit,
         progress: FlowProgress,
         control: RunControl,
-    ) -> tuple[str, list[ToolCall], Usage, str]:
+    ) -> TurnResult:
         """One model turn: stream its deltas as tokens, collect its tool calls.
 
         On a :class:`~trioflow.models.RetryNotice` the text and tool calls
@@ -371,15 +412,12 @@ class Agent:
             ModelError: the model failed for good, or its stream ended
                 without a :class:`~trioflow.models.TurnEnd`.
         """
-        await emit(
-            EventType.STEP_STARTED, {"step": "model", "iteration": n, "model": self.model.name}
-        )
+        started: StepStartedData = {"step": "model", "iteration": n, "model": self.model.name}
+        await emit(EventType.STEP_STARTED, started)
         progress.start_step("model")
         parts: list[str] = []
         calls: list[ToolCall] = []
-        usage = Usage()
-        stop_reason: str = StopReason.END_TURN
-        ended = False
+        end: TurnEnd | None = None
         token = EventType.TOKEN_RECEIVED
         async with self.model.stream(messages, tools=specs, system=self.system) as stream:
             async for event in stream:
@@ -387,40 +425,28 @@ class Agent:
                     await control.checkpoint()
                 if type(event) is TextDelta:
                     parts.append(event.text)
-                    # Built read-only (flat: str and int), so the bus need not copy it.
+                    # A TokenData, built read-only (flat: str and int), so the bus need not copy it.
                     await emit(token, FrozenDict(token=event.text, iteration=n))
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, RetryNotice):
                     # The failed attempt's deltas are void, restarted or not.
-                    discarded = len(parts)
+                    await emit(EventType.WARNING, _retry_warning(event, len(parts), n))
                     parts.clear()
                     calls.clear()
-                    await emit(
-                        EventType.WARNING,
-                        {
-                            "message": f"model request failed ({event.error}); retry "
-                            f"{event.attempt} in {event.delay:.3g} s",
-                            "attempt": event.attempt,
-                            "delay": event.delay,
-                            "kind": event.kind,
-                            "restarted": event.restarted,
-                            "discarded_tokens": discarded,
-                            "iteration": n,
-                        },
-                    )
                 elif isinstance(event, TurnEnd):
-                    usage = event.usage
-                    stop_reason = event.stop_reason
-                    ended = True
-        if not ended:
+                    end = event
+        if end is None:
             raise ModelError("the model stream ended without a stop reason", kind="protocol")
         duration = progress.complete_step("model")
-        await emit(
-            EventType.STEP_COMPLETED,
-            {"step": "model", "iteration": n, "duration": duration, "usage": usage.to_dict()},
-        )
-        return "".join(parts), calls, usage, str(stop_reason)
+        completed: StepCompletedData = {
+            "step": "model",
+            "iteration": n,
+            "duration": duration,
+            "usage": end.usage.to_dict(),
+        }
+        await emit(EventType.STEP_COMPLETED, completed)
+        return TurnResult("".join(parts), tuple(calls), end.usage, str(end.stop_reason))
 
     async def _run_tools(
         self,
@@ -431,15 +457,21 @@ class Agent:
         control: RunControl,
     ) -> list[ToolResultBlock]:
         """Run the calls concurrently; return their results in the model's order."""
-        await emit(EventType.STEP_STARTED, {"step": "tools", "iteration": n, "calls": len(calls)})
+        started: StepStartedData = {"step": "tools", "iteration": n, "calls": len(calls)}
+        await emit(EventType.STEP_STARTED, started)
         progress.start_step("tools")
         results: list[ToolResultBlock | None] = [None] * len(calls)
 
         async def call_one(i: int, call: ToolCall) -> None:
             if control._paused:
                 await control.checkpoint()
-            base = {"tool": call.name, "call_id": call.id, "iteration": n}
-            await emit(EventType.TOOL_STARTED, {**base, "input": dict(call.input)})
+            started: ToolStartedData = {
+                "tool": call.name,
+                "call_id": call.id,
+                "iteration": n,
+                "input": dict(call.input),
+            }
+            await emit(EventType.TOOL_STARTED, started)
             start = trio.current_time()
             try:
                 tool = self.tools.get(call.name)
@@ -447,17 +479,25 @@ class Agent:
             except Exception as exc:
                 # A tool's failure is the model's to handle: report it and go on.
                 message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
-                await emit(
-                    EventType.TOOL_FAILED,
-                    {**base, "error": error_info(exc), "duration": trio.current_time() - start},
-                )
+                failed: ToolFailedData = {
+                    "tool": call.name,
+                    "call_id": call.id,
+                    "iteration": n,
+                    "error": error_info(exc),
+                    "duration": trio.current_time() - start,
+                }
+                await emit(EventType.TOOL_FAILED, failed)
                 results[i] = ToolResultBlock(call.id, message, is_error=True)
                 return
             duration = trio.current_time() - start
-            await emit(
-                EventType.TOOL_COMPLETED,
-                {**base, "result": _jsonable(value), "duration": duration},
-            )
+            completed: ToolCompletedData = {
+                "tool": call.name,
+                "call_id": call.id,
+                "iteration": n,
+                "result": _jsonable(value),
+                "duration": duration,
+            }
+            await emit(EventType.TOOL_COMPLETED, completed)
             results[i] = ToolResultBlock(call.id, _result_text(value))
 
         if len(calls) == 1:
@@ -471,6 +511,20 @@ class Agent:
             EventType.STEP_COMPLETED, {"step": "tools", "iteration": n, "duration": duration}
         )
         return [r for r in results if r is not None]
+
+
+def _retry_warning(notice: RetryNotice, discarded: int, n: int) -> ModelRetryData:
+    """The ``warning`` of a model retry that voids the ``discarded`` tokens before it."""
+    return {
+        "message": f"model request failed ({notice.error}); retry "
+        f"{notice.attempt} in {notice.delay:.3g} s",
+        "attempt": notice.attempt,
+        "delay": notice.delay,
+        "kind": notice.kind,
+        "restarted": notice.restarted,
+        "discarded_tokens": discarded,
+        "iteration": n,
+    }
 
 
 def _jsonable(value: Any) -> Any:

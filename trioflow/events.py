@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, Self, cast
+from typing import Any, ClassVar, NotRequired, Self, TypedDict, cast
 
 from trioflow import _json
 from trioflow._frozen import EMPTY, freeze_data, thaw
@@ -35,11 +35,29 @@ from trioflow.protocol import error_info
 from trioflow.sse import event_frame
 
 __all__ = [
+    "EVENT_SCHEMAS",
     "LEGACY_TYPE_NAMES",
     "TERMINAL_TYPES",
+    "AddMessageData",
+    "ErrorInfo",
     "EventType",
+    "FlowCancelledData",
+    "FlowCompletedData",
     "FlowEvent",
+    "FlowFailedData",
+    "FlowPausedData",
+    "FlowStartedData",
+    "IterationCompletedData",
+    "IterationFailedData",
+    "IterationStartedData",
+    "ModelRetryData",
     "OutputText",
+    "StepCompletedData",
+    "StepStartedData",
+    "TokenData",
+    "ToolCompletedData",
+    "ToolFailedData",
+    "ToolStartedData",
     "check_event_types",
     "known_event_types",
     "register_event_type",
@@ -108,6 +126,193 @@ class EventType(enum.StrEnum):
     """Something noteworthy but recoverable (a retry, a restarted listener). Data: ``message``."""
     INFO = "info"
     """Informational message. Data: ``message``."""
+
+
+# -- payload schemas ------------------------------------------------------------
+# The ``data`` of the events the agent and the executor emit, one schema per
+# type, so that readers can type what they read:
+# ``data = cast(ToolCompletedData, event.data)``. The key order is the wire order.
+
+
+class ErrorInfo(TypedDict):
+    """An error as events carry it: never a traceback."""
+
+    type: str
+    """The exception's class name."""
+    message: str
+    """Its message."""
+    kind: NotRequired[str]
+    """For a :exc:`~trioflow.models.ModelError`: its kind (``"overloaded"``, ...)."""
+
+
+class FlowStartedData(TypedDict):
+    """``flow.started``."""
+
+    task: str
+    model: str
+    agent: str
+    max_iterations: int
+    timeout: float | None
+    tools: list[str]
+
+
+class FlowCompletedData(TypedDict):
+    """``flow.completed``."""
+
+    output: str
+    iterations: int
+    usage: dict[str, int]
+    stop_reason: str
+    duration: float
+    percent: float
+
+
+class FlowFailedData(TypedDict):
+    """``flow.failed``; ``reason`` is ``"max_iterations"`` when the budget ran out."""
+
+    error: ErrorInfo
+    duration: float
+    iterations: int
+    percent: float
+    reason: NotRequired[str]
+
+
+class FlowCancelledData(TypedDict):
+    """``flow.cancelled``; ``reason`` is a :class:`trioflow.handle.CancelReason` value or the caller's."""
+
+    reason: str
+    duration: float
+    iterations: int
+    percent: float
+
+
+class FlowPausedData(TypedDict):
+    """``flow.paused`` and ``flow.resumed``."""
+
+    message: str
+
+
+class TokenData(TypedDict):
+    """``token.received``: one text delta of iteration ``iteration``."""
+
+    token: str
+    iteration: int
+
+
+class IterationStartedData(TypedDict):
+    """``iteration.started``."""
+
+    iteration: int
+    max_iterations: int
+
+
+class IterationCompletedData(TypedDict):
+    """``iteration.completed``."""
+
+    iteration: int
+    usage: dict[str, int]
+    stop_reason: str
+    tool_calls: int
+
+
+class IterationFailedData(TypedDict):
+    """``iteration.failed``."""
+
+    iteration: int
+    error: ErrorInfo
+
+
+class StepStartedData(TypedDict):
+    """``step.started``: ``model`` (with the model's name) or ``tools`` (with the number of calls)."""
+
+    step: str
+    iteration: int
+    model: NotRequired[str]
+    calls: NotRequired[int]
+
+
+class StepCompletedData(TypedDict):
+    """``step.completed``; a ``model`` step carries the turn's ``usage``."""
+
+    step: str
+    iteration: int
+    duration: float
+    usage: NotRequired[dict[str, int]]
+
+
+class AddMessageData(TypedDict):
+    """``add_message``: the user's task, an assistant turn, or tool results."""
+
+    role: str
+    content: NotRequired[str]
+    tool_calls: NotRequired[list[dict[str, Any]]]
+    tool_results: NotRequired[list[dict[str, Any]]]
+    index: int
+
+
+class ToolStartedData(TypedDict):
+    """``tool.started``."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    input: dict[str, Any]
+
+
+class ToolCompletedData(TypedDict):
+    """``tool.completed``."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    result: Any
+    duration: float
+
+
+class ToolFailedData(TypedDict):
+    """``tool.failed``."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    error: ErrorInfo
+    duration: float
+
+
+class ModelRetryData(TypedDict):
+    """The ``warning`` of a model retry: ``discarded_tokens`` tokens before it are void."""
+
+    message: str
+    attempt: int
+    delay: float
+    kind: str
+    restarted: bool
+    discarded_tokens: int
+    iteration: int
+
+
+EVENT_SCHEMAS: Mapping[str, type] = MappingProxyType(
+    {
+        "flow.started": FlowStartedData,
+        "flow.completed": FlowCompletedData,
+        "flow.failed": FlowFailedData,
+        "flow.cancelled": FlowCancelledData,
+        "flow.paused": FlowPausedData,
+        "flow.resumed": FlowPausedData,
+        "token.received": TokenData,
+        "iteration.started": IterationStartedData,
+        "iteration.completed": IterationCompletedData,
+        "iteration.failed": IterationFailedData,
+        "step.started": StepStartedData,
+        "step.completed": StepCompletedData,
+        "add_message": AddMessageData,
+        "tool.started": ToolStartedData,
+        "tool.completed": ToolCompletedData,
+        "tool.failed": ToolFailedData,
+    }
+)
+"""The schema (a :class:`~typing.TypedDict`) of the ``data`` of each event type the agent and the
+executor emit. ``warning`` has several shapes; a model retry's is :class:`ModelRetryData`."""
 
 
 TERMINAL_TYPES: frozenset[str] = frozenset(

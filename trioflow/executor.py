@@ -12,7 +12,11 @@ history for late subscribers and ``Last-Event-ID`` resumes), a
   traceback),
 * ``flow.cancelled`` when the run was cancelled (:meth:`Run.cancel`, leaving
   :meth:`StreamingFlowExecutor.stream` early, the executor shutting down) or
-  its ``timeout`` expired (``reason: "timeout"``).
+  its ``timeout`` expired (``reason: "timeout"``); the reasons trioflow
+  cancels for are the :class:`~trioflow.handle.CancelReason` values.
+
+A :class:`Run` implements :class:`~trioflow.handle.RunHandle`, the protocol
+the web server and clients type against (as does a replayed recording).
 
 The terminal event is emitted in a shielded cleanup, so it is there also when
 the run is cancelled from outside.
@@ -27,7 +31,7 @@ Three ways to run::
 
     result = await executor.run(agent, "What is 25 * 4?")
 
-    async with executor:                      # owns a nursery for runs
+    async with open_executor() as executor:  # owns a nursery for runs
         run = await executor.start(agent, "What is 25 * 4?")
         async with run.subscribe(after=0) as events:
             ...
@@ -35,55 +39,57 @@ Three ways to run::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import enum
 import itertools
+import logging
 import math
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-from typing import Any, Self
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Self
 
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent, AgentResult, MaxIterationsExceeded, RunControl
+from trioflow.agent import Agent, AgentResult, Emit, MaxIterationsExceeded, RunControl
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
-from trioflow.events import EventType, FlowEvent, OutputText, check_event_types
+from trioflow.events import (
+    ErrorInfo,
+    EventType,
+    FlowCancelledData,
+    FlowCompletedData,
+    FlowEvent,
+    FlowFailedData,
+    FlowStartedData,
+    OutputText,
+    check_event_types,
+)
+from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
 from trioflow.models.base import ModelError, Usage
 from trioflow.progress import FlowProgress
-from trioflow.protocol import encode_event, error_info
+from trioflow.protocol import encode_event
 
 __all__ = [
     "Run",
     "RunResult",
     "RunStatus",
     "StreamingFlowExecutor",
+    "open_executor",
 ]
 
 _TERMINAL_TIMEOUT = 5.0
 """Seconds the shielded cleanup may take to emit a run's terminal event."""
 
+_TOKENS_PER_BATCH = 32
+"""At most this many ``token.received`` events are staged; then the run sends them (one checkpoint)."""
 
-class RunStatus(enum.StrEnum):
-    """Where a run is in its life."""
+_TOKEN_GRACE = 0.0005
+"""Seconds a batch of tokens may grow while the model streams faster than a scheduling round."""
 
-    PENDING = "pending"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        """True for completed, failed and cancelled."""
-        return self in _FINISHED
-
-
-_FINISHED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+_log = logging.getLogger("trioflow.executor")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -107,11 +113,12 @@ class RunResult:
     """Tokens used."""
     duration: float
     """Seconds from start to the terminal event (Trio's clock)."""
-    error: Mapping[str, str] | None = None
-    """For a failed run: ``{"type", "message"}``."""
-    reason: str | None = None
-    """For a cancelled run: why (``"cancelled"``, ``"timeout"``, ...);
-    for a failed run that ran out of iterations: ``"max_iterations"``."""
+    error: ErrorInfo | None = None
+    """For a failed run: ``{"type", "message"}`` (and a model error's ``kind``)."""
+    reason: CancelReason | str | None = None
+    """For a cancelled run: why (a :class:`~trioflow.handle.CancelReason`, or
+    the caller's own reason given to :meth:`Run.cancel`); for a failed run
+    that ran out of iterations: ``"max_iterations"``."""
 
     @property
     def ok(self) -> bool:
@@ -128,7 +135,7 @@ class RunResult:
             "usage": self.usage.to_dict(),
             "duration": self.duration,
             "error": dict(self.error) if self.error else None,
-            "reason": self.reason,
+            "reason": None if self.reason is None else str(self.reason),
         }
 
 
@@ -162,6 +169,7 @@ class Run:
         timeout: float | None,
         max_iterations: int | None,
         metadata: Mapping[str, Any] | None = None,
+        on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
     ) -> None:
         self.run_id = run_id
         self.agent = agent
@@ -169,6 +177,8 @@ class Run:
         self.timeout = timeout
         self.max_iterations = max_iterations or agent.max_iterations
         self.metadata: dict[str, Any] = dict(metadata or {})
+        self.on_disconnect = OnDisconnect(on_disconnect)
+        """What happens to the run when the last client watching it disconnects (web server)."""
         self.progress = FlowProgress(self.max_iterations)
         self.created_at = time.time()
         self.finished_at: float | None = None
@@ -177,7 +187,8 @@ class Run:
         self._bus: EventBus | None = None
         self._control = RunControl()
         self._scope = trio.CancelScope()
-        self._cancel_reason: str | None = None
+        self._cancel_reason: CancelReason | str | None = None
+        self._forwarder: _Forwarder | None = None
         self._done = trio.Event()
         self._counts = _Counts()
         self._output = OutputText()
@@ -218,8 +229,21 @@ class Run:
         """The seq of the run's newest event (0 before the first)."""
         return 0 if self._bus is None else self._bus.last_seq
 
-    def cancel(self, reason: str = "cancelled") -> bool:
+    @property
+    def forward_dropped(self) -> int:
+        """How many of the run's events could not be forwarded to the executor's shared bus.
+
+        See :class:`StreamingFlowExecutor` (``forward_limit``); 0 without a shared bus.
+        """
+        return 0 if self._forwarder is None else self._forwarder.dropped
+
+    def cancel(self, reason: CancelReason | str = CancelReason.CANCELLED) -> bool:
         """Cancel the run; it ends with ``flow.cancelled`` carrying ``reason``.
+
+        Args:
+            reason: a :class:`~trioflow.handle.CancelReason`, or a reason of
+                your own (any string; one that is a ``CancelReason`` value
+                becomes that member).
 
         Returns:
             True if the run was still going, False if it had already finished
@@ -227,7 +251,7 @@ class Run:
         """
         if self.done or self._cancel_reason is not None:
             return False
-        self._cancel_reason = reason
+        self._cancel_reason = cancel_reason(reason)
         self._scope.cancel()
         return True
 
@@ -305,6 +329,7 @@ class Run:
             "counts": self.counts(),
             "output": result.output if result else self._output.text,
             "result": result.to_dict() if result else None,
+            "on_disconnect": str(self.on_disconnect),
             "metadata": self.metadata,
         }
 
@@ -331,170 +356,428 @@ class Run:
         shared: EventBus | None,
         history: int,
         *,
+        forward_limit: int = 65536,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        async with open_event_bus(history=history, name=f"run {self.run_id}") as bus:
+        async with (
+            open_event_bus(history=history, name=f"run {self.run_id}") as bus,
+            trio.open_nursery() as nursery,
+        ):
             self._bus = bus
-            run_id = self.run_id
-            bus_emit = bus.emit
-            counts = self._counts
-            token_type = EventType.TOKEN_RECEIVED
-            observe = self._output.observe
-
-            async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent:
-                # Book-keeping first, so that a subscriber woken by the event
-                # finds the run's output and counts already up to date.
-                if type == token_type:
-                    counts.events += 1
-                    counts.tokens += 1
-                else:
-                    self._count(type)
-                observe(type, data)  # a model retry's warning voids the failed attempt's tokens
-                event = await bus_emit(type, data, run_id=run_id)
-                if shared is not None and not shared.closed:
-                    await shared.emit(event)
-                return event
-
-            self._status = RunStatus.RUNNING
-            task_status.started()
-            start = trio.current_time()
-            if self.timeout is not None:
-                self._scope.deadline = start + self.timeout
-                self.progress = FlowProgress(self.max_iterations, deadline=self._scope.deadline)
-            outcome: AgentResult | BaseException | None = None
-            terminal: tuple[str, dict[str, Any]] = (
-                EventType.FLOW_CANCELLED,
-                {"reason": "interrupted"},
-            )
+            forward = None
+            if shared is not None:
+                forward = self._forwarder = _Forwarder(shared, nursery, forward_limit, self.run_id)
+            tokens = _TokenBatch(bus, self.run_id, forward)
+            timer = trio.CancelScope()
+            nursery.start_soon(tokens.run, timer, name=f"trioflow tokens {self.run_id}")
             try:
-                await emit(
-                    EventType.FLOW_STARTED,
-                    {
-                        "task": self.task,
-                        "model": self.agent.model.name,
-                        "agent": self.agent.name,
-                        "max_iterations": self.max_iterations,
-                        "timeout": self.timeout,
-                        "tools": [t.name for t in self.agent.tools],
-                    },
-                )
-                with self._scope:
-                    outcome = await self.agent.run(
-                        self.task,
-                        emit,
-                        progress=self.progress,
-                        control=self._control,
-                        max_iterations=self.max_iterations,
-                    )
-                if outcome is None:  # the scope swallowed a cancellation
-                    reason = self._cancel_reason or (
-                        "timeout" if self._scope.deadline <= trio.current_time() else "cancelled"
-                    )
-                    terminal = self._finish_cancelled(reason, start)
-            except trio.Cancelled:
-                terminal = self._finish_cancelled(self._cancel_reason or "cancelled", start)
-                raise
-            except MaxIterationsExceeded as exc:
-                outcome = exc
-                terminal = self._finish_failed(exc, start, reason="max_iterations")
-            except ModelError as exc:
-                outcome = exc
-                terminal = self._finish_failed(exc, start, extra={"kind": exc.kind})
-            except Exception as exc:
-                outcome = exc
-                terminal = self._finish_failed(exc, start)
-            except (
-                BaseException
-            ) as exc:  # KeyboardInterrupt, groups holding Cancelled: still end the run
-                cancelled = isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled)
-                reason = (self._cancel_reason or "cancelled") if cancelled else "interrupted"
-                terminal = self._finish_cancelled(reason, start)
-                raise
-            else:
-                if isinstance(outcome, AgentResult):
-                    terminal = self._finish_completed(outcome, start)
+                await self._drive(self._emitter(bus, forward, tokens), task_status)
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
-                    try:
-                        await emit(*terminal)  # exactly one terminal event, also when cancelled
-                    finally:
-                        self.finished_at = time.time()
-                        self._done.set()
+                timer.cancel()
+                if forward is not None:
+                    forward.close()
 
-    def _finish_completed(self, outcome: AgentResult, start: float) -> tuple[str, dict[str, Any]]:
-        duration = trio.current_time() - start
-        self.progress.complete()
-        self._status = RunStatus.COMPLETED
-        self._result = RunResult(
-            self.run_id,
-            RunStatus.COMPLETED,
-            outcome.output,
-            outcome.iterations,
-            outcome.usage,
-            duration,
-        )
-        return EventType.FLOW_COMPLETED, {
-            "output": outcome.output,
-            "iterations": outcome.iterations,
-            "usage": outcome.usage.to_dict(),
-            "stop_reason": outcome.stop_reason,
-            "duration": duration,
-            "percent": self.progress.percent,
+    def _emitter(self, bus: EventBus, forward: _Forwarder | None, tokens: _TokenBatch) -> Emit:
+        """The ``emit`` the agent gets: counts, then the run's bus, then the shared bus.
+
+        ``token.received`` events are batched (see :class:`_TokenBatch`): the
+        executor adds no checkpoint per token, and a subscriber is woken
+        once per batch rather than once per token. Every other event first
+        sends the tokens staged before it, then goes through
+        :meth:`EventBus.emit` (a cancellation point and a checkpoint, as
+        before), so events keep their order.
+        """
+        run_id = self.run_id
+        bus_emit = bus.emit
+        counts = self._counts
+        count = self._count
+        token_type = EventType.TOKEN_RECEIVED
+        observe = self._output.observe
+        add_text = self._output._parts.append
+        flush = tokens.flush
+        staged = tokens.staged
+        full = _TOKENS_PER_BATCH
+
+        async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent | None:
+            # Book-keeping first, so that a subscriber woken by the event
+            # finds the run's output and counts already up to date.
+            if type == token_type:
+                counts.events += 1
+                counts.tokens += 1
+                text = data.get("token")
+                if isinstance(text, str):  # OutputText.observe, inlined: the hot path
+                    add_text(text)
+                # Stage it (see _TokenBatch); a full batch is sent now, with one checkpoint.
+                staged.append(data)
+                if len(staged) == 1:
+                    tokens.wake()
+                elif len(staged) >= full:
+                    await flush()
+                return None
+            count(type)
+            observe(type, data)  # a model retry's warning voids the failed attempt's tokens
+            if staged:
+                await flush()
+            event = await bus_emit(type, data, run_id=run_id)
+            if forward is not None:
+                forward(event)
+            return event
+
+        return emit
+
+    async def _drive(self, emit: Emit, task_status: trio.TaskStatus[None]) -> None:
+        """Run the agent, classify how it ended, emit the one terminal event."""
+        self._status = RunStatus.RUNNING
+        task_status.started()
+        start = trio.current_time()
+        if self.timeout is not None:
+            self._scope.deadline = start + self.timeout
+            self.progress = FlowProgress(self.max_iterations, deadline=self._scope.deadline)
+        result: AgentResult | None = None
+        error: BaseException | None = None
+        try:
+            await emit(EventType.FLOW_STARTED, self._started_data())
+            with self._scope:
+                result = await self.agent.run(
+                    self.task,
+                    emit,
+                    progress=self.progress,
+                    control=self._control,
+                    max_iterations=self.max_iterations,
+                )
+        except Exception as exc:  # the run fails; the executor goes on
+            error = exc
+        except BaseException as exc:  # Cancelled, KeyboardInterrupt, ...: end the run, re-raise
+            error = exc
+            raise
+        finally:
+            outcome = self._classify(result, error)
+            terminal = self._finish(outcome, trio.current_time() - start)
+            with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
+                try:
+                    await emit(*terminal)  # exactly one terminal event, also when cancelled
+                finally:
+                    self.finished_at = time.time()
+                    self._done.set()
+
+    def _started_data(self) -> FlowStartedData:
+        return {
+            "task": self.task,
+            "model": self.agent.model.name,
+            "agent": self.agent.name,
+            "max_iterations": self.max_iterations,
+            "timeout": self.timeout,
+            "tools": [t.name for t in self.agent.tools],
         }
 
-    def _finish_failed(
-        self,
-        exc: BaseException,
-        start: float,
-        *,
-        reason: str | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> tuple[str, dict[str, Any]]:
-        duration = trio.current_time() - start
-        self.progress.complete()
-        error = {**error_info(exc), **(extra or {})}
-        usage = exc.usage if isinstance(exc, MaxIterationsExceeded) else Usage()
-        output = self._output.text
-        self._status = RunStatus.FAILED
-        self._result = RunResult(
-            self.run_id,
-            RunStatus.FAILED,
-            output,
-            self._counts.iterations,
-            usage,
-            duration,
-            error=error,
-            reason=reason,
+    def _classify(self, result: AgentResult | None, error: BaseException | None) -> _Outcome:
+        """How the run ended: completed, failed (and why) or cancelled (and why)."""
+        if result is not None:
+            return _Outcome(RunStatus.COMPLETED, result=result)
+        if error is None:  # the run's scope swallowed a cancellation: ours, or the deadline
+            timed_out = self._scope.deadline <= trio.current_time()
+            default = CancelReason.TIMEOUT if timed_out else CancelReason.CANCELLED
+            return _Outcome(RunStatus.CANCELLED, reason=self._cancel_reason or default)
+        if isinstance(error, MaxIterationsExceeded):
+            return _Outcome(RunStatus.FAILED, error=error, reason="max_iterations")
+        if isinstance(error, ModelError):
+            return _Outcome(RunStatus.FAILED, error=error, kind=error.kind)
+        if isinstance(error, Exception):
+            return _Outcome(RunStatus.FAILED, error=error)
+        cancelled = isinstance(error, trio.Cancelled) or (
+            isinstance(error, BaseExceptionGroup) and error.subgroup(trio.Cancelled) is not None
         )
-        data: dict[str, Any] = {
-            "error": error,
-            "duration": duration,
-            "iterations": self._counts.iterations,
-            "percent": self.progress.percent,
-        }
-        if reason:
-            data["reason"] = reason
-        return EventType.FLOW_FAILED, data
+        if cancelled:
+            return _Outcome(
+                RunStatus.CANCELLED, reason=self._cancel_reason or CancelReason.CANCELLED
+            )
+        return _Outcome(RunStatus.CANCELLED, reason=CancelReason.INTERRUPTED)
 
-    def _finish_cancelled(self, reason: str, start: float) -> tuple[str, dict[str, Any]]:
-        duration = trio.current_time() - start
+    def _finish(self, outcome: _Outcome, duration: float) -> tuple[str, Mapping[str, Any]]:
+        """Record ``outcome`` as the run's status and result; return its terminal event."""
         self.progress.complete()
-        self._status = RunStatus.CANCELLED
+        self._status = outcome.status
+        iterations = self._counts.iterations
+        percent = self.progress.percent
+        if outcome.result is not None:
+            done = outcome.result
+            self._result = RunResult(
+                self.run_id, outcome.status, done.output, done.iterations, done.usage, duration
+            )
+            completed: FlowCompletedData = {
+                "output": done.output,
+                "iterations": done.iterations,
+                "usage": done.usage.to_dict(),
+                "stop_reason": done.stop_reason,
+                "duration": duration,
+                "percent": percent,
+            }
+            return EventType.FLOW_COMPLETED, completed
+        if outcome.status is RunStatus.FAILED:
+            exc = outcome.error
+            assert exc is not None
+            error: ErrorInfo = {"type": type(exc).__name__, "message": str(exc)}
+            if outcome.kind is not None:
+                error["kind"] = outcome.kind
+            usage = exc.usage if isinstance(exc, MaxIterationsExceeded) else Usage()
+            self._result = RunResult(
+                self.run_id,
+                outcome.status,
+                self._output.text,
+                iterations,
+                usage,
+                duration,
+                error=error,
+                reason=outcome.reason,
+            )
+            failed: FlowFailedData = {
+                "error": error,
+                "duration": duration,
+                "iterations": iterations,
+                "percent": percent,
+            }
+            if outcome.reason:
+                failed["reason"] = str(outcome.reason)
+            return EventType.FLOW_FAILED, failed
+        reason = outcome.reason or CancelReason.CANCELLED
         self._result = RunResult(
             self.run_id,
-            RunStatus.CANCELLED,
+            outcome.status,
             self._output.text,
-            self._counts.iterations,
+            iterations,
             Usage(),
             duration,
             reason=reason,
         )
-        return EventType.FLOW_CANCELLED, {
-            "reason": reason,
+        cancelled: FlowCancelledData = {
+            "reason": str(reason),
             "duration": duration,
-            "iterations": self._counts.iterations,
-            "percent": self.progress.percent,
+            "iterations": iterations,
+            "percent": percent,
         }
+        return EventType.FLOW_CANCELLED, cancelled
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Outcome:
+    """How a run ended, before its terminal event is built."""
+
+    status: RunStatus
+    result: AgentResult | None = None
+    error: BaseException | None = None
+    reason: CancelReason | str | None = None
+    kind: str | None = None
+
+
+class _TokenBatch:
+    """A run's ``token.received`` events on their way to its bus, in batches.
+
+    The agent emits a token per model delta; waking every subscriber once
+    per token (and adding a checkpoint of the executor's per token) cost
+    more than the model's stream itself. So a token is staged, and the
+    staged tokens go to the bus together:
+
+    * as soon as the run stops adding to them (a task of the run watches,
+      one checkpoint at a time: see :meth:`run`), without blocking: a
+      subscriber is woken once for the batch; if a blocking subscriber is
+      full, they stay staged and the task tries again a little later;
+    * when :data:`_TOKENS_PER_BATCH` are staged, by the run itself, waiting
+      for full blocking subscribers (backpressure) and passing one
+      checkpoint (so a model that never yields stays fair to other tasks);
+    * before any other event of the run (so the order is kept), and before
+      its terminal event.
+
+    A token therefore reaches subscribers no later than the run's next
+    wait for its model (or its next batch of :data:`_TOKENS_PER_BATCH`);
+    the run's counts and output include it at once.
+    """
+
+    __slots__ = ("_bus", "_forward", "_run_id", "_wake", "staged")
+
+    def __init__(self, bus: EventBus, run_id: str, forward: _Forwarder | None) -> None:
+        self._bus = bus
+        self._run_id = run_id
+        self._forward = forward
+        self.staged: list[Mapping[str, Any]] = []
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """The first token of a batch was staged (in :attr:`staged`): have :meth:`run` watch it."""
+        self._wake.set()
+
+    def send_nowait(self) -> bool:
+        """Send the staged tokens without waiting; False if a full subscriber kept some back."""
+        staged = self.staged
+        emit_nowait = self._bus.emit_nowait
+        forward = self._forward
+        run_id = self._run_id
+        token = EventType.TOKEN_RECEIVED
+        sent = 0
+        try:
+            for data in staged:
+                event = emit_nowait(token, data, run_id=run_id)
+                sent += 1
+                if forward is not None:
+                    forward(event)
+        except trio.WouldBlock:
+            del staged[:sent]
+            return False
+        staged.clear()
+        return True
+
+    async def flush(self) -> None:
+        """Send the staged tokens, waiting for full subscribers; passes one checkpoint."""
+        if self.send_nowait():
+            await trio.lowlevel.checkpoint()
+            return
+        staged = self.staged
+        while staged:
+            event = await self._bus.emit(
+                EventType.TOKEN_RECEIVED, staged.pop(0), run_id=self._run_id
+            )
+            if self._forward is not None:
+                self._forward(event)
+
+    async def run(self, scope: trio.CancelScope) -> None:
+        """Send each batch once the run stops adding to it (until cancelled).
+
+        After the first token of a batch, this task passes a checkpoint: if
+        the run staged no more tokens in that scheduling round (its model
+        waits for its next delta), it sends the batch at once, so a token
+        waits for no clock; if it did (a model streaming faster than
+        anyone reads), it lets the batch grow for :data:`_TOKEN_GRACE`
+        seconds, then looks again.
+        """
+        checkpoint = trio.lowlevel.checkpoint
+        staged = self.staged
+        with scope:
+            while True:
+                await self._wake.wait()
+                backoff = 0.0
+                while staged:
+                    seen = len(staged)
+                    await checkpoint()
+                    if len(staged) > seen:
+                        # The run streams faster than a round: let the batch grow
+                        # (it sends a full one itself), and look again a little later.
+                        await trio.sleep(_TOKEN_GRACE)
+                        continue
+                    if self.send_nowait():
+                        break
+                    backoff = min(max(backoff * 2, _TOKEN_GRACE), 0.05)  # a full subscriber
+                    await trio.sleep(backoff)
+                self._wake = trio.Event()
+                if staged:  # staged while this task was not looking
+                    self._wake.set()
+
+
+class _Forwarder:
+    """Forwards a run's events to a shared bus; never makes the run wait.
+
+    The policy: an event goes to the shared bus at once
+    (:meth:`EventBus.emit_nowait`) when it has room. When a blocking
+    (:attr:`Overflow.BLOCK`) subscriber or listener of the shared bus is
+    full, the run's events queue up, in order, in a backlog of this run's
+    own (at most ``limit`` events), which a task of the run feeds to the
+    shared bus as fast as it takes them. So a slow shared subscriber slows
+    nobody; a stalled one stalls only the backlogs. Past ``limit`` queued
+    events, further ones are not forwarded: :attr:`dropped` counts them and
+    a warning is logged (once per run). Once the run has ended, its backlog
+    has :data:`_TERMINAL_TIMEOUT` seconds per event to go through, then the
+    rest is dropped (counted) and the run's task ends.
+    """
+
+    __slots__ = (
+        "_closing",
+        "_emitting",
+        "_limit",
+        "_more",
+        "_nursery",
+        "_run_id",
+        "_task",
+        "backlog",
+        "dropped",
+        "shared",
+    )
+
+    def __init__(self, shared: EventBus, nursery: trio.Nursery, limit: int, run_id: str) -> None:
+        self.shared = shared
+        self.backlog: collections.deque[FlowEvent] = collections.deque()
+        self.dropped = 0
+        self._nursery = nursery
+        self._limit = limit
+        self._run_id = run_id
+        self._task = False
+        self._closing = False
+        self._emitting: trio.CancelScope | None = None
+        self._more = trio.Event()
+
+    def __call__(self, event: FlowEvent) -> None:
+        shared = self.shared
+        if shared.closed:
+            return
+        backlog = self.backlog
+        if not backlog:
+            try:
+                shared.emit_nowait(event)
+                return
+            except trio.WouldBlock:
+                pass
+            except trio.ClosedResourceError:
+                return
+        if len(backlog) >= self._limit:
+            self._drop(1)
+            return
+        backlog.append(event)
+        if not self._task:
+            self._task = True
+            self._nursery.start_soon(self._run, name=f"trioflow forward {self._run_id}")
+        self._more.set()
+
+    def _drop(self, n: int) -> None:
+        if not self.dropped:
+            _log.warning(
+                "run %s: the shared event bus %r is not keeping up: %d of the run's events "
+                "wait to be forwarded to it (forward_limit); further ones are dropped "
+                "(Run.forward_dropped counts them)",
+                self._run_id,
+                self.shared.name,
+                len(self.backlog),
+            )
+        self.dropped += n
+
+    def close(self) -> None:
+        """The run has ended: flush the backlog (bounded), then let the task end."""
+        self._closing = True
+        if self._emitting is not None:
+            self._emitting.deadline = min(
+                self._emitting.deadline, trio.current_time() + _TERMINAL_TIMEOUT
+            )
+        self._more.set()
+
+    async def _run(self) -> None:
+        backlog = self.backlog
+        while True:
+            while backlog:
+                wait = _TERMINAL_TIMEOUT if self._closing else math.inf
+                with trio.move_on_after(wait) as waited:
+                    self._emitting = waited
+                    try:
+                        await self.shared.emit(backlog[0])
+                    except trio.ClosedResourceError:
+                        backlog.clear()
+                        return
+                    finally:
+                        self._emitting = None
+                if waited.cancelled_caught:
+                    self._drop(len(backlog))
+                    backlog.clear()
+                    return
+                backlog.popleft()
+            if self._closing:
+                return
+            self._more = trio.Event()
+            await self._more.wait()
 
 
 class StreamingFlowExecutor:
@@ -509,13 +792,25 @@ class StreamingFlowExecutor:
         retention: how many finished runs the registry keeps (the oldest
             finished ones are forgotten first; running ones never are).
         timeout: the default time limit of a run, in seconds (``None``: none).
+        forward_limit: how many of a run's events may wait to be forwarded
+            to ``bus`` while a blocking subscriber of it is full. Forwarding
+            never makes a run wait: a run's events go to ``bus`` at once
+            when it has room, else queue up in order in the run's own
+            backlog, fed to ``bus`` by a task of the run; past
+            ``forward_limit`` waiting events, further ones are not forwarded
+            (:attr:`Run.forward_dropped` counts them, and a warning is
+            logged once per run). So one slow or stalled listener of the
+            shared bus never stalls every run.
 
-    Use it as an async context manager to give :meth:`start` a nursery of
-    its own; on exit, runs still going are cancelled (each ends with
-    ``flow.cancelled``) and waited for.
+    To give :meth:`start` a nursery of its own, prefer :func:`open_executor`
+    (``async with open_executor() as executor:``); ``async with
+    StreamingFlowExecutor() as executor:`` does the same (it delegates to
+    it). On exit, runs still going are cancelled (each ends with
+    ``flow.cancelled``, reason ``"executor closed"``) and waited for.
 
     Raises:
-        ValueError: ``history`` or ``retention`` is negative, or ``timeout`` is not positive.
+        ValueError: ``history``, ``retention`` or ``forward_limit`` is
+            negative, or ``timeout`` is not positive.
     """
 
     def __init__(
@@ -525,9 +820,10 @@ class StreamingFlowExecutor:
         history: int = 4096,
         retention: int = 100,
         timeout: float | None = None,
+        forward_limit: int = 65536,
     ) -> None:
-        if history < 0 or retention < 0:
-            raise ValueError("history and retention must be >= 0")
+        if history < 0 or retention < 0 or forward_limit < 0:
+            raise ValueError("history, retention and forward_limit must be >= 0")
         if timeout is not None and not timeout > 0:
             raise ValueError(
                 f"timeout must be a positive number of seconds or None, not {timeout!r}"
@@ -536,8 +832,10 @@ class StreamingFlowExecutor:
         self.history = history
         self.retention = retention
         self.timeout = timeout
+        self.forward_limit = forward_limit
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self._entered: AbstractAsyncContextManager[Self] | None = None
         self._ids = itertools.count(1)
 
     # -- registry ----------------------------------------------------------------
@@ -576,6 +874,7 @@ class StreamingFlowExecutor:
         max_iterations: int | None,
         run_id: str | None,
         metadata: Mapping[str, Any] | None,
+        on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
     ) -> Run:
         if not isinstance(task, str) or not task.strip():
             raise ValueError("task must be a non-empty string")
@@ -591,7 +890,13 @@ class StreamingFlowExecutor:
         if rid in self._runs:
             raise ValueError(f"a run with id {rid!r} exists already")
         run = Run(
-            rid, agent, task, timeout=timeout, max_iterations=max_iterations, metadata=metadata
+            rid,
+            agent,
+            task,
+            timeout=timeout,
+            max_iterations=max_iterations,
+            metadata=metadata,
+            on_disconnect=on_disconnect,
         )
         self._runs[rid] = run
         self._prune()
@@ -601,7 +906,9 @@ class StreamingFlowExecutor:
         self, run: Run, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            await run._execute(self.bus, self.history, task_status=task_status)
+            await run._execute(
+                self.bus, self.history, forward_limit=self.forward_limit, task_status=task_status
+            )
         finally:
             self._prune()
 
@@ -614,6 +921,7 @@ class StreamingFlowExecutor:
         max_iterations: int | None = None,
         run_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         nursery: trio.Nursery | None = None,
     ) -> Run:
         """Start a run in the background and return its handle once it is running.
@@ -621,7 +929,8 @@ class StreamingFlowExecutor:
         The run's task lives in ``nursery`` (yours), or else in the
         executor's own (``async with executor:``). When this returns, the
         run's bus exists: :meth:`Run.subscribe` with ``after=0`` sees every
-        event from ``flow.started`` on.
+        event from ``flow.started`` on. ``metadata`` is kept as
+        :attr:`Run.metadata`, ``on_disconnect`` as :attr:`Run.on_disconnect`.
 
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
@@ -632,9 +941,9 @@ class StreamingFlowExecutor:
         if target is None:
             raise RuntimeError(
                 "StreamingFlowExecutor.start needs a nursery: pass nursery=... or use "
-                "'async with executor:'"
+                "'async with open_executor() as executor:'"
             )
-        run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata)
+        run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata, on_disconnect)
         await target.start(self._run_in, run, name=f"trioflow {run.run_id}")
         return run
 
@@ -678,7 +987,7 @@ class StreamingFlowExecutor:
                     try:
                         yield sub
                     finally:
-                        run.cancel("consumer left the stream")
+                        run.cancel(CancelReason.CONSUMER_LEFT)
 
     @asynccontextmanager
     async def stream_sse(
@@ -723,24 +1032,73 @@ class StreamingFlowExecutor:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def cancel_all(self, reason: str = "shutdown") -> int:
+    def cancel_all(self, reason: CancelReason | str = CancelReason.SHUTDOWN) -> int:
         """Cancel every running run; returns how many were cancelled."""
         return sum(run.cancel(reason) for run in list(self._runs.values()))
 
-    async def __aenter__(self) -> Self:
+    @asynccontextmanager
+    async def _opened(self) -> AsyncIterator[Self]:
+        """Give :meth:`start` a nursery for the block; see :func:`open_executor`."""
         if self._nursery is not None:
             raise RuntimeError("this executor is open already")
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
-        assert self._nursery is not None
-        self.cancel_all("executor closed")
         try:
-            return await self._nursery_cm.__aexit__(*exc_info)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    yield self
+                finally:
+                    self.cancel_all(CancelReason.EXECUTOR_CLOSED)
         finally:
             self._nursery = None
+
+    async def __aenter__(self) -> Self:
+        """The same as :func:`open_executor` for this executor (which is preferred)."""
+        entered = self._opened()
+        result = await entered.__aenter__()
+        self._entered = entered
+        return result
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        entered, self._entered = self._entered, None
+        assert entered is not None
+        return await entered.__aexit__(*exc_info)
+
+
+@asynccontextmanager
+async def open_executor(
+    *,
+    bus: EventBus | None = None,
+    history: int = 4096,
+    retention: int = 100,
+    timeout: float | None = None,
+    forward_limit: int = 65536,
+) -> AsyncIterator[StreamingFlowExecutor]:
+    """An open :class:`StreamingFlowExecutor`: one with a nursery for its runs (Trio's shape).
+
+    The preferred way to give :meth:`StreamingFlowExecutor.start` a nursery
+    of the executor's own::
+
+        async with open_executor() as executor:
+            run = await executor.start(agent, "What is 25 * 4?")
+            ...
+
+    On leaving the block, runs still going are cancelled (each ends with
+    ``flow.cancelled``, reason ``"executor closed"``) and waited for. The
+    arguments are those of :class:`StreamingFlowExecutor`. ``async with
+    StreamingFlowExecutor(...)`` does the same and stays supported.
+
+    Raises:
+        ValueError: as :class:`StreamingFlowExecutor`.
+    """
+    executor = StreamingFlowExecutor(
+        bus=bus, history=history, retention=retention, timeout=timeout, forward_limit=forward_limit
+    )
+    async with executor._opened():
+        yield executor
+
+
+if TYPE_CHECKING:
+    _RUN_IS_A_HANDLE: type[RunHandle] = Run  # mypy checks that Run implements the protocol
 
 
 async def _sse_frames(events: Subscription) -> AsyncIterator[str]:

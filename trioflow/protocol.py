@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from trioflow.sse import encode, event_frame
 
 if TYPE_CHECKING:
-    from trioflow.events import FlowEvent
+    from trioflow.events import ErrorInfo, FlowEvent
 
 __all__ = [
     "ERROR_EVENT",
@@ -79,7 +79,7 @@ def encode_error(code: str, message: str, **details: Any) -> str:
     return encode(_dumps({"code": code, "message": message, **details}), event=ERROR_EVENT)
 
 
-def error_info(error: BaseException | str) -> dict[str, str]:
+def error_info(error: BaseException | str) -> ErrorInfo:
     """``{"type", "message"}`` of ``error``: its class name and ``str``.
 
     A plain message (a ``str``) has the type ``"Error"``.

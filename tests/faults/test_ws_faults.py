@@ -324,4 +324,5 @@ async def test_socket_disconnect_applies_each_runs_policy(
         kept = await server.executor.get_run(keep).wait()
     assert (cancelled.status, cancelled.reason) == ("cancelled", "client disconnected")
     assert kept.status == "completed"
-    assert server.executor.get_run(cancel).metadata == {"on_disconnect": "cancel", "source": "ws"}
+    assert server.executor.get_run(cancel).metadata == {"source": "ws"}
+    assert server.executor.get_run(cancel).on_disconnect == "cancel"

@@ -17,8 +17,6 @@ from typing import IO
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
 from trioflow.cli.common import (
     UsageError,
     add_model_option,
@@ -35,8 +33,10 @@ from trioflow.cli.console import (
     exit_status,
     open_renderer,
 )
+from trioflow.demo import default_agent
 from trioflow.events import FlowEvent
 from trioflow.executor import Run, StreamingFlowExecutor
+from trioflow.handle import CancelReason
 from trioflow.models import ModelError, open_model
 from trioflow.settings import Settings
 
@@ -72,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     async with open_model(args.model, pace=args.pace) as model:
-        agent = Agent(
-            model, tools=[calculator], system=args.system, max_iterations=args.max_iterations
-        )
+        agent = default_agent(model, system=args.system, max_iterations=args.max_iterations)
         executor = StreamingFlowExecutor()
         interrupted: list[int] = []
         terminal: FlowEvent | None = None
@@ -83,7 +81,7 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
         def on_signal(signum: int) -> None:
             interrupted.append(signum)
             if run is not None:
-                run.cancel("interrupted")
+                run.cancel(CancelReason.INTERRUPTED)
 
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
@@ -99,7 +97,7 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                                 if event.is_terminal():
                                     terminal = event
                 finally:
-                    run.cancel("output closed")
+                    run.cancel(CancelReason.OUTPUT_CLOSED)
                     nursery.cancel_scope.cancel()
         return exit_status(terminal, interrupted=bool(interrupted))
 

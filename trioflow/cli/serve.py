@@ -217,7 +217,7 @@ async def _start_replay(
         history=_history_for(path),
         on_warning=print_warnings("serve", err),
     )
-    if replay.run_id is None:
+    if not replay.run_id:
         replay.cancel("no run id")
         raise RecordingError(path, 0, "the first event has no run id")
     return replay

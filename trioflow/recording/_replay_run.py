@@ -6,13 +6,13 @@ import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import EventType, FlowEvent, OutputText
-from trioflow.executor import RunStatus
+from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
 from trioflow.patterns import FlowMetrics, MetricsCollector
 from trioflow.recording._replay import (
     DEFAULT_MAX_GAP,
@@ -37,12 +37,13 @@ class ReplayRun:
 
     Made by :func:`start_replay`, whose arguments (but ``nursery``) it takes;
     it checks them on construction and raises :exc:`ValueError` for one out of
-    range. It offers the parts of the
-    :class:`~trioflow.Run` interface that a transport uses: :attr:`run_id`,
-    :attr:`status`, :attr:`done`, :attr:`last_seq`, :meth:`subscribe` (from any
-    point of the retained history, also after the replay ended),
-    :meth:`wait`, :meth:`cancel` and :meth:`to_dict`. A server can therefore
-    serve a replay exactly as it serves a live run.
+    range. It implements :class:`~trioflow.handle.RunHandle`, the protocol
+    the web server and the transports type against: :attr:`run_id`,
+    :attr:`status`, :attr:`done`, :attr:`last_seq`, :attr:`on_disconnect`
+    (always ``continue``), :meth:`subscribe` (from any point of the retained
+    history, also after the replay ended), :meth:`wait`, :meth:`cancel` and
+    :meth:`to_dict`. A server therefore serves a replay exactly as it serves
+    a live run.
 
     Events keep their recorded ``run_id`` (unless :func:`start_replay` was
     given one), data and timestamps; the replay's bus gives them seqs 1, 2,
@@ -85,11 +86,11 @@ class ReplayRun:
         self.created_at = time.time()
         self.finished_at: float | None = None
         self._override = run_id
-        self._run_id = run_id
+        self._run_id = run_id or ""
         self._bus: EventBus | None = None
         self._started = False
         self._scope = trio.CancelScope()
-        self._cancelled: str | None = None
+        self._cancelled: CancelReason | str | None = None
         self._done = trio.Event()
         self._terminal: FlowEvent | None = None
         self._error: RecordingError | None = None
@@ -103,9 +104,18 @@ class ReplayRun:
     # -- state -----------------------------------------------------------------
 
     @property
-    def run_id(self) -> str | None:
-        """The replayed run's id: the one given to :func:`start_replay`, else the first event's."""
+    def run_id(self) -> str:
+        """The replayed run's id: the one given to :func:`start_replay`, else the first event's.
+
+        ``""`` while unknown: before the replay started, or when the
+        recording's first event has no run id.
+        """
         return self._run_id
+
+    @property
+    def on_disconnect(self) -> OnDisconnect:
+        """Always :attr:`~trioflow.handle.OnDisconnect.CONTINUE`: a replay plays on without watchers."""
+        return OnDisconnect.CONTINUE
 
     @property
     def status(self) -> RunStatus:
@@ -162,7 +172,7 @@ class ReplayRun:
 
     # -- control -----------------------------------------------------------------
 
-    def cancel(self, reason: str = "cancelled") -> bool:
+    def cancel(self, reason: CancelReason | str = CancelReason.CANCELLED) -> bool:
         """Stop the replay; subscribers read what was emitted, then their iteration ends.
 
         Args:
@@ -176,7 +186,7 @@ class ReplayRun:
         """
         if self.done or self._cancelled is not None:
             return False
-        self._cancelled = reason
+        self._cancelled = cancel_reason(reason)
         self._scope.cancel()
         return True
 
@@ -230,7 +240,7 @@ class ReplayRun:
         """
         terminal = self._terminal
         return {
-            "run_id": self._run_id,
+            "run_id": self._run_id or None,
             "status": str(self.status),
             "task": self.task,
             "model": self.model,
@@ -241,11 +251,12 @@ class ReplayRun:
             "counts": self.counts(),
             "output": self._output.text,
             "result": None if terminal is None else dict(terminal.data),
+            "on_disconnect": str(self.on_disconnect),
             "metadata": {
                 "replay": self.path,
                 "speed": self.speed,
                 "error": None if self._error is None else str(self._error),
-                "cancelled": self._cancelled,
+                "cancelled": None if self._cancelled is None else str(self._cancelled),
             },
         }
 
@@ -268,8 +279,8 @@ class ReplayRun:
             ) as events:
                 first = await events.peek()
                 if first is not None:
-                    if self._run_id is None:
-                        self._run_id = first.run_id
+                    if not self._run_id:
+                        self._run_id = first.run_id or ""
                     if first.type == EventType.FLOW_STARTED:
                         self.task = str(first.data.get("task", ""))
                         self.model = str(first.data.get("model", ""))
@@ -291,11 +302,15 @@ class ReplayRun:
                                     "line": exc.line,
                                     "reason": exc.reason,
                                 },
-                                run_id=self._run_id,
+                                run_id=self._run_id or None,
                             )
         finally:
             self.finished_at = time.time()
             self._done.set()
+
+
+if TYPE_CHECKING:
+    _REPLAY_IS_A_HANDLE: type[RunHandle] = ReplayRun  # mypy checks that it implements the protocol
 
 
 async def start_replay(

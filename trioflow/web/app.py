@@ -41,7 +41,8 @@ from starlette.staticfiles import StaticFiles
 
 from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
-from trioflow.executor import Run, RunStatus, StreamingFlowExecutor
+from trioflow.executor import RunStatus, StreamingFlowExecutor
+from trioflow.handle import RunHandle
 from trioflow.web.auth import AccessControl
 from trioflow.web.config import WebConfig
 from trioflow.web.errors import EXCEPTION_HANDLERS, ApiError
@@ -147,7 +148,7 @@ async def read_json(request: Request, limit: int, *, body_timeout: float = math.
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
-def run_links(request: Request, run: Run) -> dict[str, str]:
+def run_links(request: Request, run: RunHandle) -> dict[str, str]:
     """Absolute URLs of a run's resources: ``url``, ``events_url`` and ``ws_url``."""
     return {
         "url": str(request.url_for("run", run_id=run.run_id)),
@@ -173,7 +174,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _view(request: Request, run: Run) -> dict[str, Any]:
+def _view(request: Request, run: RunHandle) -> dict[str, Any]:
     view: dict[str, Any] = _json_safe(run.to_dict())
     return {**view, **run_links(request, run)}
 
@@ -239,11 +240,7 @@ async def list_runs(request: Request) -> Response:
                     "invalid_status",
                     f"unknown status {name!r}; use {', '.join(s.value for s in RunStatus)}",
                 ) from None
-    runs = [
-        _view(request, run)
-        for run in [*hub.replays(), *hub.executor.runs.values()]
-        if wanted is None or run.status in wanted
-    ]
+    runs = [_view(request, run) for run in hub.runs() if wanted is None or run.status in wanted]
     return JSONResponse({"runs": runs, "count": len(runs)})
 
 
@@ -303,8 +300,8 @@ def create_app(
             bounds ``GET /runs``, its ``history`` how far back a client can resume).
         agent: the :class:`~trioflow.Agent` for every run, or an
             :data:`~trioflow.web.AgentFactory` building one per
-            :class:`~trioflow.web.RunRequest`; ``None`` for the offline
-            scripted model with the calculator tool.
+            :class:`~trioflow.web.RunRequest`; ``None`` for
+            :func:`trioflow.demo.default_agent` (the demo agent).
         config: the options (:class:`~trioflow.web.WebConfig`); the defaults if ``None``.
         metrics: a :data:`MetricsRenderer` to serve on ``GET /metrics``
             (called on every request, so keep it quick); ``None``: no

@@ -1,7 +1,7 @@
 """The pieces ``trioflow serve`` builds its application from, for your own server too.
 
-:func:`agent_factory` makes the agents of the served runs (the calculator
-tool, a fresh scripted model per run); :func:`open_metrics` opens a shared
+:func:`agent_factory` makes the agents of the served runs (the demo agent
+of :mod:`trioflow.demo`); :func:`open_metrics` opens a shared
 event bus with OpenTelemetry metrics of every run and renders them for
 ``GET /metrics``.
 """
@@ -11,28 +11,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
 from trioflow.bus import EventBus, open_event_bus
-from trioflow.models import Model, ScriptedModel
+from trioflow.demo import default_agent_factory
+from trioflow.models import Model
 from trioflow.web.app import MetricsRenderer
-from trioflow.web.runs import AgentFactory, RunRequest
+from trioflow.web.runs import AgentFactory
 
 __all__ = ["agent_factory", "open_metrics"]
 
 
 def agent_factory(model: Model, *, max_iterations: int = 10) -> AgentFactory:
-    """An agent factory for ``model`` with the calculator tool.
+    """The demo agent's factory for ``model``: :func:`trioflow.demo.default_agent_factory`.
 
-    The scripted model records every call it serves, so each run gets a
-    fresh one (with the same pace); other models are shared by all runs.
+    The web layer itself names no tool: the demo agent lives in :mod:`trioflow.demo`.
     """
-
-    def make(request: RunRequest) -> Agent:
-        run_model = ScriptedModel(pace=model.pace) if isinstance(model, ScriptedModel) else model
-        return Agent(run_model, tools=[calculator], max_iterations=max_iterations)
-
-    return make
+    return default_agent_factory(model, max_iterations=max_iterations)
 
 
 @asynccontextmanager

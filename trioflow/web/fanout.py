@@ -50,7 +50,7 @@ from trioflow.history import HistoryExpired
 from trioflow.web.connections import GuardedStream
 
 if TYPE_CHECKING:
-    from trioflow.executor import Run
+    from trioflow.handle import RunHandle
 
 __all__ = [
     "EventFanout",
@@ -265,7 +265,7 @@ class EventFanout:
 
     def __init__(
         self,
-        run: Run,
+        run: RunHandle,
         *,
         encode: Callable[[FlowEvent], bytes],
         evicted: Callable[[int], bytes],
@@ -390,7 +390,7 @@ class EventFanout:
             with trio.move_on_after(self._keepalive):
                 try:
                     batch = await sub.receive_batch()
-                except trio.EndOfChannel:
+                except (trio.EndOfChannel, trio.ClosedResourceError):  # ended, or stopped (_stop)
                     return
                 except SubscriberEvicted:
                     for target in list(self._targets):

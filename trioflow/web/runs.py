@@ -13,17 +13,17 @@ The hub knows nothing of HTTP framing: transports (``sse``, ``ws``) call it.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias
 
 import trio
 
+from trioflow import demo
 from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
-from trioflow.executor import Run, StreamingFlowExecutor
+from trioflow.executor import StreamingFlowExecutor
+from trioflow.handle import CancelReason, OnDisconnect, RunHandle
 from trioflow.web.config import WebConfig
 from trioflow.web.errors import ApiError
 
@@ -41,15 +41,6 @@ __all__ = [
     "on_disconnect",
     "resume_point",
 ]
-
-
-class OnDisconnect(enum.StrEnum):
-    """What happens to a run when the last client watching it disconnects."""
-
-    CONTINUE = "continue"
-    """The run goes on; a client can reconnect and resume (the default)."""
-    CANCEL = "cancel"
-    """The run is cancelled (it ends with ``flow.cancelled``, reason ``"client disconnected"``)."""
 
 
 _FIELDS = frozenset({"task", "timeout", "max_iterations", "on_disconnect"})
@@ -165,8 +156,8 @@ A factory that raises :exc:`ValueError` rejects the request (``400``).
 
 
 def default_agent(request: RunRequest) -> Agent:
-    """The agent used when none is given: the offline scripted model with the calculator."""
-    return Agent(tools=[calculator])
+    """The agent used when none is given: :func:`trioflow.demo.default_agent`."""
+    return demo.default_agent()
 
 
 class Watch:
@@ -174,7 +165,7 @@ class Watch:
 
     __slots__ = ("_hub", "_released", "run")
 
-    def __init__(self, hub: RunHub, run: Run) -> None:
+    def __init__(self, hub: RunHub, run: RunHandle) -> None:
         self._hub = hub
         self.run = run
         self._released = False
@@ -257,9 +248,9 @@ class RunHub:
             finally:
                 self._nursery = None
                 self._closing.set()
-                self.executor.cancel_all("server shutdown")
+                self.executor.cancel_all(CancelReason.SERVER_SHUTDOWN)
                 for replay in self._replays.values():
-                    replay.cancel("server shutdown")
+                    replay.cancel(CancelReason.SERVER_SHUTDOWN)
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: refuse new runs, cancel running ones, let streams finish.
@@ -272,9 +263,9 @@ class RunHub:
         """
         self._closing.set()
         with trio.move_on_after(grace):
-            self.executor.cancel_all("server shutdown")
+            self.executor.cancel_all(CancelReason.SERVER_SHUTDOWN)
             for replay in self._replays.values():
-                replay.cancel("server shutdown")
+                replay.cancel(CancelReason.SERVER_SHUTDOWN)
             for run in list(self.executor.runs.values()):
                 await run.wait()
             for replay in list(self._replays.values()):
@@ -305,13 +296,14 @@ class RunHub:
         """How many runs of the executor are going now."""
         return sum(1 for run in self.executor.runs.values() if not run.done)
 
-    async def start(self, request: RunRequest, *, source: str) -> Run:
+    async def start(self, request: RunRequest, *, source: str) -> RunHandle:
         """Start a run for ``request`` and return it once it is running.
 
         Args:
             request: the validated request.
             source: where it came from (``"http"``, ``"ws"``), kept in the
-                run's ``metadata`` next to ``on_disconnect``.
+                run's ``metadata``; the request's ``on_disconnect`` becomes
+                the run's :attr:`~trioflow.handle.RunHandle.on_disconnect`.
 
         Raises:
             ApiError: ``503`` while shutting down or before the server is up,
@@ -337,7 +329,8 @@ class RunHub:
                 request.task,
                 timeout=request.timeout,
                 max_iterations=request.max_iterations,
-                metadata={"on_disconnect": str(request.on_disconnect), "source": source},
+                metadata={"source": source},
+                on_disconnect=request.on_disconnect,
                 nursery=self._nursery,
             )
         except ValueError as exc:
@@ -350,25 +343,27 @@ class RunHub:
 
         :meth:`get` finds it by its ``run_id`` (before the executor's runs),
         so ``GET /runs/{id}``, ``/runs/{id}/events`` and the WebSockets serve
-        it like a live run; ``GET /runs`` lists it. A replay offers the parts
-        of the :class:`~trioflow.Run` interface the transports use
-        (``run_id``, ``status``, ``done``, ``last_seq``, ``subscribe``,
-        ``cancel``, ``wait``, ``to_dict``), which is why it is handed to them
-        as a ``Run``. It is never forgotten, and is stopped on shutdown.
+        it like a live run; ``GET /runs`` lists it: a replay is a
+        :class:`~trioflow.handle.RunHandle`, as a live run is. It is never
+        forgotten, and is stopped on shutdown.
 
         Raises:
             ValueError: the replay has no run id (it has not started, or the
                 recording is empty).
         """
-        if replay.run_id is None:
+        if not replay.run_id:
             raise ValueError(f"replay of {replay.path!r} has no run id (is the recording empty?)")
         self._replays[replay.run_id] = replay
 
-    def replays(self) -> list[Run]:
+    def replays(self) -> list[RunHandle]:
         """The replays served as runs (see :meth:`add_replay`), in the order they were added."""
-        return [cast("Run", replay) for replay in self._replays.values()]
+        return list(self._replays.values())
 
-    def get(self, run_id: str) -> Run:
+    def runs(self) -> list[RunHandle]:
+        """Every run served: the replays, then the executor's retained runs, oldest first."""
+        return [*self._replays.values(), *self.executor.runs.values()]
+
+    def get(self, run_id: str) -> RunHandle:
         """The run with that id: a replay added with :meth:`add_replay`, or an executor's run.
 
         Raises:
@@ -376,13 +371,13 @@ class RunHub:
         """
         replay = self._replays.get(run_id)
         if replay is not None:
-            return cast("Run", replay)  # duck-typed: see add_replay
+            return replay
         try:
             return self.executor.get_run(run_id)
         except KeyError:
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r}") from None
 
-    def cancel(self, run: Run, reason: str = "cancelled by client") -> None:
+    def cancel(self, run: RunHandle, reason: CancelReason | str = CancelReason.CLIENT) -> None:
         """Cancel ``run``; it ends with ``flow.cancelled``. Cancelling twice is fine.
 
         Raises:
@@ -398,7 +393,7 @@ class RunHub:
         run.cancel(reason)
 
     async def fanout(
-        self, run: Run, factory: Callable[[Run, WebConfig], EventFanout]
+        self, run: RunHandle, factory: Callable[[RunHandle, WebConfig], EventFanout]
     ) -> EventFanout | None:
         """The run's :class:`~trioflow.web.fanout.EventFanout`, claimed, started with ``factory`` if none runs.
 
@@ -440,7 +435,7 @@ class RunHub:
 
     # -- watchers ------------------------------------------------------------------
 
-    def attach(self, run: Run) -> Watch:
+    def attach(self, run: RunHandle) -> Watch:
         """Count one more connection watching ``run``; release the returned :class:`Watch`."""
         self._watchers[run.run_id] = self._watchers.get(run.run_id, 0) + 1
         return Watch(self, run)
@@ -449,17 +444,17 @@ class RunHub:
         """How many connections watch the run now."""
         return self._watchers.get(run_id, 0)
 
-    def _detach(self, run: Run, *, disconnected: bool) -> None:
+    def _detach(self, run: RunHandle, *, disconnected: bool) -> None:
         left = self._watchers.get(run.run_id, 1) - 1
         if left > 0:
             self._watchers[run.run_id] = left
             return
         self._watchers.pop(run.run_id, None)
-        if disconnected and not run.done and on_disconnect(run) is OnDisconnect.CANCEL:
-            run.cancel("client disconnected")
+        if disconnected and not run.done and run.on_disconnect is OnDisconnect.CANCEL:
+            run.cancel(CancelReason.CLIENT_DISCONNECTED)
 
 
-def resume_point(value: object, run: Run) -> int:
+def resume_point(value: object, run: RunHandle) -> int:
     """Validate ``value`` as a resume point of ``run``: a seq from ``0`` to the run's newest.
 
     Accepts an int, or a string of digits (from a header or a query string).
@@ -485,11 +480,6 @@ def resume_point(value: object, run: Run) -> int:
     return value
 
 
-def on_disconnect(run: Run) -> OnDisconnect:
-    """The run's :class:`OnDisconnect` policy (``continue`` unless its metadata says otherwise)."""
-    metadata: Mapping[str, Any] = getattr(run, "metadata", None) or {}  # a replay has none
-    value: Any = metadata.get("on_disconnect", OnDisconnect.CONTINUE)
-    try:
-        return OnDisconnect(value)
-    except ValueError:
-        return OnDisconnect.CONTINUE
+def on_disconnect(run: RunHandle) -> OnDisconnect:
+    """The run's :class:`OnDisconnect` policy: :attr:`~trioflow.handle.RunHandle.on_disconnect`."""
+    return run.on_disconnect

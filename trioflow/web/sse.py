@@ -60,7 +60,7 @@ from starlette.types import Message, Receive, Scope, Send
 from trioflow._util import collapse_single_group
 from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
-from trioflow.executor import Run
+from trioflow.handle import RunHandle as Run
 from trioflow.history import HistoryExpired
 from trioflow.protocol import (
     ERROR_EVENT,

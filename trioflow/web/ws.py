@@ -62,7 +62,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from trioflow._json import InvalidJSON, loads
 from trioflow._util import collapse_single_group
 from trioflow.bus import Overflow, SubscriberEvicted
-from trioflow.executor import Run
+from trioflow.handle import RunHandle
 from trioflow.history import HistoryExpired
 from trioflow.protocol import EVICTED, HISTORY_EXPIRED
 from trioflow.web.auth import deny_websocket
@@ -98,7 +98,7 @@ def _run_id(message: Mapping[str, Any]) -> str:
     return run_id
 
 
-def _after(message: Mapping[str, Any], run: Run, default: int | None = None) -> int:
+def _after(message: Mapping[str, Any], run: RunHandle, default: int | None = None) -> int:
     after = message.get("after", default)
     if not isinstance(after, int):  # JSON numbers only: no "3"
         raise ApiError(
@@ -126,7 +126,7 @@ class _Connection:
         self._streams: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._watches: dict[str, Watch] = {}
 
-    async def serve(self, handle: Handler, first: Run | None = None, after: int = 0) -> None:
+    async def serve(self, handle: Handler, first: RunHandle | None = None, after: int = 0) -> None:
         """Accept, then read messages (and follow ``first``) until either side closes."""
         await self.ws.accept()
         try:
@@ -240,7 +240,7 @@ class _Connection:
                 429, "too_many_runs", f"a connection may follow at most {limit} runs at once"
             )
 
-    async def follow(self, run: Run, after: int) -> None:
+    async def follow(self, run: RunHandle, after: int) -> None:
         """Stream ``run``'s events after ``after``, replacing a stream of the same run."""
         current = self._streams.get(run.run_id)
         if current is not None:
@@ -253,7 +253,11 @@ class _Connection:
         await self._nursery.start(self._stream, run, after)
 
     async def _stream(
-        self, run: Run, after: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        run: RunHandle,
+        after: int,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         done = trio.Event()
         finished = False
@@ -278,7 +282,7 @@ class _Connection:
         if self.hub.closing and not self._streams:
             await self.close(1001, "server shutting down")
 
-    async def _pump(self, run: Run, after: int) -> bool:
+    async def _pump(self, run: RunHandle, after: int) -> bool:
         """Send the run's events; True once its end was delivered."""
         config = self.hub.config
         try:
