@@ -31,7 +31,7 @@ from typing import Any, ClassVar, NotRequired, Self, TypedDict, cast
 
 from trioflow import _json
 from trioflow._frozen import EMPTY, freeze_data, thaw
-from trioflow.protocol import error_info
+from trioflow.protocol import ErrorInfo, error_info
 from trioflow.sse import event_frame
 
 __all__ = [
@@ -132,17 +132,6 @@ class EventType(enum.StrEnum):
 # The ``data`` of the events the agent and the executor emit, one schema per
 # type, so that readers can type what they read:
 # ``data = cast(ToolCompletedData, event.data)``. The key order is the wire order.
-
-
-class ErrorInfo(TypedDict):
-    """An error as events carry it: never a traceback."""
-
-    type: str
-    """The exception's class name."""
-    message: str
-    """Its message."""
-    kind: NotRequired[str]
-    """For a :exc:`~trioflow.models.ModelError`: its kind (``"overloaded"``, ...)."""
 
 
 class FlowStartedData(TypedDict):

@@ -19,12 +19,9 @@ It imports nothing of trioflow but :mod:`trioflow.sse`, so every layer can use i
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, NotRequired, Protocol, TypedDict
 
 from trioflow.sse import encode, event_frame
-
-if TYPE_CHECKING:
-    from trioflow.events import ErrorInfo, FlowEvent
 
 __all__ = [
     "ERROR_EVENT",
@@ -32,6 +29,8 @@ __all__ = [
     "HISTORY_EXPIRED",
     "RENAMED_EVENTS",
     "RESUMABLE_CODES",
+    "ErrorInfo",
+    "WireEvent",
     "encode_error",
     "encode_event",
     "error_info",
@@ -56,6 +55,33 @@ HISTORY_EXPIRED: Final = "history_expired"
 RESUMABLE_CODES: Final = frozenset({EVICTED})
 """Error codes after which the server expects the client to reconnect and resume."""
 
+
+class ErrorInfo(TypedDict):
+    """An error as events and error frames carry it: never a traceback."""
+
+    type: str
+    """The exception's class name."""
+    message: str
+    """Its message."""
+    kind: NotRequired[str]
+    """For a :exc:`~trioflow.models.ModelError`: its kind (``"overloaded"``, ...)."""
+
+
+class WireEvent(Protocol):
+    """What :func:`encode_event` needs of an event (a :class:`~trioflow.FlowEvent` has it)."""
+
+    @property
+    def seq(self) -> int:
+        """The event's seq: the SSE ``id:``."""
+
+    @property
+    def type(self) -> str:
+        """The event's type: its SSE ``event:`` name, but for :data:`RENAMED_EVENTS`."""
+
+    def to_json(self) -> str:
+        """The event as JSON: the SSE ``data:``."""
+
+
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
@@ -64,7 +90,7 @@ def event_name(type: str) -> str:
     return RENAMED_EVENTS.get(type, type)
 
 
-def encode_event(event: FlowEvent) -> str:
+def encode_event(event: WireEvent) -> str:
     """``event`` as one SSE frame: ``id:`` its seq, ``event:`` its :func:`event_name`, ``data:`` its JSON.
 
     The same frame as :meth:`FlowEvent.to_sse() <trioflow.FlowEvent.to_sse>`
