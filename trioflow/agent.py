@@ -1,7 +1,6 @@
 """The agent loop: a model, tools and a task become a stream of events.
 
-:class:`Agent` is the Trio version of the PHP ``StreamingLoop``. Each
-iteration asks the model for a turn and streams it live:
+Each iteration of an :class:`Agent` asks the model for a turn and streams it live:
 
 * ``iteration.started``;
 * ``step.started`` ``model``, one ``token.received`` per text delta *as it

@@ -8,8 +8,7 @@ is full, and entries expire on Trio's clock, so
 as Redis, implements the same five methods.
 
 :func:`cached` wraps a :class:`~trioflow.tools.Tool` so that repeated calls
-with the same input are answered from a cache, as the PHP tutorial's cached
-calculator does::
+with the same input are answered from a cache::
 
     calc = cached(calculator, ttl=60.0)
     agent = Agent(tools=[calc])

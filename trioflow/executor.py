@@ -1,7 +1,6 @@
 """The streaming executor: runs agents and streams each run's events live.
 
-:class:`StreamingFlowExecutor` is the Trio version of the PHP
-``StreamingFlowExecutor``. Every run gets a ``run_id``, an event bus of its
+Every run of a :class:`StreamingFlowExecutor` gets a ``run_id``, an event bus of its
 own (so its events have their own gapless seqs 1, 2, ... and a bounded
 history for late subscribers and ``Last-Event-ID`` resumes), a
 :class:`~trioflow.FlowProgress`, and exactly one terminal event:

@@ -3,8 +3,8 @@
 A :class:`FlowProgress` counts the completed iterations of a run out of a
 total, times named steps, estimates the time remaining from the pace so far
 and, given the run's deadline, reports how much of its time budget is left.
-:meth:`FlowProgress.to_dict` gives the figures in the shape of the PHP
-original, ready to send as a ``progress.update`` event.
+:meth:`FlowProgress.to_dict` gives the figures ready to send as a
+``progress.update`` event.
 
 All times come from Trio's clock (:func:`trio.current_time`), so tests that
 run under :class:`trio.testing.MockClock` see exact figures. A

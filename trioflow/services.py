@@ -1,6 +1,6 @@
 """Services: a :class:`ServiceManager` creates, shares and tears down trioflow's services.
 
-The Trio version of the PHP ``ServiceManager``. Services are registered by
+Services are registered by
 name (a :class:`ServiceType` or any string) with a factory, created lazily
 on first :meth:`~ServiceManager.get`, each once, with their dependencies
 resolved on the way, and torn down in reverse creation order when the
