@@ -66,6 +66,7 @@ from trioflow.events import (
     OutputText,
     check_event_types,
 )
+from trioflow.figures import RunFigures
 from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
 from trioflow.models.base import ModelError, Usage
 from trioflow.progress import FlowProgress
@@ -138,17 +139,6 @@ class RunResult:
         }
 
 
-@dataclasses.dataclass(slots=True)
-class _Counts:
-    events: int = 0
-    tokens: int = 0
-    tool_calls: int = 0
-    tool_failures: int = 0
-    iterations: int = 0
-    warnings: int = 0
-    errors: int = 0
-
-
 class Run:
     """A handle on one run: its status, progress, events and result.
 
@@ -189,7 +179,7 @@ class Run:
         self._cancel_reason: CancelReason | str | None = None
         self._forwarder: _Forwarder | None = None
         self._done = trio.Event()
-        self._counts = _Counts()
+        self._figures = RunFigures()
         self._output = OutputText()
 
     def __repr__(self) -> str:
@@ -303,9 +293,19 @@ class Run:
         ) as sub:
             yield sub
 
+    @property
+    def figures(self) -> RunFigures:
+        """The run's figures so far (:class:`~trioflow.figures.RunFigures`): read, don't change."""
+        return self._figures
+
     def counts(self) -> dict[str, int]:
-        """Counters of the run's events: events, tokens, tool calls, iterations, ..."""
-        return dataclasses.asdict(self._counts)
+        """Counters of the run's events: events, tokens, tool calls, iterations, ...
+
+        :meth:`RunFigures.counts <trioflow.figures.RunFigures.counts>`: the
+        figures :class:`~trioflow.patterns.MetricsCollector` finds for the
+        same events (``errors`` counts ``error`` and every ``*.failed`` event).
+        """
+        return self._figures.counts()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible view: id, status, task, progress, counts and result.
@@ -333,22 +333,6 @@ class Run:
         }
 
     # -- the run itself --------------------------------------------------------
-
-    def _count(self, type: str) -> None:
-        counts = self._counts
-        counts.events += 1
-        if type == EventType.TOKEN_RECEIVED:
-            counts.tokens += 1
-        elif type == EventType.TOOL_STARTED:
-            counts.tool_calls += 1
-        elif type == EventType.TOOL_FAILED:
-            counts.tool_failures += 1
-        elif type == EventType.ITERATION_COMPLETED:
-            counts.iterations += 1
-        elif type == EventType.WARNING:
-            counts.warnings += 1
-        elif type == EventType.ERROR or type == EventType.FLOW_FAILED:
-            counts.errors += 1
 
     async def _execute(
         self,
@@ -388,8 +372,8 @@ class Run:
         """
         run_id = self.run_id
         bus_emit = bus.emit
-        counts = self._counts
-        count = self._count
+        figures = self._figures
+        count = figures.observe
         token_type = EventType.TOKEN_RECEIVED
         observe = self._output.observe
         add_text = self._output._parts.append
@@ -401,10 +385,11 @@ class Run:
             # Book-keeping first, so that a subscriber woken by the event
             # finds the run's output and counts already up to date.
             if type == token_type:
-                counts.events += 1
-                counts.tokens += 1
+                # RunFigures.observe and OutputText.observe, inlined: the hot path.
+                figures.token_events += 1
                 text = data.get("token")
-                if isinstance(text, str):  # OutputText.observe, inlined: the hot path
+                if isinstance(text, str):
+                    figures.characters += len(text)
                     add_text(text)
                 # Stage it (see _TokenBatch); a full batch is sent now, with one checkpoint.
                 staged.append(data)
@@ -413,7 +398,7 @@ class Run:
                 elif len(staged) >= full:
                     await flush()
                 return None
-            count(type)
+            count(type, data)
             observe(type, data)  # a model retry's warning voids the failed attempt's tokens
             if staged:
                 await flush()
@@ -496,7 +481,7 @@ class Run:
         """Record ``outcome`` as the run's status and result; return its terminal event."""
         self.progress.complete()
         self._status = outcome.status
-        iterations = self._counts.iterations
+        iterations = self._figures.iterations
         percent = self.progress.percent
         if outcome.result is not None:
             done = outcome.result

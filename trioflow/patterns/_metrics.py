@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from trioflow.events import EventType, FlowEvent
+from trioflow.events import FlowEvent
+from trioflow.figures import RunFigures
 
 __all__ = ["FlowMetrics", "MetricsCollector"]
-
-_STATUS = {
-    str(EventType.FLOW_COMPLETED): "completed",
-    str(EventType.FLOW_FAILED): "failed",
-    str(EventType.FLOW_CANCELLED): "cancelled",
-}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,46 +65,6 @@ class FlowMetrics:
         return figures
 
 
-@dataclasses.dataclass(slots=True)
-class _Run:
-    started: float | None = None
-    first_event: float = math.inf
-    last_event: float = -math.inf
-    first_token: float | None = None
-    end: float | None = None
-    measured: float | None = None
-    status: str | None = None
-    runs: int = 0
-    events: int = 0
-    tokens: int = 0
-    characters: int = 0
-    iterations: int = 0
-    tool_calls: int = 0
-    tool_failures: int = 0
-    tools: Counter[str] = dataclasses.field(default_factory=Counter)
-    errors: int = 0
-    warnings: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-
-    def duration(self) -> float:
-        if self.measured is not None:
-            return self.measured
-        start = self.started if self.started is not None else self.first_event
-        end = self.end if self.end is not None else self.last_event
-        return max(0.0, end - start) if math.isfinite(start) and math.isfinite(end) else 0.0
-
-    def ttft(self) -> float | None:
-        if self.first_token is None:
-            return None
-        start = self.started if self.started is not None else self.first_event
-        return max(0.0, self.first_token - start)
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _tokens_per_second(tokens: int, duration: float) -> float:
     return tokens / duration if duration > 0 else 0.0
 
@@ -126,9 +80,10 @@ class MetricsCollector:
             await StreamingFlowExecutor(bus=bus).run(agent, task)
         print(metrics.result().tokens_per_second)
 
-    It keeps figures per ``run_id`` (:meth:`result` with a run id,
-    :meth:`by_run`) and their totals (:meth:`result`). It works on any stream
-    of events, live or replayed.
+    It keeps a :class:`~trioflow.figures.RunFigures` per ``run_id``
+    (:meth:`result` with a run id, :meth:`by_run`, :meth:`figures`) and
+    sums them up (:meth:`result`). It works on any stream of events, live or
+    replayed; its counts of a run are those of :meth:`trioflow.Run.counts`.
 
     A run's duration is the ``duration`` its terminal event carries (measured
     on Trio's monotonic clock by the executor); without one, the time from its
@@ -141,7 +96,7 @@ class MetricsCollector:
 
     def __init__(self, *, run_id: str | None = None) -> None:
         self._only = run_id
-        self._runs: dict[str | None, _Run] = {}
+        self._runs: dict[str | None, RunFigures] = {}
 
     def __repr__(self) -> str:
         return f"<MetricsCollector runs={len(self._runs)}>"
@@ -152,50 +107,8 @@ class MetricsCollector:
             return
         run = self._runs.get(event.run_id)
         if run is None:
-            run = self._runs[event.run_id] = _Run()
-        run.events += 1
-        ts = event.timestamp
-        run.first_event = min(run.first_event, ts)
-        run.last_event = max(run.last_event, ts)
-        etype = event.type
-        data = event.data
-        if etype == EventType.TOKEN_RECEIVED or etype == EventType.TOKEN_CHUNK:
-            chunk = etype == EventType.TOKEN_CHUNK
-            text = data.get("chunk" if chunk else "token", "")
-            run.tokens += _count(data.get("tokens")) if chunk else 1
-            run.characters += len(text) if isinstance(text, str) else 0
-            if run.first_token is None:
-                run.first_token = ts
-        elif etype == EventType.FLOW_STARTED:
-            run.runs += 1
-            if run.started is None:
-                run.started = ts
-        elif etype == EventType.ITERATION_COMPLETED:
-            run.iterations += 1
-            usage = data.get("usage")
-            if isinstance(usage, Mapping):
-                run.input_tokens += _count(usage.get("input_tokens"))
-                run.output_tokens += _count(usage.get("output_tokens"))
-        elif etype == EventType.TOOL_STARTED:
-            run.tool_calls += 1
-            run.tools[str(data.get("tool", "?"))] += 1
-        elif etype == EventType.WARNING:
-            run.warnings += 1
-        if event.is_error():
-            run.errors += 1
-            if etype == EventType.TOOL_FAILED:
-                run.tool_failures += 1
-        if event.is_terminal():
-            run.status = _STATUS[etype]
-            run.end = ts
-            measured = data.get("duration")
-            if (
-                isinstance(measured, (int, float))
-                and not isinstance(measured, bool)
-                and math.isfinite(measured)
-                and measured >= 0
-            ):
-                run.measured = float(measured)
+            run = self._runs[event.run_id] = RunFigures()
+        run.observe_event(event)
 
     def reset(self) -> None:
         """Forget every figure."""
@@ -224,11 +137,7 @@ class MetricsCollector:
             KeyError: no event of ``run_id`` was seen.
         """
         if run_id is not None:
-            try:
-                run = self._runs[run_id]
-            except KeyError:
-                raise KeyError(f"no event of run {run_id!r} was seen") from None
-            return self._metrics(run_id, run)
+            return self._metrics(run_id, self.figures(run_id))
         if len(self._runs) == 1:
             ((only_id, only),) = self._runs.items()
             return self._metrics(only_id, only)
@@ -239,9 +148,20 @@ class MetricsCollector:
         """:meth:`result`: the totals so far."""
         return self.result()
 
+    def figures(self, run_id: str | None) -> RunFigures:
+        """The live :class:`~trioflow.figures.RunFigures` of one run (read, don't change).
+
+        Raises:
+            KeyError: no event of ``run_id`` was seen.
+        """
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise KeyError(f"no event of run {run_id!r} was seen") from None
+
     @staticmethod
-    def _metrics(run_id: str | None, run: _Run) -> FlowMetrics:
-        duration = run.duration()
+    def _metrics(run_id: str | None, run: RunFigures) -> FlowMetrics:
+        duration = run.duration
         return FlowMetrics(
             run_id=run_id,
             runs=run.runs,
@@ -258,7 +178,7 @@ class MetricsCollector:
             input_tokens=run.input_tokens,
             output_tokens=run.output_tokens,
             duration=duration,
-            time_to_first_token=run.ttft(),
+            time_to_first_token=run.time_to_first_token,
             tokens_per_second=_tokens_per_second(run.tokens, duration),
         )
 
@@ -267,8 +187,8 @@ class MetricsCollector:
         tools: Counter[str] = Counter()
         for run in runs:
             tools.update(run.tools)
-        duration = sum(run.duration() for run in runs)
-        ttfts = [t for t in (run.ttft() for run in runs) if t is not None]
+        duration = sum(run.duration for run in runs)
+        ttfts = [t for t in (run.time_to_first_token for run in runs) if t is not None]
         tokens = sum(run.tokens for run in runs)
         return FlowMetrics(
             run_id=None,

@@ -12,6 +12,7 @@ import trio
 
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import EventType, FlowEvent, OutputText
+from trioflow.figures import COUNT_KEYS
 from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
 from trioflow.patterns import FlowMetrics, MetricsCollector
 from trioflow.recording._replay import (
@@ -220,16 +221,8 @@ class ReplayRun:
 
     def counts(self) -> dict[str, int]:
         """Counters of the replayed events, with the keys of :meth:`trioflow.Run.counts`."""
-        m = self._metrics.result()
-        return {
-            "events": m.events,
-            "tokens": m.tokens,
-            "tool_calls": m.tool_calls,
-            "tool_failures": m.tool_failures,
-            "iterations": m.iterations,
-            "warnings": m.warnings,
-            "errors": m.errors,
-        }
+        figures = self._metrics.result()  # summed up from RunFigures, as Run.counts reads them
+        return {key: getattr(figures, key) for key in COUNT_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible view with the keys of :meth:`trioflow.Run.to_dict`.

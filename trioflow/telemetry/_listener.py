@@ -21,6 +21,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from trioflow._version import __version__
 from trioflow.bus import EventBus, Overflow
 from trioflow.events import EventType, FlowEvent
+from trioflow.figures import RunFigures, iteration_usage, measured_duration
 
 if TYPE_CHECKING:
     from trioflow.telemetry._prometheus import PrometheusMetrics
@@ -92,11 +93,11 @@ class _RunState:
     started: float  # the time of flow.started, in seconds since the epoch
     anchor: float  # the clock's reading at flow.started (when a clock is used)
     model: str
-    tokens: int = 0
-    first_token: bool = False
+    figures: RunFigures = dataclasses.field(default_factory=RunFigures)
+    """The run's figures (tokens, iterations, duration), read as every other reader does."""
     iteration: Span | None = None
     iteration_context: Context | None = None
-    iteration_tokens: int = 0
+    iteration_start: int = 0  # figures.tokens when the iteration started
     model_span: Span | None = None
     tools: dict[str, Span] = dataclasses.field(default_factory=dict)
 
@@ -389,7 +390,10 @@ class Telemetry:
         if handler is None:
             return
         run_id = event.run_id
-        handler(event, self._runs.get(run_id) if run_id is not None else None)
+        state = self._runs.get(run_id) if run_id is not None else None
+        if state is not None:
+            state.figures.observe_event(event)
+        handler(event, state)
 
     def _time(self, event: FlowEvent, state: _RunState | None) -> float:
         """When ``event`` happened, in seconds since the epoch."""
@@ -402,10 +406,10 @@ class Telemetry:
         state = self._runs.get(event.run_id)  # type: ignore[arg-type]  # None is never a key
         if state is None:
             return
-        state.tokens += 1
-        state.iteration_tokens += 1
-        if not state.first_token:
-            state.first_token = True
+        figures = state.figures
+        first = figures.first_token is None
+        figures.observe_event(event)
+        if first:
             self._ttft.record(max(0.0, self._time(event, state) - state.started))
 
     def _on_flow_started(self, event: FlowEvent, state: _RunState | None) -> None:
@@ -435,9 +439,9 @@ class Telemetry:
             start_time=_ns(start),
         )
         anchor = self._clock() if self._clock is not None else 0.0
-        self._runs[run_id] = _RunState(
-            span, trace.set_span_in_context(span, _ROOT), start, anchor, model
-        )
+        state = _RunState(span, trace.set_span_in_context(span, _ROOT), start, anchor, model)
+        state.figures.observe_event(event)
+        self._runs[run_id] = state
 
     def _on_pause(self, event: FlowEvent, state: _RunState | None) -> None:
         if state is not None:
@@ -462,16 +466,15 @@ class Telemetry:
         )
         state.iteration = span
         state.iteration_context = trace.set_span_in_context(span, _ROOT)
-        state.iteration_tokens = 0
+        state.iteration_start = state.figures.tokens
 
     def _on_iteration_ended(self, event: FlowEvent, state: _RunState | None) -> None:
         data = event.data
+        if event.type == EventType.ITERATION_COMPLETED:  # usage as RunFigures counts it
+            for kind, used in zip(("input", "output"), iteration_usage(data), strict=True):
+                if used:
+                    self._usage.add(used, {"type": kind})
         usage = data.get("usage")
-        if isinstance(usage, Mapping):
-            for kind in ("input", "output"):
-                count = _number(usage.get(f"{kind}_tokens"))
-                if count:
-                    self._usage.add(int(count), {"type": kind})
         if state is None or state.iteration is None:
             return
         error = _error_text(data) if event.type == EventType.ITERATION_FAILED else None
@@ -498,12 +501,13 @@ class Telemetry:
         if state.model_span is not None:
             self._end_span(state.model_span, when, error=error, interrupted=True)
             state.model_span = None
-        span.set_attribute("trioflow.tokens", state.iteration_tokens)
-        self._iteration_tokens.record(state.iteration_tokens)
+        tokens = state.figures.tokens - state.iteration_start
+        span.set_attribute("trioflow.tokens", tokens)
+        self._iteration_tokens.record(tokens)
         self._end_span(span, when, error=error)
         state.iteration = None
         state.iteration_context = None
-        state.iteration_tokens = 0
+        state.iteration_start = state.figures.tokens
 
     def _on_step_started(self, event: FlowEvent, state: _RunState | None) -> None:
         if state is None or event.data.get("step") != "model":
@@ -601,12 +605,12 @@ class Telemetry:
         data = event.data
         self._runs_total.add(1, {"status": status})
         self._runs_active.add(-1)
-        duration = _number(data.get("duration"))
+        duration = measured_duration(data)  # as RunFigures.duration reads it
         when = self._time(event, state)
         if duration is None and state is not None:
-            duration = when - state.started
+            duration = max(0.0, when - state.started)
         if duration is not None:
-            self._run_duration.record(max(0.0, duration))
+            self._run_duration.record(duration)
         if state is None:
             return
         assert event.run_id is not None
@@ -615,10 +619,12 @@ class Telemetry:
         error = _error_text(data) if status == "failed" else None
         self._end_iteration(state, when, error=error)
         span.set_attribute("trioflow.status", status)
-        span.set_attribute("trioflow.tokens", state.tokens)
+        span.set_attribute("trioflow.tokens", state.figures.tokens)
         iterations = _number(data.get("iterations"))
-        if iterations is not None:
-            span.set_attribute("trioflow.iterations", int(iterations))
+        span.set_attribute(
+            "trioflow.iterations",
+            int(iterations) if iterations is not None else state.figures.iterations,
+        )
         if isinstance(data.get("reason"), str):
             span.set_attribute("trioflow.reason", data["reason"])
         usage = data.get("usage")
