@@ -20,6 +20,9 @@ from trioflow import Agent, StreamingFlowExecutor
 from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
 
 if TYPE_CHECKING:
+    import subprocess
+
+    import httpx
     from starlette.applications import Starlette
     from trio_websocket import WebSocketConnection
 
@@ -57,6 +60,37 @@ def which(program: str, env: str | None = None) -> str | None:
     if path:
         return path if os.access(path, os.X_OK) else None
     return shutil.which(program)
+
+
+RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunCli:
+    """``run_cli(*args, stdin=None)`` runs ``trioflow *args`` in this process (``trioflow.cli.main``)
+    without ``$ANTHROPIC_API_KEY``; it returns the exit status and the captured output as
+    ``subprocess.run`` would. For exit status and output; a test whose point is the process
+    (signals, ``python -m``, start-up imports) runs ``python -m trioflow`` instead."""
+    import io
+    import subprocess
+    import sys
+
+    from trioflow.cli import main
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+        capsys.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse: --version, usage errors
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["trioflow", *args], status, out, err)
+
+    return run
 
 
 @pytest.fixture
@@ -162,19 +196,37 @@ def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> AgentFacto
     return make
 
 
-async def start_run(
-    server: WebServer, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
-) -> str:
-    """``POST /runs`` to ``server`` (with the bearer ``token``, if given); return the run id."""
+def http_client(server: WebServer | str, **headers: str) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for ``server`` (a :class:`WebServer` or its URL), with ``headers``.
+
+    The servers speak plain HTTP: ``verify=False`` only skips loading the CA bundle
+    (half a second per client); no certificate is ever presented to check.
+    """
     import httpx
 
+    url = server if isinstance(server, str) else server.url
+    return httpx.AsyncClient(base_url=url, timeout=10, verify=False, headers=headers)
+
+
+async def post_run(
+    server: WebServer | str, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
+) -> httpx.Response:
+    """``POST /runs`` to ``server`` (with the bearer ``token``, by default the one the server
+    is configured with); assert the run was created (201) and return the response."""
+    if token is None and not isinstance(server, str):
+        token = server.config.token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    async with httpx.AsyncClient(
-        base_url=server.url, timeout=10, verify=False, headers=headers
-    ) as http:
+    async with http_client(server, **headers) as http:
         response = await http.post("/runs", json={"task": task, **body})
     assert response.status_code == 201, response.text
+    return response
+
+
+async def start_run(
+    server: WebServer | str, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
+) -> str:
+    """``POST /runs`` to ``server`` (see :func:`post_run`); return the run id."""
+    response = await post_run(server, task, token=token, **body)
     return str(response.json()["run_id"])
 
 

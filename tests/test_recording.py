@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -351,29 +352,30 @@ async def test_cancelling_a_replay_ends_it(autojump_clock, tmp_path):
 @pytest.fixture(scope="module")
 def run_json(tmp_path_factory) -> Path:
     """The output of `trioflow run --json`, as a file."""
-    proc = trioflow("run", "What is 25 * 4?", "--json", "--pace", "0")
-    assert proc.returncode == 0, proc.stderr
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["run", "What is 25 * 4?", "--json", "--pace", "0"]) == 0
     path = tmp_path_factory.mktemp("cli") / "run.jsonl"
-    path.write_text(proc.stdout)
+    path.write_text(out.getvalue())
     return path
 
 
-def test_the_output_of_run_json_replays_to_the_same_json(run_json):
-    proc = trioflow("replay", str(run_json), "--json")
+def test_the_output_of_run_json_replays_to_the_same_json(run_json, run_cli):
+    proc = run_cli("replay", str(run_json), "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == run_json.read_text()
 
 
-def test_replay_shows_the_run_as_run_does(run_json):
-    proc = trioflow("replay", str(run_json), "--plain", "--speed", "inf")
+def test_replay_shows_the_run_as_run_does(run_json, run_cli):
+    proc = run_cli("replay", str(run_json), "--plain", "--speed", "inf")
     assert proc.returncode == 0, proc.stderr
     assert "25 * 4 = 100." in proc.stdout
     assert "calculator" in proc.stdout
     assert "completed in" in proc.stdout
 
 
-def test_replay_reads_standard_input(run_json):
-    proc = trioflow("replay", "-", "--json", "--speed", "inf", stdin=run_json.read_text())
+def test_replay_reads_standard_input(run_json, run_cli):
+    proc = run_cli("replay", "-", "--json", "--speed", "inf", stdin=run_json.read_text())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == run_json.read_text()
 
@@ -386,8 +388,8 @@ async def test_replay_of_a_failed_run_exits_1(tmp_path):
     assert "failed" in proc.stdout
 
 
-def test_replay_of_a_missing_file_exits_2(tmp_path):
-    proc = trioflow("replay", str(tmp_path / "nope.jsonl"))
+def test_replay_of_a_missing_file_exits_2(tmp_path, run_cli):
+    proc = run_cli("replay", str(tmp_path / "nope.jsonl"))
     assert proc.returncode == 2
     assert "cannot open" in proc.stderr and "nope.jsonl" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -8,36 +8,20 @@ import functools
 import socket
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
+from conftest import start_run, talker
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.middleware.gzip import GZipMiddleware
 
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
-from trioflow.web import RunRequest, WebConfig, create_app, hub_of
+from trioflow.web import WebConfig, create_app, hub_of
 from trioflow.web.app import direct_writes
 from trioflow.web.fanout import EventFanout, FanoutTarget, chunk
 from trioflow.web.sse import new_fanout
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer, WebServer
-
-
-def talker(words: int, pace: float = 0.0, delay: float = 0.0) -> Any:
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
-
-    return make
-
-
-async def start_run(url: str) -> str:
-    async with httpx.AsyncClient(base_url=url, timeout=10, verify=False) as http:
-        response = await http.post("/runs", json={"task": "hi"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def joined_fanout(server: WebServer, run_id: str, targets: int) -> EventFanout:
@@ -58,7 +42,7 @@ async def test_clients_of_a_run_share_one_fanout_that_writes_to_their_sockets(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=150, pace=300))
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, path) as a, open_sse(server.url, path) as b:
@@ -83,7 +67,7 @@ async def test_a_client_joining_mid_run_with_last_event_id_gets_the_rest_once(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=120, pace=200))
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, path) as first:
@@ -135,7 +119,7 @@ async def test_with_direct_writes_off_serve_sends_every_chunk_through_asgi(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=60, pace=200), direct_writes=False)
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
         fanout = await joined_fanout(server, run_id, 1)

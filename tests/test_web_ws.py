@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
+from conftest import start_run, talker
 from trio_websocket import ConnectionClosed
 
 from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
@@ -15,24 +15,6 @@ from trioflow.web import RunRequest
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
-
-
-def talker(words: int = 20, pace: float = 0.0) -> Any:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text)], pace=pace))
-
-    return make
-
-
-async def start_run(server: WebServer, **body: Any) -> str:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
-        response = await http.post("/runs", json={"task": "hi", **body})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def receive(ws: WebSocketConnection) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import assert_error, start_run, talker
+from conftest import assert_error, http_client, start_run, talker
 
 from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
 from trioflow.recording import EventRecorder
@@ -234,7 +234,7 @@ async def test_a_client_leaving_mid_body_costs_one_log_line_and_no_traceback(
         )
         await trio.testing.wait_all_tasks_blocked()
     await trio.testing.wait_all_tasks_blocked()
-    async with httpx.AsyncClient(base_url=server.url) as client:  # the server is fine
+    async with http_client(server) as client:  # the server is fine
         assert (await client.get("/healthz")).status_code == 200
     records = [r for r in caplog.records if r.name.startswith(("trioflow", "hypercorn"))]
     assert [r.getMessage() for r in records if "left" in r.getMessage()] == [
@@ -289,7 +289,7 @@ async def test_beyond_max_connections_new_connections_get_503_and_healthz_answer
             await stream.aclose()
         nursery.cancel_scope.cancel()
     await trio.sleep(server.config.header_timeout)  # Hypercorn closes after its idle timeout
-    async with httpx.AsyncClient(base_url=server.url) as client:  # room again
+    async with http_client(server) as client:  # room again
         assert (await client.get("/runs")).status_code == 200
 
 
@@ -498,7 +498,7 @@ async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
 
 async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100), max_running=1)
-    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
+    async with http_client(server) as http:
         assert (await http.post("/runs", json={"task": "a"})).status_code == 201
         response = await http.post("/runs", json={"task": "b"})
     assert_error(response, 429, "too_many_runs")
