@@ -16,11 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow import Agent, StreamingFlowExecutor
+from trioflow import Agent, FlowEvent, StreamingFlowExecutor
 from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
 
 if TYPE_CHECKING:
     import subprocess
+    from pathlib import Path
 
     import httpx
     from starlette.applications import Starlette
@@ -62,6 +63,47 @@ def which(program: str, env: str | None = None) -> str | None:
     return shutil.which(program)
 
 
+# -- the trioflow command and recordings --------------------------------------------------
+
+CLI_ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+"""The environment of a ``python -m trioflow`` process: this one without ``$ANTHROPIC_API_KEY``."""
+
+
+def trioflow(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m trioflow *args`` as a real process (in :data:`CLI_ENV`).
+
+    For tests whose point is the process; for exit status and output, ``run_cli``.
+    """
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "trioflow", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        env=CLI_ENV,
+        check=False,
+    )
+
+
+def timed(offsets: list[float], *, t0: float = 1_700_000_000.0) -> list[FlowEvent]:
+    """``token.received`` events of run ``r1``, seqs 1, 2, ..., at ``t0`` plus each offset."""
+    return [
+        FlowEvent("token.received", {"token": str(i)}, t0 + dt, i + 1, "r1")
+        for i, dt in enumerate(offsets)
+    ]
+
+
+def write_recording(path: Path, events: list[FlowEvent]) -> Path:
+    """Write ``events`` to ``path`` as a recording (one JSON line each); return ``path``."""
+    path.write_text("".join(e.to_json() + "\n" for e in events))
+    return path
+
+
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
@@ -81,7 +123,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode())))
+            buffer = io.BytesIO(stdin.encode())
+            buffer.name = "<stdin>"  # as the real one is called
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(buffer))
         capsys.readouterr()
         try:
             status = main(list(args))
@@ -449,3 +493,46 @@ def open_ws() -> OpenWS:
                             await ws.aclose()
 
     return connect
+
+
+async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
+    """Every event of run ``run_id`` once it has finished, from the executor's own bus."""
+    run = executor.get_run(run_id)
+    await run.wait()
+    async with run.subscribe(after=0) as sub:
+        return [event async for event in sub]
+
+
+# -- WebSocket frames --------------------------------------------------------------------
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next frame (a text frame holding a JSON object), within 5 s."""
+    import json
+
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, str)  # every frame is a text frame
+    frame: dict[str, Any] = json.loads(message)
+    return frame
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    """Send ``message``: a str or bytes as it is, anything else as JSON."""
+    import json
+
+    await ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+
+async def until_terminal(
+    ws: WebSocketConnection, run_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Frames up to the terminal event (of ``run_id``, if given)."""
+    frames = []
+    while True:
+        frame = await receive(ws)
+        frames.append(frame)
+        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
+            run_id is None or frame["run_id"] == run_id
+        ):
+            return frames

@@ -4,31 +4,18 @@ process where the process is the point (signals, ``python -m``, what an import l
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING
 
 import pytest
+from conftest import CLI_ENV, trioflow
 
 from trioflow import FlowEvent
 
 if TYPE_CHECKING:
     from conftest import RunCli
-
-ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-
-
-def trioflow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trioflow", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-        check=False,
-    )
 
 
 def test_run_json_writes_one_event_per_line_and_exits_0(run_cli: RunCli) -> None:
@@ -91,7 +78,7 @@ def test_ctrl_c_prints_flow_cancelled_and_exits_130():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     assert proc.stdout is not None
     # Wait until the run is streaming tokens, then interrupt it.
@@ -149,7 +136,7 @@ def heavy_modules_after(code: str) -> list[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=ENV,
+        env=CLI_ENV,
         check=True,
     )
     heavy, cli = proc.stdout.splitlines()[-2:]
@@ -187,7 +174,7 @@ def test_python_dash_m_trioflow_cli_is_the_command_too():
         capture_output=True,
         text=True,
         timeout=60,
-        env=ENV,
+        env=CLI_ENV,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import post_run, talker
+from conftest import all_events, post_run, talker
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
     from conftest import StartWebServer, WebServer
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "TRIOFLOW_TOKEN")}
-
-
-async def history(server: WebServer, run_id: str) -> list[FlowEvent]:
-    """Every event of a finished run, from the server's own bus."""
-    run = server.executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
 
 
 def seqs(events: list[FlowEvent]) -> list[int]:
@@ -408,7 +400,7 @@ async def test_sse_events_follows_a_run_from_start_to_terminal_event(
         got = [event async for event in events]
         with pytest.raises(trio.EndOfChannel):
             await events.receive()
-    assert got == await history(web_server, info["run_id"])
+    assert got == await all_events(web_server.executor, info["run_id"])
     assert got[0].type == "flow.started"
     assert got[-1].type == "flow.completed" and got[-1].data["output"] == "25 * 4 = 100."
     assert seqs(got) == list(range(1, len(got) + 1))
@@ -417,7 +409,7 @@ async def test_sse_events_follows_a_run_from_start_to_terminal_event(
 
 async def test_sse_events_after_starts_after_that_event(web_server: WebServer) -> None:
     info = (await post_run(web_server)).json()
-    everything = await history(web_server, info["run_id"])
+    everything = await all_events(web_server.executor, info["run_id"])
     async with sse_events(info["events_url"], after=5) as events:
         assert [e async for e in events] == everything[5:]
     async with sse_events(info["events_url"] + "?after=7") as events:
@@ -428,7 +420,7 @@ async def test_sse_events_of_a_finished_run_resumed_at_its_end_is_empty(
     web_server: WebServer,
 ) -> None:
     info = (await post_run(web_server)).json()
-    last = (await history(web_server, info["run_id"]))[-1].seq
+    last = (await all_events(web_server.executor, info["run_id"]))[-1].seq
     async with sse_events(info["events_url"], after=last) as events:
         assert [e async for e in events] == []
         assert events.terminal is None
@@ -447,7 +439,7 @@ async def test_sse_resumes_gapless_after_the_connection_drops_mid_run(
             got.append(event)
             if event.seq == 5:
                 proxy.drop()
-    assert got == await history(server, info["run_id"])
+    assert got == await all_events(server.executor, info["run_id"])
     assert seqs(got) == list(range(1, len(got) + 1))
     assert events.reconnects >= 1
     heads = proxy.heads()
@@ -476,7 +468,7 @@ async def test_sse_client_evicted_for_falling_behind_resumes_gapless(
         await run.wait()  # every event was emitted while the client could not read
         assert server.hub.executor.get_run(run.run_id).done
         proxy.resume()
-    assert got == await history(server, run.run_id)
+    assert got == await all_events(server.executor, run.run_id)
     assert len(got) > 600
     assert int(proxy.heads()[1]["last-event-id"]) > 0
 
@@ -526,7 +518,7 @@ async def test_ws_run_socket_streams_the_run_and_closes_normally(web_server: Web
         assert conn.closed is not None and conn.closed.code == 1000
         with pytest.raises(ConnectionClosed):
             await conn.receive()
-    assert got == await history(web_server, info["run_id"])
+    assert got == await all_events(web_server.executor, info["run_id"])
 
 
 async def test_ws_starts_and_follows_several_runs_on_one_connection(
@@ -545,7 +537,7 @@ async def test_ws_starts_and_follows_several_runs_on_one_connection(
         assert conn.closed is None
     assert len(set(ids)) == 2
     for run_id in ids:
-        assert results[run_id] == await history(web_server, run_id)
+        assert results[run_id] == await all_events(web_server.executor, run_id)
     assert results[ids[1]][-1].data["output"] == "7 * 6 = 42."
 
 
@@ -599,7 +591,7 @@ async def test_ws_error_frame_raises_stream_error_and_the_connection_goes_on(
 
 async def test_ws_resume_follows_a_run_after_an_event(web_server: WebServer) -> None:
     info = (await post_run(web_server)).json()
-    everything = await history(web_server, info["run_id"])
+    everything = await all_events(web_server.executor, info["run_id"])
     async with ws_connect(f"{web_server.ws_url}/ws") as conn:
         await conn.resume(10, run_id=info["run_id"])
         assert [e async for e in conn.run_events(info["run_id"])] == everything[10:]
@@ -634,7 +626,7 @@ async def test_ws_evicted_connection_resumes_gapless(
         await run.wait()  # every token was emitted while the client could not read
         proxy.resume()
         got = [first, *[e async for e in conn]]
-    assert got == await history(server, run.run_id)
+    assert got == await all_events(server.executor, run.run_id)
     assert len(got) > 600
 
 
@@ -719,7 +711,7 @@ async def test_watch_json_prints_exactly_the_runs_events(
     info = (await post_run(server)).json()
     proc = await watch(info["url"], "--json")
     assert proc.returncode == 0, proc.stderr
-    expected = [e.to_json() for e in await history(server, info["run_id"])]
+    expected = [e.to_json() for e in await all_events(server.executor, info["run_id"])]
     assert proc.stdout.decode().splitlines() == expected
 
 
@@ -727,7 +719,7 @@ async def test_watch_over_a_websocket_with_server_url_and_run(web_server: WebSer
     info = (await post_run(web_server)).json()
     proc = await watch(web_server.ws_url, "--run", info["run_id"], "--json", "--after", "3")
     assert proc.returncode == 0, proc.stderr
-    expected = [e.to_json() for e in await history(web_server, info["run_id"])][3:]
+    expected = [e.to_json() for e in await all_events(web_server.executor, info["run_id"])][3:]
     assert proc.stdout.decode().splitlines() == expected
 
 

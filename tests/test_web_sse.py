@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.testing
-from conftest import http_client, start_run, talker
+from conftest import all_events, http_client, start_run, talker
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,13 +25,6 @@ def is_retry(frame: SSEFrame | None) -> bool:
 
 def seqs(frames: list[SSEFrame]) -> list[int]:
     return [int(f.id or 0) for f in frames]
-
-
-async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
-    run = executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
 
 
 # -- framing -------------------------------------------------------------------------

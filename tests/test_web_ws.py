@@ -6,27 +6,15 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import trio
-from conftest import start_run, talker
+from conftest import all_events, receive, send, start_run, talker, until_terminal
 from trio_websocket import ConnectionClosed
 
-from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow import Agent, ScriptedModel, Turn
 from trioflow.web import RunRequest
 
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
-
-
-async def receive(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(5):
-        message = await ws.get_message()
-    assert isinstance(message, str)  # every frame is a text frame
-    frame: dict[str, Any] = json.loads(message)
-    return frame
-
-
-async def send(ws: WebSocketConnection, message: Any) -> None:
-    await ws.send_message(message if isinstance(message, str) else json.dumps(message))
 
 
 async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:
@@ -37,27 +25,6 @@ async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], i
             frames.append(await receive(ws))
     except ConnectionClosed as closed:
         return frames, closed.reason.code
-
-
-async def until_terminal(
-    ws: WebSocketConnection, run_id: str | None = None
-) -> list[dict[str, Any]]:
-    """Frames up to the terminal event (of ``run_id``, if given)."""
-    frames = []
-    while True:
-        frame = await receive(ws)
-        frames.append(frame)
-        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
-            run_id is None or frame["run_id"] == run_id
-        ):
-            return frames
-
-
-async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
-    run = executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
 
 
 # -- /runs/{id}/ws ------------------------------------------------------------------
