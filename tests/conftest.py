@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,8 @@ import trio
 import trio.testing
 
 from trioflow import Agent, FlowEvent, StreamingFlowExecutor
+from trioflow.models.base import Message, Model, ModelError, ModelEvent, RetryNotice
+from trioflow.supervise import RetryPolicy
 from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from trio_websocket import WebSocketConnection
 
+    from trioflow.models.claude import AnthropicModel
     from trioflow.web import AgentFactory, RunHub, WebConfig
 
 
@@ -168,6 +171,52 @@ async def anthropic_server(no_proxy_for_local_servers: None) -> AsyncIterator[An
         yield server
 
 
+# -- AnthropicModel against the local server -------------------------------------------
+
+KEY = "sk-ant-api03-TRIOFLOW-FAKE-KEY-7f3a9c1e5b"
+"""A well-formed but fake API key: the local server accepts it, Anthropic would not."""
+MODEL = "claude-sonnet-5-5"
+POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
+"""The ``model`` fixture's retry policy: four attempts, backoff 0.5, 1, 2 s, no jitter."""
+
+
+@pytest.fixture
+async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
+    """An :class:`AnthropicModel` (the real SDK) talking to ``anthropic_server``, with ``POLICY``."""
+    from trioflow.models.claude import AnthropicModel
+
+    async with AnthropicModel(
+        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
+    ) as model:
+        yield model
+
+
+async def collect(
+    model: Model,
+    messages: Sequence[Message] = (Message.user("Hi"),),
+    **kwargs: Any,
+) -> list[ModelEvent]:
+    """Every event of one ``model.stream(messages, **kwargs)``."""
+    async with model.stream(messages, **kwargs) as events:
+        return [event async for event in events]
+
+
+async def collect_until_error(
+    model: Model, seen: list[ModelEvent]
+) -> pytest.ExceptionInfo[ModelError]:
+    """Stream ``Hi`` into ``seen`` until the :class:`ModelError` it must end with."""
+    with pytest.raises(ModelError) as info:
+        async with model.stream([Message.user("Hi")]) as events:
+            async for event in events:
+                seen.append(event)
+    return info
+
+
+def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
+    """The retry notices among ``events``."""
+    return [e for e in events if isinstance(e, RetryNotice)]
+
+
 # -- the web server (trioflow.web) ------------------------------------------------------
 
 
@@ -236,6 +285,19 @@ def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> AgentFacto
 
     def make(request: Any) -> Agent:
         return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
+
+    return make
+
+
+def flood(events: int = 400, size: int = 32 * 1024, delay: float = 0.2) -> AgentFactory:
+    """An agent factory: each run says ``events`` tokens of ``size`` bytes after ``delay`` s,
+    far more than the socket buffers hold, to play a client that does not keep up."""
+    from trioflow import ScriptedModel, Turn
+
+    big = "x" * size
+
+    def make(request: Any) -> Agent:
+        return Agent(ScriptedModel([Turn([big] * events, delay=delay)]))
 
     return make
 

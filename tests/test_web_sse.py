@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 import trio.testing
-from conftest import all_events, http_client, start_run, talker
+from conftest import all_events, flood, http_client, start_run, talker
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow import FlowEvent, StreamingFlowExecutor
 from trioflow.web import ERROR_EVENT, RunRequest, create_app
 from trioflow.web.sse import KEEPALIVE, encode_error, encode_event, event_name
 
@@ -230,12 +230,7 @@ async def test_a_slow_client_is_evicted_and_resumes_without_a_gap(
     # 400 events of 32 KiB: far more than the socket buffers hold, so the
     # server's writes stall while the client does not read, and its 4-event
     # buffer overflows. The run must not wait for the client.
-    big = "x" * 32 * 1024
-
-    def flood(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
-
-    server = await start_web_server(agent=flood, buffer=4)
+    server = await start_web_server(agent=flood(), buffer=4)
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"

@@ -6,11 +6,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import trio
-from conftest import all_events, receive, send, start_run, talker, until_terminal
+from conftest import all_events, flood, receive, send, start_run, talker, until_terminal
 from trio_websocket import ConnectionClosed
-
-from trioflow import Agent, ScriptedModel, Turn
-from trioflow.web import RunRequest
 
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
@@ -167,12 +164,7 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
 ) -> None:
     # As for the event stream: 400 events of 32 KiB outgrow the socket
     # buffers while the client reads nothing, and the 4-event buffer overflows.
-    big = "x" * 32 * 1024
-
-    def flood(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
-
-    server = await start_web_server(agent=flood, buffer=4)
+    server = await start_web_server(agent=flood(), buffer=4)
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws", rcvbuf=64 * 1024) as ws:
