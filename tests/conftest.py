@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -16,13 +16,20 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow import Agent, StreamingFlowExecutor
+from trioflow import Agent, FlowEvent, StreamingFlowExecutor
+from trioflow.models.base import Message, Model, ModelError, ModelEvent, RetryNotice
+from trioflow.supervise import RetryPolicy
 from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
 
 if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
+    import httpx
     from starlette.applications import Starlette
     from trio_websocket import WebSocketConnection
 
+    from trioflow.models.claude import AnthropicModel
     from trioflow.web import AgentFactory, RunHub, WebConfig
 
 
@@ -59,6 +66,80 @@ def which(program: str, env: str | None = None) -> str | None:
     return shutil.which(program)
 
 
+# -- the trioflow command and recordings --------------------------------------------------
+
+CLI_ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+"""The environment of a ``python -m trioflow`` process: this one without ``$ANTHROPIC_API_KEY``."""
+
+
+def trioflow(
+    *args: str, stdin: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m trioflow *args`` as a real process (in :data:`CLI_ENV`).
+
+    For tests whose point is the process; for exit status and output, ``run_cli``.
+    """
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "trioflow", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=timeout,
+        env=CLI_ENV,
+        check=False,
+    )
+
+
+def timed(offsets: list[float], *, t0: float = 1_700_000_000.0) -> list[FlowEvent]:
+    """``token.received`` events of run ``r1``, seqs 1, 2, ..., at ``t0`` plus each offset."""
+    return [
+        FlowEvent("token.received", {"token": str(i)}, t0 + dt, i + 1, "r1")
+        for i, dt in enumerate(offsets)
+    ]
+
+
+def write_recording(path: Path, events: list[FlowEvent]) -> Path:
+    """Write ``events`` to ``path`` as a recording (one JSON line each); return ``path``."""
+    path.write_text("".join(e.to_json() + "\n" for e in events))
+    return path
+
+
+RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> RunCli:
+    """``run_cli(*args, stdin=None)`` runs ``trioflow *args`` in this process (``trioflow.cli.main``)
+    without ``$ANTHROPIC_API_KEY``; it returns the exit status and the captured output as
+    ``subprocess.run`` would. For exit status and output; a test whose point is the process
+    (signals, ``python -m``, start-up imports) runs ``python -m trioflow`` instead."""
+    import io
+    import subprocess
+    import sys
+
+    from trioflow.cli import main
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+    def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        if stdin is not None:
+            buffer = io.BytesIO(stdin.encode())
+            buffer.name = "<stdin>"  # as the real one is called
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(buffer))
+        capsys.readouterr()
+        try:
+            status = main(list(args))
+        except SystemExit as exc:  # argparse: --version, usage errors
+            status = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["trioflow", *args], status, out, err)
+
+    return run
+
+
 @pytest.fixture
 def autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
@@ -88,6 +169,52 @@ async def anthropic_server(no_proxy_for_local_servers: None) -> AsyncIterator[An
     """
     async with open_anthropic_server() as server:
         yield server
+
+
+# -- AnthropicModel against the local server -------------------------------------------
+
+KEY = "sk-ant-api03-TRIOFLOW-FAKE-KEY-7f3a9c1e5b"
+"""A well-formed but fake API key: the local server accepts it, Anthropic would not."""
+MODEL = "claude-sonnet-5-5"
+POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
+"""The ``model`` fixture's retry policy: four attempts, backoff 0.5, 1, 2 s, no jitter."""
+
+
+@pytest.fixture
+async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
+    """An :class:`AnthropicModel` (the real SDK) talking to ``anthropic_server``, with ``POLICY``."""
+    from trioflow.models.claude import AnthropicModel
+
+    async with AnthropicModel(
+        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
+    ) as model:
+        yield model
+
+
+async def collect(
+    model: Model,
+    messages: Sequence[Message] = (Message.user("Hi"),),
+    **kwargs: Any,
+) -> list[ModelEvent]:
+    """Every event of one ``model.stream(messages, **kwargs)``."""
+    async with model.stream(messages, **kwargs) as events:
+        return [event async for event in events]
+
+
+async def collect_until_error(
+    model: Model, seen: list[ModelEvent]
+) -> pytest.ExceptionInfo[ModelError]:
+    """Stream ``Hi`` into ``seen`` until the :class:`ModelError` it must end with."""
+    with pytest.raises(ModelError) as info:
+        async with model.stream([Message.user("Hi")]) as events:
+            async for event in events:
+                seen.append(event)
+    return info
+
+
+def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
+    """The retry notices among ``events``."""
+    return [e for e in events if isinstance(e, RetryNotice)]
 
 
 # -- the web server (trioflow.web) ------------------------------------------------------
@@ -162,19 +289,50 @@ def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> AgentFacto
     return make
 
 
-async def start_run(
-    server: WebServer, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
-) -> str:
-    """``POST /runs`` to ``server`` (with the bearer ``token``, if given); return the run id."""
+def flood(events: int = 400, size: int = 32 * 1024, delay: float = 0.2) -> AgentFactory:
+    """An agent factory: each run says ``events`` tokens of ``size`` bytes after ``delay`` s,
+    far more than the socket buffers hold, to play a client that does not keep up."""
+    from trioflow import ScriptedModel, Turn
+
+    big = "x" * size
+
+    def make(request: Any) -> Agent:
+        return Agent(ScriptedModel([Turn([big] * events, delay=delay)]))
+
+    return make
+
+
+def http_client(server: WebServer | str, **headers: str) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for ``server`` (a :class:`WebServer` or its URL), with ``headers``.
+
+    The servers speak plain HTTP: ``verify=False`` only skips loading the CA bundle
+    (half a second per client); no certificate is ever presented to check.
+    """
     import httpx
 
+    url = server if isinstance(server, str) else server.url
+    return httpx.AsyncClient(base_url=url, timeout=10, verify=False, headers=headers)
+
+
+async def post_run(
+    server: WebServer | str, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
+) -> httpx.Response:
+    """``POST /runs`` to ``server`` (with the bearer ``token``, by default the one the server
+    is configured with); assert the run was created (201) and return the response."""
+    if token is None and not isinstance(server, str):
+        token = server.config.token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    async with httpx.AsyncClient(
-        base_url=server.url, timeout=10, verify=False, headers=headers
-    ) as http:
+    async with http_client(server, **headers) as http:
         response = await http.post("/runs", json={"task": task, **body})
     assert response.status_code == 201, response.text
+    return response
+
+
+async def start_run(
+    server: WebServer | str, task: str = "What is 25 * 4?", *, token: str | None = None, **body: Any
+) -> str:
+    """``POST /runs`` to ``server`` (see :func:`post_run`); return the run id."""
+    response = await post_run(server, task, token=token, **body)
     return str(response.json()["run_id"])
 
 
@@ -397,3 +555,46 @@ def open_ws() -> OpenWS:
                             await ws.aclose()
 
     return connect
+
+
+async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
+    """Every event of run ``run_id`` once it has finished, from the executor's own bus."""
+    run = executor.get_run(run_id)
+    await run.wait()
+    async with run.subscribe(after=0) as sub:
+        return [event async for event in sub]
+
+
+# -- WebSocket frames --------------------------------------------------------------------
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next frame (a text frame holding a JSON object), within 5 s."""
+    import json
+
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, str)  # every frame is a text frame
+    frame: dict[str, Any] = json.loads(message)
+    return frame
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    """Send ``message``: a str or bytes as it is, anything else as JSON."""
+    import json
+
+    await ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+
+async def until_terminal(
+    ws: WebSocketConnection, run_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Frames up to the terminal event (of ``run_id``, if given)."""
+    frames = []
+    while True:
+        frame = await receive(ws)
+        frames.append(frame)
+        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
+            run_id is None or frame["run_id"] == run_id
+        ):
+            return frames

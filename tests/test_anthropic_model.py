@@ -29,13 +29,13 @@ import asyncio
 import gc
 import json
 import warnings
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anthropic
 import pytest
 import trio
 import trio.testing
+from conftest import KEY, MODEL, POLICY, collect, collect_until_error, notices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,44 +71,8 @@ from trioflow.testing.anthropic_server import (
     open_anthropic_server,
 )
 
-KEY = "sk-ant-api03-TRIOFLOW-FAKE-KEY-7f3a9c1e5b"
-MODEL = "claude-sonnet-5-5"
-POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
-
-
 # The SDK's HTTP client routes through $HTTP(S)_PROXY / $ALL_PROXY when set.
 pytestmark = pytest.mark.usefixtures("no_proxy_for_local_servers")
-
-
-@pytest.fixture
-async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
-    async with AnthropicModel(
-        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
-    ) as model:
-        yield model
-
-
-async def collect(
-    model: AnthropicModel,
-    messages: Sequence[Message] = (Message.user("Hi"),),
-    **kwargs: Any,
-) -> list[ModelEvent]:
-    async with model.stream(messages, **kwargs) as events:
-        return [event async for event in events]
-
-
-async def collect_until_error(
-    model: AnthropicModel, seen: list[ModelEvent]
-) -> pytest.ExceptionInfo[ModelError]:
-    with pytest.raises(ModelError) as info:
-        async with model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                seen.append(event)
-    return info
-
-
-def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
-    return [e for e in events if isinstance(e, RetryNotice)]
 
 
 # -- streaming ------------------------------------------------------------------

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import trio
-from conftest import require
+from conftest import require, talker
 from playwright.sync_api import Page, expect, sync_playwright
 
-from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
-from trioflow.web import RunRequest, WebConfig, create_app, serve
+from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, calculator
+from trioflow.web import WebConfig, create_app, serve
 
 if TYPE_CHECKING:
     from conftest import StartWebServer
@@ -111,12 +111,6 @@ def browse(chromium: str, tmp_path: Path) -> Browse[Any]:
 def calculator_agent(pace: float) -> Agent:
     """The offline calculator agent, saying ``pace`` words per second (nine words in all)."""
     return Agent(ScriptedModel(pace=pace), tools=[calculator])
-
-
-def talker(words: int, pace: float) -> Callable[[RunRequest], Agent]:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-    return lambda request: Agent(ScriptedModel([Turn(text)], pace=pace))
 
 
 def run_task(page: Page, task: str = TASK) -> None:

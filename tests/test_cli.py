@@ -1,31 +1,25 @@
-"""The ``trioflow`` command, run as a real process."""
+"""The ``trioflow`` command: exit status and output in process (``cli``), and as a real
+process where the process is the point (signals, ``python -m``, what an import loads)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
+from typing import TYPE_CHECKING
+
+import pytest
+from conftest import CLI_ENV, trioflow
 
 from trioflow import FlowEvent
 
-ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+if TYPE_CHECKING:
+    from conftest import RunCli
 
 
-def trioflow(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trioflow", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-        check=False,
-    )
-
-
-def test_run_json_writes_one_event_per_line_and_exits_0():
-    proc = trioflow("run", "What is 25 * 4?", "--json", "--pace", "0")
+def test_run_json_writes_one_event_per_line_and_exits_0(run_cli: RunCli) -> None:
+    proc = run_cli("run", "What is 25 * 4?", "--json", "--pace", "0")
     assert proc.returncode == 0, proc.stderr
     events = [FlowEvent.from_json(line) for line in proc.stdout.splitlines()]
     assert events[0].type == "flow.started"
@@ -35,8 +29,8 @@ def test_run_json_writes_one_event_per_line_and_exits_0():
     assert any(e.type == "tool.completed" and e.data["result"] == 100 for e in events)
 
 
-def test_run_plain_shows_tokens_tool_call_and_result():
-    proc = trioflow("run", "What is 25 * 4?", "--plain", "--pace", "0")
+def test_run_plain_shows_tokens_tool_call_and_result(run_cli: RunCli) -> None:
+    proc = run_cli("run", "What is 25 * 4?", "--plain", "--pace", "0")
     assert proc.returncode == 0, proc.stderr
     assert "calculator" in proc.stdout
     assert "= 100" in proc.stdout
@@ -44,35 +38,35 @@ def test_run_plain_shows_tokens_tool_call_and_result():
     assert "completed in" in proc.stdout
 
 
-def test_run_rich_view_shows_the_answer_and_completion():
-    proc = trioflow("run", "What is 25 * 4?", "--pace", "0")
+def test_run_rich_view_shows_the_answer_and_completion(run_cli: RunCli) -> None:
+    proc = run_cli("run", "What is 25 * 4?", "--pace", "0")
     assert proc.returncode == 0, proc.stderr
     assert "25 * 4 = 100." in proc.stdout
     assert "completed" in proc.stdout
 
 
-def test_timeout_exits_1_with_flow_cancelled():
-    proc = trioflow("run", "tell me about trio", "--json", "--pace", "1", "--timeout", "0.5")
+def test_timeout_exits_1_with_flow_cancelled(run_cli: RunCli) -> None:
+    proc = run_cli("run", "tell me about trio", "--json", "--pace", "1", "--timeout", "0.5")
     assert proc.returncode == 1
     last = FlowEvent.from_json(proc.stdout.splitlines()[-1])
     assert last.type == "flow.cancelled"
     assert last.data["reason"] == "timeout"
 
 
-def test_max_iterations_usage_error_exits_2():
-    proc = trioflow("run", "x", "--max-iterations", "0")
+def test_max_iterations_usage_error_exits_2(run_cli: RunCli) -> None:
+    proc = run_cli("run", "x", "--max-iterations", "0")
     assert proc.returncode == 2
     assert "max-iterations" in proc.stderr
 
 
-def test_unknown_model_is_a_clear_error():
-    proc = trioflow("run", "x", "--model", "gpt-9")
+def test_unknown_model_is_a_clear_error(run_cli: RunCli) -> None:
+    proc = run_cli("run", "x", "--model", "gpt-9")
     assert proc.returncode == 2
     assert "unknown model" in proc.stderr
 
 
-def test_claude_without_key_is_a_clear_error():
-    proc = trioflow("run", "x", "--model", "claude")
+def test_claude_without_key_is_a_clear_error(run_cli: RunCli) -> None:
+    proc = run_cli("run", "x", "--model", "claude")
     assert proc.returncode == 1
     assert "ANTHROPIC_API_KEY" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -84,7 +78,7 @@ def test_ctrl_c_prints_flow_cancelled_and_exits_130():
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     assert proc.stdout is not None
     # Wait until the run is streaming tokens, then interrupt it.
@@ -107,31 +101,21 @@ def test_python_dash_m_and_version():
     assert proc.stdout.startswith("trioflow ")
 
 
-def test_run_reads_defaults_from_settings_environment():
-    env = {**ENV, "TRIOFLOW_MAX_ITERATIONS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "trioflow", "run", "What is 25 * 4?", "--json", "--pace", "0"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+def test_run_reads_defaults_from_settings_environment(
+    run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIOFLOW_MAX_ITERATIONS", "1")
+    proc = run_cli("run", "What is 25 * 4?", "--json", "--pace", "0")
     assert proc.returncode == 1  # one iteration is not enough for a tool call and an answer
     last = FlowEvent.from_json(proc.stdout.splitlines()[-1])
     assert last.data["reason"] == "max_iterations"
 
 
-def test_bad_settings_environment_is_a_usage_error():
-    env = {**ENV, "TRIOFLOW_MAX_ITERATIONS": "many"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "trioflow", "run", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+def test_bad_settings_environment_is_a_usage_error(
+    run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRIOFLOW_MAX_ITERATIONS", "many")
+    proc = run_cli("run", "x")
     assert proc.returncode == 2
     assert "TRIOFLOW_MAX_ITERATIONS" in proc.stderr
 
@@ -152,7 +136,7 @@ def heavy_modules_after(code: str) -> list[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=ENV,
+        env=CLI_ENV,
         check=True,
     )
     heavy, cli = proc.stdout.splitlines()[-2:]
@@ -190,7 +174,7 @@ def test_python_dash_m_trioflow_cli_is_the_command_too():
         capture_output=True,
         text=True,
         timeout=60,
-        env=ENV,
+        env=CLI_ENV,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr

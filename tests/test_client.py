@@ -22,10 +22,11 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from conftest import all_events, post_run, talker
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioflow import Agent, FlowEvent, HistoryExpired, RetryPolicy, ScriptedModel, Turn
+from trioflow import FlowEvent, HistoryExpired, RetryPolicy
 from trioflow.cli.watch import events_url
 from trioflow.client import (
     ConnectionClosed,
@@ -35,44 +36,11 @@ from trioflow.client import (
     sse_events,
     ws_connect,
 )
-from trioflow.web import RunRequest
 
 if TYPE_CHECKING:
     from conftest import StartWebServer, WebServer
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "TRIOFLOW_TOKEN")}
-
-
-def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> Any:
-    """An agent factory: each run says ``words`` words at ``pace`` words/s after ``delay`` s."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
-
-    return make
-
-
-async def start_run(server: WebServer, task: str = "What is 25 * 4?") -> dict[str, Any]:
-    async with httpx.AsyncClient(verify=False) as http:
-        response = await http.post(
-            f"{server.url}/runs",
-            json={"task": task},
-            headers={"Authorization": f"Bearer {server.config.token}"}
-            if server.config.token
-            else {},
-        )
-    assert response.status_code == 201, response.text
-    info: dict[str, Any] = response.json()
-    return info
-
-
-async def history(server: WebServer, run_id: str) -> list[FlowEvent]:
-    """Every event of a finished run, from the server's own bus."""
-    run = server.executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
 
 
 def seqs(events: list[FlowEvent]) -> list[int]:
@@ -427,12 +395,12 @@ def test_sse_events_rejects_a_bad_after() -> None:
 async def test_sse_events_follows_a_run_from_start_to_terminal_event(
     web_server: WebServer,
 ) -> None:
-    info = await start_run(web_server)
+    info = (await post_run(web_server)).json()
     async with sse_events(info["events_url"]) as events:
         got = [event async for event in events]
         with pytest.raises(trio.EndOfChannel):
             await events.receive()
-    assert got == await history(web_server, info["run_id"])
+    assert got == await all_events(web_server.executor, info["run_id"])
     assert got[0].type == "flow.started"
     assert got[-1].type == "flow.completed" and got[-1].data["output"] == "25 * 4 = 100."
     assert seqs(got) == list(range(1, len(got) + 1))
@@ -440,8 +408,8 @@ async def test_sse_events_follows_a_run_from_start_to_terminal_event(
 
 
 async def test_sse_events_after_starts_after_that_event(web_server: WebServer) -> None:
-    info = await start_run(web_server)
-    everything = await history(web_server, info["run_id"])
+    info = (await post_run(web_server)).json()
+    everything = await all_events(web_server.executor, info["run_id"])
     async with sse_events(info["events_url"], after=5) as events:
         assert [e async for e in events] == everything[5:]
     async with sse_events(info["events_url"] + "?after=7") as events:
@@ -451,8 +419,8 @@ async def test_sse_events_after_starts_after_that_event(web_server: WebServer) -
 async def test_sse_events_of_a_finished_run_resumed_at_its_end_is_empty(
     web_server: WebServer,
 ) -> None:
-    info = await start_run(web_server)
-    last = (await history(web_server, info["run_id"]))[-1].seq
+    info = (await post_run(web_server)).json()
+    last = (await all_events(web_server.executor, info["run_id"]))[-1].seq
     async with sse_events(info["events_url"], after=last) as events:
         assert [e async for e in events] == []
         assert events.terminal is None
@@ -463,7 +431,7 @@ async def test_sse_resumes_gapless_after_the_connection_drops_mid_run(
 ) -> None:
     server = await start_web_server(agent=talker(words=40, pace=100), retry=0.01)
     proxy: Proxy = await proxy_to(server)
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     url = f"{proxy.url}/runs/{info['run_id']}/events"
     got: list[FlowEvent] = []
     async with sse_events(url) as events:
@@ -471,7 +439,7 @@ async def test_sse_resumes_gapless_after_the_connection_drops_mid_run(
             got.append(event)
             if event.seq == 5:
                 proxy.drop()
-    assert got == await history(server, info["run_id"])
+    assert got == await all_events(server.executor, info["run_id"])
     assert seqs(got) == list(range(1, len(got) + 1))
     assert events.reconnects >= 1
     heads = proxy.heads()
@@ -486,7 +454,7 @@ async def test_sse_client_evicted_for_falling_behind_resumes_gapless(
     server = await start_web_server(agent=talker(words=600, delay=0.2), buffer=4, retry=0.01)
     proxy: Proxy = await proxy_to(server, small_buffers=True)
     proxy.pause()
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     run = server.executor.get_run(info["run_id"])
     got: list[FlowEvent] = []
 
@@ -500,7 +468,7 @@ async def test_sse_client_evicted_for_falling_behind_resumes_gapless(
         await run.wait()  # every event was emitted while the client could not read
         assert server.hub.executor.get_run(run.run_id).done
         proxy.resume()
-    assert got == await history(server, run.run_id)
+    assert got == await all_events(server.executor, run.run_id)
     assert len(got) > 600
     assert int(proxy.heads()[1]["last-event-id"]) > 0
 
@@ -514,7 +482,7 @@ async def test_sse_unknown_run_raises_stream_error_404(web_server: WebServer) ->
 
 async def test_sse_needs_the_servers_token(start_web_server: StartWebServer) -> None:
     server = await start_web_server(token="s3cret")
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     async with sse_events(info["events_url"]) as events:
         with pytest.raises(StreamError) as refused:
             await events.receive()
@@ -527,7 +495,7 @@ async def test_sse_resume_older_than_the_history_raises_resume_expired(
     start_web_server: StartWebServer,
 ) -> None:
     server = await start_web_server(agent=talker(words=30), history=10)
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     await server.executor.get_run(info["run_id"]).wait()
     async with sse_events(info["events_url"], after=1) as events:
         with pytest.raises(ResumeExpired) as info_:
@@ -543,14 +511,14 @@ async def test_sse_resume_older_than_the_history_raises_resume_expired(
 
 
 async def test_ws_run_socket_streams_the_run_and_closes_normally(web_server: WebServer) -> None:
-    info = await start_run(web_server)
+    info = (await post_run(web_server)).json()
     async with ws_connect(info["ws_url"]) as conn:
         assert conn.run_id == info["run_id"]
         got = [event async for event in conn]
         assert conn.closed is not None and conn.closed.code == 1000
         with pytest.raises(ConnectionClosed):
             await conn.receive()
-    assert got == await history(web_server, info["run_id"])
+    assert got == await all_events(web_server.executor, info["run_id"])
 
 
 async def test_ws_starts_and_follows_several_runs_on_one_connection(
@@ -569,7 +537,7 @@ async def test_ws_starts_and_follows_several_runs_on_one_connection(
         assert conn.closed is None
     assert len(set(ids)) == 2
     for run_id in ids:
-        assert results[run_id] == await history(web_server, run_id)
+        assert results[run_id] == await all_events(web_server.executor, run_id)
     assert results[ids[1]][-1].data["output"] == "7 * 6 = 42."
 
 
@@ -586,7 +554,7 @@ async def test_ws_cancel_ends_the_run_with_flow_cancelled(
         await conn.cancel(run_id)  # finished already: nothing happens
         with pytest.raises(ValueError, match="run_id"):
             await conn.cancel()
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     async with ws_connect(info["ws_url"]) as conn:
         await conn.cancel()
         assert [e async for e in conn][-1].type == "flow.cancelled"
@@ -598,7 +566,7 @@ async def test_ws_refused_start_raises_stream_error(web_server: WebServer) -> No
             await conn.start(" ")
         assert info.value.code == "invalid_request"
         assert conn.closed is None
-    info_ = await start_run(web_server)
+    info_ = (await post_run(web_server)).json()
     async with ws_connect(info_["ws_url"]) as conn:
         with pytest.raises(StreamError) as refused:
             await conn.start("What is 1 + 1?")
@@ -622,8 +590,8 @@ async def test_ws_error_frame_raises_stream_error_and_the_connection_goes_on(
 
 
 async def test_ws_resume_follows_a_run_after_an_event(web_server: WebServer) -> None:
-    info = await start_run(web_server)
-    everything = await history(web_server, info["run_id"])
+    info = (await post_run(web_server)).json()
+    everything = await all_events(web_server.executor, info["run_id"])
     async with ws_connect(f"{web_server.ws_url}/ws") as conn:
         await conn.resume(10, run_id=info["run_id"])
         assert [e async for e in conn.run_events(info["run_id"])] == everything[10:]
@@ -650,7 +618,7 @@ async def test_ws_evicted_connection_resumes_gapless(
 ) -> None:
     server = await start_web_server(agent=talker(words=600, delay=0.5), buffer=4)
     proxy: Proxy = await proxy_to(server, small_buffers=True)
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     run = server.executor.get_run(info["run_id"])
     async with ws_connect(f"ws://127.0.0.1:{proxy.port}/runs/{run.run_id}/ws") as conn:
         first = await conn.receive()  # streaming has begun; the tokens follow in 0.5 s
@@ -658,7 +626,7 @@ async def test_ws_evicted_connection_resumes_gapless(
         await run.wait()  # every token was emitted while the client could not read
         proxy.resume()
         got = [first, *[e async for e in conn]]
-    assert got == await history(server, run.run_id)
+    assert got == await all_events(server.executor, run.run_id)
     assert len(got) > 600
 
 
@@ -667,7 +635,7 @@ async def test_ws_eviction_without_resume_raises_stream_error(
 ) -> None:
     server = await start_web_server(agent=talker(words=600, delay=0.5), buffer=4)
     proxy: Proxy = await proxy_to(server, small_buffers=True)
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     run = server.executor.get_run(info["run_id"])
     async with ws_connect(
         f"ws://127.0.0.1:{proxy.port}/runs/{run.run_id}/ws", resume=False
@@ -740,23 +708,23 @@ async def test_watch_json_prints_exactly_the_runs_events(
     start_web_server: StartWebServer,
 ) -> None:
     server = await start_web_server(agent=talker(words=30, pace=100))
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     proc = await watch(info["url"], "--json")
     assert proc.returncode == 0, proc.stderr
-    expected = [e.to_json() for e in await history(server, info["run_id"])]
+    expected = [e.to_json() for e in await all_events(server.executor, info["run_id"])]
     assert proc.stdout.decode().splitlines() == expected
 
 
 async def test_watch_over_a_websocket_with_server_url_and_run(web_server: WebServer) -> None:
-    info = await start_run(web_server)
+    info = (await post_run(web_server)).json()
     proc = await watch(web_server.ws_url, "--run", info["run_id"], "--json", "--after", "3")
     assert proc.returncode == 0, proc.stderr
-    expected = [e.to_json() for e in await history(web_server, info["run_id"])][3:]
+    expected = [e.to_json() for e in await all_events(web_server.executor, info["run_id"])][3:]
     assert proc.stdout.decode().splitlines() == expected
 
 
 async def test_watch_plain_shows_the_answer_and_exit_status(web_server: WebServer) -> None:
-    info = await start_run(web_server)
+    info = (await post_run(web_server)).json()
     proc = await watch(web_server.url, "--run", info["run_id"], "--plain")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.decode()
@@ -765,7 +733,7 @@ async def test_watch_plain_shows_the_answer_and_exit_status(web_server: WebServe
 
 async def test_watch_exits_1_for_a_cancelled_run(start_web_server: StartWebServer) -> None:
     server = await start_web_server(agent=talker(words=100, pace=20))
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     server.executor.get_run(info["run_id"]).cancel("stop")
     proc = await watch(info["events_url"], "--json")
     assert proc.returncode == 1
@@ -774,7 +742,7 @@ async def test_watch_exits_1_for_a_cancelled_run(start_web_server: StartWebServe
 
 async def test_watch_reports_refusals_and_bad_usage(start_web_server: StartWebServer) -> None:
     server = await start_web_server(token="s3cret")
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     refused = await watch(info["url"])
     assert refused.returncode == 1
     assert b"--token" in refused.stderr
@@ -789,7 +757,7 @@ async def test_watch_ctrl_c_stops_watching_with_130_and_the_run_goes_on(
     start_web_server: StartWebServer,
 ) -> None:
     server = await start_web_server(agent=talker(words=1000, pace=20))
-    info = await start_run(server)
+    info = (await post_run(server)).json()
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "trioflow", "watch", info["url"], "--json"],
         stdout=subprocess.PIPE,

@@ -100,18 +100,16 @@ async def test_complete_iteration_advances_by_one_and_starts_the_run() -> None:
     assert progress.percent == 50.0
 
 
-async def test_complete_iteration_with_number_sets_current_iteration() -> None:
-    progress = FlowProgress(8)
+@pytest.mark.parametrize(
+    ("total", "percent"),
+    [(8, 37.5), (2, 100.0)],
+    ids=["sets_current_iteration", "percent_is_clamped_to_100_past_the_total"],
+)
+async def test_complete_iteration_with_number(total: int, percent: float) -> None:
+    progress = FlowProgress(total)
     progress.complete_iteration(3)
     assert progress.current_iteration == 3
-    assert progress.percent == 37.5
-
-
-async def test_percent_is_clamped_to_100_past_the_total() -> None:
-    progress = FlowProgress(2)
-    progress.complete_iteration(3)
-    assert progress.current_iteration == 3
-    assert progress.percent == 100.0
+    assert progress.percent == percent
 
 
 async def test_set_total_changes_percent() -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from conftest import CLI_ENV, timed, trioflow, write_recording
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,20 +42,6 @@ from trioflow.recording import (
     start_replay,
 )
 
-ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-
-
-def trioflow(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trioflow", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        env=ENV,
-        check=False,
-    )
-
 
 async def recorded_run(path: Path, model: ScriptedModel | None = None) -> list[FlowEvent]:
     """Run the calculator agent on a shared bus with a recorder; return what a subscriber saw."""
@@ -67,18 +54,6 @@ async def recorded_run(path: Path, model: ScriptedModel | None = None) -> list[F
                 bus.close()
                 seen = [event async for event in sub]
     return seen
-
-
-def timed(offsets: list[float], *, t0: float = 1_700_000_000.0) -> list[FlowEvent]:
-    return [
-        FlowEvent("token.received", {"token": str(i)}, t0 + dt, i + 1, "r1")
-        for i, dt in enumerate(offsets)
-    ]
-
-
-def write(path: Path, events: list[FlowEvent]) -> Path:
-    path.write_text("".join(e.to_json() + "\n" for e in events))
-    return path
 
 
 async def replayed(source: Any, **kw: Any) -> list[FlowEvent]:
@@ -197,29 +172,29 @@ async def test_any_events_round_trip_through_a_recording(events: list[FlowEvent]
 
 
 async def test_replay_keeps_the_original_timing(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 1, 1, 3.5]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 1, 1, 3.5]))
     assert await arrival_times(path) == [0, 1, 1, 3.5]
 
 
 async def test_replay_at_double_speed_halves_every_delay(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 1, 1, 3.5]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 1, 1, 3.5]))
     assert await arrival_times(path, speed=2) == [0, 0.5, 0.5, 1.75]
 
 
 async def test_replay_as_fast_as_possible_does_not_wait(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 100, 200]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 100, 200]))
     assert await arrival_times(path, speed=math.inf) == [0, 0, 0]
 
 
 async def test_max_gap_caps_long_pauses_and_backward_timestamps_do_not_wait(
     autojump_clock, tmp_path
 ):
-    path = write(tmp_path / "t.jsonl", timed([0, 1, 3601, 3600, 3602]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 1, 3601, 3600, 3602]))
     assert await arrival_times(path, max_gap=2) == [0, 1, 3, 3, 5]
 
 
 async def test_a_slow_consumer_gets_late_events_without_extra_delay(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 1, 2, 3, 10]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 1, 2, 3, 10]))
     start = trio.current_time()
     times = []
     async with replay(path) as events:
@@ -230,7 +205,7 @@ async def test_a_slow_consumer_gets_late_events_without_extra_delay(autojump_clo
 
 
 async def test_cancelling_a_wait_loses_no_event(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 5]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 5]))
     async with replay(path) as events:
         assert (await events.__anext__()).seq == 1
         with trio.move_on_after(1):
@@ -240,7 +215,7 @@ async def test_cancelling_a_wait_loses_no_event(autojump_clock, tmp_path):
 
 
 async def test_peek_shows_the_next_event_without_taking_it(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 5]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 5]))
     async with replay(path) as events:
         first = await events.peek()
         assert first is not None and first.seq == 1
@@ -265,7 +240,7 @@ async def test_missing_recording_raises_on_entering(tmp_path):
 @pytest.mark.parametrize("kw", [{"speed": 0}, {"speed": -1}, {"speed": math.nan}, {"max_gap": -1}])
 async def test_bad_replay_options_are_rejected(kw, tmp_path):
     with pytest.raises(ValueError):
-        async with replay(write(tmp_path / "t.jsonl", timed([0])), **kw):
+        async with replay(write_recording(tmp_path / "t.jsonl", timed([0])), **kw):
             pass
 
 
@@ -292,7 +267,7 @@ async def test_a_replay_feeds_the_consumers_of_live_streams(tmp_path):
 
 async def test_replay_into_a_bus_restamps_seqs_and_keeps_the_rest(tmp_path):
     recorded = timed([0, 1, 2])
-    path = write(tmp_path / "t.jsonl", recorded)
+    path = write_recording(tmp_path / "t.jsonl", recorded)
     async with open_event_bus() as bus:
         await bus.emit("info", {"message": "before"})
         assert await replay_into(bus, path, speed=math.inf) == 3
@@ -332,7 +307,7 @@ async def test_start_replay_serves_a_recording_like_a_live_run(autojump_clock, t
 
 
 async def test_cancelling_a_replay_ends_it(autojump_clock, tmp_path):
-    path = write(tmp_path / "t.jsonl", timed([0, 60, 120]))
+    path = write_recording(tmp_path / "t.jsonl", timed([0, 60, 120]))
     async with trio.open_nursery() as nursery:
         run = await start_replay(path, nursery=nursery)
         async with run.subscribe() as events:
@@ -351,29 +326,30 @@ async def test_cancelling_a_replay_ends_it(autojump_clock, tmp_path):
 @pytest.fixture(scope="module")
 def run_json(tmp_path_factory) -> Path:
     """The output of `trioflow run --json`, as a file."""
-    proc = trioflow("run", "What is 25 * 4?", "--json", "--pace", "0")
-    assert proc.returncode == 0, proc.stderr
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["run", "What is 25 * 4?", "--json", "--pace", "0"]) == 0
     path = tmp_path_factory.mktemp("cli") / "run.jsonl"
-    path.write_text(proc.stdout)
+    path.write_text(out.getvalue())
     return path
 
 
-def test_the_output_of_run_json_replays_to_the_same_json(run_json):
-    proc = trioflow("replay", str(run_json), "--json")
+def test_the_output_of_run_json_replays_to_the_same_json(run_json, run_cli):
+    proc = run_cli("replay", str(run_json), "--json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == run_json.read_text()
 
 
-def test_replay_shows_the_run_as_run_does(run_json):
-    proc = trioflow("replay", str(run_json), "--plain", "--speed", "inf")
+def test_replay_shows_the_run_as_run_does(run_json, run_cli):
+    proc = run_cli("replay", str(run_json), "--plain", "--speed", "inf")
     assert proc.returncode == 0, proc.stderr
     assert "25 * 4 = 100." in proc.stdout
     assert "calculator" in proc.stdout
     assert "completed in" in proc.stdout
 
 
-def test_replay_reads_standard_input(run_json):
-    proc = trioflow("replay", "-", "--json", "--speed", "inf", stdin=run_json.read_text())
+def test_replay_reads_standard_input(run_json, run_cli):
+    proc = run_cli("replay", "-", "--json", "--speed", "inf", stdin=run_json.read_text())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == run_json.read_text()
 
@@ -386,8 +362,8 @@ async def test_replay_of_a_failed_run_exits_1(tmp_path):
     assert "failed" in proc.stdout
 
 
-def test_replay_of_a_missing_file_exits_2(tmp_path):
-    proc = trioflow("replay", str(tmp_path / "nope.jsonl"))
+def test_replay_of_a_missing_file_exits_2(tmp_path, run_cli):
+    proc = run_cli("replay", str(tmp_path / "nope.jsonl"))
     assert proc.returncode == 2
     assert "cannot open" in proc.stderr and "nope.jsonl" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -402,13 +378,13 @@ def test_replay_bad_speed_is_a_usage_error(speed, capsys):
 
 
 def test_ctrl_c_stops_a_replay_with_130(tmp_path):
-    path = write(tmp_path / "slow.jsonl", timed([0, 3600, 7200]))
+    path = write_recording(tmp_path / "slow.jsonl", timed([0, 3600, 7200]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "trioflow", "replay", str(path), "--json", "--max-gap", "inf"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()  # the first event comes at once; the next in an hour

@@ -37,7 +37,8 @@ from trioflow.web import create_app, hub_of
 from trioflow.web.errors import ApiError
 
 
-def talker(words: int = 5) -> Agent:
+def saying(words: int = 5) -> Agent:
+    """An agent whose one turn says ``word`` ``words`` times (an agent, not a factory)."""
     return Agent(ScriptedModel([Turn(" ".join(["word"] * words))], pace=0))
 
 
@@ -49,7 +50,7 @@ async def record(path: Path) -> None:
     with EventRecorder(path) as recorder:
         async with open_event_bus() as bus:
             bus.add_listener(recorder, overflow=Overflow.BLOCK)
-            await StreamingFlowExecutor(bus=bus).run(talker(3), "say three words")
+            await StreamingFlowExecutor(bus=bus).run(saying(3), "say three words")
 
 
 # -- the protocol --------------------------------------------------------------------
@@ -59,7 +60,7 @@ async def test_both_run_kinds_are_run_handles(tmp_path: Path, nursery: trio.Nurs
     await record(tmp_path / "run.jsonl")
     replay = await start_replay(tmp_path / "run.jsonl", nursery=nursery, speed=math.inf)
     async with open_executor() as executor:
-        run = await executor.start(talker(), "go")
+        run = await executor.start(saying(), "go")
         handles: list[RunHandle] = [run, replay]
         for handle in handles:
             assert isinstance(handle, RunHandle)
@@ -152,22 +153,22 @@ async def test_leaving_a_stream_early_cancels_with_consumer_left() -> None:
 async def test_open_executor_gives_start_a_nursery_and_closes_it() -> None:
     async with open_executor(history=64, timeout=10) as executor:
         assert executor.history == 64 and executor.timeout == 10
-        run = await executor.start(talker(), "go")
+        run = await executor.start(saying(), "go")
         assert (await run.wait()).ok
     with pytest.raises(RuntimeError, match="needs a nursery"):
-        await executor.start(talker(), "go")
+        await executor.start(saying(), "go")
 
 
 async def test_async_with_the_executor_still_works_and_refuses_a_second_entry() -> None:
     executor = StreamingFlowExecutor()
     async with executor:
-        run = await executor.start(talker(), "go")
+        run = await executor.start(saying(), "go")
         with pytest.raises(RuntimeError, match="open already"):
             async with executor:
                 pass  # pragma: no cover
         assert (await run.wait()).ok
     async with executor:  # open again after closing
-        assert (await (await executor.start(talker(), "go")).wait()).ok
+        assert (await (await executor.start(saying(), "go")).wait()).ok
 
 
 async def test_open_executor_checks_its_arguments() -> None:
@@ -184,7 +185,7 @@ async def test_a_full_shared_subscriber_stalls_no_run_and_gets_every_event_later
         async with shared.subscribe(buffer=1, overflow=Overflow.BLOCK) as stalled:
             async with open_executor(bus=shared) as executor:
                 with trio.fail_after(5):  # before: every run waited for the stalled subscriber
-                    runs = [await executor.start(talker(20), "go") for _ in range(3)]
+                    runs = [await executor.start(saying(20), "go") for _ in range(3)]
                     results = [await run.wait() for run in runs]
                 assert all(r.ok for r in results)
                 with trio.fail_after(5):  # the backlogs follow as the subscriber reads
@@ -204,7 +205,7 @@ async def test_forwarding_drops_past_the_limit_counts_and_warns(
     async with open_event_bus() as shared:
         async with shared.subscribe(buffer=1, overflow=Overflow.BLOCK) as stalled:
             async with open_executor(bus=shared, forward_limit=4) as executor:
-                run = await executor.start(talker(50), "go")
+                run = await executor.start(saying(50), "go")
                 with trio.fail_after(5):
                     result = await run.wait()
                     received = [await stalled.receive() for _ in range(5)]
@@ -221,7 +222,7 @@ async def test_a_stalled_shared_subscriber_lets_the_run_end_after_a_grace(
     async with open_event_bus() as shared:
         async with shared.subscribe(buffer=1, overflow=Overflow.BLOCK):
             async with open_executor(bus=shared) as executor:
-                run = await executor.start(talker(5), "go")
+                run = await executor.start(saying(5), "go")
                 await run.wait()
             # The executor closed: the backlog had its grace, then was dropped.
             assert run.forward_dropped > 0
@@ -275,7 +276,7 @@ async def test_a_model_that_never_yields_still_lets_other_tasks_run() -> None:
 
 async def test_a_full_subscriber_still_applies_backpressure() -> None:
     executor = StreamingFlowExecutor()
-    async with executor.stream(talker(100), "go", buffer=2) as events:
+    async with executor.stream(saying(100), "go", buffer=2) as events:
         seen = [event async for event in events]
     assert sum(1 for e in seen if e.type == EventType.TOKEN_RECEIVED) == 100
     assert [e.seq for e in seen] == list(range(1, len(seen) + 1))

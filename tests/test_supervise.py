@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -318,22 +318,6 @@ async def test_retry_cancelled_during_backoff_makes_no_other_attempt(
     assert trio.current_time() == 1.0
 
 
-async def test_retry_cancelled_during_fn_is_not_retried(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    calls = 0
-
-    async def fn() -> None:
-        nonlocal calls
-        calls += 1
-        await trio.sleep_forever()
-
-    with trio.move_on_after(1.0) as scope:
-        await retry(fn, EXACT)
-    assert scope.cancelled_caught
-    assert calls == 1
-
-
 async def test_retry_calls_sync_on_retry_with_each_failed_attempt(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -507,9 +491,18 @@ async def test_supervise_crash_is_not_chained_to_the_previous_one(
     assert crashes[1].error.__context__ is None
 
 
-async def test_supervise_does_not_swallow_cancellation(
+@pytest.mark.parametrize(
+    "keep_calling",
+    [
+        pytest.param(lambda fn: retry(fn, EXACT), id="retry"),
+        pytest.param(lambda fn: supervise(fn, STEADY), id="supervise"),
+    ],
+)
+async def test_a_call_cancelled_while_running_is_not_made_again(
     autojump_clock: trio.testing.MockClock,
+    keep_calling: Callable[[Callable[[], Awaitable[None]]], Awaitable[Any]],
 ) -> None:
+    """Neither ``retry`` nor ``supervise`` swallows the cancellation of a running call."""
     calls = 0
 
     async def fn() -> None:
@@ -518,7 +511,7 @@ async def test_supervise_does_not_swallow_cancellation(
         await trio.sleep_forever()
 
     with trio.move_on_after(5.0) as scope:
-        await supervise(fn, STEADY)
+        await keep_calling(fn)
     assert scope.cancelled_caught
     assert calls == 1
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from conftest import http_client
 
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
@@ -14,31 +15,19 @@ if TYPE_CHECKING:
 TOKEN = "s3cret-t0ken"
 
 
-def client(server: WebServer, **headers: str) -> httpx.AsyncClient:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    return httpx.AsyncClient(base_url=server.url, timeout=5, verify=False, headers=headers)
-
-
 def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
 
 
-async def start_run(server: WebServer) -> str:
-    async with client(server, Authorization=f"Bearer {TOKEN}") as http:
-        response = await http.post("/runs", json={"task": "What is 25 * 4?"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
 async def test_without_a_token_configured_everything_is_open(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         assert (await http.get("/runs")).status_code == 200
         assert (await http.post("/runs", json={"task": "hi"})).status_code == 201
 
 
 async def test_api_with_the_token_works(start_web_server: StartWebServer) -> None:
     server = await start_web_server(token=TOKEN)
-    async with client(server, Authorization=f"bearer {TOKEN}") as http:
+    async with http_client(server, Authorization=f"bearer {TOKEN}") as http:
         assert (await http.post("/runs", json={"task": "hi"})).status_code == 201
         assert (await http.get("/runs")).json()["count"] == 1
 
@@ -59,12 +48,12 @@ async def test_configured_origins_are_allowed(
     async with open_ws(f"{server.ws_url}/ws", headers={"Origin": "https://app.example"}) as ws:
         await ws.send_message(json.dumps({"action": "start", "task": "hi"}))
         assert json.loads(await ws.get_message())["type"] == "accepted"
-    async with client(server, Origin="https://app.example") as http:
+    async with http_client(server, Origin="https://app.example") as http:
         assert (await http.post("/runs", json={"task": "hi"})).status_code == 201
 
 
 async def test_posts_from_the_page_itself_pass(web_server: WebServer) -> None:
-    async with client(web_server, Origin=web_server.url) as http:
+    async with http_client(web_server, Origin=web_server.url) as http:
         response = await http.post("/runs", json={"task": "hi"})
     assert response.status_code == 201
 

@@ -8,43 +8,33 @@ import functools
 import socket
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
+from conftest import start_run, talker
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.middleware.gzip import GZipMiddleware
 
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
-from trioflow.web import RunRequest, WebConfig, create_app, hub_of
+from trioflow.web import WebConfig, create_app, hub_of
 from trioflow.web.app import direct_writes
 from trioflow.web.fanout import EventFanout, FanoutTarget, chunk
 from trioflow.web.sse import new_fanout
 
 if TYPE_CHECKING:
-    from conftest import OpenSSE, StartWebServer, WebServer
+    from conftest import OpenSSE, StartWebServer
+
+    from trioflow.web import RunHub
 
 
-def talker(words: int, pace: float = 0.0, delay: float = 0.0) -> Any:
-    text = " ".join(f"w{i}" for i in range(words))
+async def joined_fanout(hub: RunHub, run_id: str, targets: int) -> EventFanout:
+    """The run's fan-out once ``targets`` connections have joined it.
 
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
-
-    return make
-
-
-async def start_run(url: str) -> str:
-    async with httpx.AsyncClient(base_url=url, timeout=10, verify=False) as http:
-        response = await http.post("/runs", json={"task": "hi"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
-async def joined_fanout(server: WebServer, run_id: str, targets: int) -> EventFanout:
-    """The run's fan-out once ``targets`` connections have joined it (polled, with a deadline)."""
+    Polled, with a deadline: a connection joins the fan-out after its catch-up, and
+    neither ``RunHub`` nor ``EventFanout`` has an event to wait on for that.
+    """
     with trio.fail_after(5):
         while True:
-            for fanout in server.hub.fanouts():
+            for fanout in hub.fanouts():
                 if fanout.run.run_id == run_id and fanout.statistics().targets >= targets:
                     return fanout
             await trio.sleep(0.005)
@@ -58,12 +48,12 @@ async def test_clients_of_a_run_share_one_fanout_that_writes_to_their_sockets(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=150, pace=300))
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, path) as a, open_sse(server.url, path) as b:
         async with open_sse(server.url, path) as c:
-            fanout = await joined_fanout(server, run_id, 3)
+            fanout = await joined_fanout(server.hub, run_id, 3)
             # One subscription reads the run for all three connections.
             names = [s.name for s in run.bus.statistics().subscribers]
             assert names == [f"sse fanout {run_id}"]
@@ -83,15 +73,15 @@ async def test_a_client_joining_mid_run_with_last_event_id_gets_the_rest_once(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=120, pace=200))
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, path) as first:
-        await joined_fanout(server, run_id, 1)
+        await joined_fanout(server.hub, run_id, 1)
         early = [await first.next() for _ in range(20)]
         resume_at = int([f for f in early if f is not None and f.id][-1].id)
         async with open_sse(server.url, path, headers={"Last-Event-ID": str(resume_at)}) as late:
-            await joined_fanout(server, run_id, 2)
+            await joined_fanout(server.hub, run_id, 2)
             rest = await late.events()
         assert seqs(rest) == list(range(resume_at + 1, run.last_seq + 1))
         everything = await first.events()
@@ -111,13 +101,11 @@ async def test_under_another_asgi_server_the_stream_goes_through_send(
     run_id = await start_run(url)
     run = executor.get_run(run_id)
     async with open_sse(url, f"/runs/{run_id}/events") as stream:
-        with trio.fail_after(5):
-            while not (fanouts := hub_of(app).fanouts()) or not fanouts[0].statistics().targets:  # noqa: ASYNC110 - polled
-                await trio.sleep(0.005)
+        fanout = await joined_fanout(hub_of(app), run_id, 1)
         frames = await stream.events()
         assert "connection" not in stream.headers  # the server's own framing throughout
     assert seqs(frames) == list(range(1, run.last_seq + 1))
-    stats = fanouts[0].statistics()
+    stats = fanout.statistics()
     assert stats.direct_writes == 0
     assert stats.queued_writes > 0
 
@@ -135,10 +123,10 @@ async def test_with_direct_writes_off_serve_sends_every_chunk_through_asgi(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=60, pace=200), direct_writes=False)
-    run_id = await start_run(server.url)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
-        fanout = await joined_fanout(server, run_id, 1)
+        fanout = await joined_fanout(server.hub, run_id, 1)
         frames = await stream.events()
     assert seqs(frames) == list(range(1, run.last_seq + 1))
     assert fanout.statistics().direct_writes == 0

@@ -4,43 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
+from conftest import assert_error, http_client, talker
 
-from trioflow import Agent, ScriptedModel, Turn
+from trioflow import Agent
 from trioflow.web import OnDisconnect, RunRequest
 
 if TYPE_CHECKING:
     from conftest import StartWebServer, WebServer
 
 
-def talker(words: int = 20, pace: float = 0.0) -> object:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text)], pace=pace))
-
-    return make
-
-
-def client(server: WebServer) -> httpx.AsyncClient:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    return httpx.AsyncClient(base_url=server.url, timeout=5, verify=False)
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]  # type: ignore[no-any-return]
-
-
 async def test_healthz_is_ok(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
@@ -48,7 +23,7 @@ async def test_healthz_is_ok(web_server: WebServer) -> None:
 
 async def test_page_is_served_at_root_and_static(web_server: WebServer) -> None:
     index = (web_server.config.static_dir / "index.html").read_bytes()
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         page = await http.get("/")
         static = await http.get("/static/index.html")
         missing = await http.get("/static/no-such-file.js")
@@ -60,7 +35,7 @@ async def test_page_is_served_at_root_and_static(web_server: WebServer) -> None:
 
 
 async def test_post_runs_starts_a_run_and_answers_201_with_urls(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post("/runs", json={"task": "What is 25 * 4?"})
     assert response.status_code == 201
     body = response.json()
@@ -80,7 +55,7 @@ async def test_post_runs_starts_a_run_and_answers_201_with_urls(web_server: WebS
 
 
 async def test_post_runs_passes_options_to_the_run(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post(
             "/runs",
             json={"task": "hi", "timeout": 30, "max_iterations": 3, "on_disconnect": "cancel"},
@@ -93,7 +68,7 @@ async def test_post_runs_passes_options_to_the_run(web_server: WebServer) -> Non
 
 
 async def test_post_runs_accepts_json_with_a_charset(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post(
             "/runs",
             content=b'{"task": "hi"}',
@@ -103,7 +78,7 @@ async def test_post_runs_accepts_json_with_a_charset(web_server: WebServer) -> N
 
 
 async def test_get_run_reports_status_progress_counts_and_output(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         run_id = (await http.post("/runs", json={"task": "What is 25 * 4?"})).json()["run_id"]
         await web_server.executor.get_run(run_id).wait()
         response = await http.get(f"/runs/{run_id}")
@@ -123,7 +98,7 @@ async def test_get_runs_lists_runs_and_filters_by_status(
     start_web_server: StartWebServer,
 ) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100))
-    async with client(server) as http:
+    async with http_client(server) as http:
         first = (await http.post("/runs", json={"task": "a"})).json()["run_id"]
         second = (await http.post("/runs", json={"task": "b"})).json()["run_id"]
         assert (await http.post(f"/runs/{first}/cancel")).status_code == 202
@@ -143,7 +118,7 @@ async def test_cancel_answers_202_and_the_run_ends_cancelled(
     start_web_server: StartWebServer,
 ) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100))
-    async with client(server) as http:
+    async with http_client(server) as http:
         run_id = (await http.post("/runs", json={"task": "a"})).json()["run_id"]
         response = await http.post(f"/runs/{run_id}/cancel", json={})
         with trio.fail_after(5):
@@ -162,7 +137,7 @@ async def test_agent_factory_rejecting_a_request_is_400(start_web_server: StartW
         raise ValueError("this agent only does arithmetic")
 
     server = await start_web_server(agent=picky)
-    async with client(server) as http:
+    async with http_client(server) as http:
         response = await http.post("/runs", json={"task": "hi"})
     error = assert_error(response, 400, "invalid_request")
     assert error["message"] == "this agent only does arithmetic"

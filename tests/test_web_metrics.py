@@ -9,16 +9,14 @@ from typing import Any
 
 import httpx
 import trio
+import trio.testing
+from conftest import http_client, talker
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
-from trioflow.web import RunRequest, WebConfig, create_app, serve
+from trioflow import StreamingFlowExecutor
+from trioflow.web import WebConfig, create_app, serve
 from trioflow.web.app import MetricsRenderer
 from trioflow.web.defaults import open_metrics
-
-
-def talker(request: RunRequest) -> Agent:
-    return Agent(ScriptedModel([Turn("one two three four")], pace=0))
 
 
 @asynccontextmanager
@@ -33,13 +31,13 @@ async def metrics_server(
             bus, render = await stack.enter_async_context(open_metrics())
             executor = StreamingFlowExecutor(bus=bus)
         config = WebConfig(port=0, token=token)
-        app = create_app(executor, agent=talker, config=config, metrics=render)
+        app = create_app(executor, agent=talker(4), config=config, metrics=render)
         stop = trio.Event()
         async with trio.open_nursery() as nursery:  # closes before the bus
             urls: list[str] = await nursery.start(
                 functools.partial(serve, app, shutdown_trigger=stop.wait)
             )
-            async with httpx.AsyncClient(base_url=urls[0], timeout=10, verify=False) as http:
+            async with http_client(urls[0]) as http:
                 yield http
             stop.set()
 
@@ -57,11 +55,8 @@ async def run_to_completion(http: httpx.AsyncClient) -> str:
     assert response.status_code == 201, response.text
     run_id = str(response.json()["run_id"])
     with trio.fail_after(10):
-        while True:
-            status = (await http.get(f"/runs/{run_id}")).json()["status"]
-            if status != "running" and status != "pending":
-                break
-            await trio.sleep(0.01)
+        await http.get(f"/runs/{run_id}/events")  # the event stream ends with the run
+    status = (await http.get(f"/runs/{run_id}")).json()["status"]
     assert status == "completed"
     return run_id
 
@@ -69,14 +64,12 @@ async def run_to_completion(http: httpx.AsyncClient) -> str:
 async def test_metrics_count_a_completed_run_and_its_tokens() -> None:
     async with metrics_server(metrics=True) as http:
         await run_to_completion(http)
-        with trio.fail_after(10):
-            while True:  # the telemetry listener sees the events a moment later
-                response = await http.get("/metrics")
-                assert response.status_code == 200
-                found = samples(response.text)
-                if found.get("trioflow_runs_total"):
-                    break
-                await trio.sleep(0.01)
+        # The telemetry listener takes the run's last events from the bus in this process:
+        # once every task is blocked, it has counted them.
+        await trio.testing.wait_all_tasks_blocked()
+        response = await http.get("/metrics")
+        assert response.status_code == 200
+        found = samples(response.text)
         assert response.headers["content-type"].startswith("text/plain")
         runs = {s.labels["status"]: s.value for s in found["trioflow_runs_total"]}
         assert runs == {"completed": 1.0}

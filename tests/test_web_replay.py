@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
+from conftest import http_client
 
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn, open_event_bus
 from trioflow.bus import Overflow
@@ -66,7 +66,7 @@ async def test_replay_is_a_run_of_the_server(
     with trio.fail_after(10):
         await replay.wait()
     run_id = recorded[0]["run_id"]
-    async with httpx.AsyncClient(base_url=server.url, timeout=10, verify=False) as http:
+    async with http_client(server) as http:
         response = await http.get(f"/runs/{run_id}")
         assert response.status_code == 200, response.text
         view = response.json()

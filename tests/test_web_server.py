@@ -10,40 +10,19 @@ import signal
 import subprocess
 import sys
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import httpx
 import pytest
 import trio
+from conftest import http_client, start_run, talker
 from trio_websocket import ConnectionClosed
 
-from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow import StreamingFlowExecutor
 from trioflow.cli import main as cli_main
-from trioflow.web import RunRequest, WebConfig, create_app, hub_of, serve
+from trioflow.web import WebConfig, create_app, hub_of, serve
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, OpenWS, StartWebServer, WebServer
-
-
-def talker(words: int = 20, pace: float = 0.0) -> Any:
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text)], pace=pace))
-
-    return make
-
-
-def client(url: str) -> httpx.AsyncClient:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    return httpx.AsyncClient(base_url=url, timeout=5, verify=False)
-
-
-async def start_run(server: WebServer) -> str:
-    async with client(server.url) as http:
-        response = await http.post("/runs", json={"task": "hi"})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
 
 
 async def test_graceful_shutdown_ends_every_stream_with_flow_cancelled(
@@ -82,7 +61,7 @@ async def test_graceful_shutdown_ends_every_stream_with_flow_cancelled(
 
 async def test_draining_refuses_new_runs_and_reports_unhealthy(web_server: WebServer) -> None:
     await web_server.hub.drain(1)
-    async with client(web_server.url) as http:
+    async with http_client(web_server.url) as http:
         health = await http.get("/healthz")
         post = await http.post("/runs", json={"task": "hi"})
     assert health.status_code == 503
@@ -98,7 +77,7 @@ async def test_serve_accepts_an_executor_and_reports_its_urls(nursery: trio.Nurs
         functools.partial(serve, executor, WebConfig(port=0), shutdown_trigger=stop.wait)
     )
     assert len(urls) == 1 and urls[0].startswith("http://127.0.0.1:")
-    async with client(urls[0]) as http:
+    async with http_client(urls[0]) as http:
         response = await http.post("/runs", json={"task": "What is 25 * 4?"})
         run = executor.get_run(response.json()["run_id"])
         assert (await run.wait()).output == "25 * 4 = 100."
@@ -159,7 +138,7 @@ async def test_serve_command_serves_until_sigint_then_stops_cleanly() -> None:
                 assert chunk, output
                 output += chunk
         url = output.decode().split("serving on ", 1)[1].split()[0]
-        async with client(url) as http:
+        async with http_client(url) as http:
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/runs")).status_code == 401  # the token from the env
             authorized = await http.get("/runs", headers={"Authorization": "Bearer from-env"})

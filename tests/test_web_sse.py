@@ -5,33 +5,18 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 import trio.testing
+from conftest import all_events, flood, http_client, start_run, talker
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow import FlowEvent, StreamingFlowExecutor
 from trioflow.web import ERROR_EVENT, RunRequest, create_app
 from trioflow.web.sse import KEEPALIVE, encode_error, encode_event, event_name
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, SSEFrame, StartWebServer, WebServer
-
-
-def talker(words: int = 20, pace: float = 0.0, delay: float = 0.0) -> Any:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text, delay=delay)], pace=pace))
-
-    return make
-
-
-def client(server: WebServer) -> httpx.AsyncClient:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    return httpx.AsyncClient(base_url=server.url, timeout=10, verify=False)
 
 
 def is_retry(frame: SSEFrame | None) -> bool:
@@ -42,19 +27,6 @@ def seqs(frames: list[SSEFrame]) -> list[int]:
     return [int(f.id or 0) for f in frames]
 
 
-async def start_run(http: httpx.AsyncClient, **body: Any) -> str:
-    response = await http.post("/runs", json={"task": "hi", **body})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
-async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
-    run = executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
-
-
 # -- framing -------------------------------------------------------------------------
 
 
@@ -62,8 +34,7 @@ async def test_stream_replays_then_goes_live_and_ends_after_the_terminal_event(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=30, pace=300))
-    async with client(server) as http:
-        run_id = await start_run(http)
+    run_id = await start_run(server)
     async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
         assert stream.status == 200
         assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
@@ -79,8 +50,8 @@ async def test_stream_replays_then_goes_live_and_ends_after_the_terminal_event(
 
 
 async def test_frames_are_exactly_the_events_sse_encoding(web_server: WebServer) -> None:
-    async with client(web_server) as http:
-        run_id = await start_run(http, task="What is 25 * 4?")
+    async with http_client(web_server) as http:
+        run_id = await start_run(web_server)
         events = await all_events(web_server.executor, run_id)
         response = await http.get(f"/runs/{run_id}/events")
     assert response.text == "retry: 3000\n\n" + "".join(e.to_sse() for e in events)
@@ -118,8 +89,7 @@ async def test_keepalive_comment_fills_silences(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=3, delay=0.3), keepalive=0.05)
-    async with client(server) as http:
-        run_id = await start_run(http)
+    run_id = await start_run(server)
     keepalives = 0
     async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
         while (frame := await stream.next()) is not None:
@@ -180,8 +150,7 @@ async def test_resume_after_a_forced_disconnect_mid_run_is_gapless(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(agent=talker(words=100, pace=200))
-    async with client(server) as http:
-        run_id = await start_run(http)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     seen: list[int] = []
     async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
@@ -201,8 +170,8 @@ async def test_resume_after_a_forced_disconnect_mid_run_is_gapless(
 
 
 async def test_after_parameter_resumes_and_last_event_id_wins(web_server: WebServer) -> None:
-    async with client(web_server) as http:
-        run_id = await start_run(http, task="What is 25 * 4?")
+    async with http_client(web_server) as http:
+        run_id = await start_run(web_server)
         await web_server.executor.get_run(run_id).wait()
         by_query = await http.get(f"/runs/{run_id}/events", params={"after": 20})
         by_header = await http.get(
@@ -217,8 +186,8 @@ async def test_after_parameter_resumes_and_last_event_id_wins(web_server: WebSer
 
 
 async def test_resuming_a_finished_run_at_its_end_is_204(web_server: WebServer) -> None:
-    async with client(web_server) as http:
-        run_id = await start_run(http)
+    async with http_client(web_server) as http:
+        run_id = await start_run(web_server, "hi")
         run = web_server.executor.get_run(run_id)
         await run.wait()
         response = await http.get(
@@ -232,8 +201,7 @@ async def test_a_stale_id_gets_a_history_expired_error_event_not_a_gap(
     start_web_server: StartWebServer, open_sse: OpenSSE
 ) -> None:
     server = await start_web_server(history=8)
-    async with client(server) as http:
-        run_id = await start_run(http)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     await run.wait()
     headers = {"Last-Event-ID": "2"}
@@ -262,14 +230,8 @@ async def test_a_slow_client_is_evicted_and_resumes_without_a_gap(
     # 400 events of 32 KiB: far more than the socket buffers hold, so the
     # server's writes stall while the client does not read, and its 4-event
     # buffer overflows. The run must not wait for the client.
-    big = "x" * 32 * 1024
-
-    def flood(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
-
-    server = await start_web_server(agent=flood, buffer=4)
-    async with client(server) as http:
-        run_id = await start_run(http)
+    server = await start_web_server(agent=flood(), buffer=4)
+    run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, path, rcvbuf=64 * 1024) as stream:

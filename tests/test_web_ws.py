@@ -5,46 +5,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
+from conftest import all_events, flood, receive, send, start_run, talker, until_terminal
 from trio_websocket import ConnectionClosed
-
-from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
-from trioflow.web import RunRequest
 
 if TYPE_CHECKING:
     from conftest import OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
-
-
-def talker(words: int = 20, pace: float = 0.0) -> Any:
-    """An agent factory: each run says ``words`` words at ``pace`` words per second."""
-    text = " ".join(f"w{i}" for i in range(words))
-
-    def make(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn(text)], pace=pace))
-
-    return make
-
-
-async def start_run(server: WebServer, **body: Any) -> str:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
-        response = await http.post("/runs", json={"task": "hi", **body})
-    assert response.status_code == 201, response.text
-    return str(response.json()["run_id"])
-
-
-async def receive(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(5):
-        message = await ws.get_message()
-    assert isinstance(message, str)  # every frame is a text frame
-    frame: dict[str, Any] = json.loads(message)
-    return frame
-
-
-async def send(ws: WebSocketConnection, message: Any) -> None:
-    await ws.send_message(message if isinstance(message, str) else json.dumps(message))
 
 
 async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:
@@ -55,27 +22,6 @@ async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], i
             frames.append(await receive(ws))
     except ConnectionClosed as closed:
         return frames, closed.reason.code
-
-
-async def until_terminal(
-    ws: WebSocketConnection, run_id: str | None = None
-) -> list[dict[str, Any]]:
-    """Frames up to the terminal event (of ``run_id``, if given)."""
-    frames = []
-    while True:
-        frame = await receive(ws)
-        frames.append(frame)
-        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
-            run_id is None or frame["run_id"] == run_id
-        ):
-            return frames
-
-
-async def all_events(executor: StreamingFlowExecutor, run_id: str) -> list[FlowEvent]:
-    run = executor.get_run(run_id)
-    await run.wait()
-    async with run.subscribe(after=0) as sub:
-        return [event async for event in sub]
 
 
 # -- /runs/{id}/ws ------------------------------------------------------------------
@@ -218,12 +164,7 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
 ) -> None:
     # As for the event stream: 400 events of 32 KiB outgrow the socket
     # buffers while the client reads nothing, and the 4-event buffer overflows.
-    big = "x" * 32 * 1024
-
-    def flood(request: RunRequest) -> Agent:
-        return Agent(ScriptedModel([Turn([big] * 400, delay=0.2)]))
-
-    server = await start_web_server(agent=flood, buffer=4)
+    server = await start_web_server(agent=flood(), buffer=4)
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws", rcvbuf=64 * 1024) as ws:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
+from conftest import post_run
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, OpenWS, WebServer
@@ -86,15 +86,9 @@ def sse_frames(lines: list[str]) -> dict[str, list[str]]:
     return frames
 
 
-async def start_run(server: WebServer) -> tuple[str, dict[str, str]]:
-    async with httpx.AsyncClient(base_url=server.url) as http:
-        response = await http.post("/runs", json={"task": "What is 25 * 4?"})
-    assert response.status_code == 201
-    return response.text, response.json()
-
-
 async def real_sse(server: WebServer, open_sse: OpenSSE) -> tuple[str, list[str]]:
-    answer, info = await start_run(server)
+    response = await post_run(server)
+    answer, info = response.text, response.json()
     async with open_sse(server.url, f"/runs/{info['run_id']}/events") as sse:
         await sse.events()
         raw = sse.raw
@@ -139,7 +133,7 @@ async def test_http_reference_sse_sample_is_a_real_stream(
 async def test_http_reference_websocket_sample_is_real(
     web_server: WebServer, open_sse: OpenSSE, open_ws: OpenWS
 ) -> None:
-    await start_run(web_server)  # the sample's run is the server's second one
+    await post_run(web_server)  # the sample's run is the server's second one
     block = block_with("reference/http.rst", '→ {"action": "start"')
     sent = [json.loads(x[2:]) for x in block if x.startswith("→ ")]
     expected = [x[2:] for x in block if x.startswith("← ")]
@@ -164,7 +158,7 @@ async def test_http_reference_websocket_sample_is_real(
 
 async def test_event_table_gives_the_real_seqs_and_types(web_server: WebServer) -> None:
     block = block_with("concepts/events.rst", "flow.started          task")
-    _, info = await start_run(web_server)
+    info = (await post_run(web_server)).json()
     run = web_server.executor.get_run(info["run_id"])
     await run.wait()
     async with run.subscribe(after=0) as sub:

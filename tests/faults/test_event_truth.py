@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pytest
 import trio
 import trio.testing
+from conftest import http_client
 
 from trioflow import (
     Agent,
@@ -222,9 +223,8 @@ def test_watch_types_rejects_unknown_names_with_exit_2() -> None:
 
 
 async def test_watch_types_shows_only_the_selected_types(web_server: WebServer) -> None:
-    import httpx
 
-    async with httpx.AsyncClient(base_url=web_server.url) as http:
+    async with http_client(web_server) as http:
         info = (await http.post("/runs", json={"task": "What is 25 * 4?"})).json()
     await web_server.executor.get_run(info["run_id"]).wait()
     proc = await trio.to_thread.run_sync(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import trio
-from conftest import assert_error, assert_no_traceback, start_run
+from conftest import assert_error, assert_no_traceback, http_client, start_run
 
 from trioflow import Agent, ScriptedModel, Turn
 from trioflow.web import WebConfig
@@ -25,11 +25,6 @@ if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer, WebServer
 
 TOKEN = "s3cret-t0ken"
-
-
-def client(server: WebServer, **headers: str) -> httpx.AsyncClient:
-    # Plain HTTP: verify=False only skips loading the CA bundle (half a second per client).
-    return httpx.AsyncClient(base_url=server.url, timeout=5, verify=False, headers=headers)
 
 
 def error_code(response: httpx.Response) -> str:
@@ -99,7 +94,7 @@ def ws_handshake(path: str, host: str, **headers: str) -> bytes:
 async def test_post_runs_rejects_invalid_bodies_with_400(
     web_server: WebServer, body: object, fragment: str
 ) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post("/runs", json=body)
     error = assert_error(response, 400, "invalid_request")
     assert fragment in str(error["message"])
@@ -108,7 +103,7 @@ async def test_post_runs_rejects_invalid_bodies_with_400(
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"   ", b'{"task": NaN}', b"\xff\xfe"])
 async def test_post_runs_rejects_non_json_with_400(web_server: WebServer, content: bytes) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post(
             "/runs", content=content, headers={"Content-Type": "application/json"}
         )
@@ -121,7 +116,7 @@ async def test_post_runs_needs_a_json_content_type(
     web_server: WebServer, content_type: str | None
 ) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post("/runs", content=b'{"task": "hi"}', headers=headers)
     assert_error(response, 415, "unsupported_media_type")
     assert web_server.executor.runs == {}
@@ -136,7 +131,7 @@ async def test_post_runs_rejects_bodies_over_the_limit_with_413(
     async def chunks() -> object:
         yield big  # no Content-Length: the limit is checked while reading
 
-    async with client(server) as http:
+    async with http_client(server) as http:
         declared = await http.post(
             "/runs", content=big, headers={"Content-Type": "application/json"}
         )
@@ -153,7 +148,7 @@ async def test_post_runs_rejects_bodies_over_the_limit_with_413(
 
 
 async def test_unknown_run_is_404(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         responses = [
             await http.get("/runs/run_nope"),
             await http.post("/runs/run_nope/cancel"),
@@ -164,7 +159,7 @@ async def test_unknown_run_is_404(web_server: WebServer) -> None:
 
 
 async def test_unknown_endpoint_and_method_are_json_errors(web_server: WebServer) -> None:
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         missing = await http.get("/nope")
         wrong = await http.put("/runs")
     assert_error(missing, 404, "not_found")
@@ -174,7 +169,7 @@ async def test_unknown_endpoint_and_method_are_json_errors(web_server: WebServer
 
 async def test_invalid_resume_points_are_400(web_server: WebServer) -> None:
     run_id = await start_run(web_server, token=TOKEN)
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         await web_server.executor.get_run(run_id).wait()
         responses = [
             await http.get(f"/runs/{run_id}/events", headers={"Last-Event-ID": "abc"}),
@@ -199,7 +194,7 @@ async def test_deeply_nested_json_is_400_invalid_json_not_a_500(
     web_server: WebServer, server_log: pytest.LogCaptureFixture, content: bytes
 ) -> None:
     assert len(content) < web_server.config.max_body  # the nesting, not the size, is at fault
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post(
             "/runs", content=content, headers={"Content-Type": "application/json"}
         )
@@ -216,7 +211,7 @@ async def test_a_lone_surrogate_in_the_task_is_400_invalid_request(
     web_server: WebServer, server_log: pytest.LogCaptureFixture, task: str
 ) -> None:
     content = json.dumps({"task": task}).encode("ascii")  # "\ud800" as a JSON escape
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         response = await http.post(
             "/runs", content=content, headers={"Content-Type": "application/json"}
         )
@@ -235,7 +230,7 @@ async def test_a_lone_surrogate_elsewhere_in_the_body_is_a_400_not_a_500(
         b'{"task": "hi", "\\ud800": 1}',  # an unknown member, named in the message
         b'{"task": "hi", "on_disconnect": "\\ud800"}',
     ]
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         responses = [
             await http.post("/runs", content=body, headers={"Content-Type": "application/json"})
             for body in bodies
@@ -254,7 +249,7 @@ async def test_runs_that_hold_a_lone_surrogate_are_still_listed_and_read(
     run = await web_server.executor.start(agent, "bad \ud800 task", nursery=nursery)
     with trio.fail_after(5):
         await run.wait()
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         listing = await http.get("/runs")
         one = await http.get(f"/runs/{run.run_id}")
     assert listing.status_code == 200, listing.text
@@ -274,7 +269,7 @@ async def test_a_dns_rebinding_page_can_neither_start_runs_nor_read_them(
     # rebind.evil:PORT first resolved to the attacker's server, which served a page;
     # now it resolves to 127.0.0.1, and the page's requests are same-origin to the browser.
     evil = f"rebind.evil:{port_of(web_server)}"
-    async with client(web_server, Host=evil, Origin=f"http://{evil}") as http:
+    async with http_client(web_server, Host=evil, Origin=f"http://{evil}") as http:
         post = await http.post("/runs", json={"task": "What is 25 * 4?"})
         listing = await http.get("/runs")
         page = await http.get("/")
@@ -291,7 +286,7 @@ async def test_a_dns_rebinding_page_can_neither_start_runs_nor_read_them(
 
 
 async def test_healthz_answers_any_host(web_server: WebServer) -> None:
-    async with client(web_server, Host="10.0.0.7:8080") as http:
+    async with http_client(web_server, Host="10.0.0.7:8080") as http:
         health = await http.get("/healthz")
         runs = await http.get("/runs")
     assert health.status_code == 200
@@ -307,7 +302,7 @@ async def test_the_loopback_names_are_allowed_with_any_port(
     web_server: WebServer, host: str
 ) -> None:
     host = host.format(port=port_of(web_server))
-    async with client(web_server, Host=host, Origin=f"http://{host}") as http:
+    async with http_client(web_server, Host=host, Origin=f"http://{host}") as http:
         listing = await http.get("/runs")
         post = await http.post("/runs", json={"task": "hi"})
     assert listing.status_code == 200
@@ -350,7 +345,7 @@ async def test_allowed_hosts_add_names_with_or_without_a_port(
         "api.example.com",
         f"localhost:{port_of(server)}",
     ):
-        async with client(server, Host=host) as http:
+        async with http_client(server, Host=host) as http:
             statuses[host] = (await http.get("/runs")).status_code
     assert statuses == {
         "agents.example.com": 200,
@@ -361,13 +356,13 @@ async def test_allowed_hosts_add_names_with_or_without_a_port(
         f"localhost:{port_of(server)}": 200,
     }
     origin = "http://agents.example.com"
-    async with client(server, Host="agents.example.com", Origin=origin) as http:
+    async with http_client(server, Host="agents.example.com", Origin=origin) as http:
         assert (await http.post("/runs", json={"task": "hi"})).status_code == 201
 
 
 async def test_any_host_with_a_star(start_web_server: StartWebServer) -> None:
     server = await start_web_server(allowed_hosts=frozenset({"*"}))
-    async with client(server, Host="whatever.example:1") as http:
+    async with http_client(server, Host="whatever.example:1") as http:
         assert (await http.get("/runs")).status_code == 200
 
 
@@ -375,7 +370,7 @@ async def test_any_host_with_a_star(start_web_server: StartWebServer) -> None:
 async def test_a_malformed_or_foreign_origin_is_403_not_500(
     web_server: WebServer, server_log: pytest.LogCaptureFixture, origin: str
 ) -> None:
-    async with client(web_server, Origin=origin) as http:
+    async with http_client(web_server, Origin=origin) as http:
         response = await http.post("/runs", json={"task": "hi"})
     assert_error(response, 403, "forbidden_origin")
     assert web_server.executor.runs == {}
@@ -547,7 +542,7 @@ async def test_a_last_event_id_with_trailing_junk_is_400_invalid_after(
 ) -> None:
     run_id = await start_run(web_server, token=TOKEN)
     values = ["1 2", "0x10", "1e3", "+1", "\u0661", "99999999999999999999999"]
-    async with client(web_server) as http:
+    async with http_client(web_server) as http:
         responses = [
             await http.get(
                 f"/runs/{run_id}/events", headers={"Last-Event-ID": value.encode("utf-8")}
@@ -564,7 +559,7 @@ async def test_a_last_event_id_with_trailing_junk_is_400_invalid_after(
 
 async def test_health_and_the_page_need_no_token(start_web_server: StartWebServer) -> None:
     server = await start_web_server(token=TOKEN)
-    async with client(server) as http:
+    async with http_client(server) as http:
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/")).status_code == 200
         assert (await http.get("/static/index.html")).status_code == 200
@@ -584,7 +579,7 @@ async def test_api_without_the_right_token_is_401(
     start_web_server: StartWebServer, headers: dict[str, str], code: str
 ) -> None:
     server = await start_web_server(token=TOKEN)
-    async with client(server, **headers) as http:
+    async with http_client(server, **headers) as http:
         responses = [
             await http.get("/runs"),
             await http.post("/runs", json={"task": "hi"}),
@@ -605,7 +600,7 @@ async def test_token_query_parameter_is_for_event_streams_and_sockets_only(
 ) -> None:
     server = await start_web_server(token=TOKEN)
     run_id = await start_run(server, token=TOKEN)
-    async with client(server) as http:
+    async with http_client(server) as http:
         post = await http.post("/runs", params={"token": TOKEN}, json={"task": "hi"})
         listing = await http.get("/runs", params={"token": TOKEN})
     assert post.status_code == listing.status_code == 401
@@ -618,7 +613,7 @@ async def test_token_query_parameter_is_for_event_streams_and_sockets_only(
 
 
 async def test_posts_from_a_foreign_origin_are_403_but_reads_pass(web_server: WebServer) -> None:
-    async with client(web_server, Origin="https://evil.example") as http:
+    async with http_client(web_server, Origin="https://evil.example") as http:
         post = await http.post("/runs", json={"task": "hi"})
         cancel = await http.post("/runs/run_x/cancel")
         listing = await http.get("/runs")

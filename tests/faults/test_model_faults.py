@@ -21,12 +21,13 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from conftest import KEY, MODEL, POLICY, collect, collect_until_error, notices
 
 from trioflow import (
     TERMINAL_TYPES,
@@ -42,8 +43,6 @@ from trioflow import (
     tool,
 )
 from trioflow.models.base import (
-    Message,
-    ModelError,
     ModelEvent,
     RetryNotice,
     StopReason,
@@ -62,46 +61,12 @@ from trioflow.testing.anthropic_server import (
     ToolUse,
 )
 
-KEY = "sk-ant-api03-TRIOFLOW-FAKE-KEY-7f3a9c1e5b"
-MODEL = "claude-sonnet-5-5"
-POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
 NO_BACKOFF = RetryPolicy(attempts=4, base_delay=0, jitter=0)
 """For tests on the real clock: retries without any sleep."""
 
 CUT = DisconnectAfter(6)
 """message_start, ping, content_block_start, "Hello", " there", ", how", then the connection drops."""
 CUT_TEXT = "Hello there, how"
-
-
-@pytest.fixture
-async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
-    async with AnthropicModel(
-        MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
-    ) as model:
-        yield model
-
-
-async def collect(
-    model: AnthropicModel,
-    messages: Sequence[Message] = (Message.user("Hi"),),
-    **kwargs: Any,
-) -> list[ModelEvent]:
-    async with model.stream(messages, **kwargs) as events:
-        return [event async for event in events]
-
-
-async def collect_until_error(
-    model: AnthropicModel, seen: list[ModelEvent]
-) -> pytest.ExceptionInfo[ModelError]:
-    with pytest.raises(ModelError) as info:
-        async with model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                seen.append(event)
-    return info
-
-
-def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
-    return [e for e in events if isinstance(e, RetryNotice)]
 
 
 def terminal_of(events: Sequence[FlowEvent]) -> FlowEvent:

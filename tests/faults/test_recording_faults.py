@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import CLI_ENV, timed, write_recording
 
 from trioflow import FlowEvent, RunStatus, cli, open_event_bus
 from trioflow.cli import replay as replay_command
@@ -38,36 +38,11 @@ from trioflow.recording import (
     start_replay,
 )
 
-ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
 SERVE = [sys.executable, "-m", "trioflow", "serve", "--port", "0", "--model", "scripted"]
 DEEP = "[" * 30_000
 """A short line nested 30,000 levels deep: ``json.loads`` raises RecursionError on it."""
 DEEP_EVENT = '{"type": "info", "data": {"a": ' + "[" * 30_000 + "]" * 30_000 + "}}"
 """A well-formed event whose data nests 30,000 levels deep."""
-
-
-def trioflow(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "trioflow", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=60,
-        env=ENV,
-        check=False,
-    )
-
-
-def timed(offsets: list[float], *, t0: float = 1_700_000_000.0) -> list[FlowEvent]:
-    return [
-        FlowEvent("token.received", {"token": str(i)}, t0 + dt, i + 1, "r1")
-        for i, dt in enumerate(offsets)
-    ]
-
-
-def write(path: Path, events: list[FlowEvent]) -> Path:
-    path.write_text("".join(e.to_json() + "\n" for e in events))
-    return path
 
 
 async def replayed(source: Any, **kw: Any) -> list[FlowEvent]:
@@ -205,22 +180,24 @@ async def test_start_replay_fails_fast_on_a_missing_or_foreign_file(tmp_path):
             await start_replay(tmp_path / "notes.txt", nursery=nursery)
 
 
-def test_replay_of_a_corrupted_recording_shows_the_valid_events_then_exits_1(run_json, tmp_path):
+def test_replay_of_a_corrupted_recording_shows_the_valid_events_then_exits_1(
+    run_json, tmp_path, run_cli
+):
     lines = run_json.read_text().splitlines(keepends=True)
     path = tmp_path / "corrupt.jsonl"
     path.write_text("".join(lines[:5]) + "{not json\n" + "".join(lines[5:]))
-    proc = trioflow("replay", str(path), "--json", "--speed", "inf")
+    proc = run_cli("replay", str(path), "--json", "--speed", "inf")
     assert proc.returncode == 1
     assert proc.stdout == "".join(lines[:5])
     assert f"{path}, line 6" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_replay_of_a_truncated_recording_exits_1(run_json, tmp_path):
+def test_replay_of_a_truncated_recording_exits_1(run_json, tmp_path, run_cli):
     path = tmp_path / "cut.jsonl"
     text = run_json.read_text()
     path.write_text(text[: text.rindex("\n", 0, -1) + 30])
-    proc = trioflow("replay", str(path), "--json", "--speed", "inf")
+    proc = run_cli("replay", str(path), "--json", "--speed", "inf")
     assert proc.returncode == 1
     assert "truncated" in proc.stderr
     assert f"line {len(text.splitlines())}" in proc.stderr
@@ -314,8 +291,8 @@ def test_serve_replay_of_a_recording_without_events_says_so_and_exits_1(tmp_path
     ]
 
 
-def test_an_empty_recording_read_from_standard_input_says_so():
-    proc = trioflow("replay", "-", "--json", stdin="\n\n")
+def test_an_empty_recording_read_from_standard_input_says_so(run_cli):
+    proc = run_cli("replay", "-", "--json", stdin="\n\n")
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == (
@@ -343,7 +320,7 @@ async def test_a_huge_timestamp_jump_waits_at_most_the_default_max_gap(
     autojump_clock, tmp_path, api
 ):
     # a corrupted clock: the third event is stamped 30 years after the second
-    path = write(tmp_path / "jump.jsonl", timed([0, 1, 1e9, 1e9 + 1]))
+    path = write_recording(tmp_path / "jump.jsonl", timed([0, 1, 1e9, 1e9 + 1]))
     start = trio.current_time()
     await _replay_with_defaults(api, path)
     assert DEFAULT_MAX_GAP == 5
@@ -351,7 +328,7 @@ async def test_a_huge_timestamp_jump_waits_at_most_the_default_max_gap(
 
 
 async def test_max_gap_is_in_recorded_seconds_and_inf_or_none_disables_it(autojump_clock, tmp_path):
-    path = write(tmp_path / "jump.jsonl", timed([0, 1, 3600]))
+    path = write_recording(tmp_path / "jump.jsonl", timed([0, 1, 3600]))
 
     async def arrivals(**kw: Any) -> list[float]:
         start = trio.current_time()
@@ -394,7 +371,7 @@ async def _warnings_of(path: Path) -> tuple[list[FlowEvent], list[RecordingWarni
 
 async def test_a_gap_in_the_seqs_is_a_warning_and_the_replay_goes_on(tmp_path):
     recorded = [_event("info", seq) for seq in (1, 2, 5, 6, 7, 7)]
-    seen, found = await _warnings_of(write(tmp_path / "gap.jsonl", recorded))
+    seen, found = await _warnings_of(write_recording(tmp_path / "gap.jsonl", recorded))
     assert seen == recorded
     assert [(w.kind, w.line, w.path) for w in found] == [
         ("seq", 3, str(tmp_path / "gap.jsonl")),
@@ -413,7 +390,7 @@ async def test_a_second_terminal_event_of_a_run_is_a_warning(tmp_path):
         _event("flow.completed", 2),
         _event("flow.failed", 3),
     ]
-    seen, found = await _warnings_of(write(tmp_path / "twice.jsonl", recorded))
+    seen, found = await _warnings_of(write_recording(tmp_path / "twice.jsonl", recorded))
     assert seen == recorded
     assert [(w.kind, w.line) for w in found] == [("terminal", 3)]
     assert "first is on line 2" in found[0].reason
@@ -428,7 +405,7 @@ async def test_a_second_run_id_is_a_warning_once(tmp_path):
         _event("info", 5, "r1"),
         _event("info", 6, "r2"),
     ]
-    seen, found = await _warnings_of(write(tmp_path / "two-runs.jsonl", recorded))
+    seen, found = await _warnings_of(write_recording(tmp_path / "two-runs.jsonl", recorded))
     assert seen == recorded
     assert [(w.kind, w.line) for w in found] == [("run_id", 3)]
     assert (
@@ -443,7 +420,7 @@ async def test_a_recorded_run_replays_without_warnings(run_json):
 
 
 async def test_without_on_warning_recording_warnings_are_python_warnings(tmp_path):
-    path = write(tmp_path / "gap.jsonl", [_event("info", 1), _event("info", 3)])
+    path = write_recording(tmp_path / "gap.jsonl", [_event("info", 1), _event("info", 3)])
     with pytest.warns(RecordingWarning, match=r"line 2: seq 3 follows seq 1: seq 2 missing") as rec:
         assert len(await replayed(path, speed=math.inf)) == 2
     (warning,) = [w.message for w in rec]
@@ -455,7 +432,7 @@ async def test_without_on_warning_recording_warnings_are_python_warnings(tmp_pat
 
 
 async def test_start_replay_reports_warnings_to_on_warning(tmp_path):
-    path = write(tmp_path / "gap.jsonl", [_event("info", 1), _event("info", 3)])
+    path = write_recording(tmp_path / "gap.jsonl", [_event("info", 1), _event("info", 3)])
     found: list[RecordingWarning] = []
     async with trio.open_nursery() as nursery:
         run = await start_replay(path, nursery=nursery, speed=math.inf, on_warning=found.append)
@@ -483,7 +460,7 @@ def test_replay_command_prints_warnings_and_keeps_replaying(run_json, tmp_path, 
 
 
 def test_replay_command_shows_at_most_10_warnings_of_a_kind(tmp_path, capsys):
-    path = write(tmp_path / "odd.jsonl", [_event("info", seq) for seq in range(1, 30, 2)])
+    path = write_recording(tmp_path / "odd.jsonl", [_event("info", seq) for seq in range(1, 30, 2)])
     assert main("replay", str(path), "--json", "--speed", "inf") == 1  # no terminal event
     err = capsys.readouterr().err.splitlines()
     assert len(err) == MAX_WARNINGS + 1
@@ -503,7 +480,7 @@ def test_serve_replay_serves_the_valid_part_of_a_deep_recording_and_prints_its_w
         [*SERVE, "--replay", str(path), "--speed", "inf"],
         stderr=subprocess.PIPE,
         text=True,
-        env=ENV,
+        env=CLI_ENV,
     )
     try:
         assert proc.stderr is not None
@@ -541,7 +518,7 @@ async def test_a_replayed_run_with_a_retried_cut_reports_only_the_attempt_that_c
         FlowEvent("token.received", {"token": "Hello "}, t0, 4, "r1"),
         FlowEvent("token.received", {"token": "there."}, t0, 5, "r1"),
     ]
-    path = write(tmp_path / "cut.jsonl", events)
+    path = write_recording(tmp_path / "cut.jsonl", events)
     async with trio.open_nursery() as nursery:
         run = await start_replay(path, nursery=nursery, speed=math.inf)
         await run.wait()

@@ -27,7 +27,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from conftest import assert_error, start_run, talker
+from conftest import assert_error, http_client, start_run, talker
 
 from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
 from trioflow.recording import EventRecorder
@@ -234,7 +234,7 @@ async def test_a_client_leaving_mid_body_costs_one_log_line_and_no_traceback(
         )
         await trio.testing.wait_all_tasks_blocked()
     await trio.testing.wait_all_tasks_blocked()
-    async with httpx.AsyncClient(base_url=server.url) as client:  # the server is fine
+    async with http_client(server) as client:  # the server is fine
         assert (await client.get("/healthz")).status_code == 200
     records = [r for r in caplog.records if r.name.startswith(("trioflow", "hypercorn"))]
     assert [r.getMessage() for r in records if "left" in r.getMessage()] == [
@@ -289,7 +289,7 @@ async def test_beyond_max_connections_new_connections_get_503_and_healthz_answer
             await stream.aclose()
         nursery.cancel_scope.cancel()
     await trio.sleep(server.config.header_timeout)  # Hypercorn closes after its idle timeout
-    async with httpx.AsyncClient(base_url=server.url) as client:  # room again
+    async with http_client(server) as client:  # room again
         assert (await client.get("/runs")).status_code == 200
 
 
@@ -490,7 +490,12 @@ def test_serve_runs_have_a_default_time_limit(monkeypatch: pytest.MonkeyPatch) -
 
 
 async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
-    # The server learns of a disconnect from its socket: poll, with a deadline.
+    """Wait (polling, with a deadline) until ``count`` connections watch the run.
+
+    Only for a disconnect: the server learns of it from its socket, and ``RunHub``
+    has no event to wait on for a change of ``watchers(run_id)``. (A connection
+    is counted before its response begins, so a join needs no wait.)
+    """
     with trio.fail_after(5):
         while server.hub.watchers(run_id) != count:  # noqa: ASYNC110 - no event to wait on
             await trio.sleep(0.01)
@@ -498,7 +503,7 @@ async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
 
 async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:
     server = await start_web_server(agent=talker(words=400, pace=100), max_running=1)
-    async with httpx.AsyncClient(base_url=server.url, verify=False) as http:
+    async with http_client(server) as http:
         assert (await http.post("/runs", json={"task": "a"})).status_code == 201
         response = await http.post("/runs", json={"task": "b"})
     assert_error(response, 429, "too_many_runs")
@@ -547,7 +552,8 @@ async def test_on_disconnect_cancel_waits_for_the_last_client(
     async with open_sse(server.url, path) as staying:
         async with open_sse(server.url, path) as leaving:
             await leaving.next()
-            await wait_for_watchers(server, run_id, 2)
+            # A connection is counted before its response begins: no wait needed.
+            assert server.hub.watchers(run_id) == 2
         await wait_for_watchers(server, run_id, 1)
         assert not run.done
         frames = await staying.events()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
-from conftest import assert_no_traceback, start_run, talker
+from conftest import assert_no_traceback, receive, send, start_run, talker, until_terminal
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 if TYPE_CHECKING:
@@ -21,32 +21,6 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
 TOKEN = "s3cret-t0ken"
-
-
-async def receive(ws: WebSocketConnection) -> dict[str, Any]:
-    with trio.fail_after(5):
-        message = await ws.get_message()
-    assert isinstance(message, str)  # every frame is a text frame
-    frame: dict[str, Any] = json.loads(message)
-    return frame
-
-
-async def send(ws: WebSocketConnection, message: Any) -> None:
-    await ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
-
-
-async def until_terminal(
-    ws: WebSocketConnection, run_id: str | None = None
-) -> list[dict[str, Any]]:
-    """Frames up to the terminal event (of ``run_id``, if given)."""
-    frames = []
-    while True:
-        frame = await receive(ws)
-        frames.append(frame)
-        if frame.get("type") in ("flow.completed", "flow.failed", "flow.cancelled") and (
-            run_id is None or frame["run_id"] == run_id
-        ):
-            return frames
 
 
 async def next_control(ws: WebSocketConnection) -> dict[str, Any]:
