@@ -261,7 +261,9 @@ async def test_a_slowloris_head_is_closed_after_the_header_timeout(
 
 
 async def test_beyond_max_connections_new_connections_get_503_and_healthz_answers(
-    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
+    start_web_server: StartWebServer,
+    socket_clock: trio.testing.MockClock,
+    server_log: pytest.LogCaptureFixture,
 ) -> None:
     server = await start_web_server(max_connections=5)
     host, port = server.url.split("://", 1)[1].rsplit(":", 1)
@@ -291,6 +293,12 @@ async def test_beyond_max_connections_new_connections_get_503_and_healthz_answer
     await trio.sleep(server.config.header_timeout)  # Hypercorn closes after its idle timeout
     async with http_client(server) as client:  # room again
         assert (await client.get("/runs")).status_code == 200
+    # One warning when the limit is reached (not one per refused connection), one when it is not.
+    warnings = [r.getMessage() for r in server_log.records if r.levelno == logging.WARNING]
+    assert [w.split(":")[0] for w in warnings] == [
+        "5 connections are open, the limit (max_connections)",
+        "below the connection limit again",
+    ]
 
 
 def test_web_config_rejects_bad_connection_limits() -> None:

@@ -17,38 +17,20 @@ as a :class:`GuardedStream`, registered in the server's :class:`Connections`:
 * **The cap.** :meth:`Connections.full` says when
   :attr:`~trioflow.web.WebConfig.max_connections` are open; the server then
   answers new connections itself with a short ``503`` (see
-  :func:`~trioflow.web.server.serve`).
+  :func:`~trioflow.web.server.serve`), and logs one warning until there is
+  room again.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket as _socket
 
 import trio
 
-__all__ = ["ConnectionStatistics", "Connections", "GuardedStream"]
+__all__ = ["Connections", "GuardedStream"]
 
 _log = logging.getLogger("trioflow.web")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConnectionStatistics:
-    """A snapshot of a :class:`Connections` registry's figures."""
-
-    open: int
-    """Connections open now."""
-    max_connections: int
-    """The cap: beyond it new connections are answered ``503``."""
-    accepted: int
-    """Connections handed to the HTTP server since the start."""
-    refused: int
-    """Connections answered ``503`` because the cap was reached."""
-    write_timeouts: int
-    """Connections closed because a write made no progress for the write timeout."""
-    forced: int
-    """Connections closed by :meth:`Connections.close_all`."""
 
 
 class GuardedStream(trio.abc.HalfCloseableStream):
@@ -68,11 +50,6 @@ class GuardedStream(trio.abc.HalfCloseableStream):
     def socket(self) -> trio.socket.SocketType:
         """The connection's Trio socket."""
         return self._stream.socket
-
-    @property
-    def aborted(self) -> bool:
-        """Whether the connection was closed by force (write timeout or :meth:`abort`)."""
-        return self._aborted
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send all of ``data``, closing the connection if the peer takes nothing for the write timeout.
@@ -104,7 +81,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
                             ) from None
                         raise trio.BrokenResourceError(str(exc)) from exc
                 if scope.cancelled_caught:
-                    self._registry.count_write_timeout(self)
+                    self._registry.log_write_timeout(self)
                     self.abort()
                     raise trio.BrokenResourceError(
                         f"the peer took nothing for {timeout:g} s (write timeout)"
@@ -170,10 +147,7 @@ class Connections:
         self._open: set[GuardedStream] = set()
         self._empty = trio.Event()
         self._empty.set()
-        self._accepted = 0
-        self._refused = 0
-        self._write_timeouts = 0
-        self._forced = 0
+        self._refusing = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -188,7 +162,6 @@ class Connections:
         if not self._open:
             self._empty = trio.Event()
         self._open.add(guarded)
-        self._accepted += 1
         return guarded
 
     def discard(self, stream: GuardedStream) -> None:
@@ -197,14 +170,22 @@ class Connections:
             self._open.discard(stream)
             if not self._open:
                 self._empty.set()
+            if self._refusing and len(self._open) < self.max_connections:
+                self._refusing = False
+                _log.warning("below the connection limit again: accepting connections")
 
-    def count_refused(self) -> None:
-        """Count a connection refused for the cap."""
-        self._refused += 1
+    def refusing(self) -> None:
+        """A connection is being refused for the cap: log it, once until there is room again."""
+        if not self._refusing:
+            self._refusing = True
+            _log.warning(
+                "%d connections are open, the limit (max_connections): "
+                "new connections are answered 503 until some close",
+                len(self._open),
+            )
 
-    def count_write_timeout(self, stream: GuardedStream) -> None:
-        """Count (and log) a connection closed for its write timeout."""
-        self._write_timeouts += 1
+    def log_write_timeout(self, stream: GuardedStream) -> None:
+        """Log a connection closed for its write timeout."""
         try:
             peer = stream.socket.getpeername()
         except OSError:
@@ -222,16 +203,4 @@ class Connections:
         streams = list(self._open)
         for stream in streams:
             stream.abort()
-        self._forced += len(streams)
         return len(streams)
-
-    def statistics(self) -> ConnectionStatistics:
-        """The registry's figures now."""
-        return ConnectionStatistics(
-            open=len(self._open),
-            max_connections=self.max_connections,
-            accepted=self._accepted,
-            refused=self._refused,
-            write_timeouts=self._write_timeouts,
-            forced=self._forced,
-        )

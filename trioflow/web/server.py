@@ -256,7 +256,7 @@ async def _refuse(stream: trio.SocketStream, hub: RunHub, connections: Connectio
     that a health check learns the server is alive; every other request is
     told to come back later (``Retry-After``). Then the connection is closed.
     """
-    connections.count_refused()
+    connections.refusing()
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
     request: h11.Request | None = None
     async with stream:
