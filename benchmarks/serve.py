@@ -198,7 +198,7 @@ def serve_trioflow(rate: float, tokens: int, runs_count: int) -> None:
     from starlette.routing import Route
 
     from trioflow import Agent, StreamingFlowExecutor
-    from trioflow.models.base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
+    from trioflow.models._base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
     from trioflow.web import RunRequest, WebConfig, create_app, serve
 
     go = trio.Event()

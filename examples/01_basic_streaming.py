@@ -22,7 +22,8 @@ import os
 
 import trio
 
-from trioflow import Agent, StreamingFlowExecutor, calculator
+from trioflow import Agent, StreamingFlowExecutor
+from trioflow.builtin import calculator
 from trioflow.models import open_model
 
 

@@ -32,15 +32,10 @@ from typing import Any
 
 import trio
 
-from trioflow import (
-    Agent,
-    Overflow,
-    StreamingFlowExecutor,
-    Subscription,
-    calculator,
-    format_duration,
-)
+from trioflow import Agent, Overflow, StreamingFlowExecutor, Subscription
+from trioflow.builtin import calculator
 from trioflow.models import open_model
+from trioflow.progress import format_duration
 
 BAR_WIDTH = 30
 

@@ -29,15 +29,10 @@ from collections import defaultdict
 
 import trio
 
-from trioflow import (
-    Agent,
-    FlowEvent,
-    StreamingFlowExecutor,
-    calculator,
-    format_duration,
-    open_event_bus,
-)
+from trioflow import Agent, FlowEvent, StreamingFlowExecutor, open_event_bus
+from trioflow.builtin import calculator
 from trioflow.models import open_model
+from trioflow.progress import format_duration
 
 TIMED_TYPES = {"step.completed", "tool.completed", "tool.failed"}
 

@@ -32,7 +32,8 @@ import signal
 import httpx
 import trio
 
-from trioflow import Agent, StreamingFlowExecutor, calculator
+from trioflow import Agent, StreamingFlowExecutor
+from trioflow.builtin import calculator
 from trioflow.client import sse_events
 from trioflow.models import Model, ScriptedModel, open_model
 from trioflow.web import AgentFactory, RunRequest, WebConfig, create_app, serve

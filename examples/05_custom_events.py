@@ -31,7 +31,8 @@ from typing import ClassVar, Self
 
 import trio
 
-from trioflow import Agent, EventBus, FlowEvent, StreamingFlowExecutor, calculator, open_event_bus
+from trioflow import Agent, EventBus, FlowEvent, StreamingFlowExecutor, open_event_bus
+from trioflow.builtin import calculator
 from trioflow.models import open_model
 
 

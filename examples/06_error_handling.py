@@ -41,11 +41,10 @@ from trioflow import (
     RetryPolicy,
     StreamingFlowExecutor,
     Tool,
-    calculator,
-    evaluate,
     retry,
     tool,
 )
+from trioflow.builtin import calculator, evaluate
 from trioflow.models import open_model
 
 

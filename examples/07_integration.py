@@ -32,7 +32,8 @@ import os
 
 import trio
 
-from trioflow import Agent, calculator
+from trioflow import Agent
+from trioflow.builtin import calculator
 from trioflow.cache import cached
 from trioflow.models import open_model
 from trioflow.services import ServiceManager, ServiceType

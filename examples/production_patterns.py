@@ -34,7 +34,8 @@ from pathlib import Path
 
 import trio
 
-from trioflow import Agent, FlowEvent, Overflow, StreamingFlowExecutor, calculator, open_event_bus
+from trioflow import Agent, FlowEvent, Overflow, StreamingFlowExecutor, open_event_bus
+from trioflow.builtin import calculator
 from trioflow.models import Model, open_model
 from trioflow.patterns import ErrorTracker, FlowMetrics, MetricsCollector, coalesce_tokens, preset
 from trioflow.recording import EventRecorder, RecordingWarning, replay

@@ -31,7 +31,8 @@ import signal
 
 import trio
 
-from trioflow import Agent, Run, StreamingFlowExecutor, calculator
+from trioflow import Agent, Run, StreamingFlowExecutor
+from trioflow.builtin import calculator
 from trioflow.models import Model, open_model
 
 TASKS = [

@@ -31,7 +31,8 @@ from typing import Literal
 
 import trio
 
-from trioflow import Agent, FlowEvent, StreamingFlowExecutor, evaluate, tool
+from trioflow import Agent, FlowEvent, StreamingFlowExecutor, tool
+from trioflow.builtin import evaluate
 from trioflow.client import ws_connect
 from trioflow.models import Model, ScriptedModel, open_model
 from trioflow.web import AgentFactory, RunRequest, WebConfig, create_app, serve

@@ -17,9 +17,9 @@ import trio
 import trio.testing
 
 from trioflow import Agent, FlowEvent, StreamingFlowExecutor
-from trioflow.models.base import Message, Model, ModelError, ModelEvent, RetryNotice
+from trioflow.models._base import Message, Model, ModelError, ModelEvent, RetryNotice
 from trioflow.supervise import RetryPolicy
-from trioflow.testing.anthropic_server import AnthropicServer, open_anthropic_server
+from trioflow.testing._anthropic_server import AnthropicServer, open_anthropic_server
 
 if TYPE_CHECKING:
     import subprocess
@@ -29,8 +29,9 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
     from trio_websocket import WebSocketConnection
 
-    from trioflow.models.claude import AnthropicModel
-    from trioflow.web import AgentFactory, RunHub, WebConfig
+    from trioflow.models._claude import AnthropicModel
+    from trioflow.web import AgentFactory, WebConfig
+    from trioflow.web._runs import RunHub
 
 
 # -- external programs ------------------------------------------------------------------
@@ -183,7 +184,7 @@ POLICY = RetryPolicy(attempts=4, base_delay=0.5, jitter=0)
 @pytest.fixture
 async def model(anthropic_server: AnthropicServer) -> AsyncIterator[AnthropicModel]:
     """An :class:`AnthropicModel` (the real SDK) talking to ``anthropic_server``, with ``POLICY``."""
-    from trioflow.models.claude import AnthropicModel
+    from trioflow.models._claude import AnthropicModel
 
     async with AnthropicModel(
         MODEL, api_key=KEY, base_url=anthropic_server.base_url, retry=POLICY
@@ -238,7 +239,7 @@ class WebServer:
 
     @property
     def hub(self) -> RunHub:
-        from trioflow.web import hub_of
+        from trioflow.web._app import hub_of
 
         return hub_of(self.app)
 

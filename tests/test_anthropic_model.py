@@ -39,7 +39,7 @@ from conftest import KEY, MODEL, POLICY, collect, collect_until_error, notices
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioflow.models.base import (
+from trioflow.models._base import (
     Message,
     Model,
     ModelError,
@@ -55,14 +55,14 @@ from trioflow.models.base import (
     TurnEnd,
     Usage,
 )
-from trioflow.models.claude import (
+from trioflow.models._claude import (
     DEFAULT_CLAUDE_MODEL,
     DEFAULT_CLAUDE_RETRY,
     AnthropicModel,
 )
 from trioflow.sse import SSEDecoder
 from trioflow.supervise import RetryPolicy
-from trioflow.testing.anthropic_server import (
+from trioflow.testing._anthropic_server import (
     AnthropicServer,
     DisconnectAfter,
     ErrorReply,

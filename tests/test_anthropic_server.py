@@ -22,7 +22,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trioflow.testing.anthropic_server import (
+from trioflow.testing._anthropic_server import (
     AnthropicServer,
     DisconnectAfter,
     ErrorEventAfter,

@@ -25,7 +25,8 @@ import trio
 from conftest import require, talker
 from playwright.sync_api import Page, expect, sync_playwright
 
-from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, calculator
+from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor
+from trioflow.builtin import calculator
 from trioflow.web import WebConfig, create_app, serve
 
 if TYPE_CHECKING:

@@ -11,15 +11,8 @@ import trio.testing
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from trioflow import (
-    Agent,
-    ScriptedModel,
-    StreamingFlowExecutor,
-    ToolCall,
-    Turn,
-    calculator,
-    tool,
-)
+from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, ToolCall, Turn, tool
+from trioflow.builtin import calculator
 from trioflow.cache import (
     Cache,
     CacheObserver,

@@ -163,7 +163,7 @@ def test_run_json_loads_no_web_stack():
 
 
 def test_feature_packages_do_not_import_the_cli():
-    code = "import trioflow.web.app, trioflow.web.defaults, trioflow.client, trioflow.recording"
+    code = "import trioflow.web._app, trioflow.web._defaults, trioflow.client, trioflow.recording"
     loaded = heavy_modules_after(code)
     assert not [m for m in loaded if m.startswith("trioflow.")], loaded
 

@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioflow import FlowEvent, HistoryExpired, RetryPolicy
-from trioflow.cli.watch import events_url
+from trioflow.cli._watch import events_url
 from trioflow.client import (
     ConnectionClosed,
     ResumeExpired,

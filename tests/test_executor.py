@@ -17,10 +17,10 @@ from trioflow import (
     ScriptedModel,
     StreamingFlowExecutor,
     Turn,
-    calculator,
     open_event_bus,
     tool,
 )
+from trioflow.builtin import calculator
 from trioflow.models import RetryNotice, ToolCall
 
 

@@ -21,9 +21,9 @@ from trioflow import (
     ScriptedModel,
     StreamingFlowExecutor,
     Turn,
-    calculator,
     open_event_bus,
 )
+from trioflow.builtin import calculator
 from trioflow.patterns import (
     PRESETS,
     ErrorTracker,

@@ -29,10 +29,10 @@ from trioflow import (
     ScriptedModel,
     StreamingFlowExecutor,
     Turn,
-    calculator,
     cli,
     open_event_bus,
 )
+from trioflow.builtin import calculator
 from trioflow.patterns import MetricsCollector, coalesce_tokens
 from trioflow.recording import (
     EventRecorder,

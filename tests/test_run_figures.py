@@ -21,10 +21,10 @@ from trioflow import (
     ScriptedModel,
     ToolCall,
     Turn,
-    calculator,
     open_event_bus,
     open_executor,
 )
+from trioflow.builtin import calculator
 from trioflow.figures import COUNT_KEYS, RunFigures, iteration_usage, measured_duration
 from trioflow.models import ModelEvent, RetryNotice, TextDelta
 from trioflow.patterns import MetricsCollector

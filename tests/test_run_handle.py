@@ -31,10 +31,11 @@ from trioflow import (
 from trioflow.bus import Overflow
 from trioflow.demo import default_agent, default_agent_factory
 from trioflow.events import EventType
-from trioflow.models.base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
+from trioflow.models._base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
 from trioflow.recording import EventRecorder, start_replay
-from trioflow.web import create_app, hub_of
-from trioflow.web.errors import ApiError
+from trioflow.web import create_app
+from trioflow.web._app import hub_of
+from trioflow.web._errors import ApiError
 
 
 def saying(words: int = 5) -> Agent:
@@ -286,9 +287,9 @@ async def test_a_full_subscriber_still_applies_backpressure() -> None:
 
 
 def test_the_web_layer_does_not_name_the_calculator() -> None:
-    import trioflow.web.runs
+    import trioflow.web._runs
 
-    assert "calculator" not in Path(trioflow.web.runs.__file__).read_text()
+    assert "calculator" not in Path(trioflow.web._runs.__file__).read_text()
     agent = default_agent()
     assert [t.name for t in agent.tools] == ["calculator"]
     make = default_agent_factory(max_iterations=3)

@@ -8,8 +8,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trioflow.arithmetic import calculator
-from trioflow.models.base import (
+from trioflow.builtin import calculator
+from trioflow.models._base import (
     Message,
     Model,
     ModelError,
@@ -25,7 +25,7 @@ from trioflow.models.base import (
     TurnEnd,
     Usage,
 )
-from trioflow.models.scripted import ScriptedModel, Turn, find_expression, tokenize
+from trioflow.models._scripted import ScriptedModel, Turn, find_expression, tokenize
 
 CALCULATOR = calculator.spec()
 OTHER_TOOL = ToolSpec("search", "Search.", {"type": "object", "properties": {}})

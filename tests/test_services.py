@@ -14,7 +14,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from trioflow import Agent, EventBus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
+from trioflow import Agent, EventBus, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.builtin import calculator
 from trioflow.cache import MemoryCache
 from trioflow.services import (
     MemoryStorage,

@@ -25,9 +25,9 @@ from trioflow import (
     StreamingFlowExecutor,
     ToolCall,
     Turn,
-    calculator,
     open_event_bus,
 )
+from trioflow.builtin import calculator
 from trioflow.models import RetryNotice
 from trioflow.telemetry import (
     HANDLED_TYPES,

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow.models.base import ToolSpec
+from trioflow.models._base import ToolSpec
 from trioflow.tools import (
     Tool,
     ToolError,

@@ -15,15 +15,15 @@ from hypercorn.trio import serve as hypercorn_serve
 from starlette.middleware.gzip import GZipMiddleware
 
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
-from trioflow.web import WebConfig, create_app, hub_of
-from trioflow.web.app import direct_writes
-from trioflow.web.fanout import EventFanout, FanoutTarget, chunk
-from trioflow.web.sse import new_fanout
+from trioflow.web import WebConfig, create_app
+from trioflow.web._app import direct_writes, hub_of
+from trioflow.web._fanout import EventFanout, FanoutTarget, chunk
+from trioflow.web._sse import new_fanout
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer
 
-    from trioflow.web import RunHub
+    from trioflow.web._runs import RunHub
 
 
 async def joined_fanout(hub: RunHub, run_id: str, targets: int) -> EventFanout:

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from trioflow import StreamingFlowExecutor
 from trioflow.web import WebConfig, create_app, serve
-from trioflow.web.app import MetricsRenderer
-from trioflow.web.defaults import open_metrics
+from trioflow.web._app import MetricsRenderer
+from trioflow.web._defaults import open_metrics
 
 
 @asynccontextmanager

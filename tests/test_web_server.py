@@ -19,7 +19,8 @@ from trio_websocket import ConnectionClosed
 
 from trioflow import StreamingFlowExecutor
 from trioflow.cli import main as cli_main
-from trioflow.web import WebConfig, create_app, hub_of, serve
+from trioflow.web import WebConfig, create_app, serve
+from trioflow.web._app import hub_of
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, OpenWS, StartWebServer, WebServer

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from trioflow import FlowEvent, StreamingFlowExecutor
 from trioflow.web import ERROR_EVENT, RunRequest, create_app
-from trioflow.web.sse import KEEPALIVE, encode_error, encode_event, event_name
+from trioflow.web._sse import KEEPALIVE, encode_error, encode_event, event_name
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, SSEFrame, StartWebServer, WebServer

@@ -5,11 +5,8 @@ their concept (:mod:`trioflow.events`, :mod:`trioflow.bus`, ...).
 """
 
 from trioflow._version import __version__
-from trioflow.agent import Agent, AgentResult, Emit, MaxIterationsExceeded, RunControl
-from trioflow.arithmetic import CalculationError, calculator, evaluate
+from trioflow.agent import Agent, AgentResult, MaxIterationsExceeded
 from trioflow.bus import (
-    DEFAULT_EVENTS,
-    STREAMING_EVENTS,
     BusStatistics,
     EventBus,
     EventFilter,
@@ -23,15 +20,12 @@ from trioflow.bus import (
 )
 from trioflow.cache import Cache, MemoryCache, cached
 from trioflow.events import (
-    LEGACY_TYPE_NAMES,
     TERMINAL_TYPES,
     EventType,
     FlowEvent,
     OutputText,
-    check_event_types,
     known_event_types,
     register_event_type,
-    validate_event_type,
 )
 from trioflow.executor import Run, RunResult, RunStatus, StreamingFlowExecutor, open_executor
 from trioflow.handle import CancelReason, OnDisconnect, RunHandle
@@ -46,7 +40,7 @@ from trioflow.models import (
     Usage,
     open_model,
 )
-from trioflow.progress import FlowProgress, format_duration
+from trioflow.progress import FlowProgress
 from trioflow.services import (
     ServiceCycleError,
     ServiceManager,
@@ -57,8 +51,6 @@ from trioflow.services import (
 )
 from trioflow.settings import Settings, SettingsError
 from trioflow.supervise import (
-    Crash,
-    Emitter,
     RestartPolicy,
     RetryAttempt,
     RetryPolicy,
@@ -77,19 +69,12 @@ from trioflow.tools import (
 )
 
 __all__ = [
-    "DEFAULT_EVENTS",
-    "LEGACY_TYPE_NAMES",
-    "STREAMING_EVENTS",
     "TERMINAL_TYPES",
     "Agent",
     "AgentResult",
     "BusStatistics",
     "Cache",
-    "CalculationError",
     "CancelReason",
-    "Crash",
-    "Emit",
-    "Emitter",
     "EventBus",
     "EventFilter",
     "EventHistory",
@@ -112,7 +97,6 @@ __all__ = [
     "RetryAttempt",
     "RetryPolicy",
     "Run",
-    "RunControl",
     "RunHandle",
     "RunResult",
     "RunStatus",
@@ -139,11 +123,7 @@ __all__ = [
     "Usage",
     "__version__",
     "cached",
-    "calculator",
-    "check_event_types",
     "current_services",
-    "evaluate",
-    "format_duration",
     "known_event_types",
     "open_default_services",
     "open_event_bus",
@@ -153,5 +133,4 @@ __all__ = [
     "retry",
     "supervise",
     "tool",
-    "validate_event_type",
 ]

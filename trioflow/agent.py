@@ -53,7 +53,7 @@ from trioflow.events import (
     ToolFailedData,
     ToolStartedData,
 )
-from trioflow.models.base import (
+from trioflow.models._base import (
     Message,
     Model,
     ModelError,
@@ -239,7 +239,7 @@ class Agent:
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1, not {max_iterations}")
         if model is None:
-            from trioflow.models.scripted import ScriptedModel
+            from trioflow.models._scripted import ScriptedModel
 
             model = ScriptedModel()
         self.model = model

@@ -2,7 +2,7 @@
 
 The CLI (``trioflow run``, ``trioflow serve``) and the web server
 (:func:`trioflow.web.create_app` without ``agent=``) run :func:`default_agent`:
-a model with the built-in :data:`~trioflow.calculator` tool (the offline
+a model with the built-in :data:`~trioflow.builtin.calculator` tool (the offline
 :class:`~trioflow.models.ScriptedModel` unless a model is given). Nothing
 else in trioflow names the calculator, so the agent a server runs is pure
 configuration: pass your own :class:`~trioflow.Agent`, or a factory, instead.
@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from trioflow.agent import Agent
-from trioflow.arithmetic import calculator
-from trioflow.models.base import Model
-from trioflow.models.scripted import ScriptedModel
+from trioflow.builtin import calculator
+from trioflow.models._base import Model
+from trioflow.models._scripted import ScriptedModel
 
 __all__ = ["default_agent", "default_agent_factory"]
 

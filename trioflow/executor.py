@@ -68,7 +68,7 @@ from trioflow.events import (
 )
 from trioflow.figures import RunFigures
 from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
-from trioflow.models.base import ModelError, Usage
+from trioflow.models._base import ModelError, Usage
 from trioflow.progress import FlowProgress
 from trioflow.protocol import encode_event
 

@@ -2,10 +2,10 @@ r"""The Server-Sent Events codec: :func:`encode` a frame, :class:`SSEDecoder` a 
 
 One implementation of the ``text/event-stream`` format (as the HTML Living
 Standard defines it) for every part of trioflow that speaks it: the server's
-event stream (:mod:`trioflow.web.sse`), its client
+event stream (:mod:`trioflow.web._sse`), its client
 (:mod:`trioflow.client`), the Claude model reading the Messages API's stream
-(:mod:`trioflow.models.claude`) and the Anthropic test server
-(:mod:`trioflow.testing.anthropic_server`). It needs nothing beyond the
+(:mod:`trioflow.models._claude`) and the Anthropic test server
+(:mod:`trioflow.testing._anthropic_server`). It needs nothing beyond the
 standard library.
 
 Encoding::

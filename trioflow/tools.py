@@ -32,7 +32,7 @@ from typing import Any, Literal, overload
 
 import trio
 
-from trioflow.models.base import ToolSpec
+from trioflow.models._base import ToolSpec
 
 __all__ = [
     "Tool",
@@ -52,7 +52,7 @@ class ToolError(Exception):
     """A tool could not do what it was asked; the base of this module's errors.
 
     Tool functions may raise it (or a subclass) for failures the model should
-    hear about in plain words, such as :class:`trioflow.arithmetic.CalculationError`.
+    hear about in plain words, such as :class:`trioflow.builtin.CalculationError`.
     """
 
 

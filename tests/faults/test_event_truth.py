@@ -23,11 +23,11 @@ from trioflow import (
     EventType,
     FlowEvent,
     StreamingFlowExecutor,
-    calculator,
     open_event_bus,
     register_event_type,
 )
-from trioflow.cli.console import RichRenderer
+from trioflow.builtin import calculator
+from trioflow.cli._console import RichRenderer
 from trioflow.models import ModelError, ScriptedModel, Turn
 from trioflow.patterns import event_predicate, filter_events, preset
 

@@ -1,7 +1,7 @@
 """Faults of a run's outside world, and what trioflow guarantees when they happen.
 
 The model's faults are played by the local Anthropic protocol server
-(:mod:`trioflow.testing.anthropic_server`) on 127.0.0.1, driven by the real
+(:mod:`trioflow.testing._anthropic_server`) on 127.0.0.1, driven by the real
 ``anthropic`` SDK (nothing of it is mocked): rate limits and overload
 (``429``/``529``, with or without ``retry-after``), server errors, streams
 cut mid-text, ``error`` events mid-stream, corrupt stream data. The tools'
@@ -42,7 +42,7 @@ from trioflow import (
     open_event_bus,
     tool,
 )
-from trioflow.models.base import (
+from trioflow.models._base import (
     ModelEvent,
     RetryNotice,
     StopReason,
@@ -50,9 +50,9 @@ from trioflow.models.base import (
     TurnEnd,
     Usage,
 )
-from trioflow.models.claude import AnthropicModel
+from trioflow.models._claude import AnthropicModel
 from trioflow.supervise import RetryPolicy
-from trioflow.testing.anthropic_server import (
+from trioflow.testing._anthropic_server import (
     AnthropicServer,
     DisconnectAfter,
     ErrorEventAfter,

@@ -25,8 +25,8 @@ import trio
 from conftest import CLI_ENV, timed, write_recording
 
 from trioflow import FlowEvent, RunStatus, cli, open_event_bus
-from trioflow.cli import replay as replay_command
-from trioflow.cli.common import MAX_WARNINGS
+from trioflow.cli import _replay as replay_command
+from trioflow.cli._common import MAX_WARNINGS
 from trioflow.patterns import coalesce_tokens
 from trioflow.recording import (
     DEFAULT_MAX_GAP,
@@ -344,7 +344,7 @@ async def test_max_gap_is_in_recorded_seconds_and_inf_or_none_disables_it(autoju
 
 
 def test_replay_and_serve_default_to_the_5_s_max_gap_and_take_inf(capsys):
-    from trioflow.cli import serve as serve_command
+    from trioflow.cli import _serve as serve_command
 
     for module, argv in ((replay_command, ["f.jsonl"]), (serve_command, ["--replay", "f.jsonl"])):
         parser = argparse.ArgumentParser()

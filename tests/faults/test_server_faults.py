@@ -29,7 +29,8 @@ import trio
 import trio.testing
 from conftest import assert_error, http_client, start_run, talker
 
-from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn, calculator
+from trioflow import Agent, RunStatus, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.builtin import calculator
 from trioflow.recording import EventRecorder
 from trioflow.web import WebConfig, create_app, serve
 
@@ -478,7 +479,7 @@ def test_serve_out_of_file_descriptors_logs_once_and_recovers(tmp_path: Path) ->
 def test_serve_runs_have_a_default_time_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    from trioflow.cli.serve import DEFAULT_RUN_TIMEOUT, add_arguments
+    from trioflow.cli._serve import DEFAULT_RUN_TIMEOUT, add_arguments
 
     monkeypatch.delenv("TRIOFLOW_TIMEOUT", raising=False)
 

@@ -8,12 +8,12 @@ event per line instead, for pipes. Exit status: 0 when the run completed,
 ``flow.cancelled`` event was shown), 2 for bad usage.
 
 Each subcommand is a module of this package, registered in
-:data:`SUBCOMMANDS`: :mod:`~trioflow.cli.run`, :mod:`~trioflow.cli.serve`,
-:mod:`~trioflow.cli.watch` and :mod:`~trioflow.cli.replay`, each with a
+:data:`SUBCOMMANDS`: :mod:`~trioflow.cli._run`, :mod:`~trioflow.cli._serve`,
+:mod:`~trioflow.cli._watch` and :mod:`~trioflow.cli._replay`, each with a
 ``HELP`` string, an ``add_arguments(parser)`` function and a
 ``main(args) -> int`` function. What they share (option types, common
-options, signals) is in :mod:`~trioflow.cli.common`; the terminal views are
-in :mod:`~trioflow.cli.console`. Building the parser imports only those
+options, signals) is in :mod:`~trioflow.cli._common`; the terminal views are
+in :mod:`~trioflow.cli._console`. Building the parser imports only those
 light modules: a subcommand imports the feature it drives (the web server,
 the clients, ...) when it runs, so that ``trioflow --help`` and ``trioflow
 run`` start without loading the web stack.
@@ -30,17 +30,17 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from trioflow import __version__
-from trioflow.cli.common import UsageError
-from trioflow.cli.console import EXIT_USAGE
+from trioflow.cli._common import UsageError
+from trioflow.cli._console import EXIT_USAGE
 from trioflow.settings import SettingsError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "run": ("trioflow.cli.run", ()),
-    "serve": ("trioflow.cli.serve", ("hypercorn", "starlette")),
-    "watch": ("trioflow.cli.watch", ("httpx", "trio_websocket")),
-    "replay": ("trioflow.cli.replay", ()),
+    "run": ("trioflow.cli._run", ()),
+    "serve": ("trioflow.cli._serve", ("hypercorn", "starlette")),
+    "watch": ("trioflow.cli._watch", ("httpx", "trio_websocket")),
+    "replay": ("trioflow.cli._replay", ()),
 }
 """The subcommands: name -> (module, the distributions' top-level modules it needs).
 

@@ -9,13 +9,13 @@
   reports; :class:`ConnectionClosed` (trio-websocket's) carries a WebSocket's
   close code and reason.
 
-``trioflow watch URL`` (:mod:`trioflow.cli.watch`) shows a run's events
+``trioflow watch URL`` (:mod:`trioflow.cli._watch`) shows a run's events
 in the terminal the way ``trioflow run`` does.
 """
 
-from trioflow.client.errors import ResumeExpired, StreamError
-from trioflow.client.sse import ServerSentEvent, SSEDecoder, SSEEventStream, sse_events
-from trioflow.client.ws import ConnectionClosed, WsConnection, ws_connect
+from trioflow.client._errors import ResumeExpired, StreamError
+from trioflow.client._sse import ServerSentEvent, SSEDecoder, SSEEventStream, sse_events
+from trioflow.client._ws import ConnectionClosed, WsConnection, ws_connect
 
 __all__ = [
     "ConnectionClosed",

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from trioflow.models.base import (
+from trioflow.models._base import (
     ContentBlock,
     Message,
     Model,
@@ -32,10 +32,10 @@ from trioflow.models.base import (
     TurnEnd,
     Usage,
 )
-from trioflow.models.scripted import ScriptedModel, Turn, TurnFactory
+from trioflow.models._scripted import ScriptedModel, Turn, TurnFactory
 
 if TYPE_CHECKING:
-    from trioflow.models.claude import AnthropicModel
+    from trioflow.models._claude import AnthropicModel
 
 __all__ = [
     "AnthropicModel",
@@ -65,7 +65,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # AnthropicModel needs the optional ``anthropic`` SDK: import it on first use.
     if name == "AnthropicModel":
-        from trioflow.models.claude import AnthropicModel
+        from trioflow.models._claude import AnthropicModel
 
         return AnthropicModel
     raise AttributeError(f"module 'trioflow.models' has no attribute {name!r}")
@@ -100,7 +100,7 @@ async def open_model(
         yield ScriptedModel(pace=pace)
         return
     if chosen == "claude" or chosen.startswith("claude-"):
-        from trioflow.models.claude import AnthropicModel
+        from trioflow.models._claude import AnthropicModel
 
         kwargs = dict(options)
         if chosen != "claude":

@@ -6,7 +6,7 @@ real ``anthropic`` SDK (and :class:`~trioflow.models.AnthropicModel`) over real
 HTTP on ``127.0.0.1``.
 """
 
-from trioflow.testing.anthropic_server import (
+from trioflow.testing._anthropic_server import (
     AnthropicServer,
     AnthropicServerStatistics,
     DisconnectAfter,

@@ -19,19 +19,19 @@
 
     trio.run(main)
 
-The modules, one concept each: :mod:`~trioflow.web.app` (the application
-and its HTTP endpoints), :mod:`~trioflow.web.sse` (the event stream, its
-framing and its error events), :mod:`~trioflow.web.fanout` (one run's
-events encoded once and written to every watching connection), :mod:`~trioflow.web.ws` (the WebSocket
-protocol), :mod:`~trioflow.web.auth` (token and ``Origin``),
-:mod:`~trioflow.web.errors` (the JSON error shape),
-:mod:`~trioflow.web.runs` (requests, watchers, draining),
-:mod:`~trioflow.web.server` (Hypercorn and graceful shutdown),
-:mod:`~trioflow.web.config` (the options) and
-:mod:`~trioflow.web.defaults` (the agents and metrics of ``trioflow serve``,
-whose command is :mod:`trioflow.cli.serve`).
+The modules, one concept each: :mod:`~trioflow.web._app` (the application
+and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
+framing and its error events), :mod:`~trioflow.web._fanout` (one run's
+events encoded once and written to every watching connection), :mod:`~trioflow.web._ws` (the WebSocket
+protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),
+:mod:`~trioflow.web._errors` (the JSON error shape),
+:mod:`~trioflow.web._runs` (requests, watchers, draining),
+:mod:`~trioflow.web._server` (Hypercorn and graceful shutdown),
+:mod:`~trioflow.web._config` (the options) and
+:mod:`~trioflow.web._defaults` (the agents and metrics of ``trioflow serve``,
+whose command is :mod:`trioflow.cli._serve`).
 
-The names below are imported on first use: ``import trioflow.web.config``
+The names below are imported on first use: ``import trioflow.web._config``
 does not load Starlette or Hypercorn.
 """
 
@@ -41,29 +41,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from trioflow.web.app import create_app, hub_of
-    from trioflow.web.config import TOKEN_ENV, WebConfig
-    from trioflow.web.defaults import agent_factory, open_metrics
-    from trioflow.web.errors import ApiError
-    from trioflow.web.runs import AgentFactory, OnDisconnect, RunHub, RunRequest
-    from trioflow.web.server import serve
-    from trioflow.web.sse import ERROR_EVENT, RENAMED_EVENTS
+    from trioflow.web._app import create_app
+    from trioflow.web._config import TOKEN_ENV, WebConfig
+    from trioflow.web._defaults import agent_factory, open_metrics
+    from trioflow.web._errors import ApiError
+    from trioflow.web._runs import AgentFactory, OnDisconnect, RunRequest
+    from trioflow.web._server import serve
+    from trioflow.web._sse import ERROR_EVENT, RENAMED_EVENTS
 
 _SOURCES = {
-    "ERROR_EVENT": "sse",
-    "RENAMED_EVENTS": "sse",
-    "TOKEN_ENV": "config",
-    "AgentFactory": "runs",
-    "ApiError": "errors",
-    "OnDisconnect": "runs",
-    "RunHub": "runs",
-    "RunRequest": "runs",
-    "WebConfig": "config",
-    "agent_factory": "defaults",
-    "create_app": "app",
-    "hub_of": "app",
-    "open_metrics": "defaults",
-    "serve": "server",
+    "ERROR_EVENT": "_sse",
+    "RENAMED_EVENTS": "_sse",
+    "TOKEN_ENV": "_config",
+    "AgentFactory": "_runs",
+    "ApiError": "_errors",
+    "OnDisconnect": "_runs",
+    "RunRequest": "_runs",
+    "WebConfig": "_config",
+    "agent_factory": "_defaults",
+    "create_app": "_app",
+    "open_metrics": "_defaults",
+    "serve": "_server",
 }
 
 __all__ = [
@@ -73,12 +71,10 @@ __all__ = [
     "AgentFactory",
     "ApiError",
     "OnDisconnect",
-    "RunHub",
     "RunRequest",
     "WebConfig",
     "agent_factory",
     "create_app",
-    "hub_of",
     "open_metrics",
     "serve",
 ]

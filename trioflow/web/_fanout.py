@@ -30,7 +30,7 @@ event bus closes, when its own subscription is evicted (the process could not
 keep up with the run at all: every target is evicted), or when its last
 target leaves. Connections read the run through a subscription of their own
 until they have caught up with the fan-out, then join it (see
-:class:`~trioflow.web.sse.EventStreamResponse`).
+:class:`~trioflow.web._sse.EventStreamResponse`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import trio
 from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.history import HistoryExpired
-from trioflow.web.connections import GuardedStream
+from trioflow.web._connections import GuardedStream
 
 if TYPE_CHECKING:
     from trioflow.handle import RunHandle
@@ -107,7 +107,7 @@ class FanoutTarget:
 
     Made by :meth:`EventFanout.add`; the connection's task calls
     :meth:`wait`, :meth:`take` and :meth:`go_direct` (see
-    :class:`~trioflow.web.sse.EventStreamResponse`) and leaves with
+    :class:`~trioflow.web._sse.EventStreamResponse`) and leaves with
     :meth:`EventFanout.discard`.
 
     Args:
@@ -248,7 +248,7 @@ class FanoutTarget:
 class EventFanout:
     """Reads one run once and writes each batch of its events to every :class:`FanoutTarget`.
 
-    Made and started by :meth:`~trioflow.web.runs.RunHub.fanout`; see the
+    Made and started by :meth:`~trioflow.web._runs.RunHub.fanout`; see the
     module documentation.
 
     Args:

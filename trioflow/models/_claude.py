@@ -49,7 +49,7 @@ import trio
 from anthropic.types import RawMessageStreamEvent
 
 from trioflow._json import loads as _loads
-from trioflow.models.base import (
+from trioflow.models._base import (
     Message,
     ModelError,
     ModelEvent,

@@ -176,7 +176,7 @@ def add_timeout_option(
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """``--json`` and ``--plain``: the views of :func:`~trioflow.cli.console.open_renderer`."""
+    """``--json`` and ``--plain``: the views of :func:`~trioflow.cli._console.open_renderer`."""
     parser.add_argument("--json", action="store_true", help="write one JSON event per line")
     parser.add_argument("--plain", action="store_true", help="plain text output (no live view)")
 

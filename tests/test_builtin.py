@@ -12,8 +12,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import trioflow.arithmetic
-from trioflow.arithmetic import (
+import trioflow.builtin
+from trioflow.builtin import (
     MAX_EXPRESSION_LENGTH,
     MAX_NESTING_DEPTH,
     CalculationError,
@@ -159,14 +159,14 @@ def test_calculation_error_is_a_tool_error() -> None:
 
 
 def test_calculator_module_never_runs_code() -> None:
-    source = Path(trioflow.arithmetic.__file__).read_text(encoding="utf-8")
+    source = Path(trioflow.builtin.__file__).read_text(encoding="utf-8")
     assert re.search(r"\b(eval|exec|compile)\b", source) is None
 
 
 # -- property: the parser agrees with Python's arithmetic ----------------------------
 
 _ATOM, _POWER, _UNARY, _MUL, _ADD = 5, 4, 3, 2, 1
-_MAX_BITS = trioflow.arithmetic.MAX_RESULT_BITS
+_MAX_BITS = trioflow.builtin.MAX_RESULT_BITS
 
 
 class _Failure(str):

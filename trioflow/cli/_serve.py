@@ -51,7 +51,7 @@ from typing import IO, TYPE_CHECKING
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.cli.common import (
+from trioflow.cli._common import (
     TOKEN_ENV,
     add_max_gap_option,
     add_model_option,
@@ -64,7 +64,7 @@ from trioflow.cli.common import (
     print_warnings,
     watch_signals,
 )
-from trioflow.cli.console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import ModelError, open_model
 from trioflow.recording import RecordingError, ReplayRun, empty_recording, start_replay
@@ -72,8 +72,8 @@ from trioflow.settings import Settings, check_token
 
 if TYPE_CHECKING:
     from trioflow.bus import EventBus
-    from trioflow.web.app import MetricsRenderer
-    from trioflow.web.config import WebConfig
+    from trioflow.web._app import MetricsRenderer
+    from trioflow.web._config import WebConfig
 
 __all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "main"]
 
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Raises:
         SettingsError: a ``TRIOFLOW_*`` variable has a bad value.
     """
-    from trioflow.web.config import WebConfig  # light: no web stack
+    from trioflow.web._config import WebConfig  # light: no web stack
 
     defaults = WebConfig()
     settings = Settings.from_env()
@@ -225,9 +225,9 @@ async def _start_replay(
 
 async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> int:
     # The web stack, imported when serving only: the parser stays light.
-    from trioflow.web.app import create_app, hub_of
-    from trioflow.web.defaults import agent_factory, open_metrics
-    from trioflow.web.server import serve
+    from trioflow.web._app import create_app, hub_of
+    from trioflow.web._defaults import agent_factory, open_metrics
+    from trioflow.web._server import serve
 
     async with AsyncExitStack() as stack:
         model = await stack.enter_async_context(open_model(args.model, pace=args.pace))
@@ -313,7 +313,7 @@ def _token(flag: str | None) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``trioflow serve`` with parsed ``args``; return the exit status."""
-    from trioflow.web.config import WebConfig
+    from trioflow.web._config import WebConfig
 
     try:
         token = _token(args.token)

@@ -8,7 +8,7 @@ import re
 import resource
 from pathlib import Path
 
-from trioflow.web.hosts import LOOPBACK_NAMES, HostAllowList, is_loopback, is_wildcard, parse_host
+from trioflow.web._hosts import LOOPBACK_NAMES, HostAllowList, is_loopback, is_wildcard, parse_host
 
 __all__ = ["DEFAULT_STATIC_DIR", "TOKEN_ENV", "WebConfig", "default_max_connections"]
 
@@ -133,7 +133,7 @@ class WebConfig:
     """Log every request (to the ``trioflow.web`` logger)."""
     direct_writes: bool = True
     """Under :func:`~trioflow.web.serve`, let event streams write their chunks
-    straight to the socket (:mod:`trioflow.web.fanout`) instead of through
+    straight to the socket (:mod:`trioflow.web._fanout`) instead of through
     the ASGI ``send``. Much cheaper per event; turned off by itself when
     ASGI middleware was added to the application after
     :func:`~trioflow.web.create_app` (it would not see the event streams'

@@ -40,8 +40,8 @@ from typing import IO
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.cli.common import TOKEN_ENV, add_output_options, non_negative_int, watch_signals
-from trioflow.cli.console import (
+from trioflow.cli._common import TOKEN_ENV, add_output_options, non_negative_int, watch_signals
+from trioflow.cli._console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,

@@ -9,16 +9,16 @@
 ``GET /runs``               every retained run (``?status=running,completed`` to filter)
 ``GET /runs/{id}``          one run: status, progress, counts, output, result
 ``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished)
-``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web.sse`)
-``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web.ws`)
+``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`)
+``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
                             was given (``404`` otherwise); it needs the token like every
                             other API endpoint (a scraper sends ``Authorization: Bearer``)
 ==========================  ===============================================================
 
 Every answer is JSON; errors are ``{"error": {"code", "message"}}`` with a
-fitting status (:mod:`trioflow.web.errors`). Access control (token,
-``Origin``) is :mod:`trioflow.web.auth`. Starlette does the routing and the
+fitting status (:mod:`trioflow.web._errors`). Access control (token,
+``Origin``) is :mod:`trioflow.web._auth`. Starlette does the routing and the
 request handling; it runs on Trio through anyio.
 """
 
@@ -43,12 +43,12 @@ from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import RunHandle
-from trioflow.web.auth import AccessControl
-from trioflow.web.config import WebConfig
-from trioflow.web.errors import EXCEPTION_HANDLERS, ApiError
-from trioflow.web.runs import AgentFactory, RunHub, RunRequest, resume_point
-from trioflow.web.sse import EventStreamResponse
-from trioflow.web.ws import run_socket, socket
+from trioflow.web._auth import AccessControl
+from trioflow.web._config import WebConfig
+from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
+from trioflow.web._runs import AgentFactory, RunHub, RunRequest, resume_point
+from trioflow.web._sse import EventStreamResponse
+from trioflow.web._ws import run_socket, socket
 
 __all__ = ["MetricsRenderer", "create_app", "direct_writes", "hub_of"]
 
@@ -68,7 +68,7 @@ def _hub(request: Request) -> RunHub:
 
 
 def hub_of(app: Starlette) -> RunHub:
-    """The :class:`~trioflow.web.runs.RunHub` of an app made by :func:`create_app`.
+    """The :class:`~trioflow.web._runs.RunHub` of an app made by :func:`create_app`.
 
     Raises:
         TypeError: ``app`` was not made by :func:`create_app`.
@@ -310,7 +310,7 @@ def create_app(
 
     Returns:
         A Starlette application; ``app.state.trioflow`` is its
-        :class:`~trioflow.web.runs.RunHub`.
+        :class:`~trioflow.web._runs.RunHub`.
     """
     config = config or WebConfig()
     hub = RunHub(executor, agent, config)

@@ -65,9 +65,9 @@ from trioflow.bus import Overflow, SubscriberEvicted
 from trioflow.handle import RunHandle
 from trioflow.history import HistoryExpired
 from trioflow.protocol import EVICTED, HISTORY_EXPIRED
-from trioflow.web.auth import deny_websocket
-from trioflow.web.errors import ApiError
-from trioflow.web.runs import RunHub, RunRequest, Watch, resume_point
+from trioflow.web._auth import deny_websocket
+from trioflow.web._errors import ApiError
+from trioflow.web._runs import RunHub, RunRequest, Watch, resume_point
 
 __all__ = ["run_socket", "socket"]
 

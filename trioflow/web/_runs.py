@@ -24,12 +24,12 @@ from trioflow import demo
 from trioflow.agent import Agent
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.handle import CancelReason, OnDisconnect, RunHandle
-from trioflow.web.config import WebConfig
-from trioflow.web.errors import ApiError
+from trioflow.web._config import WebConfig
+from trioflow.web._errors import ApiError
 
 if TYPE_CHECKING:
     from trioflow.recording import ReplayRun
-    from trioflow.web.fanout import EventFanout
+    from trioflow.web._fanout import EventFanout
 
 __all__ = [
     "AgentFactory",
@@ -395,14 +395,14 @@ class RunHub:
     async def fanout(
         self, run: RunHandle, factory: Callable[[RunHandle, WebConfig], EventFanout]
     ) -> EventFanout | None:
-        """The run's :class:`~trioflow.web.fanout.EventFanout`, claimed, started with ``factory`` if none runs.
+        """The run's :class:`~trioflow.web._fanout.EventFanout`, claimed, started with ``factory`` if none runs.
 
-        The caller holds a :meth:`~trioflow.web.fanout.EventFanout.claim` on
-        it and must :meth:`~trioflow.web.fanout.EventFanout.release` it
+        The caller holds a :meth:`~trioflow.web._fanout.EventFanout.claim` on
+        it and must :meth:`~trioflow.web._fanout.EventFanout.release` it
         (after joining, or when giving up). The fan-out runs in the server's
         nursery until the run ends, or its last connection leaves with no
         claim left; the hub forgets it then. One started by another
-        connection may not be :attr:`~trioflow.web.fanout.EventFanout.ready`
+        connection may not be :attr:`~trioflow.web._fanout.EventFanout.ready`
         yet. Returns ``None`` when there is no nursery to run one in (the
         application's lifespan is not running) or the run has ended: the
         connection streams on its own then.

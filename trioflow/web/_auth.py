@@ -7,7 +7,7 @@ Host
     loopback names and the bound address); ``403`` ``forbidden_host``
     otherwise, before the token is looked at. This defeats DNS rebinding,
     where a page of another site reaches a local server under its own name
-    (:mod:`trioflow.web.hosts`). ``/healthz`` answers any ``Host``: load
+    (:mod:`trioflow.web._hosts`). ``/healthz`` answers any ``Host``: load
     balancers probe it by address.
 
 Token
@@ -43,8 +43,8 @@ from collections.abc import Collection
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from trioflow.web.errors import ApiError
-from trioflow.web.hosts import ANY_HOST, HostAllowList
+from trioflow.web._errors import ApiError
+from trioflow.web._hosts import ANY_HOST, HostAllowList
 
 __all__ = ["ANY_HOST_PATHS", "PUBLIC_PATHS", "AccessControl"]
 

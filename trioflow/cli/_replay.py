@@ -32,14 +32,14 @@ from typing import IO
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.cli.common import (
+from trioflow.cli._common import (
     add_max_gap_option,
     add_output_options,
     playback_speed,
     print_warnings,
     watch_signals,
 )
-from trioflow.cli.console import (
+from trioflow.cli._console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,

@@ -44,7 +44,7 @@ from trio_websocket import (
 )
 
 from trioflow._util import collapse_single_group
-from trioflow.client.errors import StreamError
+from trioflow.client._errors import StreamError
 from trioflow.events import FlowEvent
 from trioflow.protocol import RESUMABLE_CODES
 

@@ -40,7 +40,7 @@ Framing and flow
     ``keepalive`` seconds of silence. Every event ready at once goes out in
     one write. A connection reads the run through its own subscription
     (bounded, :attr:`~trioflow.Overflow.EVICT`) until it has caught up, then
-    through the run's shared fan-out (:mod:`trioflow.web.fanout`), where it
+    through the run's shared fan-out (:mod:`trioflow.web._fanout`), where it
     is bounded by ``buffer`` events too: a client that cannot keep up never
     holds the run back nor makes the server's memory grow. A client that
     disconnects releases its subscription or its place in the fan-out at
@@ -72,10 +72,10 @@ from trioflow.protocol import (
     event_name,
 )
 from trioflow.sse import encode
-from trioflow.web.config import WebConfig
-from trioflow.web.connections import GuardedStream
-from trioflow.web.fanout import EventFanout, FanoutTarget, chunk, connection_socket, duplicate
-from trioflow.web.runs import RunHub
+from trioflow.web._config import WebConfig
+from trioflow.web._connections import GuardedStream
+from trioflow.web._fanout import EventFanout, FanoutTarget, chunk, connection_socket, duplicate
+from trioflow.web._runs import RunHub
 
 __all__ = [
     "ERROR_EVENT",
@@ -115,7 +115,7 @@ def _evicted_frame(last_seq: int) -> bytes:
 
 
 def new_fanout(run: Run, config: WebConfig) -> EventFanout:
-    """The :class:`~trioflow.web.fanout.EventFanout` writing ``run``'s SSE frames."""
+    """The :class:`~trioflow.web._fanout.EventFanout` writing ``run``'s SSE frames."""
     return EventFanout(
         run,
         encode=_encode_frame,
@@ -131,12 +131,12 @@ class EventStreamResponse(Response):
 
     The connection first reads the run through a subscription of its own
     (the replay from ``after``, then live events) until it has caught up;
-    then it joins the run's :class:`~trioflow.web.fanout.EventFanout`, which
+    then it joins the run's :class:`~trioflow.web._fanout.EventFanout`, which
     encodes each event once for every connection and, under
     :func:`~trioflow.web.serve`, writes it straight to the socket.
 
     Args:
-        hub: the server's :class:`~trioflow.web.runs.RunHub`.
+        hub: the server's :class:`~trioflow.web._runs.RunHub`.
         run: the run to stream.
         after: resume after this seq (``0``: from the first event).
     """

@@ -17,7 +17,7 @@ client that stopped reading cannot hold the process). Cancelling
 :func:`serve` instead closes every connection at once (runs still end with
 ``flow.cancelled``, but streams may not deliver it).
 
-Every connection is guarded (:mod:`trioflow.web.connections`): a write that
+Every connection is guarded (:mod:`trioflow.web._connections`): a write that
 makes no progress for :attr:`~trioflow.web.WebConfig.write_timeout` closes
 it; a request head must arrive within
 :attr:`~trioflow.web.WebConfig.header_timeout`; beyond
@@ -29,9 +29,9 @@ The server is Hypercorn's Trio worker, with one difference: trioflow accepts
 the connections itself and hands each to Hypercorn's connection server
 (``hypercorn.trio.tcp_server.TCPServer``, as ``hypercorn.trio.serve`` does),
 after making the connection's socket known to the application
-(:data:`~trioflow.web.fanout.connection_socket`). Hypercorn parses every
+(:data:`~trioflow.web._fanout.connection_socket`). Hypercorn parses every
 request and writes every response head; the event stream writes its chunks
-to the socket itself (:mod:`trioflow.web.fanout`), which is what lets one
+to the socket itself (:mod:`trioflow.web._fanout`), which is what lets one
 process serve a thousand event-stream clients.
 """
 
@@ -58,11 +58,11 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.web.app import create_app, direct_writes, hub_of
-from trioflow.web.config import WebConfig, default_max_connections
-from trioflow.web.connections import Connections
-from trioflow.web.fanout import connection_socket
-from trioflow.web.runs import RunHub
+from trioflow.web._app import create_app, direct_writes, hub_of
+from trioflow.web._config import WebConfig, default_max_connections
+from trioflow.web._connections import Connections
+from trioflow.web._fanout import connection_socket
+from trioflow.web._runs import RunHub
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -318,7 +318,7 @@ async def _worker(
 
     The same steps as Hypercorn's Trio worker (the lifespan, the listeners,
     one ``TCPServer`` per connection), except that every connection is a
-    :class:`~trioflow.web.connections.GuardedStream` registered in
+    :class:`~trioflow.web._connections.GuardedStream` registered in
     ``connections``, made known to the application through
     :data:`connection_socket` unless ``direct`` is false; and that the
     shutdown ends at ``shutdown.deadline`` by closing what is still open.

@@ -17,7 +17,7 @@ from typing import IO
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.cli.common import (
+from trioflow.cli._common import (
     UsageError,
     add_model_option,
     add_output_options,
@@ -25,7 +25,7 @@ from trioflow.cli.common import (
     add_timeout_option,
     watch_signals,
 )
-from trioflow.cli.console import (
+from trioflow.cli._console import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,

@@ -28,7 +28,7 @@ from typing import Any, Final, Self
 import httpx
 import trio
 
-from trioflow.client.errors import StreamError
+from trioflow.client._errors import StreamError
 from trioflow.events import FlowEvent
 from trioflow.protocol import ERROR_EVENT, RESUMABLE_CODES
 from trioflow.sse import ServerSentEvent, SSEDecoder

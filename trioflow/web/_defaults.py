@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 from trioflow.bus import EventBus, open_event_bus
 from trioflow.demo import default_agent_factory
 from trioflow.models import Model
-from trioflow.web.app import MetricsRenderer
-from trioflow.web.runs import AgentFactory
+from trioflow.web._app import MetricsRenderer
+from trioflow.web._runs import AgentFactory
 
 __all__ = ["agent_factory", "open_metrics"]
 

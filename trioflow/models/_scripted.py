@@ -37,7 +37,7 @@ from typing import Any
 
 import trio
 
-from trioflow.models.base import (
+from trioflow.models._base import (
     Message,
     ModelError,
     ModelEvent,

@@ -17,7 +17,7 @@ as a :class:`GuardedStream`, registered in the server's :class:`Connections`:
 * **The cap.** :meth:`Connections.full` says when
   :attr:`~trioflow.web.WebConfig.max_connections` are open; the server then
   answers new connections itself with a short ``503`` (see
-  :func:`~trioflow.web.server.serve`), and logs one warning until there is
+  :func:`~trioflow.web._server.serve`), and logs one warning until there is
   room again.
 """
 
