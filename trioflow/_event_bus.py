@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -398,8 +398,18 @@ class EventBus:
         buffer: int,
         overflow: Overflow,
     ) -> Subscription:
+        checked: frozenset[str] | Callable[[FlowEvent], bool] | None
+        if types is None or callable(types):
+            checked = types
+        else:
+            checked = self._check_types((types,) if isinstance(types, str) else types)
         sub = Subscription(
-            self, next(self._ids), name=name, types=types, buffer=buffer, overflow=overflow
+            next(self._ids),
+            name=name,
+            types=checked,
+            buffer=buffer,
+            overflow=overflow,
+            on_leave=self._unsubscribe,
         )
         if self._closed:
             sub._end()
@@ -409,7 +419,9 @@ class EventBus:
                 self._block_subs = (*self._block_subs, sub)
         return sub
 
-    def _unsubscribe(self, sub: Subscription) -> None:
+    def _unsubscribe(self, sub: Subscription, evicted: bool = False) -> None:
+        if evicted:
+            self._evicted += 1
         if sub in self._subs:
             self._subs = tuple(s for s in self._subs if s is not sub)
             self._block_subs = tuple(s for s in self._block_subs if s is not sub)
