@@ -60,9 +60,10 @@ from starlette.applications import Starlette
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.web._app import create_app, direct_writes, hub_of
 from trioflow.web._config import WebConfig, default_max_connections
-from trioflow.web._connections import Connections
+from trioflow.web._connections import Connections, GuardedStream
 from trioflow.web._fanout import connection_socket
 from trioflow.web._runs import RunHub
+from trioflow.web._tls import TLS, TLSConnection, server_context
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -164,6 +165,10 @@ async def serve(
         max_connections=config.max_connections or default_max_connections(),
         write_timeout=config.write_timeout,
     )
+    tls = None
+    if config.certfile is not None and config.keyfile is not None:
+        context = server_context(config.certfile, config.keyfile)
+        tls = TLS(context, handshake_timeout=config.header_timeout)
 
     with _unwrap_single():
         async with trio.open_nursery() as nursery:
@@ -183,6 +188,7 @@ async def serve(
                         hub=hub,
                         connections=connections,
                         direct=direct_writes(app),
+                        tls=tls,
                         shutdown=shutdown,
                         task_status=task_status,
                     )
@@ -311,6 +317,7 @@ async def _worker(
     hub: RunHub,
     connections: Connections,
     direct: bool,
+    tls: TLS | None,
     shutdown: _Shutdown,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
@@ -328,12 +335,18 @@ async def _worker(
     lifespan = Lifespan(wrapped, config, state)
     context = WorkerContext(None)
 
+    async def tls_connection(stream: trio.SSLStream[GuardedStream]) -> None:
+        await TLSConnection(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
+
     async def connection(stream: trio.SocketStream) -> None:
         if connections.full():
             await _refuse(stream, hub, connections)
             return
         guarded = connections.guard(stream)
         try:
+            if tls is not None:  # HTTPS: straight to Hypercorn, HTTP/2 or 1.1 by ALPN (_tls)
+                await tls.serve_connection(guarded, tls_connection)
+                return
             if direct:
                 connection_socket.set(guarded)  # this task's context, inherited by the app's
             await TCPServer(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
@@ -350,7 +363,8 @@ async def _worker(
             for sock in sockets:
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                scheme = "http" if tls is None else "https"
+                urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
             async with trio.open_nursery() as handlers:
                 try:
                     async with trio.open_nursery() as accepting:
