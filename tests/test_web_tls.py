@@ -302,6 +302,19 @@ async def test_a_websocket_over_tls_streams_a_run(
     assert seqs == list(range(4, server.executor.get_run(run_id).last_seq + 1))
 
 
+async def test_ws_connect_trusts_ssl_cert_file_by_default(
+    start_web_server: StartWebServer, certificate: Certificate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `SSL_CERT_FILE=cert.pem trioflow watch wss://...` relies on (docs/howto/https.rst).
+    server = await start_tls_server(start_web_server, certificate, agent=talker(words=5))
+    run_id = await start_run(server)
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate.certfile))
+    with trio.fail_after(10):
+        async with ws_connect(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+            types = [event.type async for event in ws.run_events(run_id)]
+    assert types[-1] == "flow.completed"
+
+
 async def test_a_websocket_client_refuses_a_certificate_it_does_not_trust(
     start_web_server: StartWebServer, certificate: Certificate, server_log: Any
 ) -> None:
@@ -428,14 +441,15 @@ async def test_a_graceful_shutdown_ends_a_tls_event_stream_with_flow_cancelled(
     assert_no_traceback(server_log)
 
 
+@pytest.mark.parametrize("http2", [True, False])
 async def test_a_tls_client_that_stops_reading_cannot_hold_the_shutdown(
-    start_web_server: StartWebServer, certificate: Certificate, server_log: Any
+    start_web_server: StartWebServer, certificate: Certificate, server_log: Any, http2: bool
 ) -> None:
     server = await start_tls_server(
         start_web_server, certificate, agent=flood(events=200), shutdown_timeout=1.0
     )
     run_id = await start_run(server)
-    async with https_client(server, certificate, http2=False) as http:
+    async with https_client(server, certificate, http2=http2) as http:
         async with http.stream("GET", f"/runs/{run_id}/events") as response:
             assert response.status_code == 200
             await trio.sleep(0.5)  # the flood fills the socket buffers: the server blocks

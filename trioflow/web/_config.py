@@ -120,15 +120,17 @@ class WebConfig:
     header_timeout: float = 5.0
     """Seconds a connection may wait for the head of its next request: a new
     connection for its first one, a keep-alive connection between requests.
-    Then it is closed (this is what ends a slowloris client)."""
+    Then it is closed (this is what ends a slowloris client). Over HTTPS, a
+    new connection also has this long to complete its TLS handshake."""
     body_timeout: float = 10.0
     """Seconds a request body may take between two parts of it: a client
     that stops sending mid-body is answered ``408`` and its connection closed."""
     max_connections: int | None = None
     """The most connections open at once; beyond it, :func:`~trioflow.web.serve`
     answers new connections with ``503`` (``/healthz`` with its status) and
-    closes them. ``None``: what the file-descriptor limit leaves room for
-    (:func:`default_max_connections`)."""
+    closes them (over HTTPS it closes them without an answer: the client's
+    first bytes are a TLS handshake, not a request). ``None``: what the
+    file-descriptor limit leaves room for (:func:`default_max_connections`)."""
     certfile: Path | None = None
     """A PEM certificate chain: with :attr:`keyfile`, :func:`~trioflow.web.serve`
     speaks HTTPS only (its URLs are ``https://``), HTTP/2 with the clients that

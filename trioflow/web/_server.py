@@ -33,6 +33,15 @@ after making the connection's socket known to the application
 request and writes every response head; the event stream writes its chunks
 to the socket itself (:mod:`trioflow.web._fanout`), which is what lets one
 process serve a thousand event-stream clients.
+
+With :attr:`~trioflow.web.WebConfig.certfile` and
+:attr:`~trioflow.web.WebConfig.keyfile` the server speaks HTTPS only: each
+guarded connection goes through its TLS handshake (:mod:`trioflow.web._tls`)
+and then straight to Hypercorn, HTTP/2 or HTTP/1.1 as the client chose by
+ALPN, without the direct writes (every byte goes through the TLS layer). The
+guards, the cap and the shutdown apply to TLS connections alike; over the
+cap, a TLS connection is closed (its ``ClientHello`` is not a request the
+``503`` could answer).
 """
 
 from __future__ import annotations
@@ -120,11 +129,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` over HTTP until ``shutdown_trigger`` returns (or until cancelled).
+    """Serve ``app`` over HTTP or HTTPS until ``shutdown_trigger`` returns (or until cancelled).
 
     Start it with ``await nursery.start(...)``: it reports the URLs it is
-    listening on (``["http://127.0.0.1:8080"]``) once the socket is bound,
-    which is how to learn the port picked for ``port=0``.
+    listening on (``["http://127.0.0.1:8080"]``, ``https://`` with
+    :attr:`~trioflow.web.WebConfig.certfile` and
+    :attr:`~trioflow.web.WebConfig.keyfile`) once the socket is bound,
+    which is how to learn the port picked for ``port=0``. Over HTTPS,
+    clients that offer HTTP/2 by ALPN get it (browsers do: no limit of six
+    event streams per origin), the others HTTP/1.1.
 
     Every connection is bounded: a write that makes no progress for
     :attr:`~trioflow.web.WebConfig.write_timeout` closes it, and beyond
@@ -142,9 +155,9 @@ async def serve(
     Args:
         app: an application made by :func:`~trioflow.web.create_app`, or an
             executor to make one for (with ``config`` and the default agent).
-        config: where to listen, the connection limits and how long a
-            graceful shutdown may take; ``None`` for the options ``app`` was
-            made with. The application's own behaviour (token, limits) is the
+        config: where to listen, the TLS certificate and key if any, the
+            connection limits and how long a graceful shutdown may take;
+            ``None`` for the options ``app`` was made with. The application's own behaviour (token, limits) is the
             one it was made with.
         shutdown_trigger: an async callable (``event.wait``); when it
             returns, the server shuts down gracefully (see the module
@@ -154,6 +167,8 @@ async def serve(
     Raises:
         TypeError: ``app`` was not made by :func:`~trioflow.web.create_app`.
         OSError: the address cannot be bound (in use, not permitted).
+        ValueError: the certificate or key of ``config`` cannot be used
+            (any more: they are checked when the configuration is made).
     """
     if isinstance(app, StreamingFlowExecutor):
         app = create_app(app, config=config)
