@@ -157,8 +157,9 @@ async def serve(
             executor to make one for (with ``config`` and the default agent).
         config: where to listen, the TLS certificate and key if any, the
             connection limits and how long a graceful shutdown may take;
-            ``None`` for the options ``app`` was made with. The application's own behaviour (token, limits) is the
-            one it was made with.
+            ``None`` for the options ``app`` was made with. The
+            application's own behaviour (token, limits) is the one it was
+            made with.
         shutdown_trigger: an async callable (``event.wait``); when it
             returns, the server shuts down gracefully (see the module
             documentation). ``None``: serve until cancelled.
@@ -342,7 +343,8 @@ async def _worker(
     one ``TCPServer`` per connection), except that every connection is a
     :class:`~trioflow.web._connections.GuardedStream` registered in
     ``connections``, made known to the application through
-    :data:`connection_socket` unless ``direct`` is false; and that the
+    :data:`connection_socket` unless ``direct`` is false (or, with ``tls``,
+    taken through its TLS handshake and never made known); and that the
     shutdown ends at ``shutdown.deadline`` by closing what is still open.
     """
     wrapped = wrap_app(cast("Any", app), config.wsgi_max_body_size, "asgi")
