@@ -27,6 +27,7 @@ protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),
 :mod:`~trioflow.web._errors` (the JSON error shape),
 :mod:`~trioflow.web._runs` (requests, watchers, draining),
 :mod:`~trioflow.web._server` (Hypercorn and graceful shutdown),
+:mod:`~trioflow.web._tls` (HTTPS: the TLS context and each connection's handshake),
 :mod:`~trioflow.web._config` (the options) and
 :mod:`~trioflow.web._defaults` (the agents and metrics of ``trioflow serve``,
 whose command is :mod:`trioflow.cli._serve`).

@@ -33,6 +33,15 @@ after making the connection's socket known to the application
 request and writes every response head; the event stream writes its chunks
 to the socket itself (:mod:`trioflow.web._fanout`), which is what lets one
 process serve a thousand event-stream clients.
+
+With :attr:`~trioflow.web.WebConfig.certfile` and
+:attr:`~trioflow.web.WebConfig.keyfile` the server speaks HTTPS only: each
+guarded connection goes through its TLS handshake (:mod:`trioflow.web._tls`)
+and then straight to Hypercorn, HTTP/2 or HTTP/1.1 as the client chose by
+ALPN, without the direct writes (every byte goes through the TLS layer). The
+guards, the cap and the shutdown apply to TLS connections alike; over the
+cap, a TLS connection is closed (its ``ClientHello`` is not a request the
+``503`` could answer).
 """
 
 from __future__ import annotations
@@ -60,9 +69,10 @@ from starlette.applications import Starlette
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.web._app import create_app, direct_writes, hub_of
 from trioflow.web._config import WebConfig, default_max_connections
-from trioflow.web._connections import Connections
+from trioflow.web._connections import Connections, GuardedStream
 from trioflow.web._fanout import connection_socket
 from trioflow.web._runs import RunHub
+from trioflow.web._tls import TLS, TLSConnection, server_context
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -119,11 +129,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` over HTTP until ``shutdown_trigger`` returns (or until cancelled).
+    """Serve ``app`` over HTTP or HTTPS until ``shutdown_trigger`` returns (or until cancelled).
 
     Start it with ``await nursery.start(...)``: it reports the URLs it is
-    listening on (``["http://127.0.0.1:8080"]``) once the socket is bound,
-    which is how to learn the port picked for ``port=0``.
+    listening on (``["http://127.0.0.1:8080"]``, ``https://`` with
+    :attr:`~trioflow.web.WebConfig.certfile` and
+    :attr:`~trioflow.web.WebConfig.keyfile`) once the socket is bound,
+    which is how to learn the port picked for ``port=0``. Over HTTPS,
+    clients that offer HTTP/2 by ALPN get it (browsers do: no limit of six
+    event streams per origin), the others HTTP/1.1.
 
     Every connection is bounded: a write that makes no progress for
     :attr:`~trioflow.web.WebConfig.write_timeout` closes it, and beyond
@@ -141,10 +155,11 @@ async def serve(
     Args:
         app: an application made by :func:`~trioflow.web.create_app`, or an
             executor to make one for (with ``config`` and the default agent).
-        config: where to listen, the connection limits and how long a
-            graceful shutdown may take; ``None`` for the options ``app`` was
-            made with. The application's own behaviour (token, limits) is the
-            one it was made with.
+        config: where to listen, the TLS certificate and key if any, the
+            connection limits and how long a graceful shutdown may take;
+            ``None`` for the options ``app`` was made with. The
+            application's own behaviour (token, limits) is the one it was
+            made with.
         shutdown_trigger: an async callable (``event.wait``); when it
             returns, the server shuts down gracefully (see the module
             documentation). ``None``: serve until cancelled.
@@ -153,6 +168,8 @@ async def serve(
     Raises:
         TypeError: ``app`` was not made by :func:`~trioflow.web.create_app`.
         OSError: the address cannot be bound (in use, not permitted).
+        ValueError: the certificate or key of ``config`` cannot be used
+            (any more: they are checked when the configuration is made).
     """
     if isinstance(app, StreamingFlowExecutor):
         app = create_app(app, config=config)
@@ -164,6 +181,10 @@ async def serve(
         max_connections=config.max_connections or default_max_connections(),
         write_timeout=config.write_timeout,
     )
+    tls = None
+    if config.certfile is not None and config.keyfile is not None:
+        context = server_context(config.certfile, config.keyfile)
+        tls = TLS(context, handshake_timeout=config.header_timeout)
 
     with _unwrap_single():
         async with trio.open_nursery() as nursery:
@@ -183,6 +204,7 @@ async def serve(
                         hub=hub,
                         connections=connections,
                         direct=direct_writes(app),
+                        tls=tls,
                         shutdown=shutdown,
                         task_status=task_status,
                     )
@@ -311,6 +333,7 @@ async def _worker(
     hub: RunHub,
     connections: Connections,
     direct: bool,
+    tls: TLS | None,
     shutdown: _Shutdown,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
@@ -320,7 +343,8 @@ async def _worker(
     one ``TCPServer`` per connection), except that every connection is a
     :class:`~trioflow.web._connections.GuardedStream` registered in
     ``connections``, made known to the application through
-    :data:`connection_socket` unless ``direct`` is false; and that the
+    :data:`connection_socket` unless ``direct`` is false (or, with ``tls``,
+    taken through its TLS handshake and never made known); and that the
     shutdown ends at ``shutdown.deadline`` by closing what is still open.
     """
     wrapped = wrap_app(cast("Any", app), config.wsgi_max_body_size, "asgi")
@@ -328,12 +352,18 @@ async def _worker(
     lifespan = Lifespan(wrapped, config, state)
     context = WorkerContext(None)
 
+    async def tls_connection(stream: trio.SSLStream[GuardedStream]) -> None:
+        await TLSConnection(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
+
     async def connection(stream: trio.SocketStream) -> None:
         if connections.full():
             await _refuse(stream, hub, connections)
             return
         guarded = connections.guard(stream)
         try:
+            if tls is not None:  # HTTPS: straight to Hypercorn, HTTP/2 or 1.1 by ALPN (_tls)
+                await tls.serve_connection(guarded, tls_connection)
+                return
             if direct:
                 connection_socket.set(guarded)  # this task's context, inherited by the app's
             await TCPServer(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
@@ -350,7 +380,8 @@ async def _worker(
             for sock in sockets:
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                scheme = "http" if tls is None else "https"
+                urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
             async with trio.open_nursery() as handlers:
                 try:
                     async with trio.open_nursery() as accepting:

@@ -156,9 +156,14 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Stream until the terminal event, an eviction, or the client leaving."""
         # The connection's socket, where the chunks can be written directly:
-        # only for a plain HTTP/1.1 GET, whose body the server sends chunked.
+        # only for a cleartext HTTP/1.1 GET, whose body the server sends
+        # chunked (never over TLS, nor HTTP/2: those go through ``send``).
         stream = None
-        if scope.get("http_version") == "1.1" and scope.get("method") == "GET":
+        if (
+            scope.get("http_version") == "1.1"
+            and scope.get("method") == "GET"
+            and scope.get("scheme") == "http"
+        ):
             stream = connection_socket.get()
         watch = self.hub.attach(self.run)
         disconnected = False
