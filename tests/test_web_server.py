@@ -152,3 +152,39 @@ async def test_serve_command_serves_until_sigint_then_stops_cleanly() -> None:
     assert process.returncode == 0, output.decode()
     assert b"with the scripted model" in output
     assert b"trioflow: stopped" in output
+
+
+# -- the Hypercorn names trioflow depends on ------------------------------------------
+
+HYPERCORN_NAMES = {
+    "hypercorn.config.Config",
+    "hypercorn.trio.lifespan.Lifespan",
+    "hypercorn.trio.tcp_server.TCPServer",
+    "hypercorn.trio.worker_context.WorkerContext",
+    "hypercorn.typing.ConnectionState",
+    "hypercorn.typing.LifespanState",
+    "hypercorn.utils.repr_socket_addr",
+    "hypercorn.utils.wrap_app",
+}
+"""Every ``hypercorn`` name ``trioflow/web/*.py`` imports; most are internal (not
+``hypercorn.trio.serve``): an upgrade that moves one fails here, in CI."""
+
+
+def test_the_hypercorn_names_trioflow_imports_are_exactly_the_pinned_ones() -> None:
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import trioflow.web
+
+    found: set[str] = set()
+    for path in Path(trioflow.web.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hypercorn"):
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                assert not [a for a in node.names if a.name.startswith("hypercorn")], path
+    assert found == HYPERCORN_NAMES
+    for name in sorted(found):
+        module, _, attribute = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attribute), name

@@ -499,15 +499,13 @@ def test_serve_runs_have_a_default_time_limit(monkeypatch: pytest.MonkeyPatch) -
 
 
 async def wait_for_watchers(server: WebServer, run_id: str, count: int) -> None:
-    """Wait (polling, with a deadline) until ``count`` connections watch the run.
+    """Wait (with a deadline) until ``count`` connections watch the run.
 
-    Only for a disconnect: the server learns of it from its socket, and ``RunHub``
-    has no event to wait on for a change of ``watchers(run_id)``. (A connection
-    is counted before its response begins, so a join needs no wait.)
+    For a disconnect, which the server learns of from its socket; woken by
+    every attach and release (``RunHub.wait_watchers``), not polled.
     """
     with trio.fail_after(5):
-        while server.hub.watchers(run_id) != count:  # noqa: ASYNC110 - no event to wait on
-            await trio.sleep(0.01)
+        await server.hub.wait_watchers(run_id, count)
 
 
 async def test_too_many_running_runs_is_429(start_web_server: StartWebServer) -> None:

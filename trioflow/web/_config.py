@@ -24,15 +24,14 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 def default_max_connections() -> int:
     """The default connection cap: what the process's file-descriptor limit leaves room for.
 
-    Each event-stream connection can hold two descriptors (the socket and the
-    duplicate the fan-out writes to), and the process keeps 64 for itself
-    (listeners, files, the model's connections): ``(RLIMIT_NOFILE - 64) // 2``,
-    at least 16 and at most 10,000.
+    Each connection holds one descriptor, its socket, and the process keeps
+    64 for itself (listeners, files, the model's connections):
+    ``RLIMIT_NOFILE - 64``, at least 16 and at most 10,000.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft < 0:
         soft = 1 << 20
-    return max(16, min(10_000, (soft - 64) // 2))
+    return max(16, min(10_000, soft - 64))
 
 
 def _positive(name: str, value: float) -> None:
