@@ -45,6 +45,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._registry = registry
         self._aborted = False
+        self._unread = b""
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -98,12 +99,26 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             trio.BrokenResourceError: the peer reset the connection.
             trio.ClosedResourceError: the connection was closed (by force).
         """
+        if self._unread:
+            if self._aborted:
+                raise trio.ClosedResourceError("the connection was closed by the server")
+            data, self._unread = self._unread, b""
+            await trio.lowlevel.checkpoint()
+            return data
         try:
             return bytes(await self._stream.receive_some(max_bytes))
         except trio.BrokenResourceError:
             if self._aborted:
                 raise trio.ClosedResourceError("the connection was closed by the server") from None
             raise
+
+    def unread(self, data: bytes) -> None:
+        """Push ``data`` back: the next :meth:`receive_some` returns it (whole) first.
+
+        How the server hands Hypercorn a connection whose first request head
+        it has read itself.
+        """
+        self._unread = data + self._unread
 
     async def send_eof(self) -> None:
         """Shut the sending side down (the peer reads end of file)."""
