@@ -244,3 +244,25 @@ async def test_an_event_stream_connection_holds_one_descriptor_in_the_server(
         for client in clients:
             await client.aclose()
     assert held == 100  # one each: no duplicate for the fan-out's writes
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/runs/{run_id}/events", "/runs/{run_id}"])
+async def test_a_head_sent_byte_by_byte_is_served_either_way(
+    start_web_server: StartWebServer, path: str
+) -> None:
+    server = await start_web_server(agent=talker(words=3))
+    run_id = await start_run(server)
+    await server.executor.get_run(run_id).wait()
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    head = f"GET {path.format(run_id=run_id)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    async with await trio.open_tcp_stream(host, int(port)) as client:
+        for i in range(len(head)):
+            await client.send_all(head[i : i + 1])
+            await trio.lowlevel.checkpoint()
+        received = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in received:
+                received += await client.receive_some(4096)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    direct = path.endswith("/events")
+    assert (b"\r\nconnection: close\r\n" in received.lower()) == direct

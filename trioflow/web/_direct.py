@@ -56,37 +56,48 @@ _log = logging.getLogger("trioflow.web")
 _RECEIVE = 64 * 1024
 
 
+_PREFIX = b"GET /runs/"
+"""How every request this module may serve begins: anything else goes to
+Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
+
+
 async def read_request(
     stream: GuardedStream, *, within: float, limit: int
 ) -> tuple[h11.Request | None, bytes] | None:
-    """Read the head of the connection's first request.
+    """Read the head of the connection's first request, if it may be an event stream.
 
-    Returns ``(request, data)``: the head, or ``None`` when it is not one
-    h11 accepts (Hypercorn answers it), and every byte read; or ``None``
+    Returns ``(request, data)``: the head, or ``None`` when it cannot be an
+    event stream (its first bytes are not ``GET /runs/``) or is not one h11
+    accepts (Hypercorn answers it then), and every byte read; or ``None``
     when the connection is over before a head arrived (the peer left, or
     sent no whole head within ``within`` seconds: closed, as Hypercorn does).
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-    data = bytearray()
+    data = b""
     with trio.move_on_after(within):
         while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError:
-                return None, bytes(data)
+            if not data.startswith(_PREFIX):
+                if data and not _PREFIX.startswith(data):
+                    return None, data  # not an event stream: Hypercorn's
+                event: object = h11.NEED_DATA
+            else:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError:
+                    return None, data
             if event is h11.NEED_DATA:
                 try:
                     part = await stream.receive_some(_RECEIVE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
                 if not part:
-                    return None if not data else (None, bytes(data))
+                    return None if not data else (None, data)
                 data += part
                 conn.receive_data(part)
             elif isinstance(event, h11.Request):
-                return event, bytes(data)
+                return event, data
             else:
-                return None, bytes(data)
+                return None, data
     return None
 
 
