@@ -131,12 +131,13 @@ class WebConfig:
     access_log: bool = False
     """Log every request (to the ``trioflow.web`` logger)."""
     direct_writes: bool = True
-    """Under :func:`~trioflow.web.serve`, let event streams write their chunks
-    straight to the socket (:mod:`trioflow.web._fanout`) instead of through
-    the ASGI ``send``. Much cheaper per event; turned off by itself when
-    ASGI middleware was added to the application after
-    :func:`~trioflow.web.create_app` (it would not see the event streams'
-    bodies)."""
+    """Under :func:`~trioflow.web.serve`, serve event streams on the
+    connection itself (:mod:`trioflow.web._direct`): no HTTP machinery, no
+    ASGI, the run's fan-out writing chunks straight to the socket. Much
+    cheaper per connection and per event; turned off by itself when ASGI
+    middleware was added to the application after
+    :func:`~trioflow.web.create_app` (it would not see the event streams).
+    ``False``: every request goes through Hypercorn and the ASGI application."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
