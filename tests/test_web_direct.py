@@ -266,3 +266,25 @@ async def test_a_head_sent_byte_by_byte_is_served_either_way(
     assert received.startswith(b"HTTP/1.1 200 ")
     direct = path.endswith("/events")
     assert (b"\r\nconnection: close\r\n" in received.lower()) == direct
+
+
+async def test_an_unexpected_error_deciding_is_a_logged_500_both_ways(
+    start_web_server: StartWebServer, server_log: pytest.LogCaptureFixture
+) -> None:
+    answers = []
+    for server in await both(start_web_server):
+
+        def broken(run_id: str) -> Any:
+            raise RuntimeError("the hub broke")
+
+        server.hub.get = broken  # type: ignore[method-assign]
+        async with http_client(server) as http:
+            response = await http.get("/runs/run_x/events")
+            health = await http.get("/healthz")
+        answers.append(essentials(response, "run_x"))
+        assert health.status_code == 200  # the server goes on
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 500
+    assert '"code":"internal_error"' in answers[0][1]
+    logged = [r for r in server_log.records if r.exc_info and "the hub broke" in str(r.exc_info[1])]
+    assert len(logged) >= 2

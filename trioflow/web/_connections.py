@@ -102,7 +102,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self._unread:
             if self._aborted:
                 raise trio.ClosedResourceError("the connection was closed by the server")
-            data, self._unread = self._unread, b""
+            size = len(self._unread) if max_bytes is None else max_bytes
+            data, self._unread = self._unread[:size], self._unread[size:]
             await trio.lowlevel.checkpoint()
             return data
         try:
@@ -113,7 +114,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             raise
 
     def unread(self, data: bytes) -> None:
-        """Push ``data`` back: the next :meth:`receive_some` returns it (whole) first.
+        """Push ``data`` back: :meth:`receive_some` returns it first.
 
         How the server hands Hypercorn a connection whose first request head
         it has read itself.

@@ -38,7 +38,7 @@ import h11
 import trio
 from starlette.responses import Response
 
-from trioflow.web._errors import ApiError
+from trioflow.web._errors import ApiError, error_response
 from trioflow.web._fanout import chunk
 from trioflow.web._sse import EVENTS_PATH, HEADERS, EventOutput, event_stream_answer, stream_events
 
@@ -221,6 +221,11 @@ async def serve_event_stream(
             answer = event_stream_answer(hub, access, scope, run_id)
         except ApiError as error:
             answer = error.response()
+        except Exception:  # as the application's own handler does: 500, logged
+            _log.exception("error in GET %s", scope["path"])
+            answer = error_response(
+                500, "internal_error", "the server failed to handle this request"
+            )
         if isinstance(answer, Response):
             status, headers = answer.status_code, answer.raw_headers
             await stream.send_all(_head(status, headers) + answer.body)
