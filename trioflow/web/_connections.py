@@ -1,7 +1,10 @@
 """The server's connections: a write timeout on each, a cap on how many, and a forced close.
 
-:func:`~trioflow.web.serve` hands every accepted TCP connection to Hypercorn
-as a :class:`GuardedStream`, registered in the server's :class:`Connections`:
+:func:`~trioflow.web.serve` wraps every accepted TCP connection in a
+:class:`GuardedStream`, registered in the server's :class:`Connections`, and
+serves it (an event stream, :mod:`trioflow.web._direct`) or hands it to
+Hypercorn (everything else, with the bytes already read pushed back in front
+by :meth:`GuardedStream.unread`) as that:
 
 * **Write timeout.** A write that makes no progress for
   :attr:`~trioflow.web.WebConfig.write_timeout` seconds (the peer's receive

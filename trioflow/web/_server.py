@@ -41,7 +41,8 @@ Why not ``hypercorn.trio.serve``
 
 One owner per connection
     Each accepted connection belongs to its task from accept to close. The
-    task reads the head of the first request (within
+    task reads the first bytes, and when they may begin an event stream
+    (``GET /runs/``), the head of the first request (within
     :attr:`~trioflow.web.WebConfig.header_timeout`). An event stream
     (``GET /runs/{id}/events`` over cleartext HTTP/1.1, for an application
     without middleware of its own) is served by trioflow on the spot, the
