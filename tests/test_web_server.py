@@ -188,3 +188,27 @@ def test_the_hypercorn_names_trioflow_imports_are_exactly_the_pinned_ones() -> N
     for name in sorted(found):
         module, _, attribute = name.rpartition(".")
         assert hasattr(importlib.import_module(module), attribute), name
+
+
+async def test_a_graceful_shutdown_closes_connections_that_sent_nothing_at_once(
+    start_web_server: StartWebServer,
+) -> None:
+    # A connection that has sent no request yet (the server is reading its
+    # first bytes itself) and an idle keep-alive one (Hypercorn's) both close
+    # when the shutdown begins, not after the header timeout.
+    server = await start_web_server(header_timeout=30, shutdown_timeout=30)
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    async with (
+        await trio.open_tcp_stream(host, int(port)) as silent,
+        await trio.open_tcp_stream(host, int(port)) as kept,
+    ):
+        await kept.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):
+            answer += await kept.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        server.stop.set()
+        with trio.fail_after(3):
+            assert await silent.receive_some(4096) == b""
+            assert await kept.receive_some(4096) == b""
+            await server.stopped.wait()
