@@ -24,15 +24,14 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 def default_max_connections() -> int:
     """The default connection cap: what the process's file-descriptor limit leaves room for.
 
-    Each event-stream connection can hold two descriptors (the socket and the
-    duplicate the fan-out writes to), and the process keeps 64 for itself
-    (listeners, files, the model's connections): ``(RLIMIT_NOFILE - 64) // 2``,
-    at least 16 and at most 10,000.
+    Each connection holds one descriptor, its socket, and the process keeps
+    64 for itself (listeners, files, the model's connections):
+    ``RLIMIT_NOFILE - 64``, at least 16 and at most 10,000.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft < 0:
         soft = 1 << 20
-    return max(16, min(10_000, (soft - 64) // 2))
+    return max(16, min(10_000, soft - 64))
 
 
 def _positive(name: str, value: float) -> None:
@@ -145,12 +144,13 @@ class WebConfig:
     access_log: bool = False
     """Log every request (to the ``trioflow.web`` logger)."""
     direct_writes: bool = True
-    """Under :func:`~trioflow.web.serve`, let event streams write their chunks
-    straight to the socket (:mod:`trioflow.web._fanout`) instead of through
-    the ASGI ``send``. Much cheaper per event; turned off by itself when
-    ASGI middleware was added to the application after
-    :func:`~trioflow.web.create_app` (it would not see the event streams'
-    bodies)."""
+    """Under :func:`~trioflow.web.serve`, serve event streams on the
+    connection itself (:mod:`trioflow.web._direct`): no HTTP machinery, no
+    ASGI, the run's fan-out writing chunks straight to the socket. Much
+    cheaper per connection and per event; turned off by itself when ASGI
+    middleware was added to the application after
+    :func:`~trioflow.web.create_app` (it would not see the event streams).
+    ``False``: every request goes through Hypercorn and the ASGI application."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:

@@ -18,10 +18,9 @@ Each accepted connection, already a
   ``close_notify`` is an ordinary end of the connection): HTTP/2
   when the client chose ``h2`` by ALPN (browsers do, so they are not held to
   six event streams per origin), HTTP/1.1 otherwise. A TLS connection never
-  takes the event stream's direct writes
-  (:data:`~trioflow.web._fanout.connection_socket` is not set for it, and the
-  event stream only writes directly for the ``http`` scheme): every byte goes
-  through the TLS layer, by the ordinary ASGI path.
+  takes the event stream's fast path (:mod:`trioflow.web._direct` serves
+  cleartext connections only): every byte goes through the TLS layer, by the
+  ordinary ASGI path.
 * **The guarantees of every connection hold**: the TLS stream writes through
   the guarded stream, so the write timeout applies, and
   :meth:`~trioflow.web._connections.Connections.close_all` closes a TLS
