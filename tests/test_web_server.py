@@ -190,6 +190,19 @@ def test_the_hypercorn_names_trioflow_imports_are_exactly_the_pinned_ones() -> N
         assert hasattr(importlib.import_module(module), attribute), name
 
 
+def test_the_hypercorn_internals_the_connection_server_overrides_are_there() -> None:
+    # _server._Connection overrides TCPServer._read_data and stops its idle_task.
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import TrioSingleTask
+
+    from trioflow.web._server import _Connection
+
+    assert callable(TCPServer._read_data)
+    assert "idle_task" in TCPServer.__init__.__code__.co_names
+    assert callable(TrioSingleTask.stop)
+    assert issubclass(_Connection, TCPServer)
+
+
 async def test_a_graceful_shutdown_closes_connections_that_sent_nothing_at_once(
     start_web_server: StartWebServer,
 ) -> None:

@@ -404,19 +404,6 @@ async def test_a_tls_connection_over_the_cap_is_closed(
     assert_no_traceback(server_log)
 
 
-def test_the_hypercorn_internals_tls_connections_use_are_there() -> None:
-    # TLSConnection overrides TCPServer._read_data and stops its idle_task.
-    from hypercorn.trio.tcp_server import TCPServer
-    from hypercorn.trio.worker_context import TrioSingleTask
-
-    from trioflow.web._tls import TLSConnection
-
-    assert callable(TCPServer._read_data)
-    assert "idle_task" in TCPServer.__init__.__code__.co_names
-    assert callable(TrioSingleTask.stop)
-    assert issubclass(TLSConnection, TCPServer)
-
-
 # -- shutdown ---------------------------------------------------------------------------------------
 
 

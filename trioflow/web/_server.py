@@ -94,7 +94,7 @@ from trioflow.web._config import WebConfig, default_max_connections
 from trioflow.web._connections import Connections, GuardedStream
 from trioflow.web._direct import read_request, serve_event_stream, stream_target
 from trioflow.web._runs import RunHub
-from trioflow.web._tls import TLS, TLSConnection, server_context
+from trioflow.web._tls import TLS, server_context
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -238,6 +238,22 @@ async def serve(
                 nursery.start_soon(drain, shutdown_trigger)
             urls: list[str] = await nursery.start(run_server)
             task_status.started(urls)
+
+
+class _Connection(TCPServer):
+    """Hypercorn's connection server, closing as soon as its peer has.
+
+    Hypercorn 0.18's ``TCPServer`` keeps a keep-alive connection that its
+    peer closed while idle open until the keep-alive timeout (its idle task
+    outlives the reading), holding a descriptor and a place under
+    :attr:`~trioflow.web.WebConfig.max_connections` for nothing. Here the
+    idle task stops when the reading does. (Internal names of Hypercorn:
+    ``_read_data`` and ``idle_task``, pinned by ``tests/test_web_server.py``.)
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()  # the peer is gone: no request to wait for
 
 
 @dataclasses.dataclass(slots=True)
@@ -404,7 +420,7 @@ async def _worker(
         return True
 
     async def tls_connection(stream: trio.SSLStream[GuardedStream]) -> None:
-        await TLSConnection(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
+        await _Connection(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
 
     async def connection(stream: trio.SocketStream) -> None:
         if connections.full():
@@ -424,7 +440,7 @@ async def _worker(
                         pass
                 await guarded.aclose()
                 return
-            await TCPServer(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
+            await _Connection(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
         finally:
             guarded.abort()  # closed already, unless the connection's task was cancelled
 

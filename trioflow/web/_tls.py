@@ -38,11 +38,10 @@ from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.tcp_server import TCPServer
 
 from trioflow.web._connections import GuardedStream
 
-__all__ = ["TLS", "TLSConnection", "server_context"]
+__all__ = ["TLS", "server_context"]
 
 _log = logging.getLogger("trioflow.web")
 
@@ -139,22 +138,6 @@ class TLS:
             await handle(secure)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the close_notify of a connection that was gone already
-
-
-class TLSConnection(TCPServer):
-    """Hypercorn's connection server, for a TLS connection: it closes as soon as its peer has.
-
-    Hypercorn 0.18's ``TCPServer`` keeps a keep-alive connection that its
-    peer closed while idle open until the keep-alive timeout (its idle
-    task outlives the reading), holding a descriptor and a place under
-    :attr:`~trioflow.web.WebConfig.max_connections` for nothing. Here the
-    idle task stops when the reading does. (Internal names of Hypercorn:
-    ``_read_data`` and ``idle_task``, pinned by ``tests/test_web_tls.py``.)
-    """
-
-    async def _read_data(self) -> None:
-        await super()._read_data()
-        await self.idle_task.stop()  # the peer is gone: no request to wait for
 
 
 def _reason(exc: trio.BrokenResourceError) -> str:
