@@ -675,18 +675,21 @@ class _TokenBatch:
     async def run(self, scope: trio.CancelScope) -> None:
         """Send each batch once the run stops adding to it (until ``scope`` is cancelled).
 
-        Parked while nothing is staged; after the first token of a batch,
+        Parked while nothing is staged. After the first token of a batch,
         this task passes a checkpoint: if the run staged no more tokens in
         that scheduling round (its model waits for its next delta), it
-        sends the batch at once, so a token waits for no clock; if it did
+        sends the batch at once, so a token waits for no clock. If it did
         (a model streaming faster than anyone reads), it lets the batch
-        grow for :data:`_TOKEN_GRACE` seconds, then looks again. A full
-        blocking subscriber makes it retry after a growing pause (up to
-        50 ms).
+        grow for :data:`_TOKEN_GRACE` seconds, then sends it; and while the
+        model keeps streaming that fast (tokens came during the last
+        grace period), the next batches grow for the grace period too,
+        without that checkpoint. A full blocking subscriber makes it retry
+        after a growing pause (up to 50 ms).
         """
         checkpoint = trio.lowlevel.checkpoint
         staged = self.staged
         figures = self._figures
+        fast = False
         with scope:
             while True:
                 if not staged:
@@ -694,11 +697,14 @@ class _TokenBatch:
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                     continue
                 seen = figures.token_events
-                await checkpoint()
-                if figures.token_events > seen:
+                if not fast:
+                    await checkpoint()
+                    fast = figures.token_events > seen
+                if fast:
                     # The run streams faster than a round: let the batch grow
                     # for a while (a full one the run sends itself), then send it.
                     await _pause(_TOKEN_GRACE)
+                    fast = figures.token_events > seen
                 backoff = _TOKEN_GRACE
                 while staged and not self.send_nowait():
                     await _pause(backoff)  # a full subscriber: try again later
