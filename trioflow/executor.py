@@ -680,16 +680,14 @@ class _TokenBatch:
         that scheduling round (its model waits for its next delta), it
         sends the batch at once, so a token waits for no clock. If it did
         (a model streaming faster than anyone reads), it lets the batch
-        grow for :data:`_TOKEN_GRACE` seconds, then sends it; and while the
-        model keeps streaming that fast (tokens came during the last
-        grace period), the next batches grow for the grace period too,
-        without that checkpoint. A full blocking subscriber makes it retry
+        grow for :data:`_TOKEN_GRACE` seconds, then sends it, and goes on
+        so, a batch per grace period, while tokens keep coming within one
+        (then it parks again). A full blocking subscriber makes it retry
         after a growing pause (up to 50 ms).
         """
         checkpoint = trio.lowlevel.checkpoint
         staged = self.staged
         figures = self._figures
-        fast = False
         with scope:
             while True:
                 if not staged:
@@ -697,18 +695,21 @@ class _TokenBatch:
                     await trio.lowlevel.wait_task_rescheduled(self._abort_park)
                     continue
                 seen = figures.token_events
-                if not fast:
-                    await checkpoint()
-                    fast = figures.token_events > seen
-                if fast:
-                    # The run streams faster than a round: let the batch grow
-                    # for a while (a full one the run sends itself), then send it.
-                    await _pause(_TOKEN_GRACE)
-                    fast = figures.token_events > seen
-                backoff = _TOKEN_GRACE
-                while staged and not self.send_nowait():
-                    await _pause(backoff)  # a full subscriber: try again later
-                    backoff = min(backoff * 2, 0.05)
+                await checkpoint()
+                fast = figures.token_events > seen
+                while True:
+                    if fast:
+                        # The run streams faster than a round: let the batch grow
+                        # for a while (a full one the run sends itself), then send it.
+                        seen = figures.token_events
+                        await _pause(_TOKEN_GRACE)
+                        fast = figures.token_events > seen
+                    backoff = _TOKEN_GRACE
+                    while staged and not self.send_nowait():
+                        await _pause(backoff)  # a full subscriber: try again later
+                        backoff = min(backoff * 2, 0.05)
+                    if not fast:
+                        break
 
     def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
         self._parked = None
