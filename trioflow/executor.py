@@ -601,21 +601,24 @@ class _TokenBatch:
     staged tokens go to the bus together, in one step
     (``EventBus._emit_batch_nowait``: each still gets its own seq):
 
-    * as soon as the run stops adding to them (a task of the run watches,
-      one checkpoint at a time: see :meth:`run`), without blocking: a
-      subscriber is woken once for the batch; if a blocking subscriber is
-      full, they stay staged and the task tries again a little later;
+    * as soon as the run stops adding to them, or, while its model streams
+      faster than a scheduling round, once per :data:`_TOKEN_GRACE` (a task
+      of the run watches: see :meth:`run`), without blocking: a subscriber
+      is woken once for the batch; if a blocking subscriber is full, they
+      stay staged and the task tries again a little later;
     * when :data:`_TOKENS_PER_BATCH` are staged, by the run itself, waiting
       for full blocking subscribers (backpressure) and passing one
       checkpoint (so a model that never yields stays fair to other tasks);
     * before any other event of the run (so the order is kept), and before
       its terminal event.
 
-    A token therefore reaches subscribers in the scheduling round after the
-    run's next wait for its model, or at most :data:`_TOKEN_GRACE` seconds
-    after it was staged while the model streams faster than that (or with
-    its batch of :data:`_TOKENS_PER_BATCH`); the run's counts and output
-    include it at once.
+    A token therefore never waits for the model's next delta: it reaches
+    subscribers in the scheduling round after it was staged when the model
+    is slower than a round (after one last grace period if it was faster
+    just before), and at most :data:`_TOKEN_GRACE` seconds after it was
+    staged when the model is faster (sooner with a full batch of
+    :data:`_TOKENS_PER_BATCH`); the run's counts and output include it at
+    once.
     """
 
     __slots__ = ("_bus", "_figures", "_forward", "_parked", "_run_id", "staged")
