@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 from conftest import (
     all_events,
@@ -18,8 +20,10 @@ from conftest import (
 )
 from trio_websocket import ConnectionClosed
 
+from trioflow import FlowEvent
+
 if TYPE_CHECKING:
-    from conftest import OpenWS, StartWebServer, WebServer
+    from conftest import OpenSSE, OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
 
 
@@ -197,3 +201,124 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
     assert [f["id"] for f in frames + rest] == list(range(1, run.last_seq + 1))
     assert rest[-1]["type"] == "flow.completed"
     assert code == 1000
+
+
+# -- through the run's fan-out --------------------------------------------------------------
+
+
+async def raw_until_closed(ws: WebSocketConnection) -> list[str]:
+    """Every message up to the server's close, as sent."""
+    messages = []
+    try:
+        while True:
+            with trio.fail_after(5):
+                message = await ws.get_message()
+            assert isinstance(message, str)
+            messages.append(message)
+    except ConnectionClosed:
+        return messages
+
+
+async def test_sockets_on_one_run_share_one_fanout_and_each_event_is_encoded_once(
+    start_web_server: StartWebServer, open_ws: OpenWS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trioflow.web._ws as ws_module
+
+    encoded: list[int] = []
+    encode = ws_module.WS.event
+
+    def counting(event: FlowEvent) -> str:
+        encoded.append(event.seq)
+        return encode(event)
+
+    monkeypatch.setattr(ws_module, "WS", dataclasses.replace(ws_module.WS, event=counting))
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    url = f"{server.ws_url}/runs/{run_id}/ws"
+    async with open_ws(url) as a, open_ws(url) as b, open_ws(url) as c:
+        fanout = await joined_fanout(server.hub, run_id, 3, name="ws")
+        # One subscription reads the run for all three connections.
+        names = [s.name for s in run.bus.statistics().subscribers]
+        assert names == [f"ws fanout {run_id}"]
+        got = [await raw_until_closed(ws) for ws in (a, b, c)]
+    events = await all_events(server.executor, run_id)
+    assert got[0] == got[1] == got[2] == [e.to_json() for e in events]
+    assert sorted(encoded) == list(range(1, run.last_seq + 1))  # once each
+    stats = fanout.statistics()
+    assert (stats.evicted, stats.direct_writes) == (0, 0)
+    assert stats.queued_writes >= 3
+    assert not fanout.open
+    assert server.hub.fanouts() == []
+
+
+async def test_event_stream_and_socket_clients_of_one_run_each_get_every_event(
+    start_web_server: StartWebServer, open_ws: OpenWS, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+            by_name = {
+                name: await joined_fanout(server.hub, run_id, 1, name=name)
+                for name in ("sse", "ws")
+            }
+            assert by_name["sse"] is not by_name["ws"]
+            names = sorted(s.name for s in run.bus.statistics().subscribers)
+            assert names == [f"sse fanout {run_id}", f"ws fanout {run_id}"]
+            frames = await stream.events()
+        messages, code = await until_closed(ws)
+    everything = list(range(1, run.last_seq + 1))
+    assert [int(f.id or 0) for f in frames] == everything
+    assert [m["id"] for m in messages] == everything
+    assert code == 1000
+
+
+async def test_a_late_socket_gets_the_messages_a_live_one_got(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=120, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    url = f"{server.ws_url}/runs/{run_id}/ws"
+    async with open_ws(url) as live:
+        first = [await live.get_message() for _ in range(30)]
+        async with open_ws(url) as late:  # joins mid-run: a replay, then the fan-out
+            later = await raw_until_closed(late)
+        live_messages = first + await raw_until_closed(live)
+    assert later == live_messages
+    assert len(later) == run.last_seq
+    async with open_ws(url) as replay:  # after the run: all from the replay
+        assert await raw_until_closed(replay) == live_messages
+
+
+async def test_socket_follows_two_runs_through_two_fanouts(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        runs = []
+        for ref in (1, 2):
+            await send(ws, {"action": "start", "task": "go", "ref": ref})
+            frame = await receive(ws)
+            while frame["type"] != "accepted":
+                frame = await receive(ws)
+            runs.append(frame["run_id"])
+        fanouts = [await joined_fanout(server.hub, run_id, 1, name="ws") for run_id in runs]
+        assert fanouts[0] is not fanouts[1]
+        frames: dict[str, list[int]] = {run_id: [] for run_id in runs}
+        done: set[str] = set()
+        while len(done) < 2:
+            frame = await receive(ws)
+            if "id" not in frame:
+                continue
+            frames[frame["run_id"]].append(frame["id"])
+            if frame["type"] == "flow.completed":
+                done.add(frame["run_id"])
+    for run_id in runs:
+        ids = frames[run_id]
+        # The first events may have come before the accepted frame was read.
+        assert ids == list(range(ids[0], server.executor.get_run(run_id).last_seq + 1))
+    for fanout in fanouts:
+        assert fanout.statistics().evicted == 0

@@ -244,12 +244,13 @@ class EventOutput(StreamOutput[bytes, bytes]):
         self.head = b""
         await self.end(data)
 
-    async def flush(self) -> bool:
-        """Send the :attr:`head` if it has not gone out yet."""
-        if not self.head:
-            return await super().flush()
+    def holds(self) -> bool:
+        """Whether the :attr:`head` has not gone out yet."""
+        return bool(self.head)
+
+    async def flush(self) -> None:
+        """Send the :attr:`head` (alone)."""
         await self.send_frames([])
-        return True
 
     async def start(self) -> None:
         """Begin the ``200`` response with :data:`HEADERS`."""

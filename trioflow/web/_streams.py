@@ -227,10 +227,13 @@ class StreamOutput(Generic[F, P]):
         """Send ``frames`` (maybe none), the last of the stream."""
         raise NotImplementedError
 
-    async def flush(self) -> bool:
-        """Send anything held back for the first write; False if there was nothing."""
-        await trio.lowlevel.checkpoint()
+    def holds(self) -> bool:
+        """Whether something is held back for the first write (:meth:`flush` sends it)."""
         return False
+
+    async def flush(self) -> None:
+        """Send what :meth:`holds` (before the fan-out may write on the connection's behalf)."""
+        await trio.lowlevel.checkpoint()
 
 
 class _Ended(enum.Enum):
@@ -309,7 +312,8 @@ async def _catch_up(
                     claims.append(fanout)
                 continue
             if fanout.ready and fanout.position <= sent_through:
-                if await out.flush():
+                if out.holds():
+                    await out.flush()
                     continue
                 target: FanoutTarget[P] = FanoutTarget(
                     skip_through=sent_through,
