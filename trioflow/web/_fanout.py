@@ -39,7 +39,7 @@ event bus closes, when its own subscription is evicted (the process could not
 keep up with the run at all: every target is evicted), or when its last
 target leaves. Connections read the run through a subscription of their own
 until they have caught up with the fan-out, then join it (see
-:class:`~trioflow.web._sse.EventStreamResponse`).
+:func:`~trioflow.web._streams.stream_run`).
 """
 
 from __future__ import annotations

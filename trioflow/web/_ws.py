@@ -43,11 +43,21 @@ gap) and ``history_expired``. An error caused by a message echoes its
 larger than :attr:`~trioflow.web.WebConfig.websocket_message_ceiling` is
 never read: the server closes the connection with code ``1009``.
 
-Each followed run has its own subscription with a bounded buffer
-(:attr:`~trioflow.Overflow.EVICT`); a client that disconnects releases them
-all at once, and runs started with ``"on_disconnect": "cancel"`` that no one
-else watches are cancelled. On a graceful shutdown, connections close with
-code ``1001`` once their runs' terminal events are delivered.
+Each followed run is streamed as an event stream is
+(:func:`~trioflow.web._streams.stream_run`): through a subscription of the
+connection's own (bounded, :attr:`~trioflow.Overflow.EVICT`) until it has
+caught up, then through the run's WebSocket fan-out
+(:class:`~trioflow.web._fanout.EventFanout`, one per run for every
+WebSocket following it, beside the run's event-stream fan-out), which
+encodes each event once (:data:`WS`; the run's cache of these messages
+serves late joiners the messages a live client got) and hands the same
+messages to every connection, bounded by ``buffer`` events per connection
+and run. The messages of a batch go out back to back under one hold of the
+connection's send lock (one lock for the control frames and every followed
+run). A client that disconnects releases its subscriptions and places in
+the fan-outs at once, and runs started with ``"on_disconnect": "cancel"``
+that no one else watches are cancelled. On a graceful shutdown, connections
+close with code ``1001`` once their runs' terminal events are delivered.
 """
 
 from __future__ import annotations
