@@ -322,3 +322,49 @@ async def test_socket_follows_two_runs_through_two_fanouts(
         assert ids == list(range(ids[0], server.executor.get_run(run_id).last_seq + 1))
     for fanout in fanouts:
         assert fanout.statistics().evicted == 0
+
+
+async def test_socket_evicted_from_one_run_keeps_following_the_others(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    # One connection follows a run that floods it and one that talks slowly;
+    # the client reads nothing until the flood is over. Its place in the
+    # flood's fan-out is evicted; the other run goes on, and the flood
+    # resumes on the same connection with no gap.
+    floods, talks = flood(), talker(words=30, pace=40)
+    server = await start_web_server(
+        agent=lambda request: (floods if request.task == "flood" else talks)(request),
+        buffer=16,
+    )
+    async with open_ws(f"{server.ws_url}/ws", rcvbuf=64 * 1024) as ws:
+        ids: dict[str, str] = {}
+        for task in ("talk", "flood"):
+            await send(ws, {"action": "start", "task": task})
+            frame = await receive(ws)
+            while frame["type"] != "accepted":
+                frame = await receive(ws)
+            ids[task] = frame["run_id"]
+        flooded = server.executor.get_run(ids["flood"])
+        with trio.fail_after(10):
+            assert (await flooded.wait()).status == "completed"
+        got: dict[str, list[int]] = {run_id: [] for run_id in ids.values()}
+        evicted = None
+        talked = False
+        while evicted is None or not talked:
+            frame = await receive(ws)
+            if "id" in frame:
+                got[frame["run_id"]].append(frame["id"])
+                talked = talked or (
+                    frame["run_id"] == ids["talk"] and frame["type"] == "flow.completed"
+                )
+            elif frame["type"] == "error":
+                evicted = frame
+        assert (evicted["code"], evicted["run_id"]) == ("evicted", ids["flood"])
+        await send(ws, {"action": "resume", "run_id": ids["flood"], "after": evicted["last_seq"]})
+        rest = await until_terminal(ws, ids["flood"])
+    talk = got[ids["talk"]]
+    assert talk == list(range(talk[0], server.executor.get_run(ids["talk"]).last_seq + 1))
+    before = got[ids["flood"]]
+    assert before == list(range(before[0], evicted["last_seq"] + 1))
+    after = [f["id"] for f in rest if f["run_id"] == ids["flood"]]
+    assert after == list(range(evicted["last_seq"] + 1, flooded.last_seq + 1))
