@@ -161,6 +161,9 @@ def test_the_frame_cache_holds_the_newest_frames_of_consecutive_seqs() -> None:
     cache.frames(events[3:8])
     assert (len(cache), cache.first_seq) == (4, 5)  # the history's bound
     assert cache.get(4) is None and cache.get(5) == encode_event(events[4]).encode()
+    held = cache.frames(events[5:8])  # all held: the very frames kept, not encoded again
+    assert all(f is cache.get(e.seq) for f, e in zip(held, events[5:8], strict=True))
+    assert held == [encode_event(e).encode() for e in events[5:8]]
     assert cache.frames(events[1:3]) == [encode_event(e).encode() for e in events[1:3]]
     assert cache.first_seq == 5  # older than the oldest held: encoded, not kept
     cache.frames(events[9:])  # a gap: start again there

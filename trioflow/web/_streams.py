@@ -128,6 +128,21 @@ class FrameCache(Generic[F]):
     def frames(self, events: list[FlowEvent]) -> list[F]:
         """The frames of ``events`` (consecutive seqs): held ones as they are, the others encoded and kept."""
         frames = self._frames
+        if not events:
+            return []
+        held = len(frames)
+        index = events[0].seq - self._first
+        # The two usual cases, a batch at a time: a live batch (the next
+        # events, none held) and a replay (all held).
+        if index == held:
+            encode = self._encode
+            new = [encode(event) for event in events]
+            if self.capacity:
+                frames.extend(new)  # the oldest may fall out
+                self._first += held + len(new) - len(frames)
+            return new
+        if index >= 0 and index + len(events) <= held:
+            return [frames[i] for i in range(index, index + len(events))]
         out: list[F] = []
         for event in events:
             seq = event.seq
