@@ -51,10 +51,14 @@ Framing and flow
     an ordinary ASGI response.
 
 Encoded once
-    Every frame of a run is encoded once: the run's :class:`FrameCache`
-    (bounded like the run's history) holds the frames of its newest events,
-    and a late joiner's replay is written from it, byte for byte the frames
-    a live client got.
+    Every frame of a run is encoded once: the run's
+    :class:`~trioflow.web._streams.FrameCache` of SSE frames (bounded like
+    the run's history) holds the frames of its newest events, and a late
+    joiner's replay is written from it, byte for byte the frames a live
+    client got. The catch-up, the cache and the join to the fan-out are
+    shared with the WebSockets (:mod:`trioflow.web._streams`); this module
+    gives them the SSE encoding (:data:`SSE`) and the ``retry:`` field sent
+    first.
 
 One decision, two transports
     Whether a request gets a stream, and from where, is decided by one
