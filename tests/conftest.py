@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from trioflow.models._claude import AnthropicModel
     from trioflow.web import AgentFactory, WebConfig
+    from trioflow.web._fanout import EventFanout
     from trioflow.web._runs import RunHub
 
 
@@ -245,6 +246,26 @@ class WebServer:
 
 
 StartWebServer = Callable[..., Awaitable[WebServer]]
+
+
+async def joined_fanout(
+    hub: RunHub, run_id: str, targets: int, name: str = "sse"
+) -> EventFanout[Any, Any]:
+    """The run's fan-out for the encoding ``name`` once ``targets`` connections have joined it.
+
+    Polled, with a deadline: a connection joins the fan-out after its catch-up, and
+    neither ``RunHub`` nor ``EventFanout`` has an event to wait on for that.
+    """
+    with trio.fail_after(5):
+        while True:
+            for fanout in hub.fanouts():
+                if (
+                    fanout.run.run_id == run_id
+                    and fanout.name == name
+                    and fanout.statistics().targets >= targets
+                ):
+                    return fanout
+            await trio.sleep(0.005)
 
 
 class PassThrough:

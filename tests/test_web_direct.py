@@ -4,6 +4,7 @@ once per run (``FrameCache``); one descriptor per connection."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from conftest import http_client, start_run, talker
 from trioflow import FlowEvent
 from trioflow.history import HistoryExpired, MemoryHistory
 from trioflow.web._app import direct_writes
-from trioflow.web._sse import FrameCache, encode_event, frame_cache
+from trioflow.web._sse import SSE, FrameCache, encode_event, frame_cache
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer, WebServer
@@ -123,14 +124,14 @@ async def test_a_late_joiner_gets_byte_identical_frames_encoded_once(
     import trioflow.web._sse as sse
 
     encoded = 0
-    encode = sse._encode_frame
+    encode = sse.SSE.event
 
     def counting(event: FlowEvent) -> bytes:
         nonlocal encoded
         encoded += 1
         return encode(event)
 
-    monkeypatch.setattr(sse, "_encode_frame", counting)
+    monkeypatch.setattr(sse, "SSE", dataclasses.replace(sse.SSE, event=counting))
     server = await start_web_server(agent=talker(words=40, pace=400))
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)
@@ -154,18 +155,23 @@ async def test_a_late_joiner_gets_byte_identical_frames_encoded_once(
 
 def test_the_frame_cache_holds_the_newest_frames_of_consecutive_seqs() -> None:
     events = [FlowEvent(type="token.received", run_id="r", seq=s) for s in range(1, 11)]
-    cache = FrameCache(4)
+    cache = FrameCache(4, SSE.event)
     assert cache.frames(events[:3]) == [encode_event(e).encode() for e in events[:3]]
     assert (len(cache), cache.first_seq) == (3, 1)
     cache.frames(events[3:8])
     assert (len(cache), cache.first_seq) == (4, 5)  # the history's bound
     assert cache.get(4) is None and cache.get(5) == encode_event(events[4]).encode()
+    held = cache.frames(events[5:8])  # all held: the very frames kept, not encoded again
+    assert all(f is cache.get(e.seq) for f, e in zip(held, events[5:8], strict=True))
+    assert held == [encode_event(e).encode() for e in events[5:8]]
     assert cache.frames(events[1:3]) == [encode_event(e).encode() for e in events[1:3]]
     assert cache.first_seq == 5  # older than the oldest held: encoded, not kept
     cache.frames(events[9:])  # a gap: start again there
     assert (len(cache), cache.first_seq) == (1, 10)
-    assert FrameCache(0).frames(events[:2]) == [encode_event(e).encode() for e in events[:2]]
-    assert len(FrameCache(0)) == 0
+    assert FrameCache(0, SSE.event).frames(events[:2]) == [
+        encode_event(e).encode() for e in events[:2]
+    ]
+    assert len(FrameCache(0, SSE.event)) == 0
 
 
 async def test_the_frame_cache_never_serves_what_the_history_no_longer_holds(

@@ -9,7 +9,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import trio
-from conftest import start_run, talker
+from conftest import joined_fanout, start_run, talker
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.middleware.gzip import GZipMiddleware
@@ -17,27 +17,11 @@ from starlette.middleware.gzip import GZipMiddleware
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
 from trioflow.web import WebConfig, create_app
 from trioflow.web._app import direct_writes, hub_of
-from trioflow.web._fanout import EventFanout, FanoutTarget, chunk
+from trioflow.web._fanout import FanoutTarget, chunk
 from trioflow.web._sse import new_fanout
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer
-
-    from trioflow.web._runs import RunHub
-
-
-async def joined_fanout(hub: RunHub, run_id: str, targets: int) -> EventFanout:
-    """The run's fan-out once ``targets`` connections have joined it.
-
-    Polled, with a deadline: a connection joins the fan-out after its catch-up, and
-    neither ``RunHub`` nor ``EventFanout`` has an event to wait on for that.
-    """
-    with trio.fail_after(5):
-        while True:
-            for fanout in hub.fanouts():
-                if fanout.run.run_id == run_id and fanout.statistics().targets >= targets:
-                    return fanout
-            await trio.sleep(0.005)
 
 
 def seqs(frames: list[Any]) -> list[int]:
@@ -162,7 +146,9 @@ async def test_a_target_that_stops_reading_is_evicted_keeping_every_committed_ch
         await nursery.start(fanout.run_until_done)
         start = fanout.position
         own = trio.socket.from_stdlib_socket(left)  # the connection's one socket, as served
-        target = FanoutTarget(skip_through=fanout.position, limit=8, sock=own, encode=chunk)
+        target: FanoutTarget[bytes] = FanoutTarget(
+            skip_through=fanout.position, limit=8, sock=own, encode=chunk
+        )
         fanout.add(target)
         target.go_direct()
         with trio.fail_after(10):
@@ -171,7 +157,7 @@ async def test_a_target_that_stops_reading_is_evicted_keeping_every_committed_ch
         assert target.finished and not target.broken
         assert fanout.statistics().evicted == 1
         assert fanout.statistics().direct_writes > 0
-        tail = target.take()
+        tail = b"".join(target.take())
         fanout.discard(target)  # the fan-out lets go of the socket; its owner closes it
         assert target.sock is None
         own.close()

@@ -225,3 +225,48 @@ async def test_a_graceful_shutdown_closes_connections_that_sent_nothing_at_once(
             assert await silent.receive_some(4096) == b""
             assert await kept.receive_some(4096) == b""
             await server.stopped.wait()
+
+
+# -- the guarded stream's writes ---------------------------------------------------------------
+
+
+async def test_a_guarded_write_the_kernel_takes_at_once_and_one_it_does_not() -> None:
+    import socket
+
+    from trioflow.web._connections import Connections
+
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    registry = Connections(max_connections=10, write_timeout=5)
+    stream = registry.guard(trio.SocketStream(trio.socket.from_stdlib_socket(left)))
+    peer = trio.SocketStream(trio.socket.from_stdlib_socket(right))
+    # Small: one write, all taken.
+    await stream.send_all(b"hello")
+    assert await peer.receive_some(5) == b"hello"
+    # Far more than the buffers hold: the rest waits until the peer reads.
+    big = os.urandom(4 * 1024 * 1024)
+    got = bytearray()
+
+    async def read() -> None:
+        while len(got) < len(big):
+            got.extend(await peer.receive_some(1 << 16))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await stream.send_all(big)
+    assert bytes(got) == big
+    # The peer gone: broken; closed by the server: closed.
+    await peer.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(10):  # the first write after the close may still be taken
+            await stream.send_all(b"x" * 65536)
+    stream.abort()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.send_all(b"x")
+    a, b = socket.socketpair()
+    closed = registry.guard(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+    await closed.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await closed.send_all(b"x")
+    b.close()
+    assert len(registry) == 0

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
-from conftest import all_events, flood, receive, send, start_run, talker, until_terminal
+from conftest import (
+    all_events,
+    flood,
+    joined_fanout,
+    receive,
+    send,
+    start_run,
+    talker,
+    until_terminal,
+)
 from trio_websocket import ConnectionClosed
 
+from trioflow import FlowEvent
+
 if TYPE_CHECKING:
-    from conftest import OpenWS, StartWebServer, WebServer
+    from conftest import OpenSSE, OpenWS, StartWebServer, WebServer
     from trio_websocket import WebSocketConnection
 
 
@@ -170,9 +183,12 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws", rcvbuf=64 * 1024) as ws:
         frames = [await receive(ws)]
         assert frames[0]["id"] == 1
+        fanout = await joined_fanout(server.hub, run_id, 1, name="ws")
         with trio.fail_after(10):
             assert (await run.wait()).status == "completed"
-        assert run.bus.statistics().evicted == 1
+        # Its place in the run's WebSocket fan-out was evicted; no subscription was.
+        assert fanout.statistics().evicted == 1
+        assert run.bus.statistics().evicted == 0
         while "id" in frames[-1]:
             frames.append(await receive(ws))
         error = frames.pop()
@@ -185,3 +201,170 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
     assert [f["id"] for f in frames + rest] == list(range(1, run.last_seq + 1))
     assert rest[-1]["type"] == "flow.completed"
     assert code == 1000
+
+
+# -- through the run's fan-out --------------------------------------------------------------
+
+
+async def raw_until_closed(ws: WebSocketConnection) -> list[str]:
+    """Every message up to the server's close, as sent."""
+    messages = []
+    try:
+        while True:
+            with trio.fail_after(5):
+                message = await ws.get_message()
+            assert isinstance(message, str)
+            messages.append(message)
+    except ConnectionClosed:
+        return messages
+
+
+async def test_sockets_on_one_run_share_one_fanout_and_each_event_is_encoded_once(
+    start_web_server: StartWebServer, open_ws: OpenWS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trioflow.web._ws as ws_module
+
+    encoded: list[int] = []
+    encode = ws_module.WS.event
+
+    def counting(event: FlowEvent) -> str:
+        encoded.append(event.seq)
+        return encode(event)
+
+    monkeypatch.setattr(ws_module, "WS", dataclasses.replace(ws_module.WS, event=counting))
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    url = f"{server.ws_url}/runs/{run_id}/ws"
+    async with open_ws(url) as a, open_ws(url) as b, open_ws(url) as c:
+        fanout = await joined_fanout(server.hub, run_id, 3, name="ws")
+        # One subscription reads the run for all three connections.
+        names = [s.name for s in run.bus.statistics().subscribers]
+        assert names == [f"ws fanout {run_id}"]
+        got = [await raw_until_closed(ws) for ws in (a, b, c)]
+    events = await all_events(server.executor, run_id)
+    assert got[0] == got[1] == got[2] == [e.to_json() for e in events]
+    assert sorted(encoded) == list(range(1, run.last_seq + 1))  # once each
+    stats = fanout.statistics()
+    assert (stats.evicted, stats.direct_writes) == (0, 0)
+    assert stats.queued_writes >= 3
+    assert not fanout.open
+    assert server.hub.fanouts() == []
+
+
+async def test_event_stream_and_socket_clients_of_one_run_each_get_every_event(
+    start_web_server: StartWebServer, open_ws: OpenWS, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    async with open_ws(f"{server.ws_url}/runs/{run_id}/ws") as ws:
+        async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+            by_name = {
+                name: await joined_fanout(server.hub, run_id, 1, name=name)
+                for name in ("sse", "ws")
+            }
+            assert by_name["sse"] is not by_name["ws"]
+            names = sorted(s.name for s in run.bus.statistics().subscribers)
+            assert names == [f"sse fanout {run_id}", f"ws fanout {run_id}"]
+            frames = await stream.events()
+        messages, code = await until_closed(ws)
+    everything = list(range(1, run.last_seq + 1))
+    assert [int(f.id or 0) for f in frames] == everything
+    assert [m["id"] for m in messages] == everything
+    assert code == 1000
+
+
+async def test_a_late_socket_gets_the_messages_a_live_one_got(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=120, pace=300))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    url = f"{server.ws_url}/runs/{run_id}/ws"
+    async with open_ws(url) as live:
+        first = [await live.get_message() for _ in range(30)]
+        async with open_ws(url) as late:  # joins mid-run: a replay, then the fan-out
+            later = await raw_until_closed(late)
+        live_messages = first + await raw_until_closed(live)
+    assert later == live_messages
+    assert len(later) == run.last_seq
+    async with open_ws(url) as replay:  # after the run: all from the replay
+        assert await raw_until_closed(replay) == live_messages
+
+
+async def test_socket_follows_two_runs_through_two_fanouts(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    server = await start_web_server(agent=talker(words=150, pace=300))
+    async with open_ws(f"{server.ws_url}/ws") as ws:
+        runs = []
+        for ref in (1, 2):
+            await send(ws, {"action": "start", "task": "go", "ref": ref})
+            frame = await receive(ws)
+            while frame["type"] != "accepted":
+                frame = await receive(ws)
+            runs.append(frame["run_id"])
+        fanouts = [await joined_fanout(server.hub, run_id, 1, name="ws") for run_id in runs]
+        assert fanouts[0] is not fanouts[1]
+        frames: dict[str, list[int]] = {run_id: [] for run_id in runs}
+        done: set[str] = set()
+        while len(done) < 2:
+            frame = await receive(ws)
+            if "id" not in frame:
+                continue
+            frames[frame["run_id"]].append(frame["id"])
+            if frame["type"] == "flow.completed":
+                done.add(frame["run_id"])
+    for run_id in runs:
+        ids = frames[run_id]
+        # The first events may have come before the accepted frame was read.
+        assert ids == list(range(ids[0], server.executor.get_run(run_id).last_seq + 1))
+    for fanout in fanouts:
+        assert fanout.statistics().evicted == 0
+
+
+async def test_socket_evicted_from_one_run_keeps_following_the_others(
+    start_web_server: StartWebServer, open_ws: OpenWS
+) -> None:
+    # One connection follows a run that floods it and one that talks slowly;
+    # the client reads nothing until the flood is over. Its place in the
+    # flood's fan-out is evicted; the other run goes on, and the flood
+    # resumes on the same connection with no gap.
+    floods, talks = flood(), talker(words=30, pace=40)
+    server = await start_web_server(
+        agent=lambda request: (floods if request.task == "flood" else talks)(request),
+        buffer=16,
+    )
+    async with open_ws(f"{server.ws_url}/ws", rcvbuf=64 * 1024) as ws:
+        ids: dict[str, str] = {}
+        for task in ("talk", "flood"):
+            await send(ws, {"action": "start", "task": task})
+            frame = await receive(ws)
+            while frame["type"] != "accepted":
+                frame = await receive(ws)
+            ids[task] = frame["run_id"]
+        flooded = server.executor.get_run(ids["flood"])
+        with trio.fail_after(10):
+            assert (await flooded.wait()).status == "completed"
+        got: dict[str, list[int]] = {run_id: [] for run_id in ids.values()}
+        evicted = None
+        talked = False
+        while evicted is None or not talked:
+            frame = await receive(ws)
+            if "id" in frame:
+                got[frame["run_id"]].append(frame["id"])
+                talked = talked or (
+                    frame["run_id"] == ids["talk"] and frame["type"] == "flow.completed"
+                )
+            elif frame["type"] == "error":
+                evicted = frame
+        assert (evicted["code"], evicted["run_id"]) == ("evicted", ids["flood"])
+        await send(ws, {"action": "resume", "run_id": ids["flood"], "after": evicted["last_seq"]})
+        rest = await until_terminal(ws, ids["flood"])
+    talk = got[ids["talk"]]
+    assert talk == list(range(talk[0], server.executor.get_run(ids["talk"]).last_seq + 1))
+    before = got[ids["flood"]]
+    assert before == list(range(before[0], evicted["last_seq"] + 1))
+    after = [f["id"] for f in rest if f["run_id"] == ids["flood"]]
+    assert after == list(range(evicted["last_seq"] + 1, flooded.last_seq + 1))

@@ -23,6 +23,8 @@ The modules, one concept each: :mod:`~trioflow.web._app` (the application
 and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
 framing and its error events), :mod:`~trioflow.web._fanout` (one run's
 events encoded once and written to every watching connection),
+:mod:`~trioflow.web._streams` (what event streams and WebSockets share: a
+run's frames cached, the catch-up, the join to the fan-out),
 :mod:`~trioflow.web._direct` (the event stream served on the connection
 itself, under :func:`~trioflow.web.serve`), :mod:`~trioflow.web._ws` (the WebSocket
 protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),

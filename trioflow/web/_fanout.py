@@ -5,7 +5,9 @@ hundred connections. Reading the run through one subscription per connection
 costs a task switch per connection and an encoding per connection for every
 event. :class:`EventFanout` reads the run once (one subscription, one task),
 encodes each batch of events once, and appends the same bytes to every
-connection's :class:`FanoutTarget`.
+connection's :class:`FanoutTarget`. A run has one fan-out per encoding
+(:class:`~trioflow.web._streams.Encoding`): one for its event-stream frames,
+one for its WebSocket messages, each reading the run once.
 
 Where the connection is served by trioflow itself (an event stream under
 :func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`), a target is
@@ -37,15 +39,16 @@ event bus closes, when its own subscription is evicted (the process could not
 keep up with the run at all: every target is evicted), or when its last
 target leaves. Connections read the run through a subscription of their own
 until they have caught up with the fan-out, then join it (see
-:class:`~trioflow.web._sse.EventStreamResponse`).
+:func:`~trioflow.web._streams.stream_run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import trio
 
@@ -62,6 +65,12 @@ __all__ = [
     "FanoutTarget",
     "chunk",
 ]
+
+
+F = TypeVar("F")
+"""One event's frame (``bytes`` for SSE, ``str`` for a WebSocket message)."""
+P = TypeVar("P")
+"""A batch's frames as handed to a target at once (``bytes`` for SSE, a list of messages for WS)."""
 
 
 def chunk(data: bytes) -> bytes:
@@ -90,13 +99,15 @@ class FanoutStatistics:
     """Targets evicted for falling more than their limit behind."""
 
 
-class FanoutTarget:
-    """One connection's share of an :class:`EventFanout`: its pending bytes and its state.
+class FanoutTarget(Generic[P]):
+    """One connection's share of an :class:`EventFanout`: its pending pieces and its state.
 
     Made by :meth:`EventFanout.add`; the connection's task calls
     :meth:`wait`, :meth:`take` and :meth:`go_direct` (see
-    :class:`~trioflow.web._sse.EventStreamResponse`) and leaves with
-    :meth:`EventFanout.discard`.
+    :func:`~trioflow.web._streams.stream_run`) and leaves with
+    :meth:`EventFanout.discard`. A *piece* is the frames of one batch as
+    the fan-out hands them on: bytes for an event stream, a list of
+    messages for a WebSocket.
 
     Args:
         skip_through: events up to this seq were sent by the connection
@@ -105,9 +116,9 @@ class FanoutTarget:
         sock: the connection's own non-blocking socket, to write to
             directly (owned by the connection's task, which closes it;
             never by the target), or ``None`` to leave every write to the
-            connection's task.
-        encode: how to frame a batch's bytes for this connection
-            (:func:`chunk` for a raw HTTP/1.1 socket, identity for ASGI).
+            connection's task. Only a target of byte pieces has one.
+        encode: how to frame a piece for this connection (:func:`chunk`
+            for a raw HTTP/1.1 socket, identity for ASGI).
     """
 
     __slots__ = (
@@ -120,6 +131,7 @@ class FanoutTarget:
         "committed_through",
         "direct",
         "encode",
+        "evicted",
         "finished",
         "limit",
         "skip_through",
@@ -132,7 +144,7 @@ class FanoutTarget:
         skip_through: int,
         limit: int,
         sock: trio.socket.SocketType | None,
-        encode: Callable[[bytes], bytes],
+        encode: Callable[[P], P],
     ) -> None:
         self.skip_through = skip_through
         self.limit = limit
@@ -144,11 +156,13 @@ class FanoutTarget:
         """Whether the stream is over: after the pending bytes, nothing more comes."""
         self.broken = False
         """Whether the socket failed (the client has gone)."""
+        self.evicted = False
+        """Whether the target was evicted (its last piece is the ``evicted`` frame)."""
         self.committed_through = skip_through
         """Every event up to this seq is written out or on its way (never taken back)."""
         self._queued_through = skip_through
-        self._remainder = b""  # the rest of a chunk the kernel took part of: committed
-        self._pending: list[bytes] = []  # queued, not committed: dropped on eviction
+        self._remainder: P | None = None  # the rest of a chunk the kernel took part of: committed
+        self._pending: list[P] = []  # queued, not committed: dropped on eviction
         self._pending_events = 0
         self._event = trio.Event()
 
@@ -156,29 +170,33 @@ class FanoutTarget:
 
     @property
     def pending(self) -> int:
-        """How many events wait in the pending bytes (the ones an eviction would drop)."""
+        """How many events wait in the pending pieces (the ones an eviction would drop)."""
         return self._pending_events
 
     async def wait(self) -> None:
         """Wait until there are bytes to send or the target has finished."""
-        if self._remainder or self._pending or self.finished:
+        if self._remainder is not None or self._pending or self.finished:
             await trio.lowlevel.checkpoint()
             return
         await self._event.wait()
         self._event = trio.Event()
 
-    def take(self) -> bytes:
-        """Every pending byte, to be sent by the connection's task; ``b""`` if none."""
-        data = b"".join([self._remainder, *self._pending])
-        self._remainder = b""
-        self._pending.clear()
+    def take(self) -> list[P]:
+        """Every pending piece, in order, to be sent by the connection's task; ``[]`` if none."""
+        pieces = self._pending
+        if self._remainder is not None:
+            pieces.insert(0, self._remainder)
+            self._remainder = None
+        self._pending = []
         self._pending_events = 0
         self.committed_through = self._queued_through
-        return data
+        return pieces
 
     def go_direct(self) -> None:
         """Let the fan-out write straight to the socket again (once :meth:`take` emptied it)."""
-        if self.sock is not None and not (self._remainder or self._pending or self.finished):
+        if self.sock is not None and not (
+            self._remainder is not None or self._pending or self.finished
+        ):
             self.direct = True
 
     def close(self) -> None:
@@ -188,10 +206,11 @@ class FanoutTarget:
 
     # -- the fan-out's side ----------------------------------------------------
 
-    def _write(self, data: bytes, events: int, last_seq: int) -> bool:
-        """Hand ``data`` (``events`` events, the last one ``last_seq``) on; False: evict."""
+    def _write(self, piece: P, events: int, last_seq: int) -> bool:
+        """Hand ``piece`` (``events`` events, the last one ``last_seq``) on; False: evict."""
         if self.direct:
             assert self.sock is not None
+            data = cast("bytes", piece)  # a target with a socket has byte pieces
             try:
                 # The owner's own descriptor, read now: -1 (EBADF) once closed.
                 # Python ignores SIGPIPE: a peer gone is an OSError here.
@@ -205,18 +224,19 @@ class FanoutTarget:
             self.committed_through = self._queued_through = last_seq
             if sent < len(data):
                 self.direct = False
-                self._remainder = data[sent:]
+                self._remainder = cast("P", data[sent:])
                 self._event.set()
             return True
-        self._pending.append(data)
+        self._pending.append(piece)
         self._pending_events += events
         self._queued_through = last_seq
         self._event.set()
         return self._pending_events <= self.limit
 
-    def _evict(self, error: bytes) -> None:
-        """Drop the uncommitted bytes and finish with ``error`` (framed by :attr:`encode`)."""
-        self._pending = [self.encode(error)]
+    def _evict(self, error: P) -> None:
+        """Drop the uncommitted pieces and finish with ``error`` (framed already)."""
+        self.evicted = True
+        self._pending = [error]
         self._pending_events = 0
         self._queued_through = self.committed_through
         self._finish()
@@ -228,13 +248,13 @@ class FanoutTarget:
 
     def _break(self) -> None:
         self.broken = True
-        self._remainder = b""
+        self._remainder = None
         self._pending.clear()
         self._pending_events = 0
         self._finish()
 
 
-class EventFanout:
+class EventFanout(Generic[F, P]):
     """Reads one run once and writes each batch of its events to every :class:`FanoutTarget`.
 
     Made and started by :meth:`~trioflow.web._runs.RunHub.fanout`; see the
@@ -242,34 +262,42 @@ class EventFanout:
 
     Args:
         run: the run (or a replay served as one).
-        encode: the SSE frames of a batch of events, one per event (a
-            :meth:`~trioflow.web._sse.FrameCache.frames`: encoded once per run).
+        encode: the frames of a batch of events, one per event (a
+            :meth:`~trioflow.web._streams.FrameCache.frames`: encoded once per run).
+        join: the frames of a batch as one piece (``b"".join`` for SSE,
+            ``list`` for WebSocket messages).
         evicted: makes the ``evicted`` error frame for a target, given the
             last seq it received.
         keepalive: seconds of silence after which every target gets
             ``keepalive_frame``.
-        keepalive_frame: the comment sent after ``keepalive`` seconds of silence.
+        keepalive_frame: the frame sent after ``keepalive`` seconds of
+            silence (``None``: nothing is sent).
         buffer: the bound of the fan-out's own subscription (it is evicted,
             and every target with it, only if the process cannot keep up).
+        name: the encoding's name, for the subscription's (``"sse fanout <run id>"``).
     """
 
     def __init__(
         self,
         run: RunHandle,
         *,
-        encode: Callable[[list[FlowEvent]], list[bytes]],
-        evicted: Callable[[int], bytes],
+        encode: Callable[[list[FlowEvent]], list[F]],
+        join: Callable[[list[F]], P],
+        evicted: Callable[[int], F],
         keepalive: float,
-        keepalive_frame: bytes,
+        keepalive_frame: F | None,
         buffer: int = 4096,
+        name: str = "sse",
     ) -> None:
         self.run = run
+        self.name = name
         self._encode = encode
+        self._join = join
         self._evicted_frame = evicted
-        self._keepalive = keepalive
+        self._keepalive = keepalive if keepalive_frame is not None else math.inf
         self._keepalive_frame = keepalive_frame
         self._buffer = buffer
-        self._targets: list[FanoutTarget] = []
+        self._targets: list[FanoutTarget[P]] = []
         self._claims = 0
         self._sub: Subscription | None = None
         self._scope = trio.CancelScope()
@@ -282,7 +310,7 @@ class EventFanout:
         self._direct_writes = 0
         self._queued_writes = 0
         self._evicted = 0
-        self.on_close: Callable[[EventFanout], None] | None = None
+        self.on_close: Callable[[EventFanout[F, P]], None] | None = None
         """Called once when the fan-out stops (the hub forgets it)."""
 
     @property
@@ -303,7 +331,7 @@ class EventFanout:
             evicted=self._evicted,
         )
 
-    def add(self, target: FanoutTarget) -> None:
+    def add(self, target: FanoutTarget[P]) -> None:
         """Add ``target``; the next batch after its ``skip_through`` goes to it.
 
         Raises:
@@ -319,7 +347,7 @@ class EventFanout:
             )
         self._targets.append(target)
 
-    def discard(self, target: FanoutTarget) -> None:
+    def discard(self, target: FanoutTarget[P]) -> None:
         """Remove ``target`` (idempotent); the fan-out writes to its socket no more.
 
         The fan-out stops when its last target leaves and no connection
@@ -361,7 +389,7 @@ class EventFanout:
                         after=self.position,
                         buffer=self._buffer,
                         overflow=Overflow.EVICT,
-                        name=f"sse fanout {self.run.run_id}",
+                        name=f"{self.name} fanout {self.run.run_id}",
                     ) as sub:
                         self._sub = sub
                         self.ready = True
@@ -387,12 +415,13 @@ class EventFanout:
                         self._evict(target)
                     return
             if batch is None:
-                self._broadcast([], self._keepalive_frame, 0, self.position)
+                if self._keepalive_frame is not None:
+                    self._broadcast([], self._join([self._keepalive_frame]), 0, self.position)
                 continue
             self._batches += 1
             frames = self._encode(batch)
             last = batch[-1].seq
-            self._broadcast(batch, b"".join(frames), len(batch), last, frames)
+            self._broadcast(batch, self._join(frames), len(batch), last, frames)
             self.position = last
             if batch[-1].is_terminal():
                 for target in self._targets:
@@ -403,12 +432,12 @@ class EventFanout:
     def _broadcast(
         self,
         batch: list[FlowEvent],
-        data: bytes,
+        data: P,
         events: int,
         last: int,
-        frames: list[bytes] | None = None,
+        frames: list[F] | None = None,
     ) -> None:
-        framed: dict[Callable[[bytes], bytes], bytes] = {}
+        framed: dict[Callable[[P], P], P] = {}
         for target in list(self._targets):
             if batch and target.skip_through >= batch[0].seq:
                 # It joined with events of this batch sent already: only the rest.
@@ -419,7 +448,7 @@ class EventFanout:
                 if not kept:
                     continue
                 events_here = len(kept)
-                out = target.encode(b"".join(kept))
+                out = target.encode(self._join(kept))
             else:
                 events_here = events
                 cached = framed.get(target.encode)
@@ -435,9 +464,10 @@ class EventFanout:
             elif target.broken:
                 self._targets.remove(target)
 
-    def _evict(self, target: FanoutTarget) -> None:
+    def _evict(self, target: FanoutTarget[P]) -> None:
         self._evicted += 1
-        target._evict(self._evicted_frame(target.committed_through))
+        error = self._join([self._evicted_frame(target.committed_through)])
+        target._evict(target.encode(error))
         try:
             self._targets.remove(target)
         except ValueError:

@@ -16,7 +16,7 @@ import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import trio
 
@@ -30,6 +30,9 @@ from trioflow.web._errors import ApiError
 if TYPE_CHECKING:
     from trioflow.recording import ReplayRun
     from trioflow.web._fanout import EventFanout
+
+F = TypeVar("F")
+P = TypeVar("P")
 
 __all__ = [
     "AgentFactory",
@@ -222,7 +225,7 @@ class RunHub:
         self._idle = trio.Event()
         self._idle.set()
         self._replays: dict[str, ReplayRun] = {}
-        self._fanouts: dict[str, EventFanout] = {}
+        self._fanouts: dict[tuple[str, str], EventFanout[Any, Any]] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -394,9 +397,17 @@ class RunHub:
         run.cancel(reason)
 
     async def fanout(
-        self, run: RunHandle, factory: Callable[[RunHandle, WebConfig], EventFanout]
-    ) -> EventFanout | None:
-        """The run's :class:`~trioflow.web._fanout.EventFanout`, claimed, started with ``factory`` if none runs.
+        self,
+        run: RunHandle,
+        factory: Callable[[RunHandle, WebConfig], EventFanout[F, P]],
+        *,
+        key: str = "sse",
+    ) -> EventFanout[F, P] | None:
+        """The run's :class:`~trioflow.web._fanout.EventFanout` for ``key``, claimed, started with ``factory`` if none runs.
+
+        A run has one fan-out per encoding (``key``, the
+        :attr:`~trioflow.web._streams.Encoding.name`): its event streams
+        share one, its WebSockets another.
 
         The caller holds a :meth:`~trioflow.web._fanout.EventFanout.claim` on
         it and must :meth:`~trioflow.web._fanout.EventFanout.release` it
@@ -408,7 +419,8 @@ class RunHub:
         application's lifespan is not running) or the run has ended: the
         connection streams on its own then.
         """
-        existing = self._fanouts.get(run.run_id)
+        slot = (run.run_id, key)
+        existing: EventFanout[F, P] | None = self._fanouts.get(slot)
         if existing is not None and existing.open:
             existing.claim()
             return existing
@@ -416,12 +428,12 @@ class RunHub:
             return None
         fanout = factory(run, self.config)
 
-        def forget(done: EventFanout) -> None:
-            if self._fanouts.get(run.run_id) is done:
-                del self._fanouts[run.run_id]
+        def forget(done: EventFanout[F, P]) -> None:
+            if self._fanouts.get(slot) is done:
+                del self._fanouts[slot]
 
         fanout.on_close = forget
-        self._fanouts[run.run_id] = fanout
+        self._fanouts[slot] = fanout
         fanout.claim()
         try:
             await self._nursery.start(fanout.run_until_done)
@@ -430,8 +442,8 @@ class RunHub:
             raise
         return fanout
 
-    def fanouts(self) -> list[EventFanout]:
-        """The fan-outs running now, one per run with event-stream clients."""
+    def fanouts(self) -> list[EventFanout[Any, Any]]:
+        """The fan-outs running now, one per run and encoding with clients."""
         return list(self._fanouts.values())
 
     # -- watchers ------------------------------------------------------------------

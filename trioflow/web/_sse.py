@@ -51,10 +51,14 @@ Framing and flow
     an ordinary ASGI response.
 
 Encoded once
-    Every frame of a run is encoded once: the run's :class:`FrameCache`
-    (bounded like the run's history) holds the frames of its newest events,
-    and a late joiner's replay is written from it, byte for byte the frames
-    a live client got.
+    Every frame of a run is encoded once: the run's
+    :class:`~trioflow.web._streams.FrameCache` of SSE frames (bounded like
+    the run's history) holds the frames of its newest events, and a late
+    joiner's replay is written from it, byte for byte the frames a live
+    client got. The catch-up, the cache and the join to the fan-out are
+    shared with the WebSockets (:mod:`trioflow.web._streams`); this module
+    gives them the SSE encoding (:data:`SSE`) and the ``retry:`` field sent
+    first.
 
 One decision, two transports
     Whether a request gets a stream, and from where, is decided by one
@@ -66,10 +70,8 @@ One decision, two transports
 
 from __future__ import annotations
 
-import collections
 import math
 import re
-import weakref
 from typing import TYPE_CHECKING
 
 import trio
@@ -77,7 +79,6 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from trioflow._util import collapse_single_group
-from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.handle import RunHandle as Run
 from trioflow.history import HistoryExpired
@@ -92,8 +93,11 @@ from trioflow.protocol import (
 )
 from trioflow.sse import encode
 from trioflow.web._config import WebConfig
-from trioflow.web._fanout import EventFanout, FanoutTarget
+from trioflow.web._fanout import EventFanout
 from trioflow.web._runs import RunHub, resume_point
+from trioflow.web._streams import Encoding, FrameCache, StreamOutput, stream_run
+from trioflow.web._streams import frame_cache as _frame_cache
+from trioflow.web._streams import new_fanout as _new_fanout
 
 if TYPE_CHECKING:
     from trioflow.web._auth import AccessPolicy
@@ -104,6 +108,7 @@ __all__ = [
     "HEADERS",
     "KEEPALIVE",
     "RENAMED_EVENTS",
+    "SSE",
     "EventOutput",
     "EventStreamResponse",
     "FrameCache",
@@ -146,97 +151,26 @@ def _evicted_frame(last_seq: int) -> bytes:
 # -- encoded once -----------------------------------------------------------------------
 
 
-class FrameCache:
-    """The SSE frames of a run's newest events, each encoded once.
-
-    In step with the run's history: it holds at most ``capacity`` frames
-    (the history's bound), of consecutive seqs. It is only ever asked for
-    the frames of events in hand (read from the run's history or live by a
-    subscription), so it never serves a frame the history no longer holds:
-    a resume from too far back fails with :exc:`~trioflow.history.HistoryExpired`
-    in the subscription, exactly as without the cache.
-
-    Args:
-        capacity: the most frames kept (``0``: none, every frame is encoded).
-    """
-
-    __slots__ = ("_first", "_frames", "capacity")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._frames: collections.deque[bytes] = collections.deque(maxlen=capacity)
-        self._first = 1  # the seq of _frames[0]
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    @property
-    def first_seq(self) -> int:
-        """The seq of the oldest frame held (``last_seq + 1`` when none is)."""
-        return self._first
-
-    def get(self, seq: int) -> bytes | None:
-        """The frame of event ``seq``, or ``None`` if it is not held."""
-        index = seq - self._first
-        if 0 <= index < len(self._frames):
-            return self._frames[index]
-        return None
-
-    def frames(self, events: list[FlowEvent]) -> list[bytes]:
-        """The frames of ``events`` (consecutive seqs): held ones as they are, the others encoded and kept."""
-        frames = self._frames
-        out: list[bytes] = []
-        for event in events:
-            seq = event.seq
-            index = seq - self._first
-            if 0 <= index < len(frames):
-                out.append(frames[index])
-                continue
-            frame = _encode_frame(event)
-            out.append(frame)
-            if not self.capacity:
-                continue
-            if index == len(frames):  # the next one: keep it (the oldest may fall out)
-                if len(frames) == self.capacity:
-                    self._first += 1
-                frames.append(frame)
-            elif index > len(frames):  # a gap (the run went on unwatched): start again here
-                frames.clear()
-                frames.append(frame)
-                self._first = seq
-            # an event older than the oldest held: encoded, not kept
-        return out
+SSE: Encoding[bytes, bytes] = Encoding(
+    name="sse",
+    event=_encode_frame,
+    join=b"".join,
+    evicted=lambda run_id, last_seq: _evicted_frame(last_seq),
+    keepalive=KEEPALIVE.encode("ascii"),
+)
+"""The event stream's encoding: one SSE frame per event, a batch's frames in one write."""
 
 
-_caches: weakref.WeakKeyDictionary[Run, FrameCache] = weakref.WeakKeyDictionary()
+def frame_cache(run: Run, hub: RunHub) -> FrameCache[bytes]:
+    """The run's :class:`~trioflow.web._streams.FrameCache` of SSE frames (bounded like its history)."""
+    return _frame_cache(run, hub, SSE)
 
 
-def frame_cache(run: Run, hub: RunHub) -> FrameCache:
-    """The run's :class:`FrameCache` (made on first use, bounded like the run's history).
-
-    It lives as long as the run object does.
-    """
-    cache = _caches.get(run)
-    if cache is None:
-        capacity = hub.executor.history
-        try:
-            capacity = run.bus.history.capacity  # type: ignore[attr-defined]
-        except (AttributeError, RuntimeError):
-            pass
-        cache = _caches[run] = FrameCache(capacity)
-    return cache
-
-
-def new_fanout(run: Run, config: WebConfig, cache: FrameCache | None = None) -> EventFanout:
+def new_fanout(
+    run: Run, config: WebConfig, cache: FrameCache[bytes] | None = None
+) -> EventFanout[bytes, bytes]:
     """The :class:`~trioflow.web._fanout.EventFanout` writing ``run``'s SSE frames (from ``cache``)."""
-    return EventFanout(
-        run,
-        encode=(cache or FrameCache(0)).frames,
-        evicted=_evicted_frame,
-        keepalive=config.keepalive,
-        keepalive_frame=KEEPALIVE.encode("ascii"),
-        buffer=max(4096, config.buffer),
-    )
+    return _new_fanout(run, config, SSE, cache)
 
 
 # -- the decision -------------------------------------------------------------------------
@@ -282,26 +216,45 @@ def event_stream_answer(
 # -- the stream, to either transport ------------------------------------------------------
 
 
-class EventOutput:
+class EventOutput(StreamOutput[bytes, bytes]):
     """Where one event stream writes: the ASGI ``send``, or the connection's socket.
 
     :attr:`sock` is the socket the fan-out may write to directly (``None``:
     never), :attr:`frame` how bytes are framed on it (an HTTP/1.1 chunk, or
     as they are). :meth:`write` and :meth:`end` raise
     :exc:`trio.BrokenResourceError` or :exc:`trio.ClosedResourceError` when
-    the client has gone.
+    the client has gone. :attr:`head` (the ``retry:`` field) goes out with
+    the first write.
     """
 
-    sock: trio.socket.SocketType | None = None
     ending = False
     """Whether :meth:`end` has begun (a disconnect from then on is not the client's)."""
-    broken = False
-    """Whether the client went away mid-stream."""
+    head = b""
+    """Bytes that go out in front of the first write."""
 
-    @staticmethod
-    def frame(data: bytes) -> bytes:
-        """``data`` as this output frames it (as it is, for ASGI)."""
-        return data
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send ``frames`` in one write (the :attr:`head` first, if not sent yet)."""
+        data = b"".join([self.head, *frames])
+        self.head = b""
+        await self.write(data)
+
+    async def send_pieces(self, pieces: list[bytes]) -> None:
+        """Send the fan-out's chunks in one write."""
+        await self.write_framed(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+    async def finish(self, frames: list[bytes]) -> None:
+        """Send ``frames`` (the :attr:`head` first, if not sent yet) and end the response."""
+        data = b"".join([self.head, *frames])
+        self.head = b""
+        await self.end(data)
+
+    def holds(self) -> bool:
+        """Whether the :attr:`head` has not gone out yet."""
+        return bool(self.head)
+
+    async def flush(self) -> None:
+        """Send the :attr:`head` (alone)."""
+        await self.send_frames([])
 
     async def start(self) -> None:
         """Begin the ``200`` response with :data:`HEADERS`."""
@@ -353,23 +306,9 @@ async def stream_events(hub: RunHub, run: Run, after: int, out: EventOutput) -> 
 
 
 async def _respond(hub: RunHub, run: Run, after: int, out: EventOutput) -> None:
-    config = hub.config
-    head = encode(retry=max(1, math.ceil(config.retry * 1000))).encode("ascii")
-    cache = frame_cache(run, hub)
+    out.head = encode(retry=max(1, math.ceil(hub.config.retry * 1000))).encode("ascii")
     try:
-        async with run.subscribe(
-            after=after,
-            buffer=config.buffer,
-            overflow=Overflow.EVICT,
-            name=f"sse {run.run_id}",
-        ) as sub:
-            await out.start()
-            claims: list[EventFanout] = []
-            try:
-                joined = await _catch_up(hub, run, after, sub, out, claims, head, cache)
-            finally:
-                for fanout in claims:
-                    fanout.release()
+        await stream_run(hub, run, after, out, SSE)
     except HistoryExpired as exc:
         await out.start()
         error = encode_error(
@@ -378,116 +317,7 @@ async def _respond(hub: RunHub, run: Run, after: int, out: EventOutput) -> None:
             requested=exc.requested,
             first_available=exc.first_available,
         )
-        await out.end(head + error.encode("ascii"))
-        return
-    if joined is not None:
-        await _follow(*joined, out)
-
-
-async def _catch_up(
-    hub: RunHub,
-    run: Run,
-    after: int,
-    sub: Subscription,
-    out: EventOutput,
-    claims: list[EventFanout],
-    head: bytes,
-    cache: FrameCache,
-) -> tuple[EventFanout, FanoutTarget] | None:
-    """Stream from the connection's own subscription until it can join the fan-out.
-
-    Returns the fan-out and the joined target, or None when the stream
-    has ended here (terminal event, end of the run's events, eviction).
-    Every fan-out it claimed is added to ``claims`` (for the caller to
-    release). ``head`` (the ``retry:`` field) goes out with the first write.
-    The replay's frames come from ``cache`` (encoded once per run).
-    """
-    config = hub.config
-    sent_through = after
-    fanout: EventFanout | None = None
-    solo = False  # no fan-out to be had (no nursery for it): stream alone to the end
-
-    def fanout_for(run: Run, config: WebConfig) -> EventFanout:
-        return new_fanout(run, config, cache)
-
-    while True:
-        # One look at the subscription per turn: every await below may let
-        # events in, so each one is followed by a new turn.
-        if not solo and sub.statistics().size == 0:
-            if fanout is None or not fanout.open:
-                fanout = await hub.fanout(run, fanout_for)
-                solo = fanout is None
-                if fanout is not None:
-                    claims.append(fanout)
-                continue
-            if fanout.ready and fanout.position <= sent_through:
-                if head:
-                    await out.write(head)
-                    head = b""
-                    continue
-                target = FanoutTarget(
-                    skip_through=sent_through,
-                    limit=config.buffer,
-                    sock=out.sock,
-                    encode=out.frame,
-                )
-                fanout.add(target)
-                return fanout, target
-        batch: list[FlowEvent] | None = None
-        ended = False
-        evicted: SubscriberEvicted | None = None
-        with trio.move_on_after(config.keepalive):
-            try:
-                batch = await sub.receive_batch()
-            except trio.EndOfChannel:
-                ended = True
-            except SubscriberEvicted as exc:
-                evicted = exc
-        if evicted is not None:
-            await out.end(head + _evicted_frame(evicted.last_seq))
-            return None
-        if ended:
-            await out.end(head)
-            return None
-        if batch is None:
-            await out.write(head + _KEEPALIVE)
-            head = b""
-            continue
-        data = b"".join([head, *cache.frames(batch)])
-        head = b""
-        sent_through = batch[-1].seq
-        if batch[-1].is_terminal():
-            await out.end(data)
-            return None
-        await out.write(data)
-
-
-_KEEPALIVE = KEEPALIVE.encode("ascii")
-
-
-async def _follow(fanout: EventFanout, target: FanoutTarget, out: EventOutput) -> None:
-    """Send what the fan-out leaves to this connection until the stream is over."""
-    try:
-        while True:
-            data = target.take()
-            if data:
-                await out.write_framed(data)
-                continue
-            if target.finished:
-                break
-            target.go_direct()  # all sent: the fan-out may write itself again
-            await target.wait()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        target.broken = True
-    finally:
-        fanout.discard(target)
-    if target.broken:
-        out.broken = True
-        return
-    try:
-        await out.end(b"")
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        out.broken = True
+        await out.finish([error.encode("ascii")])
 
 
 # -- the ASGI response -----------------------------------------------------------------

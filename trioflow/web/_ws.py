@@ -43,11 +43,21 @@ gap) and ``history_expired``. An error caused by a message echoes its
 larger than :attr:`~trioflow.web.WebConfig.websocket_message_ceiling` is
 never read: the server closes the connection with code ``1009``.
 
-Each followed run has its own subscription with a bounded buffer
-(:attr:`~trioflow.Overflow.EVICT`); a client that disconnects releases them
-all at once, and runs started with ``"on_disconnect": "cancel"`` that no one
-else watches are cancelled. On a graceful shutdown, connections close with
-code ``1001`` once their runs' terminal events are delivered.
+Each followed run is streamed as an event stream is
+(:func:`~trioflow.web._streams.stream_run`): through a subscription of the
+connection's own (bounded, :attr:`~trioflow.Overflow.EVICT`) until it has
+caught up, then through the run's WebSocket fan-out
+(:class:`~trioflow.web._fanout.EventFanout`, one per run for every
+WebSocket following it, beside the run's event-stream fan-out), which
+encodes each event once (:data:`WS`; the run's cache of these messages
+serves late joiners the messages a live client got) and hands the same
+messages to every connection, bounded by ``buffer`` events per connection
+and run. The messages of a batch go out back to back under one hold of the
+connection's send lock (one lock for the control frames and every followed
+run). A client that disconnects releases its subscriptions and places in
+the fan-outs at once, and runs started with ``"on_disconnect": "cancel"``
+that no one else watches are cancelled. On a graceful shutdown, connections
+close with code ``1001`` once their runs' terminal events are delivered.
 """
 
 from __future__ import annotations
@@ -61,17 +71,44 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 
 from trioflow._json import InvalidJSON, loads
 from trioflow._util import collapse_single_group
-from trioflow.bus import Overflow, SubscriberEvicted
+from trioflow.events import FlowEvent
 from trioflow.handle import RunHandle
 from trioflow.history import HistoryExpired
 from trioflow.protocol import EVICTED, HISTORY_EXPIRED
 from trioflow.web._auth import deny_websocket
 from trioflow.web._errors import ApiError
 from trioflow.web._runs import RunHub, RunRequest, Watch, resume_point
+from trioflow.web._streams import Encoding, StreamOutput, stream_run
 
-__all__ = ["run_socket", "socket"]
+__all__ = ["WS", "run_socket", "socket"]
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _event_frame(event: FlowEvent) -> str:
+    return event.to_json()
+
+
+def _error_frame(code: str, message: str, **details: Any) -> str:
+    """An ``error`` control frame; members whose value is ``None`` are left out."""
+    extra = {k: v for k, v in details.items() if v is not None}
+    return _dumps({"type": "error", "code": code, "message": message, **extra})
+
+
+def _evicted_frame(run_id: str, last_seq: int) -> str:
+    return _error_frame(
+        EVICTED,
+        "this client fell behind and the stream stopped; send "
+        f'{{"action": "resume", "run_id": "{run_id}", "after": {last_seq}}} to go on',
+        run_id=run_id,
+        last_seq=last_seq,
+    )
+
+
+WS: Encoding[str, list[str]] = Encoding(
+    name="ws", event=_event_frame, join=list, evicted=_evicted_frame
+)
+"""The WebSocket encoding: one text message per event (:meth:`FlowEvent.to_json`), no keepalive."""
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[None]]
 
@@ -148,14 +185,16 @@ class _Connection:
 
     # -- sending -------------------------------------------------------------------
 
-    async def send(self, frames: list[str]) -> bool:
-        """Send text frames back to back; False if the connection is closed."""
+    async def send(self, *batches: list[str]) -> bool:
+        """Send the text frames of ``batches`` back to back; False if the connection is closed."""
         async with self._lock:
             if self._closed:
                 return False
+            send = self.ws.send
             try:
-                for frame in frames:
-                    await self.ws.send_text(frame)
+                for frames in batches:
+                    for frame in frames:
+                        await send({"type": "websocket.send", "text": frame})
             except (WebSocketDisconnect, WebSocketDisconnected):
                 self._closed = True
                 self.disconnected = True
@@ -169,8 +208,7 @@ class _Connection:
 
     async def error(self, code: str, message: str, **details: Any) -> None:
         """Send an ``error`` control frame; members whose value is ``None`` are left out."""
-        extra = {k: v for k, v in details.items() if v is not None}
-        await self.control({"type": "error", "code": code, "message": message, **extra})
+        await self.send([_error_frame(code, message, **details)])
 
     async def close(self, code: int, reason: str | None = None) -> None:
         """Close the connection with ``code`` (once) and stop serving it."""
@@ -284,33 +322,10 @@ class _Connection:
 
     async def _pump(self, run: RunHandle, after: int) -> bool:
         """Send the run's events; True once its end was delivered."""
-        config = self.hub.config
         try:
-            async with run.subscribe(
-                after=after,
-                buffer=config.buffer,
-                overflow=Overflow.EVICT,
-                name=f"ws {run.run_id}",
-            ) as sub:
-                while True:
-                    try:
-                        batch = await sub.receive_batch()
-                    except trio.EndOfChannel:
-                        return True
-                    except SubscriberEvicted as exc:
-                        await self.error(
-                            EVICTED,
-                            "this client fell behind and the stream stopped; send "
-                            f'{{"action": "resume", "run_id": "{run.run_id}", '
-                            f'"after": {exc.last_seq}}} to go on',
-                            run_id=run.run_id,
-                            last_seq=exc.last_seq,
-                        )
-                        return False
-                    if not await self.send([event.to_json() for event in batch]):
-                        return False
-                    if batch[-1].is_terminal():
-                        return True
+            return await stream_run(self.hub, run, after, _RunOutput(self), WS)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # the connection closed
+            return False
         except HistoryExpired as exc:
             await self.error(
                 HISTORY_EXPIRED,
@@ -320,6 +335,27 @@ class _Connection:
                 first_available=exc.first_available,
             )
             return False
+
+
+class _RunOutput(StreamOutput[str, list[str]]):
+    """One followed run's stream on a :class:`_Connection`: its messages, under the connection's send lock."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    async def send_frames(self, frames: list[str]) -> None:
+        if not await self._conn.send(frames):
+            raise trio.ClosedResourceError
+
+    async def send_pieces(self, pieces: list[list[str]]) -> None:
+        if not await self._conn.send(*pieces):
+            raise trio.ClosedResourceError
+
+    async def finish(self, frames: list[str]) -> None:
+        if frames:
+            await self.send_frames(frames)
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 async def run_socket(websocket: WebSocket) -> None:
