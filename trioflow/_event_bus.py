@@ -173,8 +173,8 @@ class EventBus:
     ) -> FlowEvent:
         """Stamp the next seq on a new event and append it to the history.
 
-        The hot path of :meth:`emit` and :meth:`emit_nowait`, which check
-        first that the bus is open: a known type on a bus of plain
+        The one hot path of :meth:`emit` and :meth:`emit_nowait` (each checks
+        first that the bus is open): a known type on a bus of plain
         :class:`FlowEvent` is built here with ``events._stamp`` and
         ``freeze_data`` inlined; anything else the general way.
 
@@ -340,31 +340,7 @@ class EventBus:
                         probe = FlowEvent(validate_event_type(type), EMPTY, 0.0, 0, run_id)
                     if sub._matches(probe):
                         raise trio.WouldBlock
-        if isinstance(type, str) and type in self._hot_types:
-            # _next_event's hot path, inlined: emit_nowait is the bus's fastest way in.
-            seq = self._seq + 1
-            blank: Any = _Unfrozen()
-            blank.type = type
-            if data is None:
-                blank.data = EMPTY
-            elif data.__class__ is FrozenDict:
-                blank.data = data
-            else:
-                frozen: Any = FrozenDict(data)
-                for value in frozen.values():
-                    if value.__class__ not in _FLAT:
-                        frozen = freeze_data(data)
-                        break
-                blank.data = frozen
-            blank.timestamp = _now()
-            blank.seq = seq
-            blank.run_id = run_id
-            blank.__class__ = FlowEvent
-            event: FlowEvent = blank
-            self._seq = seq
-            self._hist_append(event)
-        else:
-            event = self._next_event(type, data, run_id)
+        event = self._next_event(type, data, run_id)
         for sub in self._subs:
             if sub._all or sub._matches(event):
                 buf = sub._buf
