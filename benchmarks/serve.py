@@ -57,7 +57,9 @@ Figures, per server and client count:
   and the runs emitted on schedule (within 10% of ``--duration``). The figure
   is the delivered events/s of the highest rate that holds; the search stops
   at the first rate that does not (but always runs the reference rate, 20
-  tokens/s). A ``+`` marks a server that held the highest rate tried.
+  tokens/s). A run that does not hold is tried once more (``--retry``) and
+  the better of the two kept, so that one hiccup of a shared machine does
+  not end a search. A ``+`` marks a server that held the highest rate tried.
 * **CPU/event**: server CPU time (user + system) from the start signal to the
   last result, divided by the token events delivered, at 20 tokens/s.
 * **setup CPU/conn** and **connect s**: server CPU time from the connect
@@ -1639,15 +1641,34 @@ def report(
     return "\n".join(lines)
 
 
+def _failed(what: str, exc: BaseException) -> None:
+    print(f"# {what}: FAILED: {exc!r}", file=sys.stderr, flush=True)
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: list[Result] = []
     for clients in args.clients:
         searching = list(args.servers)
         for rate in args.rates:
             for server in list(searching):
-                r = await run_scenario(
-                    server, clients, args.runs, rate, args.duration, args.client_procs
-                )
+                r = None
+                for attempt in range(1 + args.retry):
+                    try:
+                        again = await run_scenario(
+                            server, clients, args.runs, rate, args.duration, args.client_procs
+                        )
+                    except Exception as exc:  # one failed scenario does not end the benchmark
+                        _failed(f"{server} at {clients} clients and {rate:g}/s", exc)
+                        break
+                    if attempt:
+                        print(f"# {server:14} again: p99 {again.p99_ms:.1f} ms", file=sys.stderr)
+                    if r is None or (again.holds, -again.p99_ms) > (r.holds, -r.p99_ms):
+                        r = again
+                    if r.holds:
+                        break
+                if r is None:
+                    searching.remove(server)
+                    continue
                 print(
                     f"# {server:14} {clients:5} clients at {rate:g}/s: "
                     f"{r.delivered_per_s:,.0f} ev/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
@@ -1669,9 +1690,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         top = max(args.clients)
         for s in summaries:
             if s.clients == top:
-                s.accepted_at_1024 = await accepted_under_limit(
-                    s.server, top, args.runs, args.client_procs
-                )
+                try:
+                    s.accepted_at_1024 = await accepted_under_limit(
+                        s.server, top, args.runs, args.client_procs
+                    )
+                except Exception as exc:
+                    _failed(f"{s.server} under ulimit -n 1024", exc)
+                    continue
                 print(
                     f"# {s.server:14} ulimit -n 1024: {s.accepted_at_1024} of {top} accepted",
                     file=sys.stderr,
@@ -1681,7 +1706,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.ws:
         for _ in range(args.ws_rounds):
             for server in WS_SERVERS:
-                w = await ws_scenario(server, args.ws_events)
+                try:
+                    w = await ws_scenario(server, args.ws_events)
+                except Exception as exc:
+                    _failed(f"{server} WebSocket", exc)
+                    continue
                 print(
                     f"# {server:14} WebSocket: {w.tokens:,} messages, {w.messages_per_s:,.0f}/s, "
                     f"evicted: {w.evicted} (seq {w.last_seq}); errors {w.errors[:2]}",
@@ -1736,6 +1765,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--client-procs", type=int, default=4, help="client processes (default: 4)")
     parser.add_argument("--runs", type=int, default=10, help="concurrent runs (default: 10)")
+    parser.add_argument(
+        "--retry",
+        type=int,
+        default=1,
+        help="times a run that does not hold is tried again, the better kept (default: 1)",
+    )
     parser.add_argument(
         "--duration", type=float, default=None, help="seconds of tokens per run (default: 10)"
     )
