@@ -1621,11 +1621,13 @@ def report(
                 f"| {evicted} |"
             )
     top = max(args.clients)
-    rows = ratios(summaries, ws, top)
-    if rows:
+    for clients in sorted(args.clients, reverse=True):
+        rows = ratios(summaries, ws if clients == top else (), clients)
+        if not rows:
+            continue
         lines += [
             "",
-            f"trioflow against {REFERENCE} at {top:,} clients (and against uvicorn-h11):",
+            f"trioflow against {REFERENCE} at {clients:,} clients (and against uvicorn-h11):",
             "",
             "| figure | trioflow | baseline | ratio | vs h11 | target | met |",
             "| --- | ---: | ---: | ---: | ---: | --- | --- |",
@@ -1633,9 +1635,13 @@ def report(
         for row in rows:
             other = row.get(REFERENCE, row.get("starlette-ws"))
             spec = ",.0f" if isinstance(row["trioflow"], int) or row["trioflow"] > 100 else ".2f"
+            bound = row.get("bound", "")
+            ratio_text = f"{bound}{_f(row['ratio'], '.2f')}"
+            if bound == "?":
+                ratio_text = "? (both held every rate)"
             lines.append(
                 f"| {row['figure']} | {_f(row['trioflow'], spec)} | {_f(other, spec)} "
-                f"| {row.get('bound', '')}{_f(row['ratio'], '.2f')} | {_f(row['vs_h11'], '.2f')} "
+                f"| {ratio_text} | {_f(row['vs_h11'], '.2f')} "
                 f"| {row['target']} | {'yes' if row['met'] else 'NO'} |"
             )
     return "\n".join(lines)
@@ -1824,7 +1830,12 @@ def main(argv: list[str] | None = None) -> None:
                         "results": [r.to_dict() for r in out["results"]],
                         "summaries": [asdict(s) for s in out["summaries"]],
                         "ws": [asdict(w) | {"messages_per_s": w.messages_per_s} for w in out["ws"]],
-                        "ratios": ratios(out["summaries"], out["ws"], top),
+                        "ratios": {
+                            clients: ratios(
+                                out["summaries"], out["ws"] if clients == top else (), clients
+                            )
+                            for clients in args.clients
+                        },
                     }
                 ),
                 allow_nan=False,
