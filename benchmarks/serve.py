@@ -253,7 +253,7 @@ def serve_uvicorn(rate: float, tokens: int, runs_count: int, *, loop: str, http:
 def serve_trioflow(rate: float, tokens: int, runs_count: int) -> None:
     """trioflow's server with a model that streams ``tokens`` deltas at ``rate`` (0: unpaced)."""
     from trioflow import Agent, StreamingFlowExecutor
-    from trioflow.models._base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
+    from trioflow.models import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
     from trioflow.web import RunRequest, WebConfig, create_app, serve
 
     go = trio.Event()
