@@ -1750,6 +1750,7 @@ def main(argv: list[str] | None = None) -> None:
         help="3 s of tokens per run, rates 5,20,80, 10,000 WS events",
     )
     parser.add_argument("--json", action="store_true", help="print machine-readable results")
+    parser.add_argument("--save", metavar="PATH", help="also write the JSON results to PATH")
     parser.add_argument(
         "--clients",
         type=_numbers(int),
@@ -1815,32 +1816,27 @@ def main(argv: list[str] | None = None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     out = trio.run(bench, args)
+    top = max(args.clients)
+    data = _plain(
+        {
+            "stack": _stack(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "args": {k: v for k, v in vars(args).items() if k not in ("serve", "client", "tokens")},
+            "results": [r.to_dict() for r in out["results"]],
+            "summaries": [asdict(s) for s in out["summaries"]],
+            "ws": [asdict(w) | {"messages_per_s": w.messages_per_s} for w in out["ws"]],
+            "ratios": {
+                clients: ratios(out["summaries"], out["ws"] if clients == top else (), clients)
+                for clients in args.clients
+            },
+        }
+    )
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(data, f, indent=1, allow_nan=False)
     if args.json:
-        top = max(args.clients)
-        print(
-            json.dumps(
-                _plain(
-                    {
-                        "stack": _stack(),
-                        "python": platform.python_version(),
-                        "cpus": os.cpu_count(),
-                        "args": {
-                            k: v for k, v in vars(args).items() if k not in ("serve", "client")
-                        },
-                        "results": [r.to_dict() for r in out["results"]],
-                        "summaries": [asdict(s) for s in out["summaries"]],
-                        "ws": [asdict(w) | {"messages_per_s": w.messages_per_s} for w in out["ws"]],
-                        "ratios": {
-                            clients: ratios(
-                                out["summaries"], out["ws"] if clients == top else (), clients
-                            )
-                            for clients in args.clients
-                        },
-                    }
-                ),
-                allow_nan=False,
-            )
-        )
+        print(json.dumps(data, allow_nan=False))
     else:
         print()
         print(report(out["results"], out["summaries"], out["ws"], args))
