@@ -247,22 +247,41 @@ class WebServer:
 StartWebServer = Callable[..., Awaitable[WebServer]]
 
 
+class PassThrough:
+    """ASGI middleware that changes nothing: an application with it added is served
+    entirely through the ASGI path (no event stream served on the connection itself)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 @pytest.fixture
 async def start_web_server(nursery: trio.Nursery) -> StartWebServer:
     """Start servers with ``await start_web_server(agent=..., history=..., **WebConfig options)``.
 
     Each listens on an ephemeral 127.0.0.1 port, is started with ``nursery.start``
-    and is stopped (cancelled) when the test ends.
+    and is stopped (cancelled) when the test ends. ``through_asgi=True`` adds a
+    :class:`PassThrough` middleware: every request then goes through Hypercorn and
+    Starlette (event streams included), the way an application with middleware is served.
     """
 
     async def start(
-        *, agent: Agent | AgentFactory | None = None, history: int = 4096, **options: Any
+        *,
+        agent: Agent | AgentFactory | None = None,
+        history: int = 4096,
+        through_asgi: bool = False,
+        **options: Any,
     ) -> WebServer:
         from trioflow.web import WebConfig, create_app, serve
 
         config = WebConfig(port=0, **options)
         executor = StreamingFlowExecutor(history=history)
         app = create_app(executor, agent=agent, config=config)
+        if through_asgi:
+            app.add_middleware(PassThrough)
         stop, stopped = trio.Event(), trio.Event()
 
         async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:

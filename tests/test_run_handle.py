@@ -31,6 +31,7 @@ from trioflow import (
 from trioflow.bus import Overflow
 from trioflow.demo import default_agent, default_agent_factory
 from trioflow.events import EventType
+from trioflow.executor import _TOKENS_PER_BATCH
 from trioflow.models._base import Message, ModelEvent, TextDelta, ToolSpec, TurnEnd, Usage
 from trioflow.recording import EventRecorder, start_replay
 from trioflow.web import create_app
@@ -272,7 +273,8 @@ async def test_a_model_that_never_yields_still_lets_other_tasks_run() -> None:
         result = await StreamingFlowExecutor().run(Agent(Burst(640)), "go")
         nursery.cancel_scope.cancel()
     assert result.ok and result.output == "x" * 640
-    assert ticks - before >= 640 // 32  # at least one checkpoint per 32 tokens
+    # at least one checkpoint per full batch of staged tokens
+    assert ticks - before >= 640 // _TOKENS_PER_BATCH
 
 
 async def test_a_full_subscriber_still_applies_backpressure() -> None:

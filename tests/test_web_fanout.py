@@ -161,7 +161,8 @@ async def test_a_target_that_stops_reading_is_evicted_keeping_every_committed_ch
         fanout = new_fanout(run, WebConfig())
         await nursery.start(fanout.run_until_done)
         start = fanout.position
-        target = FanoutTarget(skip_through=fanout.position, limit=8, sock=left, encode=chunk)
+        own = trio.socket.from_stdlib_socket(left)  # the connection's one socket, as served
+        target = FanoutTarget(skip_through=fanout.position, limit=8, sock=own, encode=chunk)
         fanout.add(target)
         target.go_direct()
         with trio.fail_after(10):
@@ -171,8 +172,9 @@ async def test_a_target_that_stops_reading_is_evicted_keeping_every_committed_ch
         assert fanout.statistics().evicted == 1
         assert fanout.statistics().direct_writes > 0
         tail = target.take()
-        fanout.discard(target)  # closes the target's socket
+        fanout.discard(target)  # the fan-out lets go of the socket; its owner closes it
         assert target.sock is None
+        own.close()
     received = bytearray()
     right.setblocking(False)
     while True:

@@ -152,3 +152,76 @@ async def test_serve_command_serves_until_sigint_then_stops_cleanly() -> None:
     assert process.returncode == 0, output.decode()
     assert b"with the scripted model" in output
     assert b"trioflow: stopped" in output
+
+
+# -- the Hypercorn names trioflow depends on ------------------------------------------
+
+HYPERCORN_NAMES = {
+    "hypercorn.config.Config",
+    "hypercorn.trio.lifespan.Lifespan",
+    "hypercorn.trio.tcp_server.TCPServer",
+    "hypercorn.trio.worker_context.WorkerContext",
+    "hypercorn.typing.ConnectionState",
+    "hypercorn.typing.LifespanState",
+    "hypercorn.utils.repr_socket_addr",
+    "hypercorn.utils.wrap_app",
+}
+"""Every ``hypercorn`` name ``trioflow/web/*.py`` imports; most are internal (not
+``hypercorn.trio.serve``): an upgrade that moves one fails here, in CI."""
+
+
+def test_the_hypercorn_names_trioflow_imports_are_exactly_the_pinned_ones() -> None:
+    import ast
+    import importlib
+    from pathlib import Path
+
+    import trioflow.web
+
+    found: set[str] = set()
+    for path in Path(trioflow.web.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hypercorn"):
+                found |= {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                assert not [a for a in node.names if a.name.startswith("hypercorn")], path
+    assert found == HYPERCORN_NAMES
+    for name in sorted(found):
+        module, _, attribute = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attribute), name
+
+
+def test_the_hypercorn_internals_the_connection_server_overrides_are_there() -> None:
+    # _server._Connection overrides TCPServer._read_data and stops its idle_task.
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import TrioSingleTask
+
+    from trioflow.web._server import _Connection
+
+    assert callable(TCPServer._read_data)
+    assert "idle_task" in TCPServer.__init__.__code__.co_names
+    assert callable(TrioSingleTask.stop)
+    assert issubclass(_Connection, TCPServer)
+
+
+async def test_a_graceful_shutdown_closes_connections_that_sent_nothing_at_once(
+    start_web_server: StartWebServer,
+) -> None:
+    # A connection that has sent no request yet (the server is reading its
+    # first bytes itself) and an idle keep-alive one (Hypercorn's) both close
+    # when the shutdown begins, not after the header timeout.
+    server = await start_web_server(header_timeout=30, shutdown_timeout=30)
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    async with (
+        await trio.open_tcp_stream(host, int(port)) as silent,
+        await trio.open_tcp_stream(host, int(port)) as kept,
+    ):
+        await kept.send_all(f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):
+            answer += await kept.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        server.stop.set()
+        with trio.fail_after(3):
+            assert await silent.receive_some(4096) == b""
+            assert await kept.receive_some(4096) == b""
+            await server.stopped.wait()

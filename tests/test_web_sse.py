@@ -1,10 +1,17 @@
-"""GET /runs/{id}/events: Server-Sent Events against a real Hypercorn server."""
+"""GET /runs/{id}/events: Server-Sent Events against a real server.
+
+Every test with a server runs both ways: the stream served on the connection
+itself (``direct``, what ``serve`` does for an application without middleware),
+and through Hypercorn and Starlette (``asgi``, an application with middleware).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 import trio.testing
 from conftest import all_events, flood, http_client, start_run, talker
@@ -13,10 +20,22 @@ from hypothesis import strategies as st
 
 from trioflow import FlowEvent, StreamingFlowExecutor
 from trioflow.web import ERROR_EVENT, RunRequest, create_app
+from trioflow.web._app import direct_writes
 from trioflow.web._sse import KEEPALIVE, encode_error, encode_event, event_name
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, SSEFrame, StartWebServer, WebServer
+
+
+@pytest.fixture(params=["direct", "asgi"])
+def start_web_server(
+    request: pytest.FixtureRequest, start_web_server: StartWebServer
+) -> StartWebServer:
+    """``conftest.start_web_server``, once as ``serve`` serves an event stream
+    itself, once through the ASGI path (with a pass-through middleware)."""
+    if request.param == "direct":
+        return start_web_server
+    return functools.partial(start_web_server, through_asgi=True)
 
 
 def is_retry(frame: SSEFrame | None) -> bool:
@@ -40,6 +59,9 @@ async def test_stream_replays_then_goes_live_and_ends_after_the_terminal_event(
         assert stream.headers["content-type"] == "text/event-stream; charset=utf-8"
         assert stream.headers["cache-control"] == "no-cache"
         assert stream.headers["x-accel-buffering"] == "no"
+        # Served on the connection itself, the stream closes it at its end.
+        direct = direct_writes(server.app)
+        assert stream.headers.get("connection") == ("close" if direct else None)
         assert is_retry(await stream.next())
         frames = await stream.events()
     assert seqs(frames) == list(range(1, len(frames) + 1))

@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import trio
 
@@ -23,8 +23,16 @@ from trioflow.events import EventType, FlowEvent
 from trioflow.protocol import error_info
 from trioflow.supervise import Crash, RestartPolicy, SupervisorGaveUp, supervise
 
-if TYPE_CHECKING:
-    from trioflow._event_bus import EventBus
+
+class _Reporter(Protocol):
+    """What the supervisor needs of its bus: a way to report crashes on it."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    def emit_nowait(self, type: str, data: Mapping[str, Any]) -> Any: ...
+
+    async def emit(self, type: str, data: Mapping[str, Any]) -> Any: ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,7 +140,7 @@ class ListenerSupervisor:
 
     __slots__ = ("_bus", "_default_restart", "_finished", "_nursery", "_running", "crashes")
 
-    def __init__(self, bus: EventBus, nursery: trio.Nursery, restart: RestartPolicy) -> None:
+    def __init__(self, bus: _Reporter, nursery: trio.Nursery, restart: RestartPolicy) -> None:
         self._bus = bus
         self._nursery = nursery
         self._default_restart = restart

@@ -23,14 +23,11 @@ import dataclasses
 import enum
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any, TypeAlias
 
 import trio
 
 from trioflow.events import FlowEvent
-
-if TYPE_CHECKING:
-    from trioflow._event_bus import EventBus
 
 # The trio primitives of the hot paths, looked up once.
 _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
@@ -122,7 +119,6 @@ class Subscription:
         "_accepts",
         "_all",
         "_buf",
-        "_bus",
         "_capacity",
         "_closed",
         "_delivered",
@@ -130,6 +126,7 @@ class Subscription:
         "_ended",
         "_evicted",
         "_last_seq",
+        "_on_leave",
         "_receiver",
         "_replay",
         "_senders",
@@ -142,31 +139,27 @@ class Subscription:
 
     def __init__(
         self,
-        bus: EventBus,
         sub_id: int,
         *,
         name: str | None,
-        types: EventFilter,
+        types: frozenset[str] | Callable[[FlowEvent], bool] | None,
         buffer: int,
         overflow: Overflow,
+        on_leave: Callable[[Subscription, bool], None],
     ) -> None:
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ValueError(f"subscription buffer must be an int >= 1, not {buffer!r}")
-        self._bus = bus
+        self._on_leave = on_leave  # the bus forgets it (True: it was evicted)
         self.id = sub_id
         self.name = name or f"subscription-{sub_id}"
         self.overflow = Overflow(overflow)
         self._capacity = buffer
         self._types: frozenset[str] | None = None
         self._accepts: Callable[[FlowEvent], bool] | None = None
-        if types is None:
-            pass
-        elif isinstance(types, str):
-            self._types = bus._check_types((types,))
-        elif callable(types):
+        if isinstance(types, frozenset):
+            self._types = types
+        elif types is not None:
             self._accepts = types
-        else:
-            self._types = bus._check_types(types)
         self._all = self._types is None and self._accepts is None
         self._buf: deque[FlowEvent] = deque()
         self._replay: deque[FlowEvent] = deque()
@@ -353,7 +346,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        self._bus._unsubscribe(self)
+        self._on_leave(self, False)
         self._replay.clear()
         self._buf.clear()
         self._wake_receiver()
@@ -422,8 +415,7 @@ class Subscription:
         else:
             last = self._last_seq
         self._evicted = SubscriberEvicted(last, self._capacity)
-        self._bus._evicted += 1
-        self._bus._unsubscribe(self)
+        self._on_leave(self, True)
         self._end()
 
     def _end(self) -> None:

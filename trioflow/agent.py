@@ -81,11 +81,26 @@ __all__ = [
 
 
 class Emit(Protocol):
-    """How the agent emits an event: ``await emit(type, data)``."""
+    """How the agent emits an event: ``await emit(type, data)``.
+
+    An ``emit`` may also have a ``token_nowait(data) -> bool`` attribute, a
+    plain function: the agent then offers it each ``token.received``
+    payload first, and awaits ``emit`` only when it returns False (it did
+    not take the event). True means the event was taken, exactly as
+    ``await emit(EventType.TOKEN_RECEIVED, data)`` would have, only without
+    a checkpoint or a coroutine: the executor's ``emit`` stages tokens so,
+    for a model streaming many small deltas.
+    """
 
     def __call__(self, type: str, data: Mapping[str, Any], /) -> Awaitable[object]:
         """Emit one event of ``type`` with ``data``."""
         ...
+
+
+def _token_nowait(emit: Emit) -> Callable[[Mapping[str, Any]], bool] | None:
+    """``emit``'s ``token_nowait`` (see :class:`Emit`), or ``None`` if it has none."""
+    token_nowait = getattr(emit, "token_nowait", None)
+    return token_nowait if callable(token_nowait) else None
 
 
 class MaxIterationsExceeded(Exception):
@@ -418,6 +433,7 @@ class Agent:
         calls: list[ToolCall] = []
         end: TurnEnd | None = None
         token = EventType.TOKEN_RECEIVED
+        token_nowait = _token_nowait(emit)
         async with self.model.stream(messages, tools=specs, system=self.system) as stream:
             async for event in stream:
                 if control._paused:
@@ -425,7 +441,9 @@ class Agent:
                 if type(event) is TextDelta:
                     parts.append(event.text)
                     # A TokenData, built read-only (flat: str and int), so the bus need not copy it.
-                    await emit(token, FrozenDict(token=event.text, iteration=n))
+                    data = FrozenDict(token=event.text, iteration=n)
+                    if token_nowait is None or not token_nowait(data):
+                        await emit(token, data)
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, RetryNotice):

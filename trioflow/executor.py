@@ -46,7 +46,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Self
 
@@ -83,7 +83,7 @@ __all__ = [
 _TERMINAL_TIMEOUT = 5.0
 """Seconds the shielded cleanup may take to emit a run's terminal event."""
 
-_TOKENS_PER_BATCH = 32
+_TOKENS_PER_BATCH = 128
 """At most this many ``token.received`` events are staged; then the run sends them (one checkpoint)."""
 
 _TOKEN_GRACE = 0.0005
@@ -350,7 +350,7 @@ class Run:
             forward = None
             if shared is not None:
                 forward = self._forwarder = _Forwarder(shared, nursery, forward_limit, self.run_id)
-            tokens = _TokenBatch(bus, self.run_id, forward)
+            tokens = _TokenBatch(bus, self.run_id, forward, self._figures)
             timer = trio.CancelScope()
             nursery.start_soon(tokens.run, timer, name=f"trioflow tokens {self.run_id}")
             try:
@@ -365,8 +365,11 @@ class Run:
 
         ``token.received`` events are batched (see :class:`_TokenBatch`): the
         executor adds no checkpoint per token, and a subscriber is woken
-        once per batch rather than once per token. Every other event first
-        sends the tokens staged before it, then goes through
+        once per batch rather than once per token. The agent hands them
+        over with ``emit.token_nowait(data)`` (see :class:`~trioflow.agent.Emit`),
+        a plain call, and awaits ``emit`` only for the token that fills a
+        batch (which the run then sends, with one checkpoint). Every other
+        event first sends the tokens staged before it, then goes through
         :meth:`EventBus.emit` (a cancellation point and a checkpoint, as
         before), so events keep their order.
         """
@@ -378,8 +381,10 @@ class Run:
         observe = self._output.observe
         add_text = self._output._parts.append
         flush = tokens.flush
+        wake = tokens.wake
         staged = tokens.staged
         full = _TOKENS_PER_BATCH
+        last = full - 1
 
         async def emit(type: str, data: Mapping[str, Any]) -> FlowEvent | None:
             # Book-keeping first, so that a subscriber woken by the event
@@ -394,7 +399,7 @@ class Run:
                 # Stage it (see _TokenBatch); a full batch is sent now, with one checkpoint.
                 staged.append(data)
                 if len(staged) == 1:
-                    tokens.wake()
+                    wake()
                 elif len(staged) >= full:
                     await flush()
                 return None
@@ -407,7 +412,22 @@ class Run:
                 forward(event)
             return event
 
-        return emit
+        def token_nowait(data: Mapping[str, Any]) -> bool:
+            # emit(token, data) without the coroutine, for all but a batch's last token.
+            n = len(staged)
+            if n >= last:
+                return False  # this one fills the batch: the agent awaits emit, which sends it
+            figures.token_events += 1
+            text = data.get("token")
+            if isinstance(text, str):
+                figures.characters += len(text)
+                add_text(text)
+            staged.append(data)
+            if not n:
+                wake()
+            return True
+
+        return _RunEmit(emit, token_nowait)
 
     async def _drive(self, emit: Emit, task_status: trio.TaskStatus[None]) -> None:
         """Run the agent, classify how it ended, emit the one terminal event."""
@@ -542,6 +562,25 @@ class Run:
         return EventType.FLOW_CANCELLED, cancelled
 
 
+class _RunEmit:
+    """The ``emit`` a run gives its agent (:meth:`Run._emitter`): a call, and its token fast path."""
+
+    __slots__ = ("_emit", "token_nowait")
+
+    def __init__(
+        self,
+        emit: Callable[[str, Mapping[str, Any]], Awaitable[FlowEvent | None]],
+        token_nowait: Callable[[Mapping[str, Any]], bool],
+    ) -> None:
+        self._emit = emit
+        self.token_nowait = token_nowait
+        """Stage a ``token.received`` event with ``data`` now; False: it fills a batch, await the emit."""
+
+    def __call__(self, type: str, data: Mapping[str, Any], /) -> Awaitable[FlowEvent | None]:
+        """Emit one event of ``type`` with ``data`` (await the result)."""
+        return self._emit(type, data)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Outcome:
     """How a run ended, before its terminal event is built."""
@@ -559,58 +598,72 @@ class _TokenBatch:
     The agent emits a token per model delta; waking every subscriber once
     per token (and adding a checkpoint of the executor's per token) cost
     more than the model's stream itself. So a token is staged, and the
-    staged tokens go to the bus together:
+    staged tokens go to the bus together, in one step
+    (``EventBus._emit_batch_nowait``: each still gets its own seq):
 
-    * as soon as the run stops adding to them (a task of the run watches,
-      one checkpoint at a time: see :meth:`run`), without blocking: a
-      subscriber is woken once for the batch; if a blocking subscriber is
-      full, they stay staged and the task tries again a little later;
+    * as soon as the run stops adding to them, or, while its model streams
+      faster than a scheduling round, once per :data:`_TOKEN_GRACE` (a task
+      of the run watches: see :meth:`run`), without blocking: a subscriber
+      is woken once for the batch; if a blocking subscriber is full, they
+      stay staged and the task tries again a little later;
     * when :data:`_TOKENS_PER_BATCH` are staged, by the run itself, waiting
       for full blocking subscribers (backpressure) and passing one
       checkpoint (so a model that never yields stays fair to other tasks);
     * before any other event of the run (so the order is kept), and before
       its terminal event.
 
-    A token therefore reaches subscribers no later than the run's next
-    wait for its model (or its next batch of :data:`_TOKENS_PER_BATCH`);
-    the run's counts and output include it at once.
+    A token therefore never waits for the model's next delta: it reaches
+    subscribers in the scheduling round after it was staged when the model
+    is slower than a round (after one last grace period if it was faster
+    just before), and at most :data:`_TOKEN_GRACE` seconds after it was
+    staged when the model is faster (sooner with a full batch of
+    :data:`_TOKENS_PER_BATCH`); the run's counts and output include it at
+    once.
     """
 
-    __slots__ = ("_bus", "_forward", "_run_id", "_wake", "staged")
+    __slots__ = ("_bus", "_figures", "_forward", "_parked", "_run_id", "staged")
 
-    def __init__(self, bus: EventBus, run_id: str, forward: _Forwarder | None) -> None:
+    def __init__(
+        self, bus: EventBus, run_id: str, forward: _Forwarder | None, figures: RunFigures
+    ) -> None:
         self._bus = bus
         self._run_id = run_id
         self._forward = forward
+        self._figures = figures  # its token_events: how many tokens the run has staged
         self.staged: list[Mapping[str, Any]] = []
-        self._wake = trio.Event()
+        self._parked: trio.lowlevel.Task | None = None
 
     def wake(self) -> None:
         """The first token of a batch was staged (in :attr:`staged`): have :meth:`run` watch it."""
-        self._wake.set()
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
 
     def send_nowait(self) -> bool:
-        """Send the staged tokens without waiting; False if a full subscriber kept some back."""
+        """Send the staged tokens without waiting; False if a full subscriber kept some back.
+
+        Raises:
+            trio.ClosedResourceError: the run's bus is closed.
+        """
         staged = self.staged
-        emit_nowait = self._bus.emit_nowait
+        events = self._bus._emit_batch_nowait(EventType.TOKEN_RECEIVED, staged, self._run_id)
         forward = self._forward
-        run_id = self._run_id
-        token = EventType.TOKEN_RECEIVED
-        sent = 0
-        try:
-            for data in staged:
-                event = emit_nowait(token, data, run_id=run_id)
-                sent += 1
-                if forward is not None:
-                    forward(event)
-        except trio.WouldBlock:
-            del staged[:sent]
-            return False
-        staged.clear()
-        return True
+        if forward is not None:
+            for event in events:
+                forward(event)
+        if len(events) == len(staged):
+            staged.clear()
+            return True
+        del staged[: len(events)]
+        return False
 
     async def flush(self) -> None:
-        """Send the staged tokens, waiting for full subscribers; passes one checkpoint."""
+        """Send the staged tokens, waiting for full subscribers; passes one checkpoint.
+
+        Raises:
+            trio.ClosedResourceError: the run's bus is closed.
+        """
         if self.send_nowait():
             await trio.lowlevel.checkpoint()
             return
@@ -623,36 +676,75 @@ class _TokenBatch:
                 self._forward(event)
 
     async def run(self, scope: trio.CancelScope) -> None:
-        """Send each batch once the run stops adding to it (until cancelled).
+        """Send each batch once the run stops adding to it (until ``scope`` is cancelled).
 
-        After the first token of a batch, this task passes a checkpoint: if
-        the run staged no more tokens in that scheduling round (its model
-        waits for its next delta), it sends the batch at once, so a token
-        waits for no clock; if it did (a model streaming faster than
-        anyone reads), it lets the batch grow for :data:`_TOKEN_GRACE`
-        seconds, then looks again.
+        Parked while nothing is staged. After the first token of a batch,
+        this task passes a checkpoint: if the run staged no more tokens in
+        that scheduling round (its model waits for its next delta), it
+        sends the batch at once, so a token waits for no clock. If it did
+        (a model streaming faster than anyone reads), it lets the batch
+        grow for :data:`_TOKEN_GRACE` seconds, then sends it, and goes on
+        so, a batch per grace period, while tokens keep coming within one
+        (then it parks again). A full blocking subscriber makes it retry
+        after a growing pause (up to 50 ms).
         """
         checkpoint = trio.lowlevel.checkpoint
         staged = self.staged
+        figures = self._figures
         with scope:
             while True:
-                await self._wake.wait()
-                backoff = 0.0
-                while staged:
-                    seen = len(staged)
-                    await checkpoint()
-                    if len(staged) > seen:
+                if not staged:
+                    self._parked = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._abort_park)
+                    continue
+                seen = figures.token_events
+                await checkpoint()
+                fast = figures.token_events > seen
+                while True:
+                    if fast:
                         # The run streams faster than a round: let the batch grow
-                        # (it sends a full one itself), and look again a little later.
-                        await trio.sleep(_TOKEN_GRACE)
-                        continue
-                    if self.send_nowait():
+                        # for a while (a full one the run sends itself), then send it.
+                        seen = figures.token_events
+                        await _pause(_TOKEN_GRACE)
+                        fast = figures.token_events > seen
+                    backoff = _TOKEN_GRACE
+                    while staged and not self.send_nowait():
+                        await _pause(backoff)  # a full subscriber: try again later
+                        backoff = min(backoff * 2, 0.05)
+                    if not fast:
                         break
-                    backoff = min(max(backoff * 2, _TOKEN_GRACE), 0.05)  # a full subscriber
-                    await trio.sleep(backoff)
-                self._wake = trio.Event()
-                if staged:  # staged while this task was not looking
-                    self._wake.set()
+
+    def _abort_park(self, _: Any) -> trio.lowlevel.Abort:
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep ``seconds``, as :func:`trio.sleep` but for the cost, and ends early only if cancelled.
+
+    :func:`trio.sleep` ends by cancelling its own scope, so each one raises
+    and catches a :exc:`trio.Cancelled`: on a token path that wakes every
+    half millisecond, that was most of the executor's overhead. Here the
+    deadline's cancellation reschedules the task instead
+    (:data:`trio.lowlevel.Abort.FAILED`), with no exception; a cancellation
+    from outside (the deadline not reached yet) raises :exc:`trio.Cancelled`
+    as usual.
+
+    Raises:
+        trio.Cancelled: an enclosing scope was cancelled.
+    """
+    task = trio.lowlevel.current_task()
+    deadline = trio.current_time() + seconds
+
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        if trio.current_time() < deadline:
+            return trio.lowlevel.Abort.SUCCEEDED  # cancelled from outside
+        trio.lowlevel.reschedule(task)
+        return trio.lowlevel.Abort.FAILED
+
+    with trio.CancelScope(deadline=deadline):
+        await trio.lowlevel.wait_task_rescheduled(abort)
+    await trio.lowlevel.checkpoint_if_cancelled()
 
 
 class _Forwarder:

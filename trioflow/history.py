@@ -10,7 +10,7 @@ use.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 import trio
@@ -103,6 +103,7 @@ class MemoryHistory:
             # Hot path: appending is the deque's own append (last_seq is read
             # off the newest event).
             self.append = self._events.append  # type: ignore[method-assign,assignment]
+            self.extend = self._events.extend  # type: ignore[method-assign,assignment]
 
     @property
     def capacity(self) -> int:
@@ -127,6 +128,11 @@ class MemoryHistory:
         self._last_seq = event.seq
         if self._capacity:
             self._events.append(event)
+
+    def extend(self, events: Iterable[FlowEvent]) -> None:
+        """Record ``events`` in order: :meth:`append` for each (their seqs must follow on)."""
+        for event in events:
+            self.append(event)
 
     def snapshot(self, after: int, until: int | None = None) -> list[FlowEvent]:
         """:meth:`read` without the checkpoint, for synchronous callers.

@@ -2,7 +2,7 @@
 
 :class:`Settings` is a frozen record of everything the command line tools
 and the default services read: the model, whether an Anthropic API key is
-present, the server's host, port and token, buffer and history sizes, the
+present, the server's host, port, token and TLS files, buffer and history sizes, the
 run limits, the cache and the metrics switch. Build it from the
 environment with :meth:`Settings.from_env` (keywords override variables) or
 directly with keywords::
@@ -25,6 +25,8 @@ variable                       field                  default
 ``TRIOFLOW_HOST``              ``host``               ``127.0.0.1``
 ``TRIOFLOW_PORT``              ``port``               ``8080``
 ``TRIOFLOW_TOKEN``             ``token``              none
+``TRIOFLOW_CERTFILE``          ``certfile``           none
+``TRIOFLOW_KEYFILE``           ``keyfile``            none
 ``TRIOFLOW_HISTORY_SIZE``      ``history_size``       ``1024``
 ``TRIOFLOW_BUFFER_SIZE``       ``buffer_size``        ``256``
 ``TRIOFLOW_KEEPALIVE``         ``keepalive``          ``15`` s
@@ -60,6 +62,8 @@ ENVIRONMENT_VARIABLES: Mapping[str, str] = {
     "host": "TRIOFLOW_HOST",
     "port": "TRIOFLOW_PORT",
     "token": "TRIOFLOW_TOKEN",
+    "certfile": "TRIOFLOW_CERTFILE",
+    "keyfile": "TRIOFLOW_KEYFILE",
     "history_size": "TRIOFLOW_HISTORY_SIZE",
     "buffer_size": "TRIOFLOW_BUFFER_SIZE",
     "keepalive": "TRIOFLOW_KEEPALIVE",
@@ -146,6 +150,14 @@ def _check_host(name: str, value: object) -> str:
     return value
 
 
+def _check_path(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise SettingsError(name, value, "a file path (or unset)")
+    return value
+
+
 def check_token(name: str, value: object) -> str | None:
     """``value`` if it is a valid token (or ``None``): 8 to 4096 printable ASCII characters.
 
@@ -176,6 +188,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "host": _check_host,
     "port": lambda n, v: _check_int(n, v, 0, 65535),
     "token": check_token,
+    "certfile": _check_path,
+    "keyfile": _check_path,
     "history_size": lambda n, v: _check_int(n, v, 0),
     "buffer_size": lambda n, v: _check_int(n, v, 1),
     "keepalive": lambda n, v: _check_seconds(n, v, optional=False),
@@ -230,6 +244,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "host": _text,
     "port": _parse_int,
     "token": lambda n, t: t,  # kept verbatim: a secret is never "cleaned up"
+    "certfile": _text,
+    "keyfile": _text,
     "history_size": _parse_int,
     "buffer_size": _parse_int,
     "keepalive": _parse_float,
@@ -267,6 +283,12 @@ class Settings:
     token: str | None = None
     """The bearer token the server asks clients for; ``None`` for none. A
     secret: hidden from ``repr`` and :meth:`to_dict`."""
+    certfile: str | None = None
+    """The PEM certificate chain ``trioflow serve`` speaks HTTPS with (with
+    :attr:`keyfile`); ``None``: plain HTTP. Whether it exists and can be
+    read is checked when the server is configured, not here."""
+    keyfile: str | None = None
+    """The private key of :attr:`certfile` (PEM, not encrypted)."""
     history_size: int = 1024
     """How many events a bus retains for replay and resumes."""
     buffer_size: int = 256

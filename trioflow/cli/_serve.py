@@ -2,7 +2,8 @@
 
 ``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
 ``[--allowed-host HOST ...] [--timeout S] [--write-timeout S] [--shutdown-timeout S]``
-``[--max-connections N] [--metrics] [--replay FILE [--speed X]]`` serves until SIGINT or SIGTERM,
+``[--max-connections N] [--certfile PEM --keyfile PEM] [--metrics] [--replay FILE [--speed X]]``
+serves until SIGINT or SIGTERM,
 then shuts down gracefully: running runs end with ``flow.cancelled``, streams
 deliver it and close, and after ``--shutdown-timeout`` seconds (10) every
 connection still open is closed by force. A second signal stops at once
@@ -17,6 +18,12 @@ Every run has a time limit, ``--timeout`` (default 900 s, or
 ``TRIOFLOW_TIMEOUT``; ``0`` for none), so that no run holds a slot for ever;
 a peer that takes nothing for ``--write-timeout`` seconds (30) is
 disconnected; beyond ``--max-connections`` new connections get ``503``.
+
+``--certfile`` and ``--keyfile`` (or ``TRIOFLOW_CERTFILE`` and
+``TRIOFLOW_KEYFILE``) serve HTTPS instead of HTTP, with HTTP/2 for the
+clients that negotiate it (browsers do): a PEM certificate chain and its
+unencrypted key. Both or neither, readable and matching (exit status 2
+otherwise); the printed URLs are then ``https://``.
 
 Exit status: 0 after a shutdown (graceful or after a second signal), 1 when
 the server could not start (address in use, model unavailable), 2 for bad usage.
@@ -46,6 +53,7 @@ import functools
 import logging
 import sys
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import trio
@@ -170,6 +178,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="connections open at once; beyond it new ones get 503 "
         "(default: what the file-descriptor limit leaves room for)",
+    )
+    parser.add_argument(
+        "--certfile",
+        default=settings.certfile,
+        metavar="PEM",
+        help="serve HTTPS (HTTP/2 and HTTP/1.1) with this certificate chain; needs --keyfile "
+        "(default: $TRIOFLOW_CERTFILE)",
+    )
+    parser.add_argument(
+        "--keyfile",
+        default=settings.keyfile,
+        metavar="PEM",
+        help="the unencrypted private key of --certfile (default: $TRIOFLOW_KEYFILE)",
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(
@@ -329,6 +350,8 @@ def main(args: argparse.Namespace) -> int:
             shutdown_timeout=args.shutdown_timeout,
             max_connections=args.max_connections,
             access_log=args.access_log,
+            certfile=None if args.certfile is None else Path(args.certfile),
+            keyfile=None if args.keyfile is None else Path(args.keyfile),
         )
     except (TypeError, ValueError) as exc:
         print(f"trioflow serve: {exc}", file=sys.stderr)

@@ -419,6 +419,7 @@ async def ws_connect(
     buffer: int = 1024,
     resume: bool = True,
     connect_timeout: float = 30.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[WsConnection]:
     """Connect to a trioflow WebSocket endpoint for the ``async with`` block.
 
@@ -435,6 +436,12 @@ async def ws_connect(
             consumer sees no gap); with ``False`` the eviction is raised as
             a :class:`~trioflow.client.StreamError` with code ``evicted``.
         connect_timeout: seconds the TCP connection and handshake may take.
+        ssl_context: the TLS context of a ``wss://`` (or ``https://``)
+            connection, to trust a private certificate authority or a
+            self-signed server certificate
+            (``ssl.create_default_context(cafile="cert.pem")``); ``None``:
+            :func:`ssl.create_default_context`, which verifies the server's
+            certificate against the system's authorities. Unused for ``ws://``.
 
     Yields:
         The :class:`WsConnection`. Leaving the block closes it (code ``1000``).
@@ -444,6 +451,10 @@ async def ws_connect(
             ``unauthorized``, ``404`` ``run_not_found``, ...); ``status`` is
             the HTTP status.
         trio_websocket.HandshakeError: the handshake failed otherwise.
+        trio.BrokenResourceError: the TLS handshake failed; its
+            ``__cause__`` (an :exc:`ssl.SSLError`) says why, such as
+            :exc:`ssl.SSLCertVerificationError` for a server certificate
+            that ``ssl_context`` does not trust.
         trio.TooSlowError: connecting took longer than ``connect_timeout``.
         OSError: the server cannot be reached.
         ValueError: ``url`` is not a ``ws``/``wss``/``http``/``https`` URL,
@@ -470,9 +481,12 @@ async def ws_connect(
                         stream = await trio.open_ssl_over_tcp_stream(
                             parts.hostname or "",
                             port,
-                            ssl_context=ssl.create_default_context(),
+                            ssl_context=ssl_context or ssl.create_default_context(),
                             https_compatible=True,
                         )
+                        # Here, not in trio-websocket's reader task, where a
+                        # refused certificate would leave the handshake waiting.
+                        await stream.do_handshake()
                     else:
                         stream = await trio.open_tcp_stream(parts.hostname or "", port)
                     ws = await wrap_client_stream(

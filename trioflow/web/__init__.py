@@ -22,11 +22,14 @@
 The modules, one concept each: :mod:`~trioflow.web._app` (the application
 and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
 framing and its error events), :mod:`~trioflow.web._fanout` (one run's
-events encoded once and written to every watching connection), :mod:`~trioflow.web._ws` (the WebSocket
+events encoded once and written to every watching connection),
+:mod:`~trioflow.web._direct` (the event stream served on the connection
+itself, under :func:`~trioflow.web.serve`), :mod:`~trioflow.web._ws` (the WebSocket
 protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),
 :mod:`~trioflow.web._errors` (the JSON error shape),
 :mod:`~trioflow.web._runs` (requests, watchers, draining),
 :mod:`~trioflow.web._server` (Hypercorn and graceful shutdown),
+:mod:`~trioflow.web._tls` (HTTPS: the TLS context and each connection's handshake),
 :mod:`~trioflow.web._config` (the options) and
 :mod:`~trioflow.web._defaults` (the agents and metrics of ``trioflow serve``,
 whose command is :mod:`trioflow.cli._serve`).

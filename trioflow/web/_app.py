@@ -43,14 +43,14 @@ from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import RunHandle
-from trioflow.web._auth import AccessControl
+from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
-from trioflow.web._runs import AgentFactory, RunHub, RunRequest, resume_point
-from trioflow.web._sse import EventStreamResponse
+from trioflow.web._runs import AgentFactory, RunHub, RunRequest
+from trioflow.web._sse import EventStreamResponse, event_stream_answer
 from trioflow.web._ws import run_socket, socket
 
-__all__ = ["MetricsRenderer", "create_app", "direct_writes", "hub_of"]
+__all__ = ["MetricsRenderer", "access_policy", "create_app", "direct_writes", "hub_of"]
 
 MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
 """Renders metrics for ``GET /metrics``: returns the body and its ``Content-Type``
@@ -264,12 +264,11 @@ async def cancel_run(request: Request) -> Response:
 async def run_events(request: Request) -> Response:
     """``GET /runs/{run_id}/events``: Server-Sent Events from ``Last-Event-ID`` / ``?after=``."""
     hub = _hub(request)
-    run = hub.get(request.path_params["run_id"])
-    raw = request.headers.get("last-event-id", "").strip() or request.query_params.get("after")
-    after = 0 if raw is None else resume_point(raw, run)
-    if run.done and after >= run.last_seq:
-        return Response(status_code=204, headers={"Cache-Control": "no-cache"})
-    return EventStreamResponse(hub, run, after)
+    # The access rules were applied by the middleware (AccessControl).
+    answer = event_stream_answer(hub, None, request.scope, request.path_params["run_id"])
+    if isinstance(answer, Response):
+        return answer
+    return EventStreamResponse(hub, *answer)
 
 
 def _metrics_endpoint(render: MetricsRenderer) -> Callable[[Request], Any]:
@@ -329,22 +328,32 @@ def create_app(
         routes.append(
             Route("/metrics", _metrics_endpoint(metrics), methods=["GET"], name="metrics")
         )
+    policy = AccessPolicy(
+        token=config.token,
+        allowed_origins=config.allowed_origins,
+        allowed_hosts=config.host_allow_list,
+    )
     app = Starlette(
         routes=routes,
-        middleware=[
-            Middleware(
-                AccessControl,
-                token=config.token,
-                allowed_origins=config.allowed_origins,
-                allowed_hosts=config.host_allow_list,
-            )
-        ],
+        middleware=[Middleware(AccessControl, policy=policy)],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=hub.lifespan,
     )
     app.state.trioflow = hub
+    app.state.trioflow_access = policy
     app.state.trioflow_middleware = tuple(app.user_middleware)
     return app
+
+
+def access_policy(app: Starlette) -> AccessPolicy:
+    """The :class:`~trioflow.web._auth.AccessPolicy` of an app made by :func:`create_app`.
+
+    Raises:
+        TypeError: ``app`` was not made by :func:`create_app`.
+    """
+    hub_of(app)
+    policy: AccessPolicy = app.state.trioflow_access
+    return policy
 
 
 def direct_writes(app: Starlette) -> bool:

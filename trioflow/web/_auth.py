@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from trioflow.web._errors import ApiError
 from trioflow.web._hosts import ANY_HOST, HostAllowList
 
-__all__ = ["ANY_HOST_PATHS", "PUBLIC_PATHS", "AccessControl"]
+__all__ = ["ANY_HOST_PATHS", "PUBLIC_PATHS", "AccessControl", "AccessPolicy"]
 
 ANY_HOST_PATHS = frozenset({"/healthz"})
 """Paths answered whatever the ``Host`` header (load balancers probe by address)."""
@@ -71,11 +71,14 @@ def _bearer(value: str | None) -> str | None:
     return credentials.strip()
 
 
-class AccessControl:
-    """ASGI middleware checking the ``Host``, the bearer token and the ``Origin`` of requests.
+class AccessPolicy:
+    """The ``Host``, token and ``Origin`` rules of one server, built once per application.
+
+    :class:`AccessControl` applies it to every request; the event stream
+    served on the connection itself (:mod:`trioflow.web._direct`) asks it too,
+    through :func:`~trioflow.web._sse.event_stream_answer`.
 
     Args:
-        app: the application to protect.
         token: the token every non-public request must carry; ``None`` for none.
         allowed_origins: origins allowed besides the server's own; ``"*"`` for any.
         allowed_hosts: the ``Host`` values to answer
@@ -85,29 +88,14 @@ class AccessControl:
 
     def __init__(
         self,
-        app: ASGIApp,
         *,
         token: str | None,
         allowed_origins: Collection[str] = (),
         allowed_hosts: HostAllowList | None = None,
     ) -> None:
-        self.app = app
         self._token = token.encode() if token else None
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
         self._hosts = allowed_hosts if allowed_hosts is not None else HostAllowList([ANY_HOST])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Pass the request on, or answer ``401``/``403`` (also to a WebSocket handshake)."""
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        error = self.check(scope)
-        if error is None:
-            await self.app(scope, receive, send)
-        elif scope["type"] == "http":
-            await error.response()(scope, receive, send)
-        else:
-            await deny_websocket(scope, receive, send, error)
 
     def check(self, scope: Scope) -> ApiError | None:
         """The error to answer ``scope`` with, or ``None`` to let it through."""
@@ -173,6 +161,32 @@ class AccessControl:
         except ValueError:  # "http://[::1": not an origin at all
             return False
         return netloc == host.lower()
+
+
+class AccessControl:
+    """ASGI middleware checking the ``Host``, the bearer token and the ``Origin`` of requests.
+
+    Args:
+        app: the application to protect.
+        policy: the rules (:class:`AccessPolicy`), made once for the application.
+    """
+
+    def __init__(self, app: ASGIApp, *, policy: AccessPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, or answer ``401``/``403`` (also to a WebSocket handshake)."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        error = self.policy.check(scope)
+        if error is None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await error.response()(scope, receive, send)
+        else:
+            await deny_websocket(scope, receive, send, error)
 
 
 async def deny_websocket(scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:

@@ -24,15 +24,14 @@ _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 def default_max_connections() -> int:
     """The default connection cap: what the process's file-descriptor limit leaves room for.
 
-    Each event-stream connection can hold two descriptors (the socket and the
-    duplicate the fan-out writes to), and the process keeps 64 for itself
-    (listeners, files, the model's connections): ``(RLIMIT_NOFILE - 64) // 2``,
-    at least 16 and at most 10,000.
+    Each connection holds one descriptor, its socket, and the process keeps
+    64 for itself (listeners, files, the model's connections):
+    ``RLIMIT_NOFILE - 64``, at least 16 and at most 10,000.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft < 0:
         soft = 1 << 20
-    return max(16, min(10_000, (soft - 64) // 2))
+    return max(16, min(10_000, soft - 64))
 
 
 def _positive(name: str, value: float) -> None:
@@ -61,7 +60,9 @@ class WebConfig:
         ValueError: an option is out of range (a port outside 0-65535, a
             non-positive time or size, an empty token or one with characters
             an HTTP header cannot carry, a malformed allowed host, a wildcard
-            ``host`` without ``allowed_hosts``).
+            ``host`` without ``allowed_hosts``, only one of ``certfile``
+            and ``keyfile``, a certificate or key that cannot be read or
+            that do not match).
     """
 
     host: str = "127.0.0.1"
@@ -118,26 +119,38 @@ class WebConfig:
     header_timeout: float = 5.0
     """Seconds a connection may wait for the head of its next request: a new
     connection for its first one, a keep-alive connection between requests.
-    Then it is closed (this is what ends a slowloris client)."""
+    Then it is closed (this is what ends a slowloris client). Over HTTPS, a
+    new connection also has this long to complete its TLS handshake."""
     body_timeout: float = 10.0
     """Seconds a request body may take between two parts of it: a client
     that stops sending mid-body is answered ``408`` and its connection closed."""
     max_connections: int | None = None
     """The most connections open at once; beyond it, :func:`~trioflow.web.serve`
     answers new connections with ``503`` (``/healthz`` with its status) and
-    closes them. ``None``: what the file-descriptor limit leaves room for
-    (:func:`default_max_connections`)."""
+    closes them (over HTTPS it closes them without an answer: the client's
+    first bytes are a TLS handshake, not a request). ``None``: what the
+    file-descriptor limit leaves room for (:func:`default_max_connections`)."""
+    certfile: Path | None = None
+    """A PEM certificate chain: with :attr:`keyfile`, :func:`~trioflow.web.serve`
+    speaks HTTPS only (its URLs are ``https://``), HTTP/2 with the clients that
+    negotiate it by ALPN (browsers do) and HTTP/1.1 with the others. Both or
+    neither; the files must be readable and the key must match the
+    certificate. A client that does not complete its TLS handshake within
+    :attr:`header_timeout` is closed."""
+    keyfile: Path | None = None
+    """The private key of :attr:`certfile` (PEM, not encrypted)."""
     static_dir: Path = DEFAULT_STATIC_DIR
     """The folder served at ``/static/``; its ``index.html`` is the page at ``/``."""
     access_log: bool = False
     """Log every request (to the ``trioflow.web`` logger)."""
     direct_writes: bool = True
-    """Under :func:`~trioflow.web.serve`, let event streams write their chunks
-    straight to the socket (:mod:`trioflow.web._fanout`) instead of through
-    the ASGI ``send``. Much cheaper per event; turned off by itself when
-    ASGI middleware was added to the application after
-    :func:`~trioflow.web.create_app` (it would not see the event streams'
-    bodies)."""
+    """Under :func:`~trioflow.web.serve`, serve event streams on the
+    connection itself (:mod:`trioflow.web._direct`): no HTTP machinery, no
+    ASGI, the run's fan-out writing chunks straight to the socket. Much
+    cheaper per connection and per event; turned off by itself when ASGI
+    middleware was added to the application after
+    :func:`~trioflow.web.create_app` (it would not see the event streams).
+    ``False``: every request goes through Hypercorn and the ASGI application."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -184,6 +197,28 @@ class WebConfig:
         if not isinstance(self.direct_writes, bool):
             raise TypeError(f"direct_writes must be a bool, not {self.direct_writes!r}")
         object.__setattr__(self, "static_dir", Path(self.static_dir))
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            given, missing = (
+                ("certfile", "keyfile") if self.keyfile is None else ("keyfile", "certfile")
+            )
+            raise ValueError(
+                f"{given} needs {missing} too: TLS takes both a certificate and its key"
+            )
+        if self.certfile is None or self.keyfile is None:
+            return
+        object.__setattr__(self, "certfile", Path(self.certfile))
+        object.__setattr__(self, "keyfile", Path(self.keyfile))
+        from trioflow.web._tls import server_context  # the web stack: only with TLS
+
+        server_context(self.certfile, self.keyfile)  # raises ValueError for unusable files
+
+    @property
+    def scheme(self) -> str:
+        """``"https"`` with :attr:`certfile` and :attr:`keyfile`, else ``"http"``."""
+        return "http" if self.certfile is None else "https"
 
     @property
     def host_allow_list(self) -> HostAllowList:

@@ -1,7 +1,10 @@
 """The server's connections: a write timeout on each, a cap on how many, and a forced close.
 
-:func:`~trioflow.web.serve` hands every accepted TCP connection to Hypercorn
-as a :class:`GuardedStream`, registered in the server's :class:`Connections`:
+:func:`~trioflow.web.serve` wraps every accepted TCP connection in a
+:class:`GuardedStream`, registered in the server's :class:`Connections`, and
+serves it (an event stream, :mod:`trioflow.web._direct`) or hands it to
+Hypercorn (everything else, with the bytes already read pushed back in front
+by :meth:`GuardedStream.unread`) as that:
 
 * **Write timeout.** A write that makes no progress for
   :attr:`~trioflow.web.WebConfig.write_timeout` seconds (the peer's receive
@@ -45,6 +48,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self._stream = stream
         self._registry = registry
         self._aborted = False
+        self._unread = b""
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -98,12 +102,27 @@ class GuardedStream(trio.abc.HalfCloseableStream):
             trio.BrokenResourceError: the peer reset the connection.
             trio.ClosedResourceError: the connection was closed (by force).
         """
+        if self._unread:
+            if self._aborted:
+                raise trio.ClosedResourceError("the connection was closed by the server")
+            size = len(self._unread) if max_bytes is None else max_bytes
+            data, self._unread = self._unread[:size], self._unread[size:]
+            await trio.lowlevel.checkpoint()
+            return data
         try:
             return bytes(await self._stream.receive_some(max_bytes))
         except trio.BrokenResourceError:
             if self._aborted:
                 raise trio.ClosedResourceError("the connection was closed by the server") from None
             raise
+
+    def unread(self, data: bytes) -> None:
+        """Push ``data`` back: :meth:`receive_some` returns it first.
+
+        How the server hands Hypercorn a connection whose first request head
+        it has read itself.
+        """
+        self._unread = data + self._unread
 
     async def send_eof(self) -> None:
         """Shut the sending side down (the peer reads end of file)."""

@@ -7,16 +7,23 @@ event. :class:`EventFanout` reads the run once (one subscription, one task),
 encodes each batch of events once, and appends the same bytes to every
 connection's :class:`FanoutTarget`.
 
-Where the server hands the connection's socket to the application (the
-:func:`~trioflow.web.serve` server does, through :data:`connection_socket`),
-a target is *direct*: the fan-out writes the HTTP/1.1 chunk straight to the
-socket without blocking (``send`` with ``MSG_DONTWAIT``), so a client that
-keeps up costs one system call per batch and no task switch at all. What the
-kernel does not take at once goes to the target's pending bytes, which the
-connection's own task sends with its ``send_all`` (which has the write timeout); the
-target writes directly again once they are out. A target without a socket
-(any other ASGI server) is never direct: its task sends the pending bytes
-with the ASGI ``send``.
+Where the connection is served by trioflow itself (an event stream under
+:func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`), a target is
+*direct*: the fan-out writes the HTTP/1.1 chunk to the connection's own
+socket without blocking (``os.write`` on its non-blocking descriptor; no
+second descriptor), so a client that keeps up costs one system call per
+batch and no task switch at all. What the kernel does not take at once goes
+to the target's pending bytes, which the connection's task (the socket's
+owner) sends with its ``send_all`` (which has the write timeout); the target
+writes directly again once they are out. The direct write is the fan-out
+writing on the owner's behalf while the owner waits for it (in
+:meth:`FanoutTarget.wait`), never while the owner writes: the target is
+direct only between :meth:`FanoutTarget.go_direct` and the next partial
+write, and the owner calls ``go_direct`` only with nothing of its own to
+send. The descriptor is read from the socket at every write, so a socket
+the owner has closed is never written to (its descriptor reads ``-1``).
+A target without a socket (any other ASGI server, or middleware) is never
+direct: its task sends the pending bytes with the ASGI ``send``.
 
 Every target is bounded: when more than ``limit`` events wait in its pending
 bytes, it is evicted. Bytes already handed to the kernel, or the part of a
@@ -35,10 +42,8 @@ until they have caught up with the fan-out, then join it (see
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import os
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -47,7 +52,6 @@ import trio
 from trioflow.bus import Overflow, SubscriberEvicted, Subscription
 from trioflow.events import FlowEvent
 from trioflow.history import HistoryExpired
-from trioflow.web._connections import GuardedStream
 
 if TYPE_CHECKING:
     from trioflow.handle import RunHandle
@@ -57,23 +61,7 @@ __all__ = [
     "FanoutStatistics",
     "FanoutTarget",
     "chunk",
-    "connection_socket",
-    "duplicate",
 ]
-
-connection_socket: contextvars.ContextVar[GuardedStream | None] = contextvars.ContextVar(
-    "trioflow_connection_socket", default=None
-)
-"""The TCP stream of the HTTP/1.1 connection the current request came on.
-
-Set by :func:`~trioflow.web.serve` in each connection's task (and so seen by
-the application's task for every request on it); ``None`` under any other
-server. Only the event stream uses it, to write its chunks without going
-through the server's HTTP layer; the server writes the response head and
-the end of the body as usual.
-"""
-
-_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 def chunk(data: bytes) -> bytes:
@@ -114,9 +102,10 @@ class FanoutTarget:
         skip_through: events up to this seq were sent by the connection
             itself before it joined; the fan-out skips them.
         limit: the most events that may wait in the pending bytes.
-        sock: a non-blocking socket to write to directly (a duplicate of the
-            connection's descriptor, owned and closed by the target), or
-            ``None`` to leave every write to the connection's task.
+        sock: the connection's own non-blocking socket, to write to
+            directly (owned by the connection's task, which closes it;
+            never by the target), or ``None`` to leave every write to the
+            connection's task.
         encode: how to frame a batch's bytes for this connection
             (:func:`chunk` for a raw HTTP/1.1 socket, identity for ASGI).
     """
@@ -142,7 +131,7 @@ class FanoutTarget:
         *,
         skip_through: int,
         limit: int,
-        sock: socket.socket | None,
+        sock: trio.socket.SocketType | None,
         encode: Callable[[bytes], bytes],
     ) -> None:
         self.skip_through = skip_through
@@ -193,11 +182,9 @@ class FanoutTarget:
             self.direct = True
 
     def close(self) -> None:
-        """Stop direct writes and close the duplicate socket (not the connection); idempotent."""
+        """Stop direct writes and forget the socket (its owner closes it); idempotent."""
         self.direct = False
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self.sock = None
 
     # -- the fan-out's side ----------------------------------------------------
 
@@ -206,7 +193,9 @@ class FanoutTarget:
         if self.direct:
             assert self.sock is not None
             try:
-                sent = self.sock.send(data, _SEND_FLAGS)
+                # The owner's own descriptor, read now: -1 (EBADF) once closed.
+                # Python ignores SIGPIPE: a peer gone is an OSError here.
+                sent = os.write(self.sock.fileno(), data)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -253,7 +242,8 @@ class EventFanout:
 
     Args:
         run: the run (or a replay served as one).
-        encode: encodes one event as an SSE frame.
+        encode: the SSE frames of a batch of events, one per event (a
+            :meth:`~trioflow.web._sse.FrameCache.frames`: encoded once per run).
         evicted: makes the ``evicted`` error frame for a target, given the
             last seq it received.
         keepalive: seconds of silence after which every target gets
@@ -267,7 +257,7 @@ class EventFanout:
         self,
         run: RunHandle,
         *,
-        encode: Callable[[FlowEvent], bytes],
+        encode: Callable[[list[FlowEvent]], list[bytes]],
         evicted: Callable[[int], bytes],
         keepalive: float,
         keepalive_frame: bytes,
@@ -330,7 +320,7 @@ class EventFanout:
         self._targets.append(target)
 
     def discard(self, target: FanoutTarget) -> None:
-        """Remove ``target`` (idempotent) and close its socket.
+        """Remove ``target`` (idempotent); the fan-out writes to its socket no more.
 
         The fan-out stops when its last target leaves and no connection
         holds a :meth:`claim` on it.
@@ -400,7 +390,7 @@ class EventFanout:
                 self._broadcast([], self._keepalive_frame, 0, self.position)
                 continue
             self._batches += 1
-            frames = [self._encode(event) for event in batch]
+            frames = self._encode(batch)
             last = batch[-1].seq
             self._broadcast(batch, b"".join(frames), len(batch), last, frames)
             self.position = last
@@ -462,18 +452,3 @@ class EventFanout:
             self._sub.close()  # at once, not when the task next runs
         if self.on_close is not None:
             self.on_close(self)
-
-
-def duplicate(stream: GuardedStream) -> socket.socket | None:
-    """A non-blocking duplicate of ``stream``'s socket to write to directly, or None if impossible."""
-    try:
-        fd = os.dup(stream.socket.fileno())
-    except (OSError, ValueError):
-        return None
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        return None
-    sock.setblocking(False)
-    return sock

@@ -217,6 +217,7 @@ class RunHub:
         self._nursery: trio.Nursery | None = None
         self._closing = trio.Event()
         self._watchers: dict[str, int] = {}
+        self._watchers_changed = trio.Event()
         self._connections: set[trio.CancelScope] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -438,14 +439,29 @@ class RunHub:
     def attach(self, run: RunHandle) -> Watch:
         """Count one more connection watching ``run``; release the returned :class:`Watch`."""
         self._watchers[run.run_id] = self._watchers.get(run.run_id, 0) + 1
+        self._changed()
         return Watch(self, run)
 
     def watchers(self, run_id: str) -> int:
         """How many connections watch the run now."""
         return self._watchers.get(run_id, 0)
 
+    async def wait_watchers(self, run_id: str, count: int) -> None:
+        """Return once exactly ``count`` connections watch the run (at once if they do now).
+
+        Woken by every :meth:`attach` and :meth:`Watch.release`; no polling.
+        """
+        while self.watchers(run_id) != count:
+            await self._watchers_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _changed(self) -> None:
+        self._watchers_changed.set()
+        self._watchers_changed = trio.Event()
+
     def _detach(self, run: RunHandle, *, disconnected: bool) -> None:
         left = self._watchers.get(run.run_id, 1) - 1
+        self._changed()
         if left > 0:
             self._watchers[run.run_id] = left
             return

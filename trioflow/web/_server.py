@@ -25,14 +25,44 @@ it; a request head must arrive within
 ``503`` by the server itself (``GET /healthz`` gets its usual answer) and
 closed; and running out of file descriptors is logged once, not spun on.
 
-The server is Hypercorn's Trio worker, with one difference: trioflow accepts
-the connections itself and hands each to Hypercorn's connection server
-(``hypercorn.trio.tcp_server.TCPServer``, as ``hypercorn.trio.serve`` does),
-after making the connection's socket known to the application
-(:data:`~trioflow.web._fanout.connection_socket`). Hypercorn parses every
-request and writes every response head; the event stream writes its chunks
-to the socket itself (:mod:`trioflow.web._fanout`), which is what lets one
-process serve a thousand event-stream clients.
+Why not ``hypercorn.trio.serve``
+    Hypercorn's own entry point owns its accept loop and hands each
+    connection straight to its HTTP machinery. trioflow needs the
+    connection first: to guard it (the write timeout and the forced close
+    above, which Hypercorn has no equivalent for: it writes under a shielded
+    scope with no timeout, so one stalled peer could hold a shutdown
+    forever), to answer beyond the cap without parsing HTTP in Hypercorn, to
+    keep accepting through ``EMFILE`` without a traceback per attempt, and
+    to serve event streams itself. So this module is Hypercorn's Trio worker
+    loop (the lifespan, the listeners, one connection server per
+    connection), built from the Hypercorn pieces that loop uses; a test
+    (``tests/test_web_server.py``) pins exactly those names, so an upgrade
+    that moves one fails in CI.
+
+One owner per connection
+    Each accepted connection belongs to its task from accept to close. The
+    task reads the first bytes, and when they may begin an event stream
+    (``GET /runs/``), the head of the first request (within
+    :attr:`~trioflow.web.WebConfig.header_timeout`). An event stream
+    (``GET /runs/{id}/events`` over cleartext HTTP/1.1, for an application
+    without middleware of its own) is served by trioflow on the spot, the
+    connection closed after it (:mod:`trioflow.web._direct`): no HTTP
+    machinery, no ASGI, one descriptor. Every other connection is handed,
+    with the bytes read pushed back in front, to Hypercorn's connection
+    server (``hypercorn.trio.tcp_server.TCPServer``), which parses every
+    request on it, runs the application and writes every response; the
+    event stream is then an ordinary ASGI response.
+
+TLS
+    With :attr:`~trioflow.web.WebConfig.certfile` and
+    :attr:`~trioflow.web.WebConfig.keyfile` the server speaks HTTPS only:
+    each guarded connection goes through its TLS handshake
+    (:mod:`trioflow.web._tls`) and then straight to Hypercorn, HTTP/2 or
+    HTTP/1.1 as the client chose by ALPN; event streams are then ordinary
+    ASGI responses (every byte goes through the TLS layer). The guards, the
+    cap and the shutdown apply to TLS connections alike; over the cap, a TLS
+    connection is closed (its ``ClientHello`` is not a request the ``503``
+    could answer).
 """
 
 from __future__ import annotations
@@ -58,11 +88,13 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 from starlette.applications import Starlette
 
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.web._app import create_app, direct_writes, hub_of
+from trioflow.web._app import access_policy, create_app, direct_writes, hub_of
+from trioflow.web._auth import AccessPolicy
 from trioflow.web._config import WebConfig, default_max_connections
-from trioflow.web._connections import Connections
-from trioflow.web._fanout import connection_socket
+from trioflow.web._connections import Connections, GuardedStream
+from trioflow.web._direct import read_request, serve_event_stream, stream_target
 from trioflow.web._runs import RunHub
+from trioflow.web._tls import TLS, server_context
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -119,11 +151,15 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` over HTTP until ``shutdown_trigger`` returns (or until cancelled).
+    """Serve ``app`` over HTTP or HTTPS until ``shutdown_trigger`` returns (or until cancelled).
 
     Start it with ``await nursery.start(...)``: it reports the URLs it is
-    listening on (``["http://127.0.0.1:8080"]``) once the socket is bound,
-    which is how to learn the port picked for ``port=0``.
+    listening on (``["http://127.0.0.1:8080"]``, ``https://`` with
+    :attr:`~trioflow.web.WebConfig.certfile` and
+    :attr:`~trioflow.web.WebConfig.keyfile`) once the socket is bound,
+    which is how to learn the port picked for ``port=0``. Over HTTPS,
+    clients that offer HTTP/2 by ALPN get it (browsers do: no limit of six
+    event streams per origin), the others HTTP/1.1.
 
     Every connection is bounded: a write that makes no progress for
     :attr:`~trioflow.web.WebConfig.write_timeout` closes it, and beyond
@@ -141,10 +177,11 @@ async def serve(
     Args:
         app: an application made by :func:`~trioflow.web.create_app`, or an
             executor to make one for (with ``config`` and the default agent).
-        config: where to listen, the connection limits and how long a
-            graceful shutdown may take; ``None`` for the options ``app`` was
-            made with. The application's own behaviour (token, limits) is the
-            one it was made with.
+        config: where to listen, the TLS certificate and key if any, the
+            connection limits and how long a graceful shutdown may take;
+            ``None`` for the options ``app`` was made with. The
+            application's own behaviour (token, limits) is the one it was
+            made with.
         shutdown_trigger: an async callable (``event.wait``); when it
             returns, the server shuts down gracefully (see the module
             documentation). ``None``: serve until cancelled.
@@ -153,6 +190,8 @@ async def serve(
     Raises:
         TypeError: ``app`` was not made by :func:`~trioflow.web.create_app`.
         OSError: the address cannot be bound (in use, not permitted).
+        ValueError: the certificate or key of ``config`` cannot be used
+            (any more: they are checked when the configuration is made).
     """
     if isinstance(app, StreamingFlowExecutor):
         app = create_app(app, config=config)
@@ -164,6 +203,10 @@ async def serve(
         max_connections=config.max_connections or default_max_connections(),
         write_timeout=config.write_timeout,
     )
+    tls = None
+    if config.certfile is not None and config.keyfile is not None:
+        context = server_context(config.certfile, config.keyfile)
+        tls = TLS(context, handshake_timeout=config.header_timeout)
 
     with _unwrap_single():
         async with trio.open_nursery() as nursery:
@@ -182,7 +225,9 @@ async def serve(
                         hconfig,
                         hub=hub,
                         connections=connections,
-                        direct=direct_writes(app),
+                        header_timeout=config.header_timeout,
+                        direct=access_policy(app) if direct_writes(app) else None,
+                        tls=tls,
                         shutdown=shutdown,
                         task_status=task_status,
                     )
@@ -193,6 +238,22 @@ async def serve(
                 nursery.start_soon(drain, shutdown_trigger)
             urls: list[str] = await nursery.start(run_server)
             task_status.started(urls)
+
+
+class _Connection(TCPServer):
+    """Hypercorn's connection server, closing as soon as its peer has.
+
+    Hypercorn 0.18's ``TCPServer`` keeps a keep-alive connection that its
+    peer closed while idle open until the keep-alive timeout (its idle task
+    outlives the reading), holding a descriptor and a place under
+    :attr:`~trioflow.web.WebConfig.max_connections` for nothing. Here the
+    idle task stops when the reading does. (Internal names of Hypercorn:
+    ``_read_data`` and ``idle_task``, pinned by ``tests/test_web_server.py``.)
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()  # the peer is gone: no request to wait for
 
 
 @dataclasses.dataclass(slots=True)
@@ -310,7 +371,9 @@ async def _worker(
     *,
     hub: RunHub,
     connections: Connections,
-    direct: bool,
+    header_timeout: float,
+    direct: AccessPolicy | None,
+    tls: TLS | None,
     shutdown: _Shutdown,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
@@ -319,14 +382,45 @@ async def _worker(
     The same steps as Hypercorn's Trio worker (the lifespan, the listeners,
     one ``TCPServer`` per connection), except that every connection is a
     :class:`~trioflow.web._connections.GuardedStream` registered in
-    ``connections``, made known to the application through
-    :data:`connection_socket` unless ``direct`` is false; and that the
-    shutdown ends at ``shutdown.deadline`` by closing what is still open.
+    ``connections``; that event streams are served on the connection itself
+    (:mod:`trioflow.web._direct`) unless ``direct`` (the application's
+    access rules) is ``None`` or the connection is TLS (``tls``: taken
+    through its handshake, then to Hypercorn); and that the shutdown ends
+    at ``shutdown.deadline`` by closing what is still open.
     """
     wrapped = wrap_app(cast("Any", app), config.wsgi_max_body_size, "asgi")
     state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, state)
     context = WorkerContext(None)
+    reading: set[trio.CancelScope] = set()  # connections reading their first head
+    head_limit = config.h11_max_incomplete_size
+
+    async def fast_path(guarded: GuardedStream) -> bool:
+        """Serve the connection here if it is an event stream; False: it is Hypercorn's."""
+        assert direct is not None
+        with trio.CancelScope() as scope:
+            reading.add(scope)
+            try:
+                read = await read_request(guarded, within=header_timeout, limit=head_limit)
+            finally:
+                reading.discard(scope)
+        if scope.cancelled_caught or read is None:
+            return True  # shutting down, or no request came: closed
+        request, data = read
+        target = None if request is None else stream_target(request)
+        if request is None or target is None:
+            guarded.unread(data)
+            return False
+        try:
+            await serve_event_stream(
+                guarded, request, target, hub=hub, access=direct, hconfig=config
+            )
+        except Exception:
+            _log.exception("error serving GET %s", request.target.decode("ascii", "replace"))
+        return True
+
+    async def tls_connection(stream: trio.SSLStream[GuardedStream]) -> None:
+        await _Connection(wrapped, config, context, ConnectionState(state.copy()), stream)  # type: ignore[arg-type]
 
     async def connection(stream: trio.SocketStream) -> None:
         if connections.full():
@@ -334,9 +428,19 @@ async def _worker(
             return
         guarded = connections.guard(stream)
         try:
-            if direct:
-                connection_socket.set(guarded)  # this task's context, inherited by the app's
-            await TCPServer(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
+            if tls is not None:  # HTTPS: straight to Hypercorn, HTTP/2 or 1.1 by ALPN (_tls)
+                await tls.serve_connection(guarded, tls_connection)
+                return
+            # The fast path is for cleartext HTTP/1.1 only (a TLS stream goes to Hypercorn).
+            if direct is not None and await fast_path(guarded):
+                with trio.move_on_after(_REFUSE_TIMEOUT):
+                    try:
+                        await guarded.send_eof()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+                await guarded.aclose()
+                return
+            await _Connection(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
         finally:
             guarded.abort()  # closed already, unless the connection's task was cancelled
 
@@ -350,7 +454,8 @@ async def _worker(
             for sock in sockets:
                 sock.listen(config.backlog)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
-                urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                scheme = "http" if tls is None else "https"
+                urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
             async with trio.open_nursery() as handlers:
                 try:
                     async with trio.open_nursery() as accepting:
@@ -362,6 +467,8 @@ async def _worker(
                     for sock in sockets:
                         sock.close()  # refuse new connections from now on
                     await context.terminated.set()  # idle keep-alive connections close
+                    for scope in list(reading):  # and so do connections with no request yet
+                        scope.cancel()
                     with trio.move_on_at(shutdown.deadline):
                         await connections.wait_empty()
                 finally:

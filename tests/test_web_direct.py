@@ -1,0 +1,290 @@
+"""Event streams served on the connection itself (``trioflow.web._direct``), compared
+with the same application served through Hypercorn and Starlette; frames encoded
+once per run (``FrameCache``); one descriptor per connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from conftest import http_client, start_run, talker
+
+from trioflow import FlowEvent
+from trioflow.history import HistoryExpired, MemoryHistory
+from trioflow.web._app import direct_writes
+from trioflow.web._sse import FrameCache, encode_event, frame_cache
+
+if TYPE_CHECKING:
+    from conftest import OpenSSE, StartWebServer, WebServer
+
+TOKEN = "s3cret-token"
+
+
+async def both(start_web_server: StartWebServer, **options: Any) -> tuple[WebServer, WebServer]:
+    """The same application twice: served directly, and through the ASGI path."""
+    direct = await start_web_server(**options)
+    asgi = await start_web_server(through_asgi=True, **options)
+    assert direct_writes(direct.app) and not direct_writes(asgi.app)
+    return direct, asgi
+
+
+def essentials(response: httpx.Response, run_id: str) -> tuple[Any, ...]:
+    body = response.text.replace(run_id, "RUN")
+    headers = {
+        name: response.headers.get(name)
+        for name in ("content-type", "cache-control", "www-authenticate", "retry-after")
+    }
+    return response.status_code, body, headers
+
+
+async def test_every_answer_before_the_stream_is_the_same_both_ways(
+    start_web_server: StartWebServer,
+) -> None:
+    servers = await both(start_web_server, token=TOKEN)
+    answers: list[list[tuple[Any, ...]]] = []
+    for server in servers:
+        run_id = await start_run(server, "hi", token=TOKEN)
+        run = server.executor.get_run(run_id)
+        await run.wait()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        events = f"/runs/{run_id}/events"
+        async with http_client(server) as http:
+            got = [
+                await http.get(events),  # no token
+                await http.get(events, params={"token": "wrong"}),
+                await http.get(events, headers={**auth, "Host": "rebind.evil"}),
+                await http.get("/runs/run_nope/events", headers=auth),
+                await http.get(events, headers={**auth, "Last-Event-ID": "abc"}),
+                await http.get(events, headers=auth, params={"after": "-1"}),
+                await http.get(events, headers=auth, params={"after": "999"}),
+                await http.get(events, headers={**auth, "Last-Event-ID": str(run.last_seq)}),
+            ]
+            stream = await http.get(events, headers=auth, params={"after": str(run.last_seq - 1)})
+        assert stream.status_code == 200
+        assert stream.text.endswith("\n\n")
+        answers.append([essentials(r, run_id) for r in got])
+    direct, asgi = answers
+    for d, a in zip(direct, asgi, strict=True):
+        assert d == a, (d, a)
+    assert [a[0] for a in direct] == [401, 401, 403, 404, 400, 400, 400, 204]
+
+
+async def test_direct_streams_say_connection_close_and_other_requests_keep_alive(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(agent=talker(words=10))
+    run_id = await start_run(server)
+    await server.executor.get_run(run_id).wait()
+    async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
+        assert stream.headers["connection"] == "close"
+        assert stream.headers["transfer-encoding"] == "chunked"
+        frames = await stream.events()
+    assert frames[-1].event == "flow.completed"
+    # Other requests go to Hypercorn, on a connection that stays open; an event
+    # stream as a later request on it is served there too (through ASGI).
+    async with http_client(server) as http:
+        first = await http.get("/healthz")
+        listing = await http.get("/runs")
+        later = await http.get(f"/runs/{run_id}/events")
+        again = await http.get("/healthz")
+    assert first.status_code == listing.status_code == again.status_code == 200
+    assert later.status_code == 200
+    assert later.text.count("event: ") == int(frames[-1].id or 0)
+    assert "connection" not in later.headers
+
+
+async def test_the_access_log_has_the_same_line_both_ways(
+    start_web_server: StartWebServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioflow.web.access")
+    lines = []
+    for server in await both(start_web_server, access_log=True, agent=talker(words=5)):
+        run_id = await start_run(server)
+        await server.executor.get_run(run_id).wait()
+        caplog.clear()
+        async with http_client(server) as http:
+            response = await http.get(f"/runs/{run_id}/events", headers={"User-Agent": "t/1"})
+        assert response.status_code == 200
+        await server.hub.wait_watchers(run_id, 0)  # the stream is over: its line is written
+        records = [r.getMessage() for r in caplog.records if r.name == "trioflow.web.access"]
+        assert len(records) == 1, records
+        lines.append(records[0].split(" ", 5)[5].replace(run_id, "RUN"))  # after the time
+    assert lines[0] == lines[1]
+    assert lines[0].startswith('"GET /runs/RUN/events 1.1" 200 ')
+
+
+async def test_a_late_joiner_gets_byte_identical_frames_encoded_once(
+    start_web_server: StartWebServer, open_sse: OpenSSE, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trioflow.web._sse as sse
+
+    encoded = 0
+    encode = sse._encode_frame
+
+    def counting(event: FlowEvent) -> bytes:
+        nonlocal encoded
+        encoded += 1
+        return encode(event)
+
+    monkeypatch.setattr(sse, "_encode_frame", counting)
+    server = await start_web_server(agent=talker(words=40, pace=400))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/events"
+    async with open_sse(server.url, path) as live:
+        await live.events()
+        await run.wait()
+    late = []
+    for after in (0, 0, 17):
+        async with open_sse(server.url, f"{path}?after={after}") as stream:
+            await stream.events()
+            late.append(stream.raw)
+    assert late[0] == late[1] == live.raw
+    assert late[2] == "retry: 3000\n\n" + "".join(
+        frame_cache(run, server.hub).get(seq).decode()  # type: ignore[union-attr]
+        for seq in range(18, run.last_seq + 1)
+    )
+    assert live.raw.endswith(encode_event(run.bus.history.snapshot(run.last_seq - 1)[0]))
+    assert encoded == run.last_seq  # once each, for the live client and every replay
+
+
+def test_the_frame_cache_holds_the_newest_frames_of_consecutive_seqs() -> None:
+    events = [FlowEvent(type="token.received", run_id="r", seq=s) for s in range(1, 11)]
+    cache = FrameCache(4)
+    assert cache.frames(events[:3]) == [encode_event(e).encode() for e in events[:3]]
+    assert (len(cache), cache.first_seq) == (3, 1)
+    cache.frames(events[3:8])
+    assert (len(cache), cache.first_seq) == (4, 5)  # the history's bound
+    assert cache.get(4) is None and cache.get(5) == encode_event(events[4]).encode()
+    assert cache.frames(events[1:3]) == [encode_event(e).encode() for e in events[1:3]]
+    assert cache.first_seq == 5  # older than the oldest held: encoded, not kept
+    cache.frames(events[9:])  # a gap: start again there
+    assert (len(cache), cache.first_seq) == (1, 10)
+    assert FrameCache(0).frames(events[:2]) == [encode_event(e).encode() for e in events[:2]]
+    assert len(FrameCache(0)) == 0
+
+
+async def test_the_frame_cache_never_serves_what_the_history_no_longer_holds(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    # The cache is bounded like the history (8), and a resume from before the
+    # history still fails with history_expired: the cache is asked only for
+    # events the run's subscription delivered.
+    server = await start_web_server(history=8, agent=talker(words=20))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    await run.wait()
+    path = f"/runs/{run_id}/events"
+    async with open_sse(server.url, f"{path}?after={run.last_seq - 8}") as stream:
+        frames = await stream.events()
+    cache = frame_cache(run, server.hub)
+    assert (cache.capacity, len(cache), cache.first_seq) == (8, 8, run.last_seq - 7)
+    assert [int(f.id or 0) for f in frames] == list(range(run.last_seq - 7, run.last_seq + 1))
+    history = run.bus.history
+    assert isinstance(history, MemoryHistory)
+    for seq in range(1, run.last_seq + 1):
+        assert (cache.get(seq) is None) == (seq < history.first_seq)
+    with pytest.raises(HistoryExpired):
+        history.snapshot(run.last_seq - 9)
+    async with open_sse(server.url, f"{path}?after={run.last_seq - 9}") as stream:
+        expired = await stream.events()
+    assert [f.json()["code"] for f in expired] == ["history_expired"]
+
+
+def server_descriptors(port: int) -> int:
+    """How many of this process's descriptors are server-side connections on ``port``.
+
+    From ``/proc``: the sockets whose local port is ``port`` and that are
+    established (not the listener), matched to descriptors by inode.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if int(local.rsplit(":", 1)[1], 16) == port and state == "01":
+                    inodes.add(f"socket:[{inode}]")
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") in inodes
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_an_event_stream_connection_holds_one_descriptor_in_the_server(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(agent=talker(words=200, pace=20))
+    run_id = await start_run(server)
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    request = f"GET /runs/{run_id}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    clients: list[trio.SocketStream] = []
+    try:
+        for _ in range(100):
+            client = await trio.open_tcp_stream(host, int(port))
+            clients.append(client)
+            await client.send_all(request)
+        with trio.fail_after(10):
+            await server.hub.wait_watchers(run_id, 100)
+            # Every connection caught up and written to by the fan-out directly.
+            # (Polled: the fan-out has no event for its count of direct targets.)
+            while not [f for f in server.hub.fanouts() if f.statistics().direct == 100]:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        held = server_descriptors(int(port))
+    finally:
+        for client in clients:
+            await client.aclose()
+    assert held == 100  # one each: no duplicate for the fan-out's writes
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/runs/{run_id}/events", "/runs/{run_id}"])
+async def test_a_head_sent_byte_by_byte_is_served_either_way(
+    start_web_server: StartWebServer, path: str
+) -> None:
+    server = await start_web_server(agent=talker(words=3))
+    run_id = await start_run(server)
+    await server.executor.get_run(run_id).wait()
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    head = f"GET {path.format(run_id=run_id)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    async with await trio.open_tcp_stream(host, int(port)) as client:
+        for i in range(len(head)):
+            await client.send_all(head[i : i + 1])
+            await trio.lowlevel.checkpoint()
+        received = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in received:
+                received += await client.receive_some(4096)
+    assert received.startswith(b"HTTP/1.1 200 ")
+    direct = path.endswith("/events")
+    assert (b"\r\nconnection: close\r\n" in received.lower()) == direct
+
+
+async def test_an_unexpected_error_deciding_is_a_logged_500_both_ways(
+    start_web_server: StartWebServer, server_log: pytest.LogCaptureFixture
+) -> None:
+    answers = []
+    for server in await both(start_web_server):
+
+        def broken(run_id: str) -> Any:
+            raise RuntimeError("the hub broke")
+
+        server.hub.get = broken  # type: ignore[method-assign]
+        async with http_client(server) as http:
+            response = await http.get("/runs/run_x/events")
+            health = await http.get("/healthz")
+        answers.append(essentials(response, "run_x"))
+        assert health.status_code == 200  # the server goes on
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 500
+    assert '"code":"internal_error"' in answers[0][1]
+    logged = [r for r in server_log.records if r.exc_info and "the hub broke" in str(r.exc_info[1])]
+    assert len(logged) >= 2
