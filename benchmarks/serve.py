@@ -3,7 +3,7 @@
 Run with ``python benchmarks/serve.py [--quick] [--json]``. A full run (100
 and 1,000 clients, a search over 5/10/20/40/80 tokens/s per run, 10 s of
 tokens each, then the WebSocket scenario and the ``ulimit -n 1024`` check)
-takes about a quarter of an hour on 2 cores; ``--quick`` (3 s of tokens, rates
+takes 7-10 minutes on 2 cores; ``--quick`` (3 s of tokens, rates
 5/20/80, a shorter WebSocket run) about three minutes. The baselines need
 ``uvicorn``, ``uvloop`` and ``httptools`` (``pip install -e '.[bench]'``).
 
