@@ -427,9 +427,9 @@ def test_serve_exits_0_within_the_shutdown_timeout_with_silent_clients(
 
 def test_serve_under_ulimit_1024_serves_1000_event_streams_and_healthz(tmp_path: Path) -> None:
     # One descriptor per connection: 1,000 event streams fit under 1,024
-    # descriptors (with two each, 480 did). Beyond the cap: 503, and the
-    # health check still gets its answer.
-    server = ServeProcess("--pace", "1", "--max-connections", "1000", nofile=1024)
+    # descriptors (with two each, 480 did), under the default cap (1,008
+    # there). Beyond the cap: 503, and the health check still gets its answer.
+    server = ServeProcess("--pace", "1", nofile=1024)
     try:
         host, port = server.url.split("://", 1)[1].rsplit(":", 1)
         run = httpx.post(f"{server.url}/runs", json={"task": "What is 25 * 4?"}).json()
@@ -447,8 +447,8 @@ def test_serve_under_ulimit_1024_serves_1000_event_streams_and_healthz(tmp_path:
             assert health.json() == {"status": "ok"}
         served, refused = statuses.count(b"200"), statuses.count(b"503")
         assert served + refused == 1050, set(statuses)
-        # 1,000, or 999 while the server has yet to see the POST's connection close.
-        assert 999 <= served <= 1000
+        # 1,008, or 1,007 while the server has yet to see the POST's connection close.
+        assert 1007 <= served <= 1008
         status, _ = server.stop(signal.SIGTERM)
         assert status == 0
         assert not [line for line in server.lines if "Traceback" in line]
@@ -457,14 +457,18 @@ def test_serve_under_ulimit_1024_serves_1000_event_streams_and_healthz(tmp_path:
         server.kill()
 
 
-def test_the_default_connection_cap_is_the_descriptor_limit_less_64(
+def test_the_default_connection_cap_leaves_a_64th_of_the_descriptors(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from trioflow.web._config import default_max_connections
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 4096))
-    assert default_max_connections() == 960
+    assert default_max_connections() == 1008  # 1,000 clients fit under ulimit -n 1024
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (4096, 4096))
+    assert default_max_connections() == 4096 - 64
     monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 4096))
+    assert default_max_connections() == 48
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (20, 4096))
     assert default_max_connections() == 16
 
 

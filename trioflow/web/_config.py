@@ -25,13 +25,17 @@ def default_max_connections() -> int:
     """The default connection cap: what the process's file-descriptor limit leaves room for.
 
     Each connection holds one descriptor, its socket, and the process keeps
-    64 for itself (listeners, files, the model's connections):
-    ``RLIMIT_NOFILE - 64``, at least 16 and at most 10,000.
+    a sixty-fourth of the limit for itself, at least 16 (the server itself
+    holds about 11: standard streams, the listener, Trio's wake-up pipe and
+    epoll; the rest is for files and the model's connections):
+    ``RLIMIT_NOFILE - max(16, RLIMIT_NOFILE // 64)``, so 1,008 under
+    ``ulimit -n 1024``; at least 16 and at most 10,000. Running out anyway
+    is not fatal: the accept loop logs it once and waits for a descriptor.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft < 0:
         soft = 1 << 20
-    return max(16, min(10_000, soft - 64))
+    return max(16, min(10_000, soft - max(16, soft // 64)))
 
 
 def _positive(name: str, value: float) -> None:
