@@ -28,6 +28,9 @@ run's frames cached, the catch-up, the join to the fan-out),
 :mod:`~trioflow.web._direct` (the event stream served on the connection
 itself, under :func:`~trioflow.web.serve`), :mod:`~trioflow.web._ws` (the WebSocket
 protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),
+:mod:`~trioflow.web._hosts` (the ``Host`` allow-list),
+:mod:`~trioflow.web._connections` (each connection guarded: write timeout,
+forced close, the connection cap),
 :mod:`~trioflow.web._errors` (the JSON error shape),
 :mod:`~trioflow.web._runs` (requests, watchers, draining),
 :mod:`~trioflow.web._server` (Hypercorn and graceful shutdown),
