@@ -433,11 +433,10 @@ async def _worker(
                 return
             # The fast path is for cleartext HTTP/1.1 only (a TLS stream goes to Hypercorn).
             if direct is not None and await fast_path(guarded):
-                with trio.move_on_after(_REFUSE_TIMEOUT):
-                    try:
-                        await guarded.send_eof()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
+                try:
+                    await guarded.send_eof()  # a shutdown(2): never blocks
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
                 await guarded.aclose()
                 return
             await _Connection(wrapped, config, context, ConnectionState(state.copy()), guarded)  # type: ignore[arg-type]
