@@ -251,21 +251,9 @@ StartWebServer = Callable[..., Awaitable[WebServer]]
 async def joined_fanout(
     hub: RunHub, run_id: str, targets: int, name: str = "sse"
 ) -> EventFanout[Any, Any]:
-    """The run's fan-out for the encoding ``name`` once ``targets`` connections have joined it.
-
-    Polled, with a deadline: a connection joins the fan-out after its catch-up, and
-    neither ``RunHub`` nor ``EventFanout`` has an event to wait on for that.
-    """
+    """The run's fan-out for the encoding ``name`` once ``targets`` connections have joined it."""
     with trio.fail_after(5):
-        while True:
-            for fanout in hub.fanouts():
-                if (
-                    fanout.run.run_id == run_id
-                    and fanout.name == name
-                    and fanout.statistics().targets >= targets
-                ):
-                    return fanout
-            await trio.sleep(0.005)
+        return await hub.wait_joined(run_id, targets, name)
 
 
 class PassThrough:

@@ -174,13 +174,9 @@ async def read_stream(response: httpx.Response) -> list[Frame]:
 
 
 async def fanout_of(hub: RunHub, run_id: str) -> EventFanout:
-    """The run's fan-out, once a connection has joined it (polled, with a deadline)."""
+    """The run's event-stream fan-out, once a connection has joined it."""
     with trio.fail_after(5):
-        while True:
-            for fanout in hub.fanouts():
-                if fanout.run.run_id == run_id and fanout.statistics().targets >= 1:
-                    return fanout
-            await trio.sleep(0.005)
+        return await hub.wait_joined(run_id, 1)
 
 
 TERMINAL = ("flow.completed", "flow.failed", "flow.cancelled")

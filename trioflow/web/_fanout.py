@@ -312,6 +312,8 @@ class EventFanout(Generic[F, P]):
         self._evicted = 0
         self.on_close: Callable[[EventFanout[F, P]], None] | None = None
         """Called once when the fan-out stops (the hub forgets it)."""
+        self.on_change: Callable[[], None] | None = None
+        """Called when a target joins or leaves (the hub wakes those waiting on it)."""
 
     @property
     def open(self) -> bool:
@@ -346,6 +348,8 @@ class EventFanout(Generic[F, P]):
                 f"target starts after {target.skip_through}, the fan-out is at {self.position}"
             )
         self._targets.append(target)
+        if self.on_change is not None:
+            self.on_change()
 
     def discard(self, target: FanoutTarget[P]) -> None:
         """Remove ``target`` (idempotent); the fan-out writes to its socket no more.
@@ -358,6 +362,8 @@ class EventFanout(Generic[F, P]):
             self._targets.remove(target)
         except ValueError:
             return
+        if self.on_change is not None:
+            self.on_change()
         self._stop_if_unused()
 
     def claim(self) -> None:

@@ -433,6 +433,7 @@ class RunHub:
                 del self._fanouts[slot]
 
         fanout.on_close = forget
+        fanout.on_change = self._changed
         self._fanouts[slot] = fanout
         fanout.claim()
         try:
@@ -445,6 +446,22 @@ class RunHub:
     def fanouts(self) -> list[EventFanout[Any, Any]]:
         """The fan-outs running now, one per run and encoding with clients."""
         return list(self._fanouts.values())
+
+    async def wait_joined(
+        self, run_id: str, targets: int, key: str = "sse"
+    ) -> EventFanout[Any, Any]:
+        """The run's fan-out for ``key`` once at least ``targets`` connections have joined it.
+
+        Woken by every connection joining or leaving a fan-out (and by
+        :meth:`attach` and :meth:`Watch.release`); no polling. Wrap it in a
+        timeout: it waits for as long as that takes.
+        """
+        while True:
+            fanout = self._fanouts.get((run_id, key))
+            if fanout is not None and fanout.statistics().targets >= targets:
+                await trio.lowlevel.checkpoint()
+                return fanout
+            await self._watchers_changed.wait()
 
     # -- watchers ------------------------------------------------------------------
 
