@@ -17,7 +17,8 @@ from conftest import http_client, start_run, talker
 from trioflow import FlowEvent
 from trioflow.history import HistoryExpired, MemoryHistory
 from trioflow.web._app import direct_writes
-from trioflow.web._sse import SSE, FrameCache, encode_event, frame_cache
+from trioflow.web._sse import SSE, encode_event
+from trioflow.web._streams import FrameCache, frame_cache
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer, WebServer
@@ -146,7 +147,7 @@ async def test_a_late_joiner_gets_byte_identical_frames_encoded_once(
             late.append(stream.raw)
     assert late[0] == late[1] == live.raw
     assert late[2] == "retry: 3000\n\n" + "".join(
-        frame_cache(run, server.hub).get(seq).decode()  # type: ignore[union-attr]
+        frame_cache(run, server.hub, SSE).get(seq).decode()  # type: ignore[union-attr]
         for seq in range(18, run.last_seq + 1)
     )
     assert live.raw.endswith(encode_event(run.bus.history.snapshot(run.last_seq - 1)[0]))
@@ -187,7 +188,7 @@ async def test_the_frame_cache_never_serves_what_the_history_no_longer_holds(
     path = f"/runs/{run_id}/events"
     async with open_sse(server.url, f"{path}?after={run.last_seq - 8}") as stream:
         frames = await stream.events()
-    cache = frame_cache(run, server.hub)
+    cache = frame_cache(run, server.hub, SSE)
     assert (cache.capacity, len(cache), cache.first_seq) == (8, 8, run.last_seq - 7)
     assert [int(f.id or 0) for f in frames] == list(range(run.last_seq - 7, run.last_seq + 1))
     history = run.bus.history

@@ -18,7 +18,8 @@ from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
 from trioflow.web import WebConfig, create_app
 from trioflow.web._app import direct_writes, hub_of
 from trioflow.web._fanout import FanoutTarget, chunk
-from trioflow.web._sse import new_fanout
+from trioflow.web._sse import SSE
+from trioflow.web._streams import new_fanout
 
 if TYPE_CHECKING:
     from conftest import OpenSSE, StartWebServer
@@ -142,7 +143,7 @@ async def test_a_target_that_stops_reading_is_evicted_keeping_every_committed_ch
     async with StreamingFlowExecutor() as executor, trio.open_nursery() as nursery:
         agent = Agent(ScriptedModel([Turn([big] * 300, delay=0.1)]))
         run = await executor.start(agent, "flood")
-        fanout = new_fanout(run, WebConfig())
+        fanout = new_fanout(run, WebConfig(), SSE)
         await nursery.start(fanout.run_until_done)
         start = fanout.position
         own = trio.socket.from_stdlib_socket(left)  # the connection's one socket, as served

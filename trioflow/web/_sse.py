@@ -70,11 +70,13 @@ One decision, two transports
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import TYPE_CHECKING
 
 import trio
+from starlette.datastructures import QueryParams
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -92,12 +94,8 @@ from trioflow.protocol import (
     event_name,
 )
 from trioflow.sse import encode
-from trioflow.web._config import WebConfig
-from trioflow.web._fanout import EventFanout
 from trioflow.web._runs import RunHub, resume_point
-from trioflow.web._streams import Encoding, FrameCache, StreamOutput, stream_run
-from trioflow.web._streams import frame_cache as _frame_cache
-from trioflow.web._streams import new_fanout as _new_fanout
+from trioflow.web._streams import Encoding, StreamOutput, stream_run
 
 if TYPE_CHECKING:
     from trioflow.web._auth import AccessPolicy
@@ -111,13 +109,10 @@ __all__ = [
     "SSE",
     "EventOutput",
     "EventStreamResponse",
-    "FrameCache",
     "encode_error",
     "encode_event",
     "event_name",
     "event_stream_answer",
-    "frame_cache",
-    "new_fanout",
     "stream_events",
 ]
 
@@ -161,18 +156,6 @@ SSE: Encoding[bytes, bytes] = Encoding(
 """The event stream's encoding: one SSE frame per event, a batch's frames in one write."""
 
 
-def frame_cache(run: Run, hub: RunHub) -> FrameCache[bytes]:
-    """The run's :class:`~trioflow.web._streams.FrameCache` of SSE frames (bounded like its history)."""
-    return _frame_cache(run, hub, SSE)
-
-
-def new_fanout(
-    run: Run, config: WebConfig, cache: FrameCache[bytes] | None = None
-) -> EventFanout[bytes, bytes]:
-    """The :class:`~trioflow.web._fanout.EventFanout` writing ``run``'s SSE frames (from ``cache``)."""
-    return _new_fanout(run, config, SSE, cache)
-
-
 # -- the decision -------------------------------------------------------------------------
 
 
@@ -204,8 +187,6 @@ def event_stream_answer(
     if raw is None:
         query: bytes = scope.get("query_string", b"")
         if query:
-            from starlette.datastructures import QueryParams
-
             raw = QueryParams(query).get("after")
     after = 0 if raw is None else resume_point(raw, run)
     if run.done and after >= run.last_seq:
@@ -305,8 +286,14 @@ async def stream_events(hub: RunHub, run: Run, after: int, out: EventOutput) -> 
         watch.release(disconnected=disconnected or out.broken)
 
 
+@functools.lru_cache(maxsize=8)
+def _retry_field(seconds: float) -> bytes:
+    """The stream's first field, ``retry:`` in milliseconds (made once per value, not per connection)."""
+    return encode(retry=max(1, math.ceil(seconds * 1000))).encode("ascii")
+
+
 async def _respond(hub: RunHub, run: Run, after: int, out: EventOutput) -> None:
-    out.head = encode(retry=max(1, math.ceil(hub.config.retry * 1000))).encode("ascii")
+    out.head = _retry_field(hub.config.retry)
     try:
         await stream_run(hub, run, after, out, SSE)
     except HistoryExpired as exc:

@@ -85,10 +85,6 @@ __all__ = ["WS", "run_socket", "socket"]
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
-def _event_frame(event: FlowEvent) -> str:
-    return event.to_json()
-
-
 def _error_frame(code: str, message: str, **details: Any) -> str:
     """An ``error`` control frame; members whose value is ``None`` are left out."""
     extra = {k: v for k, v in details.items() if v is not None}
@@ -106,7 +102,7 @@ def _evicted_frame(run_id: str, last_seq: int) -> str:
 
 
 WS: Encoding[str, list[str]] = Encoding(
-    name="ws", event=_event_frame, join=list, evicted=_evicted_frame
+    name="ws", event=FlowEvent.to_json, join=list, evicted=_evicted_frame
 )
 """The WebSocket encoding: one text message per event (:meth:`FlowEvent.to_json`), no keepalive."""
 
