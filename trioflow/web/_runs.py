@@ -443,6 +443,17 @@ class RunHub:
             raise
         return fanout
 
+    def running_fanout(self, run_id: str, key: str = "sse") -> EventFanout[Any, Any] | None:
+        """The run's fan-out for ``key`` if one is open and ready to be joined now, else ``None``.
+
+        No claim is taken: a caller joins it (``add``) before its next
+        checkpoint, or not at all.
+        """
+        fanout = self._fanouts.get((run_id, key))
+        if fanout is None or not fanout.open or not fanout.ready:
+            return None
+        return fanout
+
     def fanouts(self) -> list[EventFanout[Any, Any]]:
         """The fan-outs running now, one per run and encoding with clients."""
         return list(self._fanouts.values())
