@@ -281,18 +281,35 @@ class RunHub:
         await trio.lowlevel.checkpoint()
 
     @contextmanager
-    def connection(self) -> Iterator[trio.CancelScope]:
-        """Track a streaming connection for :meth:`drain`, inside a cancel scope it may cancel."""
-        with trio.CancelScope() as scope:
-            if not self._connections:
-                self._idle = trio.Event()
-            self._connections.add(scope)
+    def connection(self, scope: trio.CancelScope | None = None) -> Iterator[trio.CancelScope]:
+        """Track a streaming connection for :meth:`drain`, inside a cancel scope it may cancel.
+
+        ``scope``: the connection's own scope to track (its nursery's, say)
+        instead of a new one around the block.
+        """
+        if scope is not None:
+            self._track(scope)
             try:
                 yield scope
             finally:
-                self._connections.discard(scope)
-                if not self._connections:
-                    self._idle.set()
+                self._untrack(scope)
+            return
+        with trio.CancelScope() as scope:
+            self._track(scope)
+            try:
+                yield scope
+            finally:
+                self._untrack(scope)
+
+    def _track(self, scope: trio.CancelScope) -> None:
+        if not self._connections:
+            self._idle = trio.Event()
+        self._connections.add(scope)
+
+    def _untrack(self, scope: trio.CancelScope) -> None:
+        self._connections.discard(scope)
+        if not self._connections:
+            self._idle.set()
 
     # -- runs --------------------------------------------------------------------
 
