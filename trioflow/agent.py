@@ -68,7 +68,7 @@ from trioflow.models._base import (
 )
 from trioflow.progress import FlowProgress
 from trioflow.protocol import error_info
-from trioflow.tools import Tool, ToolError, ToolRegistry
+from trioflow.tools import Tool, ToolContext, ToolError, ToolRegistry
 
 __all__ = [
     "Agent",
@@ -89,7 +89,9 @@ class Emit(Protocol):
     not take the event). True means the event was taken, exactly as
     ``await emit(EventType.TOKEN_RECEIVED, data)`` would have, only without
     a checkpoint or a coroutine: the executor's ``emit`` stages tokens so,
-    for a model streaming many small deltas.
+    for a model streaming many small deltas. It may have a ``run_id``
+    attribute too (the executor's does): tools see it as
+    :attr:`ToolContext.run_id <trioflow.ToolContext.run_id>`.
     """
 
     def __call__(self, type: str, data: Mapping[str, Any], /) -> Awaitable[object]:
@@ -478,6 +480,7 @@ class Agent:
         await emit(EventType.STEP_STARTED, started)
         progress.start_step("tools")
         results: list[ToolResultBlock | None] = [None] * len(calls)
+        run_id = getattr(emit, "run_id", None)  # an executor's run has one (see Emit)
 
         async def call_one(i: int, call: ToolCall) -> None:
             if control._paused:
@@ -492,7 +495,10 @@ class Agent:
             start = trio.current_time()
             try:
                 tool = self.tools.get(call.name)
-                value = await tool.invoke(call.input)
+                context = ToolContext(
+                    emit, tool=call.name, call_id=call.id, iteration=n, run_id=run_id
+                )
+                value = await tool.invoke(call.input, context)
             except Exception as exc:
                 # A tool's failure is the model's to handle: report it and go on.
                 message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"

@@ -427,7 +427,7 @@ class Run:
                 wake()
             return True
 
-        return _RunEmit(emit, token_nowait)
+        return _RunEmit(emit, token_nowait, run_id)
 
     async def _drive(self, emit: Emit, task_status: trio.TaskStatus[None]) -> None:
         """Run the agent, classify how it ended, emit the one terminal event."""
@@ -565,14 +565,17 @@ class Run:
 class _RunEmit:
     """The ``emit`` a run gives its agent (:meth:`Run._emitter`): a call, and its token fast path."""
 
-    __slots__ = ("_emit", "token_nowait")
+    __slots__ = ("_emit", "run_id", "token_nowait")
 
     def __init__(
         self,
         emit: Callable[[str, Mapping[str, Any]], Awaitable[FlowEvent | None]],
         token_nowait: Callable[[Mapping[str, Any]], bool],
+        run_id: str,
     ) -> None:
         self._emit = emit
+        self.run_id = run_id
+        """The run's id (what a tool's :class:`~trioflow.ToolContext` reports)."""
         self.token_nowait = token_nowait
         """Stage a ``token.received`` event with ``data`` now; False: it fills a batch, await the emit."""
 
