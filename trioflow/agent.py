@@ -76,6 +76,7 @@ __all__ = [
     "Emit",
     "MaxIterationsExceeded",
     "RunControl",
+    "StoppedAfterTurn",
     "TurnResult",
 ]
 
@@ -103,6 +104,24 @@ def _token_nowait(emit: Emit) -> Callable[[Mapping[str, Any]], bool] | None:
     """``emit``'s ``token_nowait`` (see :class:`Emit`), or ``None`` if it has none."""
     token_nowait = getattr(emit, "token_nowait", None)
     return token_nowait if callable(token_nowait) else None
+
+
+class StoppedAfterTurn(Exception):
+    """The run was asked to stop after a turn (:meth:`RunControl.stop_after_turn`) and did.
+
+    Attributes:
+        reason: the reason given.
+        iterations: how many iterations ran (the last one in full).
+        output: the text the model produced so far.
+        usage: the tokens used so far.
+    """
+
+    def __init__(self, reason: str, iterations: int, output: str, usage: Usage) -> None:
+        super().__init__(f"stopped after iteration {iterations}: {reason}")
+        self.reason = reason
+        self.iterations = iterations
+        self.output = output
+        self.usage = usage
 
 
 class MaxIterationsExceeded(Exception):
@@ -149,9 +168,10 @@ class RunControl:
     cancellation still apply while paused.
     """
 
-    __slots__ = ("_emit", "_holding", "_paused", "_resume")
+    __slots__ = ("_emit", "_holding", "_paused", "_resume", "_stop_after_turn")
 
     def __init__(self) -> None:
+        self._stop_after_turn: str | None = None
         self._paused = False
         self._holding = False
         self._resume = trio.Event()
@@ -174,6 +194,18 @@ class RunControl:
             return False
         self._paused = True
         self._resume = trio.Event()
+        return True
+
+    def stop_after_turn(self, reason: str) -> bool:
+        """Ask the run to stop once the current model turn and its tool calls are done.
+
+        The agent then raises :exc:`StoppedAfterTurn` with ``reason`` instead
+        of starting another turn (a turn that answered ends the run as
+        usual). Returns False if a stop was asked for already.
+        """
+        if self._stop_after_turn is not None:
+            return False
+        self._stop_after_turn = reason
         return True
 
     def resume(self) -> bool:
@@ -300,6 +332,9 @@ class Agent:
 
         Raises:
             MaxIterationsExceeded: the budget ran out before a final answer.
+            StoppedAfterTurn: ``control`` asked to stop after a turn
+                (:meth:`RunControl.stop_after_turn`), and a turn with tool
+                calls finished.
             ModelError: the model failed for good (after its retries).
             ValueError: ``task`` is empty or ``max_iterations`` is below 1.
         """
@@ -347,6 +382,8 @@ class Agent:
             await self._end_iteration(n, turn, emit, progress)
             if not turn.calls:
                 return AgentResult(output, n, usage, turn.stop_reason, tuple(messages))
+            if control._stop_after_turn is not None:
+                raise StoppedAfterTurn(control._stop_after_turn, n, output, usage)
         raise MaxIterationsExceeded(budget, output, usage)
 
     @staticmethod

@@ -23,7 +23,7 @@ import trio
 from trioflow import demo
 from trioflow.agent import Agent
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.handle import CancelReason, OnDisconnect, RunHandle
+from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import ApiError
 
@@ -398,8 +398,14 @@ class RunHub:
         except KeyError:
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r}") from None
 
-    def cancel(self, run: RunHandle, reason: CancelReason | str = CancelReason.CLIENT) -> None:
-        """Cancel ``run``; it ends with ``flow.cancelled``. Cancelling twice is fine.
+    def cancel(
+        self,
+        run: RunHandle,
+        reason: CancelReason | str = CancelReason.CLIENT,
+        *,
+        mode: CancelMode = CancelMode.IMMEDIATE,
+    ) -> None:
+        """Cancel ``run`` (at once, or after its current turn: ``mode``); it ends with ``flow.cancelled``. Cancelling twice is fine.
 
         Raises:
             ApiError: ``409`` when the run has finished already.
@@ -411,7 +417,7 @@ class RunHub:
                 f"run {run.run_id} has finished already ({run.status})",
                 status=str(run.status),
             )
-        run.cancel(reason)
+        run.cancel(reason, mode=mode)
 
     async def fanout(
         self,
