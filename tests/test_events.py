@@ -22,9 +22,18 @@ PHP_TYPES = [
 ]  # fmt: skip
 
 
-def test_event_type_has_every_php_value_plus_cancelled_and_tool_progress():
+TRIOFLOW_TYPES = {
+    "flow.cancelled",
+    "tool.progress",
+    "tool.approval_required",
+    "tool.approved",
+    "tool.denied",
+}
+
+
+def test_event_type_has_every_php_value_plus_trioflows_own():
     values = {t.value for t in EventType}
-    assert values == set(PHP_TYPES) | {"flow.cancelled", "tool.progress"}
+    assert values == set(PHP_TYPES) | TRIOFLOW_TYPES
     assert EventType.TOKEN_RECEIVED == "token.received"
 
 

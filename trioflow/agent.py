@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import trio
 
 from trioflow._frozen import FrozenDict
+from trioflow.approvals import ApprovalDecision, Approvals, PendingApproval
 from trioflow.events import (
     AddMessageData,
     EventType,
@@ -49,7 +50,10 @@ from trioflow.events import (
     ModelRetryData,
     StepCompletedData,
     StepStartedData,
+    ToolApprovalRequiredData,
+    ToolApprovedData,
     ToolCompletedData,
+    ToolDeniedData,
     ToolFailedData,
     ToolStartedData,
 )
@@ -160,7 +164,7 @@ class AgentResult:
 
 
 class RunControl:
-    """Pause and resume for a running agent.
+    """Pause, resume, stop after a turn, and tool approvals for a running agent.
 
     :meth:`pause` asks the run to hold at its next checkpoint (between two
     model deltas, or before a tool call); it then emits ``flow.paused`` and
@@ -168,9 +172,11 @@ class RunControl:
     cancellation still apply while paused.
     """
 
-    __slots__ = ("_emit", "_holding", "_paused", "_resume", "_stop_after_turn")
+    __slots__ = ("_emit", "_holding", "_paused", "_resume", "_stop_after_turn", "approvals")
 
     def __init__(self) -> None:
+        self.approvals = Approvals()
+        """The run's tool calls waiting for a person (:mod:`trioflow.approvals`)."""
         self._stop_after_turn: str | None = None
         self._paused = False
         self._holding = False
@@ -269,9 +275,15 @@ class Agent:
         system: the system prompt.
         max_iterations: the most model turns per run (>= 1).
         name: a name for events and statistics.
+        approval: which calls wait for a person's decision, beyond those of
+            tools marked ``requires_approval`` (:mod:`trioflow.approvals`):
+            called with each :class:`~trioflow.models.ToolCall`, True to ask.
+        approval_timeout: seconds a call waits for a decision before it is
+            denied (``None``: it waits as long as the run lasts).
 
     Raises:
-        ValueError: ``max_iterations`` is below 1, or two tools share a name.
+        ValueError: ``max_iterations`` is below 1, two tools share a name, or
+            ``approval_timeout`` is not a positive number.
     """
 
     def __init__(
@@ -282,7 +294,15 @@ class Agent:
         system: str | None = None,
         max_iterations: int = 10,
         name: str = "agent",
+        approval: Callable[[ToolCall], bool] | None = None,
+        approval_timeout: float | None = None,
     ) -> None:
+        if approval_timeout is not None and not (
+            isinstance(approval_timeout, (int, float)) and 0 < approval_timeout < math.inf
+        ):
+            raise ValueError(
+                f"approval_timeout must be a positive number of seconds, not {approval_timeout!r}"
+            )
         if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
             raise TypeError(f"max_iterations must be an int, not {max_iterations!r}")
         if max_iterations < 1:
@@ -296,6 +316,8 @@ class Agent:
         self.system = system
         self.max_iterations = max_iterations
         self.name = name
+        self.approval = approval
+        self.approval_timeout = approval_timeout
 
     def __repr__(self) -> str:
         return (
@@ -504,6 +526,44 @@ class Agent:
         await emit(EventType.STEP_COMPLETED, completed)
         return TurnResult("".join(parts), tuple(calls), end.usage, str(end.stop_reason))
 
+    async def _ask_approval(
+        self, tool: Tool, call: ToolCall, n: int, emit: Emit, control: RunControl
+    ) -> PendingApproval:
+        """Announce the call, wait for its decision, announce the decision; return it."""
+        asked: ToolApprovalRequiredData = {
+            "tool": call.name,
+            "call_id": call.id,
+            "iteration": n,
+            "input": dict(call.input),
+            "timeout": self.approval_timeout,
+        }
+        # Registered before the announcement goes out: a decision may follow it at once.
+        pending = control.approvals.ask(
+            call_id=call.id,
+            tool=tool,
+            input=call.input,
+            iteration=n,
+            timeout=self.approval_timeout,
+        )
+        try:
+            await emit(EventType.TOOL_APPROVAL_REQUIRED, asked)
+        except BaseException:
+            control.approvals.withdraw(pending)
+            raise
+        decided = await control.approvals.wait(pending)
+        if decided.decision is ApprovalDecision.DENY:
+            await _announce_denial(decided, emit)
+        else:
+            approved: ToolApprovedData = {
+                "tool": call.name,
+                "call_id": call.id,
+                "iteration": n,
+                "input": dict(decided.input),
+                "edited": decided.decision is ApprovalDecision.EDIT,
+            }
+            await emit(EventType.TOOL_APPROVED, approved)
+        return decided
+
     async def _run_tools(
         self,
         n: int,
@@ -522,11 +582,22 @@ class Agent:
         async def call_one(i: int, call: ToolCall) -> None:
             if control._paused:
                 await control.checkpoint()
+            input = call.input
+            asking = self.tools.get(call.name) if call.name in self.tools else None
+            if asking is not None and (
+                asking.requires_approval or (self.approval is not None and self.approval(call))
+            ):
+                decided = await self._ask_approval(asking, call, n, emit, control)
+                if decided.decision is ApprovalDecision.DENY:
+                    text = f"the user denied this call: {decided.reason or 'no reason given'}"
+                    results[i] = ToolResultBlock(call.id, text, is_error=True)
+                    return
+                input = decided.input
             started: ToolStartedData = {
                 "tool": call.name,
                 "call_id": call.id,
                 "iteration": n,
-                "input": dict(call.input),
+                "input": dict(input),
             }
             await emit(EventType.TOOL_STARTED, started)
             start = trio.current_time()
@@ -535,7 +606,7 @@ class Agent:
                 context = ToolContext(
                     emit, tool=call.name, call_id=call.id, iteration=n, run_id=run_id
                 )
-                value = await tool.invoke(call.input, context)
+                value = await tool.invoke(input, context)
             except Exception as exc:
                 # A tool's failure is the model's to handle: report it and go on.
                 message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
@@ -571,6 +642,17 @@ class Agent:
             EventType.STEP_COMPLETED, {"step": "tools", "iteration": n, "duration": duration}
         )
         return [r for r in results if r is not None]
+
+
+async def _announce_denial(pending: PendingApproval, emit: Emit) -> None:
+    denied: ToolDeniedData = {
+        "tool": pending.tool,
+        "call_id": pending.call_id,
+        "iteration": pending.iteration,
+        "reason": pending.reason,
+        "timed_out": pending.timed_out,
+    }
+    await emit(EventType.TOOL_DENIED, denied)
 
 
 def _retry_warning(notice: RetryNotice, discarded: int, n: int) -> ModelRetryData:

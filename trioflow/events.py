@@ -55,7 +55,10 @@ __all__ = [
     "StepCompletedData",
     "StepStartedData",
     "TokenData",
+    "ToolApprovalRequiredData",
+    "ToolApprovedData",
     "ToolCompletedData",
+    "ToolDeniedData",
     "ToolFailedData",
     "ToolProgressData",
     "ToolStartedData",
@@ -101,6 +104,15 @@ class EventType(enum.StrEnum):
     """A tool call returned. Data: ``tool``, ``result``, ``call_id``, ``duration``."""
     TOOL_FAILED = "tool.failed"
     """A tool call raised or timed out. Data: ``tool``, ``error``, ``call_id``."""
+    TOOL_APPROVAL_REQUIRED = "tool.approval_required"
+    """A tool call waits for a person's decision (:mod:`trioflow.approvals`).
+    Data: ``tool``, ``call_id``, ``iteration``, ``input``, ``timeout``."""
+    TOOL_APPROVED = "tool.approved"
+    """A waiting tool call was approved (or edited). Data: ``tool``, ``call_id``,
+    ``iteration``, ``input`` (what it runs with), ``edited``."""
+    TOOL_DENIED = "tool.denied"
+    """A waiting tool call was denied, or nobody decided in time. Data: ``tool``,
+    ``call_id``, ``iteration``, ``reason``, ``timed_out``."""
     TOOL_PROGRESS = "tool.progress"
     """A tool reported how far along it is (:meth:`trioflow.ToolContext.progress`).
     Data: ``tool``, ``call_id``, ``iteration``, ``done``, ``total``, ``message``."""
@@ -272,6 +284,36 @@ class ToolFailedData(TypedDict):
     duration: float
 
 
+class ToolApprovalRequiredData(TypedDict):
+    """``tool.approval_required``."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    input: dict[str, Any]
+    timeout: float | None
+
+
+class ToolApprovedData(TypedDict):
+    """``tool.approved``: ``input`` is what the call runs with (``edited``: not the model's)."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    input: dict[str, Any]
+    edited: bool
+
+
+class ToolDeniedData(TypedDict):
+    """``tool.denied``: ``timed_out`` when nobody decided in time."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    reason: str | None
+    timed_out: bool
+
+
 class ToolProgressData(TypedDict):
     """``tool.progress``: ``done`` of ``total`` (``None``: unknown) units of the call's work."""
 
@@ -314,6 +356,9 @@ EVENT_SCHEMAS: Mapping[str, type] = MappingProxyType(
         "tool.completed": ToolCompletedData,
         "tool.failed": ToolFailedData,
         "tool.progress": ToolProgressData,
+        "tool.approval_required": ToolApprovalRequiredData,
+        "tool.approved": ToolApprovedData,
+        "tool.denied": ToolDeniedData,
     }
 )
 """The schema (a :class:`~typing.TypedDict`) of the ``data`` of each event type the agent and the
@@ -332,6 +377,9 @@ _TOOL_TYPES = frozenset(
         EventType.TOOL_COMPLETED,
         EventType.TOOL_FAILED,
         EventType.TOOL_PROGRESS,
+        EventType.TOOL_APPROVAL_REQUIRED,
+        EventType.TOOL_APPROVED,
+        EventType.TOOL_DENIED,
     }
 )
 _ERROR_TYPES = frozenset(
@@ -720,7 +768,7 @@ class FlowEvent:
         return self.type == EventType.PROGRESS_UPDATE
 
     def is_tool_event(self) -> bool:
-        """True for ``tool.started``, ``tool.progress``, ``tool.completed`` and ``tool.failed``."""
+        """True for the ``tool.*`` types (started, progress, completed, failed, and the approvals')."""
         return self.type in _TOOL_TYPES
 
     def is_terminal(self) -> bool:

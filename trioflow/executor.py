@@ -61,6 +61,7 @@ from trioflow.agent import (
     RunControl,
     StoppedAfterTurn,
 )
+from trioflow.approvals import ApprovalDecision, PendingApproval
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import (
     ErrorInfo,
@@ -293,6 +294,56 @@ class Run:
         """
         return self._control.resume()
 
+    # -- tool approvals (trioflow.approvals) -------------------------------------
+
+    def pending_approvals(self) -> list[PendingApproval]:
+        """The run's tool calls waiting for a person's decision now."""
+        return self._control.approvals.pending()
+
+    def decide(
+        self,
+        call_id: str,
+        decision: ApprovalDecision | str,
+        *,
+        reason: str | None = None,
+        input: Mapping[str, Any] | None = None,
+    ) -> PendingApproval:
+        """Approve, deny or edit the waiting tool call ``call_id`` (see :mod:`trioflow.approvals`).
+
+        Raises:
+            ApprovalError: no call ``call_id`` awaits a decision (unknown,
+                decided already, or the run has ended).
+            ValueError: a bad ``decision``, or ``input``/``reason`` that do
+                not go with it.
+            ToolInputError: an edit's input does not match the tool's schema.
+        """
+        return self._control.approvals.decide(call_id, decision, reason=reason, input=input)
+
+    def approve(self, call_id: str) -> PendingApproval:
+        """Let the waiting tool call ``call_id`` run with the model's input (see :meth:`decide`).
+
+        Raises:
+            ApprovalError: no call ``call_id`` awaits a decision.
+        """
+        return self.decide(call_id, ApprovalDecision.APPROVE)
+
+    def deny(self, call_id: str, reason: str | None = None) -> PendingApproval:
+        """Refuse the waiting tool call ``call_id``; the model reads ``reason`` (see :meth:`decide`).
+
+        Raises:
+            ApprovalError: no call ``call_id`` awaits a decision.
+        """
+        return self.decide(call_id, ApprovalDecision.DENY, reason=reason)
+
+    def edit(self, call_id: str, input: Mapping[str, Any]) -> PendingApproval:
+        """Let the waiting tool call ``call_id`` run with ``input`` instead (see :meth:`decide`).
+
+        Raises:
+            ApprovalError: no call ``call_id`` awaits a decision.
+            ToolInputError: ``input`` does not match the tool's schema (the call still waits).
+        """
+        return self.decide(call_id, ApprovalDecision.EDIT, input=input)
+
     async def wait(self) -> RunResult:
         """Wait until the run has finished and return its result."""
         await self._done.wait()
@@ -361,6 +412,7 @@ class Run:
             "result": result.to_dict() if result else None,
             "on_disconnect": str(self.on_disconnect),
             "metadata": self.metadata,
+            "approvals": [p.to_dict() for p in self._control.approvals.pending()],
         }
 
     # -- the run itself --------------------------------------------------------

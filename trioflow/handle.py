@@ -19,10 +19,11 @@ protocol all of them implement, and never against one kind.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, runtime_checkable
 
+from trioflow.approvals import ApprovalDecision, PendingApproval
 from trioflow.bus import EventFilter, Overflow, Subscription
 
 __all__ = ["CancelMode", "CancelReason", "OnDisconnect", "RunHandle", "RunStatus"]
@@ -165,6 +166,28 @@ class RunHandle(Protocol):
 
         Raises:
             ValueError: ``mode`` is not a :class:`CancelMode` value.
+        """
+        ...
+
+    def pending_approvals(self) -> list[PendingApproval]:
+        """The run's tool calls waiting for a person's decision (:mod:`trioflow.approvals`)."""
+        ...
+
+    def decide(
+        self,
+        call_id: str,
+        decision: ApprovalDecision | str,
+        *,
+        reason: str | None = None,
+        input: Mapping[str, Any] | None = None,
+    ) -> PendingApproval:
+        """Approve, deny or edit the waiting tool call ``call_id``; the call, with its decision.
+
+        Raises:
+            ~trioflow.approvals.ApprovalError: no call ``call_id`` awaits a decision.
+            ValueError: a bad ``decision``, or ``input``/``reason`` that do
+                not go with it.
+            ~trioflow.ToolInputError: an edit's input does not match the tool's schema.
         """
         ...
 

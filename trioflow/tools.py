@@ -258,6 +258,8 @@ class Tool:
     """Run a synchronous ``function`` in a worker thread."""
     context: str | None = None
     """The name of the parameter that receives the call's :class:`ToolContext` (``None``: none does)."""
+    requires_approval: bool = False
+    """Whether each call waits for a person's decision first (:mod:`trioflow.approvals`)."""
     _is_async: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -624,6 +626,7 @@ def _make_tool(
     description: str | None,
     timeout: float | None,
     thread: bool,
+    requires_approval: bool = False,
 ) -> Tool:
     if not callable(function):
         raise TypeError(f"@tool needs a function, not {type(function).__name__}")
@@ -677,6 +680,7 @@ def _make_tool(
         timeout=timeout,
         thread=thread,
         context=context,
+        requires_approval=bool(requires_approval),
     )
 
 
@@ -717,6 +721,7 @@ def tool(
     description: str | None = None,
     timeout: float | None = None,
     thread: bool = False,
+    requires_approval: bool = False,
 ) -> Callable[[Callable[..., Any]], Tool]: ...
 
 
@@ -728,6 +733,7 @@ def tool(
     description: str | None = None,
     timeout: float | None = None,
     thread: bool = False,
+    requires_approval: bool = False,
 ) -> Tool | Callable[[Callable[..., Any]], Tool]:
     """Turn a typed sync or async function into a :class:`Tool`; use as ``@tool`` or ``@tool(...)``.
 
@@ -748,6 +754,8 @@ def tool(
         description: the tool's description; defaults to the docstring's.
         timeout: the longest a call may run, in seconds (see :meth:`Tool.invoke`).
         thread: run a sync function in a worker thread (for blocking work).
+        requires_approval: each call waits for a person to approve, deny or
+            edit it first (:mod:`trioflow.approvals`).
 
     Returns:
         The :class:`Tool`, or with options only, a decorator that makes it.
@@ -762,15 +770,15 @@ def tool(
         ValueError: the name is invalid, the timeout is not positive, or
             ``thread`` is set for an async function.
     """
-    if function is not None:
-        return _make_tool(
-            function, name=name, description=description, timeout=timeout, thread=thread
-        )
-
-    def decorate(fn: Callable[..., Any]) -> Tool:
-        return _make_tool(fn, name=name, description=description, timeout=timeout, thread=thread)
-
-    return decorate
+    make = functools.partial(
+        _make_tool,
+        name=name,
+        description=description,
+        timeout=timeout,
+        thread=thread,
+        requires_approval=requires_approval,
+    )
+    return make(function) if function is not None else make
 
 
 def _as_tool(function: Callable[..., Any]) -> Tool:

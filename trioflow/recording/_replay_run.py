@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import trio
 
+from trioflow.approvals import ApprovalDecision, ApprovalError, PendingApproval
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import EventType, FlowEvent, OutputText
 from trioflow.figures import COUNT_KEYS
@@ -209,6 +210,25 @@ class ReplayRun:
         self._scope.cancel()
         return True
 
+    def pending_approvals(self) -> list[PendingApproval]:
+        """None: a recording asks no one (the signature of :meth:`trioflow.Run.pending_approvals`)."""
+        return []
+
+    def decide(
+        self,
+        call_id: str,
+        decision: ApprovalDecision | str,
+        *,
+        reason: str | None = None,
+        input: Mapping[str, Any] | None = None,
+    ) -> PendingApproval:
+        """Refused: no call of a recording awaits a decision.
+
+        Raises:
+            ApprovalError: always (a recording's calls were decided when it was recorded).
+        """
+        raise ApprovalError(call_id, decided=False)
+
     async def wait(self) -> None:
         """Wait until the replay has ended."""
         await self._done.wait()
@@ -263,6 +283,7 @@ class ReplayRun:
             "output": self._output.text,
             "result": None if terminal is None else dict(terminal.data),
             "on_disconnect": str(self.on_disconnect),
+            "approvals": [],
             "metadata": {
                 "replay": self.path,
                 "speed": self.speed,

@@ -8,7 +8,11 @@
                             "url", "events_url", "ws_url"}``
 ``GET /runs``               every retained run (``?status=running,completed`` to filter)
 ``GET /runs/{id}``          one run: status, progress, counts, output, result
-``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished)
+``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished);
+                            ``{"mode": "after_turn"}`` lets the current turn finish first
+``GET /runs/{id}/approvals``                 the run's tool calls waiting for a decision
+``POST /runs/{id}/approvals/{call_id}``      ``{"decision": "approve" | "deny" | "edit",
+                            "reason"?, "input"?}`` → ``200`` (:mod:`trioflow.approvals`)
 ``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`)
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
@@ -41,8 +45,10 @@ from starlette.staticfiles import StaticFiles
 
 from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
+from trioflow.approvals import ApprovalError
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
+from trioflow.tools import ToolInputError
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
@@ -286,6 +292,57 @@ async def cancel_run(request: Request) -> Response:
     )
 
 
+async def list_approvals(request: Request) -> Response:
+    """``GET /runs/{run_id}/approvals``: the run's tool calls waiting for a decision."""
+    run = _hub(request).get(request.path_params["run_id"])
+    return JSONResponse(
+        {"run_id": run.run_id, "approvals": [p.to_dict() for p in run.pending_approvals()]}
+    )
+
+
+_DECISION_KEYS = frozenset({"decision", "reason", "input"})
+
+
+async def decide_approval(request: Request) -> Response:
+    """``POST /runs/{run_id}/approvals/{call_id}``: approve, deny or edit a waiting tool call.
+
+    ``200`` ``{"run_id", "call_id", "decision"}``; ``400`` ``invalid_request``
+    (a body that is not ``{"decision", "reason"?, "input"?}`` as
+    :meth:`~trioflow.approvals.Approvals.decide` takes it), ``400``
+    ``invalid_input`` (an edit that does not match the tool's schema: the
+    call still waits), ``404`` ``approval_not_found`` (no such call waits),
+    ``409`` ``approval_decided`` (decided already, or timed out).
+    """
+    hub = _hub(request)
+    run = hub.get(request.path_params["run_id"])
+    call_id = request.path_params["call_id"]
+    body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+    if not isinstance(body, dict) or "decision" not in body or set(body) - _DECISION_KEYS:
+        raise ApiError(
+            400,
+            "invalid_request",
+            'send {"decision": "approve" | "deny" | "edit", "reason"?: string, "input"?: object}',
+        )
+    reason, edited = body.get("reason"), body.get("input")
+    if reason is not None and not isinstance(reason, str):
+        raise ApiError(400, "invalid_request", "'reason' must be a string")
+    if edited is not None and not isinstance(edited, dict):
+        raise ApiError(400, "invalid_request", "'input' must be an object")
+    try:
+        decided = run.decide(call_id, body["decision"], reason=reason, input=edited)
+    except ApprovalError as exc:
+        if exc.decided:
+            raise ApiError(409, "approval_decided", str(exc), call_id=call_id) from None
+        raise ApiError(404, "approval_not_found", str(exc), call_id=call_id) from None
+    except ToolInputError as exc:
+        raise ApiError(400, "invalid_input", str(exc), call_id=call_id) from None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    return JSONResponse(
+        {"run_id": run.run_id, "call_id": call_id, "decision": str(decided.decision)}
+    )
+
+
 async def run_events(request: Request) -> Response:
     """``GET /runs/{run_id}/events``: Server-Sent Events from ``Last-Event-ID`` / ``?after=``."""
     hub = _hub(request)
@@ -343,6 +400,8 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/runs", runs, methods=["GET", "POST"], name="runs"),
         Route("/runs/{run_id}", get_run, methods=["GET"], name="run"),
+        Route("/runs/{run_id}/approvals", list_approvals, methods=["GET"]),
+        Route("/runs/{run_id}/approvals/{call_id}", decide_approval, methods=["POST"]),
         Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/runs/{run_id}/events", run_events, methods=["GET"], name="run_events"),
         WebSocketRoute("/runs/{run_id}/ws", run_socket, name="run_socket"),
