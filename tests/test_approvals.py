@@ -171,11 +171,13 @@ async def test_concurrent_calls_are_decided_one_by_one() -> None:
         seen: list[FlowEvent] = []
         await until(run, seen, "tool.approval_required")
         await trio.testing.wait_all_tasks_blocked()
-        first, second = run.pending_approvals()
-        run.deny(second.call_id, "no")
+        # The calls start concurrently: in either order (Trio schedules them so).
+        by_to = {p.input["to"]: p for p in run.pending_approvals()}
+        assert sorted(by_to) == ["ann", "eve"]
+        run.deny(by_to["eve"].call_id, "no")
         await trio.testing.wait_all_tasks_blocked()
-        assert run.pending_approvals() == [first]
-        run.approve(first.call_id)
+        assert run.pending_approvals() == [by_to["ann"]]
+        run.approve(by_to["ann"].call_id)
         await finish(run, seen)
     assert transfers == [(1, "ann")]
     results = [e for e in seen if e.type == "add_message" and "tool_results" in e.data]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -333,6 +333,7 @@ class Agent:
         progress: FlowProgress | None = None,
         control: RunControl | None = None,
         max_iterations: int | None = None,
+        history: Sequence[Message] = (),
     ) -> AgentResult:
         """Run the agent on ``task``, emitting its events through ``emit``.
 
@@ -348,6 +349,9 @@ class Agent:
                 one when ``None``.
             control: pause/resume (:class:`RunControl`).
             max_iterations: this run's budget instead of the agent's.
+            history: the conversation before ``task`` (a thread's messages,
+                :mod:`trioflow.threads`): the model sees it first; the
+                result's ``messages`` continue it.
 
         Returns:
             The final answer, iteration count, usage and conversation.
@@ -371,17 +375,23 @@ class Agent:
         control = control if control is not None else RunControl()
         control._emit = emit  # flow.paused / flow.resumed go to this run
         try:
-            return await self._loop(task, budget, emit, progress, control)
+            return await self._loop(task, budget, emit, progress, control, history)
         finally:
             control._emit = None
 
     async def _loop(
-        self, task: str, budget: int, emit: Emit, progress: FlowProgress, control: RunControl
+        self,
+        task: str,
+        budget: int,
+        emit: Emit,
+        progress: FlowProgress,
+        control: RunControl,
+        history: Sequence[Message],
     ) -> AgentResult:
         """The iterations: a model turn, its tools, until an answer or the budget's end."""
         specs = self.tools.specs()
-        messages: list[Message] = [Message.user(task)]
-        asked: AddMessageData = {"role": "user", "content": task, "index": 0}
+        messages: list[Message] = [*history, Message.user(task)]
+        asked: AddMessageData = {"role": "user", "content": task, "index": len(history)}
         await emit(EventType.ADD_MESSAGE, asked)
         usage = Usage()
         output = ""

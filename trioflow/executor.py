@@ -83,9 +83,10 @@ from trioflow.handle import (
     RunStatus,
     cancel_reason,
 )
-from trioflow.models._base import ModelError, Usage
+from trioflow.models._base import Message, ModelError, Usage
 from trioflow.progress import FlowProgress
 from trioflow.protocol import encode_event
+from trioflow.threads import Thread
 
 __all__ = [
     "Run",
@@ -196,6 +197,9 @@ class Run:
         self._done = trio.Event()
         self._figures = RunFigures()
         self._output = OutputText()
+        self.thread: Thread | None = None
+        """The :class:`~trioflow.threads.Thread` the run continues, or ``None``."""
+        self._history: tuple[Message, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self._status.value} task={self.task[:40]!r}>"
@@ -531,6 +535,7 @@ class Run:
                     progress=self.progress,
                     control=self._control,
                     max_iterations=self.max_iterations,
+                    history=self._history,
                 )
         except Exception as exc:  # the run fails; the executor goes on
             error = exc
@@ -540,6 +545,8 @@ class Run:
         finally:
             outcome = self._classify(result, error)
             terminal = self._finish(outcome, trio.current_time() - start)
+            if self.thread is not None:  # a completed run continues the conversation
+                self.thread.end(self.run_id, result.messages if result is not None else None)
             with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
                 try:
                     await emit(*terminal)  # exactly one terminal event, also when cancelled
@@ -1087,6 +1094,7 @@ class StreamingFlowExecutor:
         metadata: Mapping[str, Any] | None = None,
         on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         nursery: trio.Nursery | None = None,
+        thread: Thread | None = None,
     ) -> Run:
         """Start a run in the background and return its handle once it is running.
 
@@ -1096,10 +1104,17 @@ class StreamingFlowExecutor:
         event from ``flow.started`` on. ``metadata`` is kept as
         :attr:`Run.metadata`, ``on_disconnect`` as :attr:`Run.on_disconnect`.
 
+        With ``thread`` (:mod:`trioflow.threads`), ``task`` is the next
+        message of that conversation: the model sees the thread's messages
+        first, and the run's messages become the thread's when it completes.
+        The run's ``metadata`` gets the ``thread_id``.
+
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
             ValueError: empty task, bad ``timeout`` or ``max_iterations``, or a
                 duplicate ``run_id``.
+            ~trioflow.threads.ThreadBusy: a run of ``thread`` is going.
+            ~trioflow.threads.ThreadFull: ``thread`` holds its limit of messages.
         """
         target = nursery or self._nursery
         if target is None:
@@ -1107,8 +1122,19 @@ class StreamingFlowExecutor:
                 "StreamingFlowExecutor.start needs a nursery: pass nursery=... or use "
                 "'async with open_executor() as executor:'"
             )
+        if thread is not None:
+            thread.check_start()
+            metadata = {**(metadata or {}), "thread_id": thread.thread_id}
         run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata, on_disconnect)
-        await target.start(self._run_in, run, name=f"trioflow {run.run_id}")
+        if thread is not None:
+            run.thread = thread
+            run._history = thread.begin(run.run_id)
+        try:
+            await target.start(self._run_in, run, name=f"trioflow {run.run_id}")
+        except BaseException:
+            if thread is not None:
+                thread.end(run.run_id, None)
+            raise
         return run
 
     @asynccontextmanager

@@ -10,6 +10,10 @@
 ``GET /runs/{id}``          one run: status, progress, counts, output, result
 ``POST /runs/{id}/cancel``  ``202``; the run ends with ``flow.cancelled`` (``409`` if finished);
                             ``{"mode": "after_turn"}`` lets the current turn finish first
+``POST /threads``           a new conversation: ``{"metadata"?}`` → ``201`` ``{"thread_id", "url"}``
+``GET /threads``            the retained conversations (:mod:`trioflow.threads`)
+``GET /threads/{id}``       one conversation: messages, runs, the run going
+``POST /threads/{id}/runs`` its next run: ``{"message", "timeout"?, ...}`` → ``201`` as ``POST /runs``
 ``GET /runs/{id}/approvals``                 the run's tool calls waiting for a decision
 ``POST /runs/{id}/approvals/{call_id}``      ``{"decision": "approve" | "deny" | "edit",
                             "reason"?, "input"?}`` → ``200`` (:mod:`trioflow.approvals`)
@@ -48,6 +52,7 @@ from trioflow.agent import Agent
 from trioflow.approvals import ApprovalError
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
+from trioflow.threads import Thread, ThreadLimitReached, ThreadNotFound
 from trioflow.tools import ToolInputError
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
@@ -292,6 +297,74 @@ async def cancel_run(request: Request) -> Response:
     )
 
 
+def _thread(request: Request) -> Thread:
+    try:
+        return _hub(request).threads.get(request.path_params["thread_id"])
+    except ThreadNotFound as exc:
+        raise ApiError(404, "thread_not_found", str(exc)) from None
+
+
+async def threads(request: Request) -> Response:
+    """``POST /threads`` (``{"metadata"?: object}``, or no body): ``201``; ``GET /threads``: the list."""
+    hub = _hub(request)
+    if request.method == "GET":
+        listing = [
+            {
+                "thread_id": t.thread_id,
+                "created_at": t.created_at,
+                "messages": len(t.messages),
+                "runs": len(t.runs),
+                "running": t.running,
+            }
+            for t in hub.threads.list()
+        ]
+        return JSONResponse({"threads": listing})
+    metadata: dict[str, Any] | None = None
+    if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
+        body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+        if not isinstance(body, dict) or set(body) - {"metadata"}:
+            raise ApiError(400, "invalid_request", 'the body may only be {"metadata": {...}}')
+        given = body.get("metadata")
+        if given is not None and not isinstance(given, dict):
+            raise ApiError(400, "invalid_request", "'metadata' must be an object")
+        metadata = given
+    try:
+        thread = hub.threads.create(metadata)
+    except ThreadLimitReached as exc:
+        raise ApiError(429, "too_many_threads", str(exc), headers={"Retry-After": "1"}) from None
+    url = str(request.url_for("thread", thread_id=thread.thread_id))
+    return JSONResponse(
+        {"thread_id": thread.thread_id, "url": url}, status_code=201, headers={"Location": url}
+    )
+
+
+async def get_thread(request: Request) -> Response:
+    """``GET /threads/{thread_id}``: its messages, runs and the run going."""
+    return JSONResponse(_json_safe(_thread(request).to_dict()))
+
+
+async def thread_runs(request: Request) -> Response:
+    """``POST /threads/{thread_id}/runs``: the conversation's next run, answered as ``POST /runs``."""
+    hub = _hub(request)
+    thread = _thread(request)
+    if hub.closing:
+        raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
+    try:
+        run_request = RunRequest.parse(
+            await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout),
+            task_field="message",
+        )
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from None
+    run = await hub.start(run_request, source="http", thread=thread)
+    links = run_links(request, run)
+    return JSONResponse(
+        {"run_id": run.run_id, "thread_id": thread.thread_id, "status": str(run.status), **links},
+        status_code=201,
+        headers={"Location": links["url"]},
+    )
+
+
 async def list_approvals(request: Request) -> Response:
     """``GET /runs/{run_id}/approvals``: the run's tool calls waiting for a decision."""
     run = _hub(request).get(request.path_params["run_id"])
@@ -401,6 +474,9 @@ def create_app(
         Route("/runs", runs, methods=["GET", "POST"], name="runs"),
         Route("/runs/{run_id}", get_run, methods=["GET"], name="run"),
         Route("/runs/{run_id}/approvals", list_approvals, methods=["GET"]),
+        Route("/threads", threads, methods=["GET", "POST"], name="threads"),
+        Route("/threads/{thread_id}", get_thread, methods=["GET"], name="thread"),
+        Route("/threads/{thread_id}/runs", thread_runs, methods=["POST"]),
         Route("/runs/{run_id}/approvals/{call_id}", decide_approval, methods=["POST"]),
         Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/runs/{run_id}/events", run_events, methods=["GET"], name="run_events"),

@@ -112,6 +112,12 @@ class WebConfig:
     """The most runs going at once; ``POST /runs`` answers ``429`` beyond it."""
     max_runs_per_socket: int = 32
     """The most runs one ``/ws`` connection may follow at once."""
+    max_threads: int = 1000
+    """The most conversations (``/threads``) retained; a new one makes the
+    server forget the oldest one with no run going."""
+    max_thread_messages: int = 1000
+    """The most messages a thread holds; a run that would pass it is ``409``
+    ``thread_full``."""
     shutdown_timeout: float = 10.0
     """Seconds a graceful shutdown may take, from its start: runs are
     cancelled and streams deliver their terminal event meanwhile; then every
@@ -192,6 +198,8 @@ class WebConfig:
         _count("buffer", self.buffer)
         _count("max_running", self.max_running)
         _count("max_runs_per_socket", self.max_runs_per_socket)
+        _count("max_threads", self.max_threads)
+        _count("max_thread_messages", self.max_thread_messages)
         _positive("shutdown_timeout", self.shutdown_timeout)
         _positive("write_timeout", self.write_timeout)
         _positive("header_timeout", self.header_timeout)

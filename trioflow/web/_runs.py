@@ -24,6 +24,7 @@ from trioflow import demo
 from trioflow.agent import Agent
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
+from trioflow.threads import Thread, ThreadBusy, ThreadFull, Threads
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import ApiError
 
@@ -66,13 +67,17 @@ class RunRequest:
     """What happens when the last watching client disconnects."""
 
     @classmethod
-    def parse(cls, obj: object, *, ignore: frozenset[str] = frozenset()) -> RunRequest:
+    def parse(
+        cls, obj: object, *, ignore: frozenset[str] = frozenset(), task_field: str = "task"
+    ) -> RunRequest:
         r"""Validate decoded JSON: ``{"task": str, "timeout"?, "max_iterations"?, "on_disconnect"?}``.
 
         Args:
             obj: the decoded JSON value.
             ignore: more member names to accept and skip (``"action"`` in a
                 WebSocket message).
+            task_field: the member holding the task (``"message"`` for a
+                thread's next run).
 
         Raises:
             ValueError: ``obj`` is not an object, has an unknown member, or a
@@ -83,20 +88,21 @@ class RunRequest:
         """
         if not isinstance(obj, Mapping):
             raise ValueError(f"expected a JSON object, not {_json_type(obj)}")
-        unknown = sorted(set(obj) - _FIELDS - ignore)
+        fields = _FIELDS - {"task"} | {task_field}
+        unknown = sorted(set(obj) - fields - ignore)
         if unknown:
             raise ValueError(
                 f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(sorted(_FIELDS))}"
+                f"allowed: {', '.join(sorted(fields))}"
             )
-        task = obj.get("task")
+        task = obj.get(task_field)
         if task is None:
-            raise ValueError("'task' is required: the text to ask the agent")
+            raise ValueError(f"'{task_field}' is required: the text to ask the agent")
         if not isinstance(task, str):
-            raise ValueError(f"'task' must be a string, not {_json_type(task)}")
+            raise ValueError(f"'{task_field}' must be a string, not {_json_type(task)}")
         if not task.strip():
-            raise ValueError("'task' must not be empty")
-        _check_unicode("task", task)
+            raise ValueError(f"'{task_field}' must not be empty")
+        _check_unicode(task_field, task)
         timeout = obj.get("timeout")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -226,6 +232,10 @@ class RunHub:
         self._idle.set()
         self._replays: dict[str, ReplayRun] = {}
         self._fanouts: dict[tuple[str, str], EventFanout[Any, Any]] = {}
+        self.threads = Threads(
+            max_threads=config.max_threads, max_messages=config.max_thread_messages
+        )
+        """The server's conversations (:mod:`trioflow.threads`)."""
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -317,7 +327,9 @@ class RunHub:
         """How many runs of the executor are going now."""
         return sum(1 for run in self.executor.runs.values() if not run.done)
 
-    async def start(self, request: RunRequest, *, source: str) -> RunHandle:
+    async def start(
+        self, request: RunRequest, *, source: str, thread: Thread | None = None
+    ) -> RunHandle:
         """Start a run for ``request`` and return it once it is running.
 
         Args:
@@ -325,11 +337,14 @@ class RunHub:
             source: where it came from (``"http"``, ``"ws"``), kept in the
                 run's ``metadata``; the request's ``on_disconnect`` becomes
                 the run's :attr:`~trioflow.handle.RunHandle.on_disconnect`.
+            thread: the conversation the run continues (``request.task`` is
+                its next message).
 
         Raises:
             ApiError: ``503`` while shutting down or before the server is up,
                 ``429`` when :attr:`WebConfig.max_running` runs are going,
-                ``400`` when the agent factory or the executor rejects the request.
+                ``400`` when the agent factory or the executor rejects the
+                request, ``409`` ``thread_busy`` or ``thread_full``.
         """
         if self.closing:
             raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
@@ -353,7 +368,12 @@ class RunHub:
                 metadata={"source": source},
                 on_disconnect=request.on_disconnect,
                 nursery=self._nursery,
+                thread=thread,
             )
+        except ThreadBusy as exc:
+            raise ApiError(409, "thread_busy", str(exc), run_id=exc.run_id) from None
+        except ThreadFull as exc:
+            raise ApiError(409, "thread_full", str(exc), limit=exc.limit) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
         except RuntimeError as exc:
