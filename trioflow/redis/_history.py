@@ -77,7 +77,7 @@ DEFAULT_RETRY = RetryPolicy(
 """How a flush is retried while Redis is unreachable: 20 attempts, 0.05 s doubling to 2 s
 (about 30 s in all); ``BusyLoadingError`` (a restarting Redis) is a ``ConnectionError``."""
 
-_FINAL_STATUS = {
+_FINAL_STATUS: dict[str, RunStatus] = {
     EventType.FLOW_COMPLETED: RunStatus.COMPLETED,
     EventType.FLOW_FAILED: RunStatus.FAILED,
     EventType.FLOW_CANCELLED: RunStatus.CANCELLED,
@@ -383,40 +383,59 @@ class RedisHistory:
     async def _flusher(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Write the buffer behind, batch by batch, until cancelled or failed."""
+        """Write the buffer behind, batch by batch, until cancelled or failed.
+
+        A batch goes as soon as ``batch_size`` events wait (or a :meth:`flush`
+        asks); else when the oldest waiting event has waited
+        ``flush_interval``: the interval starts at the first event appended
+        to an empty buffer, or, for events appended during a write, when
+        that write started.
+        """
         task_status.started()
+        pending = self._pending
+        deadline = math.inf
         while True:
             if self._error is not None:
                 raise self._error()
-            if not self._pending:
+            if not pending:
                 self._wake = trio.Event()
                 await self._wake.wait()
+                deadline = trio.current_time() + self._interval
                 continue
-            if len(self._pending) < self._batch and not self._flush_now:
+            if len(pending) < self._batch and not self._flush_now:
                 self._wake = trio.Event()
-                with trio.move_on_after(self._interval):
+                with trio.move_on_at(deadline):
                     await self._wake.wait()
-            await self._write_pending()
+                if (
+                    len(pending) < self._batch
+                    and not self._flush_now
+                    and trio.current_time() < deadline
+                ):
+                    continue
+            started = trio.current_time()
+            await self._write_next()
+            deadline = started + self._interval
 
-    async def _write_pending(self) -> None:
+    async def _write_next(self) -> None:
+        """Write the oldest waiting events (at most ``_MAX_CHUNK``) as one batch."""
         pending = self._pending
-        while pending and not self._stopped():
-            batch = list(itertools.islice(pending, 0, _MAX_CHUNK))
-            await self._write(batch)
-            if self._stopped():  # failed meanwhile: the batch was not written
-                return
-            for _ in batch:
-                pending.popleft()
-            self._written_seq = batch[-1].seq
-            self._writes += 1
-            self._advance()
-        self._flush_now = False
+        batch = list(itertools.islice(pending, 0, _MAX_CHUNK))
+        await self._write(batch)
+        if self._stopped():  # failed meanwhile: the batch was not written
+            return
+        for _ in batch:
+            pending.popleft()
+        self._written_seq = batch[-1].seq
+        self._writes += 1
+        if not pending:
+            self._flush_now = False
+        self._advance()
 
     async def _write(self, batch: list[FlowEvent]) -> None:
         """Write ``batch`` with retries; on a refusal, :meth:`_fail`."""
         final = ""
         for event in batch:
-            status = _FINAL_STATUS.get(event.type)  # type: ignore[call-overload]
+            status = _FINAL_STATUS.get(event.type)
             if status is not None:
                 final = str(status)
         args: list[str | int] = [
