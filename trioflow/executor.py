@@ -1063,7 +1063,11 @@ class StreamingFlowExecutor:
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
             ValueError: empty task, bad ``timeout`` or ``max_iterations``, or a
-                duplicate ``run_id``.
+                duplicate ``run_id`` (in this executor, or in the
+                ``history_store``).
+            Exception: whatever the ``history_store`` raises while opening the
+                run's history (such as a Redis connection error); the run
+                then does not start.
         """
         target = nursery or self._nursery
         if target is None:

@@ -154,6 +154,10 @@ class RedisHistory:
     Events read back are plain :class:`~trioflow.FlowEvent` s decoded by
     :meth:`FlowEvent.from_json <trioflow.FlowEvent.from_json>` from their
     :meth:`~trioflow.FlowEvent.to_json`.
+
+    Raises:
+        ValueError: ``capacity`` < 0, ``batch_size`` < 1, ``max_buffer`` <
+            ``batch_size``, or ``flush_interval`` not positive.
     """
 
     def __init__(
@@ -284,7 +288,10 @@ class RedisHistory:
             HistoryExpired: some event after ``after`` is no longer retained
                 (beyond :attr:`capacity`, or the run's keys expired).
             ValueError: ``after`` is negative.
-            coredis.exceptions.RedisError: Redis failed (as raised by coredis).
+            coredis.exceptions.RedisError: Redis failed (as raised by coredis;
+                reads are not retried beyond coredis's own policy).
+
+        Cancellation: nothing changes; the events are simply not returned.
         """
         if after < 0:
             raise ValueError(f"'after' must be >= 0, not {after}")
@@ -339,6 +346,9 @@ class RedisHistory:
 
     async def flush(self) -> None:
         """Wait until every event appended so far is written to Redis.
+
+        Asks the flusher to write at once rather than wait for a full batch
+        or the interval. If cancelled, the events are still written behind.
 
         Raises:
             Fenced: the writer was fenced off (the run was claimed again).
