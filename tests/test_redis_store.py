@@ -180,3 +180,16 @@ async def test_a_run_claimed_elsewhere_is_fenced_and_the_executor_goes_on(
     [warning] = [r for r in caplog.records if r.name == "trioflow.executor"]
     assert f"run {run.run_id} stopped" in warning.getMessage()
     assert "was fenced off" in warning.getMessage()
+
+
+async def test_a_run_id_taken_in_redis_is_refused_when_the_run_starts(redis_url: str) -> None:
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            await store.create("run_taken")
+            async with open_executor(history_store=store.history_factory()) as executor:
+                with pytest.raises(ValueError, match="exists already"):
+                    await executor.start(Agent(), "What is 25 * 4?", run_id="run_taken")
+                assert "run_taken" not in executor.runs  # not left pending in the registry
+                run = await executor.start(Agent(), "What is 25 * 4?")  # still serving
+                assert (await run.wait()).status == RunStatus.COMPLETED

@@ -1035,9 +1035,13 @@ class StreamingFlowExecutor:
                         forward_limit=self.forward_limit,
                         task_status=task_status,
                     )
-                except trio.BrokenResourceError as exc:  # the run's store failed: the run ended
-                    _log.warning("run %s stopped: %s", run.run_id, exc)
+                except trio.BrokenResourceError as exc:
+                    if run._bus is None:  # before the run started: start() raises it
+                        raise
+                    _log.warning("run %s stopped: %s", run.run_id, exc)  # its store failed
         finally:
+            if run._bus is None:  # it never started (its store refused it): forget it
+                self._runs.pop(run.run_id, None)
             self._prune()
 
     async def start(
