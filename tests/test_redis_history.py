@@ -8,6 +8,8 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import RedisServer
 from trioflow import FlowEvent, HistoryExpired, MemoryHistory
@@ -165,6 +167,58 @@ async def test_a_negative_after_raises_ValueError(open_history: OpenHistory) -> 
             history.append(events(1, 1)[0])
             with pytest.raises(ValueError, match="'after'"):
                 await history.read(-1)
+
+
+Op = tuple[str, int, int | None]
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), st.integers(1, 9), st.none()),
+        st.tuples(st.just("flush"), st.just(0), st.none()),
+        st.tuples(st.just("read"), st.integers(0, 45), st.none() | st.integers(0, 45)),
+    ),
+    max_size=14,
+)
+
+
+async def outcome(history: EventHistory, after: int, until: int | None) -> object:
+    """What ``read`` gives: the events, or the ``HistoryExpired`` figures."""
+    try:
+        return list(await history.read(after, until))
+    except HistoryExpired as exc:
+        return ("expired", exc.requested, exc.first_available)
+
+
+@settings(max_examples=25, deadline=None)
+@given(capacity=st.integers(0, 12), ops=_ops)
+def test_a_redis_history_reads_what_a_memory_history_of_its_capacity_reads(
+    redis_server: RedisServer, capacity: int, ops: list[Op]
+) -> None:
+    async def main() -> None:
+        memory = MemoryHistory(capacity)
+        with trio.fail_after(10):
+            async with writer(redis_server.url, capacity) as (store, redis):
+                seq = 0
+                for op, a, b in ops:
+                    if op == "append":
+                        batch = events(seq + 1, seq + a)
+                        memory.extend(batch)
+                        redis.extend(batch)
+                        seq += a
+                    elif op == "flush":
+                        await redis.flush()
+                    else:
+                        assert await outcome(redis, a, b) == await outcome(memory, a, b)
+                    shape = (redis.first_seq, redis.last_seq, len(redis))
+                    assert shape == (memory.first_seq, memory.last_seq, len(memory))
+                await redis.flush()
+                reader = await store.history(redis.run_id)  # as another process sees it
+                for after in range(seq + 2):
+                    expected = await outcome(memory, after, None)
+                    assert await outcome(redis, after, None) == expected
+                    assert await outcome(reader, after, None) == expected
+
+    trio.run(main)
 
 
 # -- Redis only ---------------------------------------------------------------------------
