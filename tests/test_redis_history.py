@@ -3,6 +3,7 @@ MemoryHistory's), batching, fencing, the seq check, the TTL, and a Redis restart
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -393,6 +394,19 @@ async def test_the_buffer_is_bounded_the_history_fails_when_it_would_overflow(
     assert history.statistics().buffered == 11
     with pytest.raises(trio.BrokenResourceError, match="more than 10 events"):
         await history.flush()
+
+
+async def test_an_event_json_cannot_carry_fails_the_history_instead_of_its_flusher(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(trio.BrokenResourceError, match="cannot be encoded") as caught:
+            async with writer(redis_url) as (_, history):
+                history.extend(events(1, 2))
+                history.append(FlowEvent("info", {"x": math.nan}, 1.0, 3, "run_x"))
+                await trio.sleep_forever()  # cancelled by the failure
+        assert isinstance(caught.value.__cause__, ValueError)
+        assert history.statistics().written_seq == 0  # the batch held the event: none of it
 
 
 async def test_after_a_redis_restart_with_aof_the_history_is_intact_and_appends_resume(

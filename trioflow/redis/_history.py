@@ -141,7 +141,10 @@ class RedisHistory:
     its terminal event locally), and its flusher raises
     :exc:`trio.BrokenResourceError` out of ``open_history``'s block, which
     it cancels. The same happens with :exc:`~trioflow.history.Fenced` when
-    the script refuses the writer's epoch (the run was claimed again).
+    the script refuses the writer's epoch (the run was claimed again), and
+    with :exc:`trio.BrokenResourceError` when an event cannot be encoded
+    (NaN in its data: JSON has no such number) or Redis answers with an
+    error that is not worth retrying.
 
     **Trimming** follows :attr:`capacity` as :class:`~trioflow.MemoryHistory`
     does: the history holds the newest ``capacity`` events, so
@@ -442,12 +445,17 @@ class RedisHistory:
         self._advance()
 
     async def _write(self, batch: list[FlowEvent]) -> None:
-        """Write ``batch`` with retries; on a refusal, :meth:`_fail`."""
+        """Write ``batch`` with retries; on a refusal or an error not to retry, :meth:`_fail`."""
         final = ""
         for event in batch:
             status = _FINAL_STATUS.get(event.type)
             if status is not None:
                 final = str(status)
+        try:
+            payloads = [event.to_json() for event in batch]
+        except ValueError as exc:  # NaN or infinity in an event's data: JSON has no such number
+            self._fail(functools.partial(_broken, self.run_id, exc, "an event cannot be encoded"))
+            return
         args: list[str | int] = [
             str(self._epoch),
             batch[0].seq,
@@ -455,7 +463,7 @@ class RedisHistory:
             repr(time.time()),
             self._ttl if final else 0,
             final,
-            *(event.to_json() for event in batch),
+            *payloads,
         ]
         keys = [self._run_key, self._events_key]
         retry = 0
@@ -469,7 +477,8 @@ class RedisHistory:
                 error: Exception = exc
             except Exception as exc:
                 if not self._retry.should_retry(exc):
-                    raise
+                    self._fail(functools.partial(_broken, self.run_id, exc, "writing failed"))
+                    return
                 error = exc
             retry += 1
             if retry >= self._retry.attempts:
@@ -537,9 +546,12 @@ class RedisHistory:
         self._advance()
 
 
-def _broken(run_id: str, error: BaseException) -> trio.BrokenResourceError:
+def _broken(
+    run_id: str, error: BaseException, what: str = "Redis kept failing"
+) -> trio.BrokenResourceError:
+    """The error a failed history raises, caused by ``error``."""
     broken = trio.BrokenResourceError(
-        f"run {run_id}: Redis kept failing ({error}); the history stopped writing"
+        f"run {run_id}: {what} ({type(error).__name__}: {error}); the history stopped writing"
     )
     broken.__cause__ = error
     return broken
