@@ -409,6 +409,29 @@ async def test_an_event_json_cannot_carry_fails_the_history_instead_of_its_flush
         assert history.statistics().written_seq == 0  # the batch held the event: none of it
 
 
+async def test_a_full_redis_is_waited_for_and_a_wrong_key_type_fails_at_once(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    retry = RetryPolicy(attempts=100, base_delay=0.02, max_delay=0.05, retry_on=(Exception,))
+    with trio.fail_after(10):
+        async with writer(redis_url, retry=retry) as (store, history):
+            redis_server.command("CONFIG", "SET", "maxmemory", "1")  # every write: OOM
+            history.extend(events(1, 3))
+            await trio.sleep(0.2)
+            assert history.statistics().written_seq == 0
+            assert history.statistics().retries > 0
+            redis_server.command("CONFIG", "SET", "maxmemory", "0")
+            await history.flush()
+            assert (await store.get(history.run_id)).last_seq == 3
+        with pytest.raises(trio.BrokenResourceError, match="Redis refused") as caught:
+            async with writer(redis_url, retry=retry) as (store, history):
+                await store.client.set(store.keys.events(history.run_id), "not a stream")
+                history.extend(events(1, 3))
+                await trio.sleep_forever()
+        assert isinstance(caught.value.__cause__, coredis.exceptions.WrongTypeError)
+        assert history.statistics().retries == 0
+
+
 async def test_after_a_redis_restart_with_aof_the_history_is_intact_and_appends_resume(
     redis_aof_server: RedisServer,
 ) -> None:

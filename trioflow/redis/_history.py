@@ -84,6 +84,17 @@ _FINAL_STATUS: dict[str, RunStatus] = {
 }
 assert set(_FINAL_STATUS) == TERMINAL_TYPES
 
+_TRANSIENT_CODES = frozenset({"OOM", "BUSY", "MISCONF"})
+"""Error replies worth retrying (Redis full, busy with a script, unable to persist)."""
+
+_TRANSIENT_ERRORS = (
+    coredis.exceptions.ReadOnlyError,
+    coredis.exceptions.TryAgainError,
+    coredis.exceptions.NoScriptError,
+)
+"""Error replies coredis parses into classes (their code stripped) worth retrying.
+(``LOADING`` is a ``BusyLoadingError``, a ``ConnectionError``: retried by the policy.)"""
+
 _PAGE = 512
 """Events per ``XRANGE`` page."""
 
@@ -472,7 +483,7 @@ class RedisHistory:
                 await self._script(keys, args)
                 return
             except coredis.exceptions.ResponseError as exc:
-                if self._refused(str(exc), batch):
+                if self._refused(exc, batch):
                     return
                 error: Exception = exc
             except Exception as exc:
@@ -500,9 +511,11 @@ class RedisHistory:
             if self._error is not None:
                 return
 
-    def _refused(self, message: str, batch: list[FlowEvent]) -> bool:
-        """Handle the script's own refusals: True if handled (written, or failed for good)."""
-        code, _, value = message.partition(" ")
+    def _refused(self, exc: coredis.exceptions.ResponseError, batch: list[FlowEvent]) -> bool:
+        """Handle an error reply: True if handled (written, or failed for good), False to retry."""
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            return False
+        code, _, value = str(exc).partition(" ")
         epoch = self._epoch
         assert epoch is not None
         if code == "FENCED":
@@ -529,7 +542,10 @@ class RedisHistory:
                 )
             )
             return True
-        return False  # OOM, LOADING, ...: retried
+        if code in _TRANSIENT_CODES:
+            return False
+        self._fail(functools.partial(_broken, self.run_id, exc, "Redis refused the write"))
+        return True
 
     async def _drain(self, within: float) -> bool:
         """Flush what is buffered within ``within`` seconds (shielded); True if all was written."""
