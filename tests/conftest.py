@@ -729,6 +729,20 @@ class RedisServer:
         lines = body.decode().splitlines()
         return dict(line.split(":", 1) for line in lines if ":" in line)
 
+    def pause(self) -> None:
+        """``SIGSTOP`` the server: connections stay open, nothing is answered."""
+        import signal
+
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """``SIGCONT`` the server after :meth:`pause`."""
+        import signal
+
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """``kill -9`` the server (no shutdown, no final save)."""
         if self.process is not None and self.process.poll() is None:
@@ -737,6 +751,7 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.resume()  # a paused server does not handle SIGTERM
             self.process.terminate()
             try:
                 self.process.wait(5)

@@ -432,6 +432,36 @@ async def test_a_full_redis_is_waited_for_and_a_wrong_key_type_fails_at_once(
         assert history.statistics().retries == 0
 
 
+async def test_a_paused_redis_is_retried_after_the_write_timeout_and_nothing_is_written_twice(
+    redis_aof_server: RedisServer,
+) -> None:
+    retry = RetryPolicy(attempts=100, base_delay=0.02, max_delay=0.1, retry_on=(Exception,))
+    with trio.fail_after(30):
+        async with writer(redis_aof_server.url, retry=retry, write_timeout=0.3) as (
+            store,
+            history,
+        ):
+            history.extend(events(1, 10))
+            await history.flush()
+            redis_aof_server.pause()  # SIGSTOP: the writes are sent, never answered
+            try:
+                history.extend(events(11, 20))
+                await trio.sleep(1.0)
+                assert history.statistics().written_seq == 10
+                assert history.statistics().retries >= 2
+            finally:
+                redis_aof_server.resume()
+            await history.flush()
+            history.extend(events(21, 25))
+            await history.flush()
+            # The first write was applied on SIGCONT; its retries were recognised as done.
+            ids = [
+                e.identifier for e in await store.client.xrange(store.keys.events(history.run_id))
+            ]
+            assert ids == [f"{seq}-0".encode() for seq in range(1, 26)]
+            assert list(await history.read(0)) == events(1, 25)
+
+
 async def test_after_a_redis_restart_with_aof_the_history_is_intact_and_appends_resume(
     redis_aof_server: RedisServer,
 ) -> None:

@@ -142,7 +142,8 @@ class RedisHistory:
     script (:data:`APPEND_SCRIPT`). The batch holding the run's terminal
     event sets the run's status and puts the retention TTL on its keys.
 
-    **When Redis fails**, a batch is retried with the store's
+    **When Redis fails** (an error, or no answer within ``write_timeout``
+    seconds), a batch is retried with the store's
     :class:`~trioflow.RetryPolicy` (by default :data:`DEFAULT_RETRY`: backoff
     from 0.05 to 2 s, about 30 s in all); events appended meanwhile wait in
     the buffer, and reads serve them from there. The buffer is bounded by
@@ -171,7 +172,7 @@ class RedisHistory:
 
     Raises:
         ValueError: ``capacity`` < 0, ``batch_size`` < 1, ``max_buffer`` <
-            ``batch_size``, or ``flush_interval`` not positive.
+            ``batch_size``, or ``flush_interval`` or ``write_timeout`` not positive.
     """
 
     def __init__(
@@ -188,6 +189,7 @@ class RedisHistory:
         flush_interval: float = 0.025,
         max_buffer: int = 65536,
         retry: RetryPolicy = DEFAULT_RETRY,
+        write_timeout: float = 10.0,
     ) -> None:
         if capacity < 0:
             raise ValueError(f"history capacity must be >= 0, not {capacity}")
@@ -197,6 +199,8 @@ class RedisHistory:
             )
         if not flush_interval > 0:
             raise ValueError(f"flush_interval must be > 0 seconds, not {flush_interval!r}")
+        if not write_timeout > 0:
+            raise ValueError(f"write_timeout must be > 0 seconds, not {write_timeout!r}")
         self._client = client
         self._run_key = keys.run(run_id)
         self._events_key = keys.events(run_id)
@@ -209,6 +213,7 @@ class RedisHistory:
         self._interval = flush_interval
         self._max_buffer = max_buffer
         self._retry = retry
+        self._write_timeout = write_timeout
         self._state = _State.READ_ONLY if epoch is None else _State.OPEN
         self._pending: collections.deque[FlowEvent] = collections.deque()
         self._wake = trio.Event()
@@ -480,7 +485,9 @@ class RedisHistory:
         retry = 0
         while True:
             try:
-                await self._script(keys, args)
+                # A Redis that stopped answering (paused, partitioned) is retried too.
+                with trio.fail_after(self._write_timeout):
+                    await self._script(keys, args)
                 return
             except coredis.exceptions.ResponseError as exc:
                 if self._refused(exc, batch):

@@ -291,6 +291,7 @@ class RedisRunStore:
         flush_interval: float = 0.025,
         max_buffer: int = 65536,
         retry: RetryPolicy = DEFAULT_RETRY,
+        write_timeout: float = 10.0,
         close_timeout: float = 5.0,
     ) -> AsyncIterator[RedisHistory]:
         """The run's history to write, under ``epoch``, for the ``async with`` block.
@@ -311,6 +312,9 @@ class RedisRunStore:
             max_buffer: the most events that may wait to be written (while
                 Redis is slow or away); past it the history fails.
             retry: how a failed write is retried.
+            write_timeout: how long one write may wait for Redis's answer
+                before it counts as failed (and is retried: a write that was
+                applied after all is recognised, not written twice).
             close_timeout: how long the final flush may take.
 
         Raises:
@@ -336,7 +340,9 @@ class RedisRunStore:
             flush_interval=flush_interval,
             max_buffer=max_buffer,
             retry=retry,
+            write_timeout=write_timeout,
         )
+        closing_failed = False
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
                 await nursery.start(history._flusher)
@@ -344,6 +350,7 @@ class RedisRunStore:
                     yield history
                 finally:
                     if not await history._drain(close_timeout) and history._error is None:
+                        closing_failed = True
                         lost = history.last_seq - history.statistics().written_seq
                         history._fail(
                             lambda: trio.BrokenResourceError(
@@ -352,8 +359,10 @@ class RedisRunStore:
                             )
                         )
                     history._close()
-                    if history._error is None:
-                        nursery.cancel_scope.cancel()
+                    if history._error is None or closing_failed:
+                        nursery.cancel_scope.cancel()  # the flusher may wait on Redis still
+        if closing_failed and history._error is not None:
+            raise history._error()
 
     def history_factory(self, **options: Any) -> HistoryFactory:
         """A history factory for :class:`~trioflow.StreamingFlowExecutor` (``history_store=``).
