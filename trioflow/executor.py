@@ -1019,26 +1019,17 @@ class StreamingFlowExecutor:
         self, run: Run, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         try:
-            if self.history_store is None:
-                await run._execute(
-                    self.bus,
-                    self.history,
-                    forward_limit=self.forward_limit,
-                    task_status=task_status,
-                )
-            else:
-                try:
-                    await run._execute(
-                        self.bus,
-                        self.history,
-                        store=self.history_store,
-                        forward_limit=self.forward_limit,
-                        task_status=task_status,
-                    )
-                except trio.BrokenResourceError as exc:
-                    if run._bus is None:  # before the run started: start() raises it
-                        raise
-                    _log.warning("run %s stopped: %s", run.run_id, exc)  # its store failed
+            await run._execute(
+                self.bus,
+                self.history,
+                store=self.history_store,
+                forward_limit=self.forward_limit,
+                task_status=task_status,
+            )
+        except trio.BrokenResourceError as exc:
+            if self.history_store is None or run._bus is None:
+                raise  # not the store's; or before the run started: start() raises it
+            _log.warning("run %s stopped: %s", run.run_id, exc)  # its store failed
         finally:
             if run._bus is None:  # it never started (its store refused it): forget it
                 self._runs.pop(run.run_id, None)
