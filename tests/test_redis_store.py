@@ -150,6 +150,53 @@ async def test_a_run_kept_in_redis_is_replayed_by_another_process_store(redis_ur
                 history.append(live[0])
 
 
+READ_BACK = """
+import sys, trio
+from trioflow.redis import RedisRunStore, open_redis
+
+async def main(url, run_id, after):
+    async with open_redis(url) as client:
+        store = RedisRunStore(client)
+        record = await store.get(run_id)
+        print(record.status, record.last_seq)
+        for event in await (await store.history(run_id)).read(int(after)):
+            print(event.to_json())
+
+trio.run(main, *sys.argv[1:])
+"""
+
+
+async def test_another_process_reads_a_finished_run_back_from_redis(redis_url: str) -> None:
+    import os
+    import sys
+    from pathlib import Path
+
+    import trioflow
+
+    with trio.fail_after(60):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            async with open_executor(
+                history_store=store.history_factory(), run_ids=new_run_id
+            ) as executor:
+                run = await executor.start(Agent(), "What is 25 * 4?")
+                async with run.subscribe(after=0) as events:
+                    live = [event async for event in events]
+        root = str(Path(trioflow.__file__).parent.parent)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = await trio.run_process(
+            [sys.executable, "-c", READ_BACK, redis_url, run.run_id, "3"],
+            capture_stdout=True,
+            env=env,
+        )
+    head, *lines = proc.stdout.decode().splitlines()
+    assert head == f"completed {len(live)}"
+    assert [FlowEvent.from_json(line) for line in lines] == live[3:]
+
+
 async def test_a_run_claimed_elsewhere_is_fenced_and_the_executor_goes_on(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
