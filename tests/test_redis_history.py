@@ -317,6 +317,9 @@ async def test_a_second_claim_fences_the_first_writer_which_writes_nothing_more(
             assert (caught.value.epoch, caught.value.current) == (first, second) == (1, 2)
             assert history.statistics().state == "failed"
             history.append(events(9, 9, run_id)[0])  # dropped, not raised (the run's cleanup)
+            assert list(await history.read(0, 8)) == events(1, 8, run_id)  # 6-8: the buffer
+            with pytest.raises(Fenced):
+                await history.read(0)  # 9 was dropped: no silent gap
             with pytest.raises(Fenced):
                 await history.flush()
             assert (await store.get(run_id)).last_seq == 5

@@ -306,6 +306,8 @@ class RedisHistory:
         Raises:
             HistoryExpired: some event after ``after`` is no longer retained
                 (beyond :attr:`capacity`, or the run's keys expired).
+            Fenced, trio.BrokenResourceError: the history failed, and the
+                range holds events appended since (dropped: see the class).
             ValueError: ``after`` is negative.
             coredis.exceptions.RedisError: Redis failed (as raised by coredis;
                 reads are not retried beyond coredis's own policy).
@@ -324,6 +326,8 @@ class RedisHistory:
             raise HistoryExpired(after, first)
         written = self._written_seq
         local: list[FlowEvent] = []
+        if last > written + len(self._pending):
+            self._check()  # failed: the events appended since were dropped
         if last > written:
             # Buffered: pending[i] has seq written + 1 + i (copied now, before any await).
             pending = self._pending
