@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -43,6 +46,8 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: ratios against baselines measured in the same run."""
     session.install("-e", ".[bench]")
-    scripts = ("bus.py", "executor.py", "serve.py", "startup.py")
+    scripts = ["bus.py", "executor.py", "serve.py", "startup.py"]
+    if os.environ.get("TRIOFLOW_REDIS_SERVER") or shutil.which("redis-server"):
+        scripts.append("redis.py")  # starts its own redis-server
     for script in (f"benchmarks/{name}" for name in scripts):
         session.run("python", script, *session.posargs)

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -627,3 +627,169 @@ async def until_terminal(
             run_id is None or frame["run_id"] == run_id
         ):
             return frames
+
+
+# -- a private redis-server ------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RedisServer:
+    """A ``redis-server`` of the tests': a Unix socket only (``--port 0``), files in ``directory``.
+
+    ``aof=True`` persists every write before acknowledging it (``appendonly
+    yes``, ``appendfsync always``), so :meth:`kill` then :meth:`start` again
+    comes back with every acknowledged write; else nothing is persisted.
+    """
+
+    program: str
+    directory: Path
+    aof: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(self.directory / "redis.sock")
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING (having loaded its AOF)."""
+        import subprocess
+        import time
+
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.aof
+            else ["--appendonly", "no"]
+        )
+        self.process = subprocess.Popen(
+            [
+                self.program,
+                "--port", "0",
+                "--unixsocket", self.socket,
+                "--unixsocketperm", "700",
+                "--save", "",
+                *persistence,
+                "--dir", str(self.directory),
+                "--logfile", "redis.log",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.command("PING") == b"+PONG":
+                    return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                self.stop()
+                pytest.fail(f"redis-server did not start:\n{log}", pytrace=False)
+            time.sleep(0.02)
+
+    def command(self, *args: str) -> bytes:
+        """Send one command over a plain socket; the first line of the reply (``+OK``, ``:3``, ...)."""
+        import socket
+
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(self.socket)
+            sock.sendall(b"".join(parts))
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.split(b"\r\n", 1)[0]
+
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` as a dict (the whole bulk reply, read with a sync socket)."""
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(self.socket)
+            sock.sendall(f"INFO {section}\r\n".encode())
+            data = b""
+            while True:
+                data += sock.recv(65536)
+                head, _, body = data.partition(b"\r\n")
+                if head.startswith(b"$") and len(body) >= int(head[1:]):
+                    break
+        lines = body.decode().splitlines()
+        return dict(line.split(":", 1) for line in lines if ":" in line)
+
+    def pause(self) -> None:
+        """``SIGSTOP`` the server: connections stay open, nothing is answered."""
+        import signal
+
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """``SIGCONT`` the server after :meth:`pause`."""
+        import signal
+
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """``kill -9`` the server (no shutdown, no final save)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.resume()  # a paused server does not handle SIGTERM
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except Exception:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def redis_server_program() -> str:
+    """The ``redis-server`` to run (``$TRIOFLOW_REDIS_SERVER`` or ``PATH``), or skip/fail as ``require``."""
+    program = which("redis-server", "TRIOFLOW_REDIS_SERVER")
+    require("redis", program is not None, "apt-get install redis-server")
+    assert program is not None
+    return program
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One private server per session (per xdist worker), without persistence."""
+    server = RedisServer(redis_server_program(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's server, emptied (``FLUSHALL``, statistics reset) and set to ``noeviction``."""
+    redis_server.command("FLUSHALL")
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    redis_server.command("CONFIG", "RESETSTAT")
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_aof_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A server of the test's own with AOF (``appendfsync always``), to kill and restart."""
+    server = RedisServer(redis_server_program(), tmp_path_factory.mktemp("redis-aof"), aof=True)
+    server.start()
+    yield server
+    server.stop()

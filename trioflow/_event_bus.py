@@ -58,11 +58,15 @@ def _frozen_or_empty(data: Mapping[str, Any] | None) -> FrozenDict:
 def _extender(history: EventHistory) -> Callable[[list[FlowEvent]], None]:
     """How the bus appends several events to ``history`` at once.
 
-    A :class:`MemoryHistory`'s own ``extend``; for any other store, its
-    ``append`` per event (the :class:`EventHistory` protocol has no ``extend``).
+    The store's own ``extend`` when it has one (:class:`MemoryHistory`,
+    :class:`~trioflow.redis.RedisHistory`); else its ``append`` per event
+    (the :class:`EventHistory` protocol has no ``extend``).
     """
     if isinstance(history, MemoryHistory):
         return history.extend
+    own: Callable[[list[FlowEvent]], None] | None = getattr(history, "extend", None)
+    if callable(own):
+        return own
     append = history.append
 
     def extend(events: list[FlowEvent]) -> None:

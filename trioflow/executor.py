@@ -47,7 +47,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Self
 
 import trio
@@ -83,12 +83,14 @@ from trioflow.handle import (
     RunStatus,
     cancel_reason,
 )
+from trioflow.history import EventHistory
 from trioflow.models._base import Message, ModelError, Usage
 from trioflow.progress import FlowProgress
 from trioflow.protocol import encode_event
 from trioflow.threads import Thread
 
 __all__ = [
+    "HistoryFactory",
     "Run",
     "RunResult",
     "RunStatus",
@@ -426,11 +428,16 @@ class Run:
         shared: EventBus | None,
         history: int,
         *,
+        store: HistoryFactory | None = None,
         forward_limit: int = 65536,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        opened: AbstractAsyncContextManager[int | EventHistory] = (
+            nullcontext(history) if store is None else store(self, history)
+        )
         async with (
-            open_event_bus(history=history, name=f"run {self.run_id}") as bus,
+            opened as events,
+            open_event_bus(history=events, name=f"run {self.run_id}") as bus,
             trio.open_nursery() as nursery,
         ):
             self._bus = bus
@@ -951,6 +958,19 @@ class _Forwarder:
             await self._more.wait()
 
 
+HistoryFactory = Callable[[Run, int], AbstractAsyncContextManager[EventHistory]]
+"""Where a run's events are kept: ``factory(run, capacity)`` opens the run's history.
+
+:class:`StreamingFlowExecutor` (``history_store=``) calls it for each run it
+starts, with the executor's ``history`` as ``capacity``, and enters the
+returned context manager around the run's bus: the history is open before
+the run's first event and closed after its terminal event (a store that
+writes behind flushes on exit). An error raised out of it ends the run (see
+``history_store``). :meth:`trioflow.redis.RedisRunStore.history_factory`
+makes one.
+"""
+
+
 class StreamingFlowExecutor:
     """Runs agents and streams each run's events.
 
@@ -960,6 +980,17 @@ class StreamingFlowExecutor:
             listeners (loggers, metrics, recorders) see all runs live.
         history: how many events each run retains for late subscribers and
             resumes.
+        history_store: where each run's events are kept: a
+            :data:`HistoryFactory` (``RedisRunStore.history_factory()`` keeps
+            them in Redis); in memory (a :class:`~trioflow.MemoryHistory`
+            per run) by default. A run whose store fails
+            (:exc:`trio.BrokenResourceError`, such as
+            :exc:`~trioflow.history.Fenced` when another process claimed
+            the run) is cancelled and the failure logged; the executor goes on.
+        run_ids: makes the id of each run not given one; by default
+            ``run_0001_ab12cd34`` (a per-process counter and 32 random bits).
+            Runs kept beyond the process want ids unique across processes:
+            :func:`trioflow.redis.new_run_id`.
         retention: how many finished runs the registry keeps (the oldest
             finished ones are forgotten first; running ones never are).
         timeout: the default time limit of a run, in seconds (``None``: none).
@@ -992,6 +1023,8 @@ class StreamingFlowExecutor:
         retention: int = 100,
         timeout: float | None = None,
         forward_limit: int = 65536,
+        history_store: HistoryFactory | None = None,
+        run_ids: Callable[[], str] | None = None,
     ) -> None:
         if history < 0 or retention < 0 or forward_limit < 0:
             raise ValueError("history, retention and forward_limit must be >= 0")
@@ -1004,6 +1037,8 @@ class StreamingFlowExecutor:
         self.retention = retention
         self.timeout = timeout
         self.forward_limit = forward_limit
+        self.history_store = history_store
+        self._run_ids = run_ids
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         self._entered: AbstractAsyncContextManager[Self] | None = None
@@ -1028,6 +1063,8 @@ class StreamingFlowExecutor:
             raise KeyError(f"no run with id {run_id!r}") from None
 
     def _new_id(self) -> str:
+        if self._run_ids is not None:
+            return self._run_ids()
         return f"run_{next(self._ids):04d}_{secrets.token_hex(4)}"
 
     def _prune(self) -> None:
@@ -1078,9 +1115,19 @@ class StreamingFlowExecutor:
     ) -> None:
         try:
             await run._execute(
-                self.bus, self.history, forward_limit=self.forward_limit, task_status=task_status
+                self.bus,
+                self.history,
+                store=self.history_store,
+                forward_limit=self.forward_limit,
+                task_status=task_status,
             )
+        except trio.BrokenResourceError as exc:
+            if self.history_store is None or run._bus is None:
+                raise  # not the store's; or before the run started: start() raises it
+            _log.warning("run %s stopped: %s", run.run_id, exc)  # its store failed
         finally:
+            if run._bus is None:  # it never started (its store refused it): forget it
+                self._runs.pop(run.run_id, None)
             self._prune()
 
     async def start(
@@ -1112,9 +1159,13 @@ class StreamingFlowExecutor:
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
             ValueError: empty task, bad ``timeout`` or ``max_iterations``, or a
-                duplicate ``run_id``.
+                duplicate ``run_id`` (in this executor, or in the
+                ``history_store``).
             ~trioflow.threads.ThreadBusy: a run of ``thread`` is going.
             ~trioflow.threads.ThreadFull: ``thread`` holds its limit of messages.
+            Exception: whatever the ``history_store`` raises while opening the
+                run's history (such as a Redis connection error); the run
+                then does not start.
         """
         target = nursery or self._nursery
         if target is None:
@@ -1262,6 +1313,8 @@ async def open_executor(
     retention: int = 100,
     timeout: float | None = None,
     forward_limit: int = 65536,
+    history_store: HistoryFactory | None = None,
+    run_ids: Callable[[], str] | None = None,
 ) -> AsyncIterator[StreamingFlowExecutor]:
     """An open :class:`StreamingFlowExecutor`: one with a nursery for its runs (Trio's shape).
 
@@ -1281,7 +1334,13 @@ async def open_executor(
         ValueError: as :class:`StreamingFlowExecutor`.
     """
     executor = StreamingFlowExecutor(
-        bus=bus, history=history, retention=retention, timeout=timeout, forward_limit=forward_limit
+        bus=bus,
+        history=history,
+        retention=retention,
+        timeout=timeout,
+        forward_limit=forward_limit,
+        history_store=history_store,
+        run_ids=run_ids,
     )
     async with executor._opened():
         yield executor

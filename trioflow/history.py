@@ -17,7 +17,7 @@ import trio
 
 from trioflow.events import FlowEvent
 
-__all__ = ["EventHistory", "HistoryExpired", "MemoryHistory"]
+__all__ = ["EventHistory", "Fenced", "HistoryExpired", "MemoryHistory"]
 
 
 class HistoryExpired(LookupError):
@@ -41,6 +41,36 @@ class HistoryExpired(LookupError):
         )
         self.requested = requested
         self.first_available = first_available
+
+
+class Fenced(trio.BrokenResourceError):
+    """A durable history refused a writer: another writer has claimed the run since.
+
+    Stores shared between processes (:class:`trioflow.redis.RedisHistory`)
+    give each writer of a run an *epoch*; claiming the run again bumps it, and
+    every write carries the writer's epoch, so a writer that was paused or
+    cut off while another took the run over is refused instead of writing
+    duplicate or conflicting seqs. The refused writer stops writing for good.
+
+    A :exc:`trio.BrokenResourceError`: this writer's hold on the run is gone.
+
+    Attributes:
+        run_id: the run.
+        epoch: the refused writer's epoch.
+        current: the epoch of the run's owner now.
+    """
+
+    def __init__(self, run_id: str, epoch: int, current: int) -> None:
+        super().__init__(
+            f"run {run_id}: the writer of epoch {epoch} was fenced off (the run was claimed "
+            f"again, epoch {current}); it writes nothing more"
+        )
+        self.run_id = run_id
+        self.epoch = epoch
+        self.current = current
+
+    def __reduce__(self) -> tuple[type[Fenced], tuple[str, int, int]]:
+        return (type(self), (self.run_id, self.epoch, self.current))
 
 
 @runtime_checkable

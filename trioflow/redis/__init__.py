@@ -1,0 +1,57 @@
+"""Runs on Redis: durable histories and run records that any process can read.
+
+Needs the ``redis`` extra (``pip install "trioflow[redis]"``: `coredis
+<https://coredis.readthedocs.io>`_, which runs under Trio through anyio);
+``import trioflow`` never imports it. The key layout and the fencing rules
+are on the :doc:`/concepts/redis` page.
+
+* :func:`open_redis`: a connected client for ``redis://host:port/db`` or
+  ``unix:///path``, checked for an evicting ``maxmemory-policy``.
+* :class:`RedisRunStore`: each run's record (status, owner, fencing epoch,
+  last seq, request, ...), listing and lookup, :meth:`~RedisRunStore.claim`,
+  and its :class:`RedisHistory`.
+* :class:`RedisHistory`: an :class:`~trioflow.EventHistory` on a Redis
+  Stream, seq ``N`` as stream id ``N-0``, appends batched and written
+  behind through one fenced script per batch.
+* :func:`new_run_id`: run ids unique across processes.
+
+A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
+``history_store=store.history_factory()``::
+
+    async with open_redis("unix:///run/redis/redis.sock") as client:
+        store = RedisRunStore(client)
+        async with open_executor(history_store=store.history_factory(), run_ids=new_run_id) as ex:
+            run = await ex.start(agent, "What is 25 * 4?")
+"""
+
+from trioflow.history import Fenced
+from trioflow.redis._client import (
+    EVICTING_POLICY_WARNING,
+    check_eviction_policy,
+    open_redis,
+    redis_client,
+)
+from trioflow.redis._history import (
+    APPEND_SCRIPT,
+    DEFAULT_RETRY,
+    RedisHistory,
+    RedisHistoryStatistics,
+)
+from trioflow.redis._keys import Keys
+from trioflow.redis._store import RedisRunStore, RunRecord, new_run_id
+
+__all__ = [
+    "APPEND_SCRIPT",
+    "DEFAULT_RETRY",
+    "EVICTING_POLICY_WARNING",
+    "Fenced",
+    "Keys",
+    "RedisHistory",
+    "RedisHistoryStatistics",
+    "RedisRunStore",
+    "RunRecord",
+    "check_eviction_policy",
+    "new_run_id",
+    "open_redis",
+    "redis_client",
+]

@@ -1,0 +1,39 @@
+"""The Redis key layout of trioflow: one place that names every key.
+
+With the default prefix ``trioflow``:
+
+* ``trioflow:run:{<run_id>}``: a hash, the run's record (status, owner,
+  epoch, last seq, capacity, request, attempt, timestamps);
+* ``trioflow:run:{<run_id>}:events``: a stream, the run's events, seq ``N``
+  stored as entry id ``N-0`` with one field ``e``, the event's JSON;
+* ``trioflow:runs``: a sorted set, every run id scored by its creation time.
+
+The braces are a hash tag: both keys of one run live in the same Redis
+Cluster slot, so the append script, which touches both, is cluster-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Keys"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Keys:
+    """The names of trioflow's keys under ``prefix``."""
+
+    prefix: str = "trioflow"
+
+    def run(self, run_id: str) -> str:
+        """The hash of ``run_id``'s record."""
+        return f"{self.prefix}:run:{{{run_id}}}"
+
+    def events(self, run_id: str) -> str:
+        """The stream of ``run_id``'s events."""
+        return f"{self.prefix}:run:{{{run_id}}}:events"
+
+    @property
+    def index(self) -> str:
+        """The sorted set of every run id, scored by creation time."""
+        return f"{self.prefix}:runs"
