@@ -120,7 +120,17 @@ def test_bad_settings_environment_is_a_usage_error(
     assert "TRIOFLOW_MAX_ITERATIONS" in proc.stderr
 
 
-HEAVY = ("starlette", "hypercorn", "httpx", "trio_websocket", "anthropic", "rich", "opentelemetry")
+HEAVY = (
+    "starlette",
+    "hypercorn",
+    "httpx",
+    "httpx2",
+    "trio_websocket",
+    "anthropic",
+    "openai",
+    "rich",
+    "opentelemetry",
+)
 """The optional dependencies that neither ``import trioflow`` nor the parser may load."""
 
 

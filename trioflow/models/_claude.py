@@ -249,6 +249,8 @@ class _MessagesParser(StreamParser):
     consumer stops early, and Trio warns when the garbage collector finds them.
     """
 
+    end_marker = "message_stop event"
+
     def __init__(self, response: httpx2.Response) -> None:
         super().__init__(response)
         self._stop_reason: str | None = None

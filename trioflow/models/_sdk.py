@@ -255,6 +255,9 @@ class StreamParser(abc.ABC):
             ``data: [DONE]``); a body that ends without it was cut short.
     """
 
+    end_marker: ClassVar[str]
+    """What ends the stream, for the message of one cut short (``"message_stop event"``)."""
+
     def __init__(self, response: httpx2.Response) -> None:
         self.response = response
         self.finished = False
@@ -489,7 +492,7 @@ class StreamedTurn:
                 if parser.finished:
                     return None
                 raise self._dialect.cut_short(
-                    response.request, "the response ended before the end of its event stream"
+                    response.request, f"the response ended before its {parser.end_marker}"
                 )
             try:
                 chunk = await self._body.__anext__()
