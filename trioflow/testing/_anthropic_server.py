@@ -60,7 +60,12 @@ import h11
 import trio
 
 from trioflow.sse import encode
-from trioflow.testing._scripted_server import RecordedRequest, ScriptedServer, ServerStatistics
+from trioflow.testing._scripted_server import (
+    RecordedRequest,
+    ScriptedServer,
+    ServerStatistics,
+    serving,
+)
 
 __all__ = [
     "AnthropicServer",
@@ -509,10 +514,5 @@ async def open_anthropic_server(
         Leaving the block, normally or not, stops the server and closes its
         connections.
     """
-    server = AnthropicServer(script, host=host, port=port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        try:
-            yield server
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serving(AnthropicServer(script, host=host, port=port)) as server:
+        yield server

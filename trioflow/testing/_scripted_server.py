@@ -19,18 +19,20 @@ import email.utils
 import functools
 import json
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Generic, TypeVar
 
 import h11
 import trio
 
-__all__ = ["RecordedRequest", "ScriptedServer", "ServerStatistics"]
+__all__ = ["RecordedRequest", "ScriptedServer", "ServerStatistics", "serving"]
 
 _MAX_BODY = 16 * 1024 * 1024
 _RECEIVE_SIZE = 65536
 
 ReplyT = TypeVar("ReplyT")
+ServerT = TypeVar("ServerT", bound="ScriptedServer[Any]")
 
 
 # -- records --------------------------------------------------------------------
@@ -455,3 +457,25 @@ class ScriptedServer(abc.ABC, Generic[ReplyT]):
             self._notify()
         if gone:
             raise _ClientGone
+
+
+@asynccontextmanager
+async def serving(server: ServerT) -> AsyncIterator[ServerT]:
+    """Run ``server`` in a nursery of its own for the duration of the ``async with`` block.
+
+    Yields:
+        ``server``, serving: its ``base_url`` is ready.
+
+    Raises:
+        OSError: the address could not be bound.
+
+    Cancellation:
+        Leaving the block, normally or not, stops the server and closes its
+        connections.
+    """
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()
