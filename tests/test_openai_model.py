@@ -64,8 +64,8 @@ from trioflow.testing._openai_server import (
     ChatError,
     ChatErrorAfter,
     ChatReply,
-    ChatToolCall,
     OpenAIServer,
+    ToolUse,
 )
 
 pytestmark = pytest.mark.usefixtures("no_proxy_for_local_servers")
@@ -122,9 +122,9 @@ async def test_parallel_tool_calls_split_across_chunks_become_one_call_each(
         ChatReply(
             text=["Let me check."],
             tool_calls=[
-                ChatToolCall("get_weather", weather, id="call_1", chunk_size=3),
-                ChatToolCall("get_time", {"tz": "Europe/Paris"}, id="call_2", chunk_size=5),
-                ChatToolCall("now", id="call_3"),
+                ToolUse("get_weather", weather, id="call_1", chunk_size=3),
+                ToolUse("get_time", {"tz": "Europe/Paris"}, id="call_2", chunk_size=5),
+                ToolUse("now", id="call_3"),
             ],
             interleave=interleave,
             prompt_tokens=40,
@@ -165,7 +165,7 @@ async def test_tool_calls_with_finish_reason_stop_still_end_in_tool_use(
     openai_server: OpenAIServer, openai_model: OpenAIModel
 ) -> None:
     # Some compatible servers say "stop" after tool calls.
-    openai_server.add(ChatReply(tool_calls=[ChatToolCall("now", id="c")], finish_reason="stop"))
+    openai_server.add(ChatReply(tool_calls=[ToolUse("now", id="c")], finish_reason="stop"))
     events = await collect(openai_model)
     assert events[0] == ToolCall("c", "now", {})
     assert isinstance(events[1], TurnEnd)
@@ -176,7 +176,7 @@ async def test_tool_arguments_that_are_not_a_json_object_raise_invalid_response(
     openai_server: OpenAIServer, openai_model: OpenAIModel
 ) -> None:
     openai_server.add(
-        ChatReply(tool_calls=[ChatToolCall("calc", id="c1", raw_arguments=['{"x": ', "1"])])
+        ChatReply(tool_calls=[ToolUse("calc", id="c1", partial_json=['{"x": ', "1"])])
     )
     info = await collect_until_error(openai_model, [])
     assert (info.value.kind, info.value.retryable) == ("invalid_response", False)
@@ -593,8 +593,8 @@ async def test_an_agent_runs_parallel_tool_calls_and_sends_their_results_back(
     openai_server.add(
         ChatReply(
             tool_calls=[
-                ChatToolCall("get_weather", {"city": "Paris"}, id="call_p", chunk_size=4),
-                ChatToolCall("get_weather", {"city": "Rome"}, id="call_r", chunk_size=4),
+                ToolUse("get_weather", {"city": "Paris"}, id="call_p", chunk_size=4),
+                ToolUse("get_weather", {"city": "Rome"}, id="call_r", chunk_size=4),
             ],
             interleave=True,
         ),

@@ -26,10 +26,10 @@ from trioflow.testing import (
     ChatError,
     ChatErrorAfter,
     ChatReply,
-    ChatToolCall,
     OpenAIServer,
     RecordedRequest,
     ServerStatistics,
+    ToolUse,
     encode_chunk,
     open_openai_server,
 )
@@ -102,8 +102,8 @@ async def test_parallel_tool_calls_arrive_in_pieces_told_apart_by_index(
     openai_server.add(
         ChatReply(
             tool_calls=[
-                ChatToolCall("a", {"x": 1, "long": "abcdefgh"}, chunk_size=3),
-                ChatToolCall("b", {"y": [1, 2]}, id="call_b", chunk_size=2),
+                ToolUse("a", {"x": 1, "long": "abcdefgh"}, chunk_size=3),
+                ToolUse("b", {"y": [1, 2]}, id="call_b", chunk_size=2),
             ],
             interleave=interleave,
         )
@@ -279,7 +279,7 @@ async def test_a_gated_reply_holds_the_stream_and_repr_names_the_server() -> Non
 
 def test_script_items_check_their_arguments() -> None:
     with pytest.raises(ValueError):
-        ChatToolCall("f", chunk_size=0)
+        ToolUse("f", chunk_size=0)
     with pytest.raises(ValueError):
         ChatReply(raw=[(-1, b"")])
-    assert ChatToolCall("f", raw_arguments=["{", "}"]).pieces() == ["{", "}"]
+    assert ToolUse("f", partial_json=["{", "}"]).json_pieces() == ["{", "}"]

@@ -53,11 +53,10 @@ from trioflow.models._base import (
     Usage,
 )
 from trioflow.models._sdk import (
+    InvalidDataMixin,
     SDKDialect,
     SDKModel,
-    StatusError,
     StreamParser,
-    excerpt,
     tool_call,
 )
 from trioflow.sse import ServerSentEvent
@@ -332,13 +331,8 @@ class _MessagesParser(StreamParser):
 # -- errors ---------------------------------------------------------------------
 
 
-class InvalidStreamData(anthropic.APIResponseValidationError):
-    """The body of a streamed response holds what the API never sends.
-
-    A ``data:`` field that is not a JSON object (text, a number, a truncated
-    object) or a line that is not UTF-8. The attempt fails and is retried
-    like a stream cut short (``kind="invalid_response"``), since the next
-    attempt may well get a sound stream; it is never silently skipped.
+class InvalidStreamData(InvalidDataMixin, anthropic.APIResponseValidationError):
+    """Invalid data in the Messages API's event stream (see :class:`~trioflow.models._sdk.InvalidDataMixin`).
 
     Args:
         response: The attempt's HTTP response.
@@ -346,35 +340,12 @@ class InvalidStreamData(anthropic.APIResponseValidationError):
         data: The offending data, quoted (shortened) in the message.
     """
 
-    def __init__(self, response: httpx2.Response, what: str, data: str | None = None) -> None:
-        super().__init__(response, None, message=excerpt(what, data))
 
-
-class _AnthropicDialect(SDKDialect):
-    label = "Claude"
-    status_error = anthropic.APIStatusError
-    timeout_error = anthropic.APITimeoutError
-    connection_error = anthropic.APIConnectionError
-    validation_error = anthropic.APIResponseValidationError
-    invalid_data = InvalidStreamData
-    request_id_header = "request-id"
-    retryable_kinds_by_error_type = _RETRYABLE_KINDS_BY_ERROR_TYPE
-
-    def error_object(self, exc: StatusError) -> object:
-        body = exc.body  # {"type": "error", "error": {"type", "message"}}
-        return body.get("error") if isinstance(body, Mapping) else None
-
-    def cut_short(self, request: httpx2.Request, message: str) -> Exception:
-        return anthropic.APIConnectionError(message=message, request=request)
-
-    def timed_out(self, request: httpx2.Request) -> Exception:
-        return anthropic.APITimeoutError(request=request)
-
-    def transport_failed(self, request: httpx2.Request) -> Exception:
-        return anthropic.APIConnectionError(request=request)
-
-    def invalid(self, response: httpx2.Response, what: str, data: str | None = None) -> Exception:
-        return InvalidStreamData(response, what, data)
-
-
-AnthropicModel._dialect = _AnthropicDialect()
+AnthropicModel._dialect = SDKDialect(
+    anthropic,
+    label="Claude",
+    invalid_data=InvalidStreamData,
+    request_id_header="request-id",
+    nested_error=True,  # {"type": "error", "error": {"type", "message"}}
+    retryable_kinds_by_error_type=_RETRYABLE_KINDS_BY_ERROR_TYPE,
+)

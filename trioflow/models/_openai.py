@@ -64,11 +64,10 @@ from trioflow.models._base import (
     Usage,
 )
 from trioflow.models._sdk import (
+    InvalidDataMixin,
     SDKDialect,
     SDKModel,
-    StatusError,
     StreamParser,
-    excerpt,
     tool_call,
 )
 from trioflow.sse import ServerSentEvent
@@ -450,12 +449,11 @@ class _ChunkParser(StreamParser):
 # -- errors ---------------------------------------------------------------------
 
 
-class InvalidChunkData(openai.APIResponseValidationError):
-    """The body of a streamed response holds what the API never sends.
+class InvalidChunkData(InvalidDataMixin, openai.APIResponseValidationError):
+    """Invalid data in a Chat Completions stream (see :class:`~trioflow.models._sdk.InvalidDataMixin`).
 
     A ``data:`` field that is neither ``[DONE]`` nor a JSON object, or a line
-    that is not UTF-8. The attempt fails and is retried like a stream cut
-    short (``kind="invalid_response"``); it is never silently skipped.
+    that is not UTF-8.
 
     Args:
         response: The attempt's HTTP response.
@@ -463,33 +461,11 @@ class InvalidChunkData(openai.APIResponseValidationError):
         data: The offending data, quoted (shortened) in the message.
     """
 
-    def __init__(self, response: httpx2.Response, what: str, data: str | None = None) -> None:
-        super().__init__(response, None, message=excerpt(what, data))
 
-
-class _OpenAIDialect(SDKDialect):
-    label = "OpenAI"
-    status_error = openai.APIStatusError
-    timeout_error = openai.APITimeoutError
-    connection_error = openai.APIConnectionError
-    validation_error = openai.APIResponseValidationError
-    invalid_data = InvalidChunkData
-    request_id_header = "x-request-id"
-
-    def error_object(self, exc: StatusError) -> object:
-        return exc.body  # the SDK keeps the body's "error" object
-
-    def cut_short(self, request: httpx2.Request, message: str) -> Exception:
-        return openai.APIConnectionError(message=message, request=request)
-
-    def timed_out(self, request: httpx2.Request) -> Exception:
-        return openai.APITimeoutError(request=request)
-
-    def transport_failed(self, request: httpx2.Request) -> Exception:
-        return openai.APIConnectionError(request=request)
-
-    def invalid(self, response: httpx2.Response, what: str, data: str | None = None) -> Exception:
-        return InvalidChunkData(response, what, data)
-
-
-OpenAIModel._dialect = _OpenAIDialect()
+OpenAIModel._dialect = SDKDialect(
+    openai,
+    label="OpenAI",
+    invalid_data=InvalidChunkData,
+    request_id_header="x-request-id",
+    nested_error=False,  # the SDK keeps the body's "error" object
+)

@@ -37,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Final, Protocol, Self, cast
 
 import httpx2
@@ -49,6 +49,7 @@ from trioflow.supervise import RetryPolicy
 
 __all__ = [
     "CLOSE_TIMEOUT",
+    "InvalidDataMixin",
     "SDKDialect",
     "SDKModel",
     "StatusError",
@@ -152,49 +153,93 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return value
 
 
-class SDKDialect(abc.ABC):
-    """One SDK's exception classes, and how its failures read.
+class InvalidDataMixin:
+    """The body of a streamed response holds what the API never sends.
 
-    Subclasses name the classes (as class attributes) and the constructors
-    of the exceptions a :class:`StreamedTurn` raises itself.
+    A ``data:`` field that is not a JSON object (text, a number, a truncated
+    object) or a line that is not UTF-8. The attempt fails and is retried
+    like a stream cut short (``kind="invalid_response"``), since the next
+    attempt may well get a sound stream; it is never silently skipped.
+
+    Mixed into a subclass of an SDK's ``APIResponseValidationError``, so that
+    a :class:`~trioflow.RetryPolicy`'s ``retry_on`` can name that class.
+
+    Args:
+        response: The attempt's HTTP response.
+        what: What is wrong, for the message.
+        data: The offending data, quoted (shortened) in the message.
     """
 
-    label: ClassVar[str]
-    """How error messages name the model's API: ``"Claude"``, ``"OpenAI"``."""
-    status_error: ClassVar[type[Exception]]
-    """The SDK's ``APIStatusError``."""
-    timeout_error: ClassVar[type[Exception]]
-    """The SDK's ``APITimeoutError``."""
-    connection_error: ClassVar[type[Exception]]
-    """The SDK's ``APIConnectionError``."""
-    validation_error: ClassVar[type[Exception]]
-    """The SDK's ``APIResponseValidationError``."""
-    invalid_data: ClassVar[type[Exception]]
-    """The model's subclass of :attr:`validation_error` for invalid data in a stream."""
-    request_id_header: ClassVar[str] = "request-id"
-    """The response header carrying the request's id."""
-    retryable_kinds_by_error_type: ClassVar[Mapping[str, str]] = {}
-    """The kind of a retryable failure (``5xx`` or mid-stream), by the API's error type."""
+    def __init__(self, response: httpx2.Response, what: str, data: str | None = None) -> None:
+        # The next class in the MRO is the SDK's APIResponseValidationError.
+        super().__init__(response, None, message=excerpt(what, data))  # type: ignore[call-arg]
 
-    @abc.abstractmethod
+
+class SDKDialect:
+    """One SDK's exception classes, and how its failures read.
+
+    The ``anthropic`` and ``openai`` SDKs name their exceptions alike; the
+    dialect takes them from the SDK's module.
+
+    Args:
+        sdk: The SDK's module (``anthropic``, ``openai``).
+        label: How error messages name the model's API (``"Claude"``).
+        invalid_data: The model's :class:`InvalidDataMixin` exception class.
+        request_id_header: The response header carrying the request's id.
+        nested_error: Whether a status error's ``body`` holds the API's
+            error object under ``"error"`` (Anthropic's SDK) rather than
+            being that object (OpenAI's).
+        retryable_kinds_by_error_type: The kind of a retryable failure
+            (``5xx`` or mid-stream), by the API's error type;
+            ``"server_error"`` for a type not listed.
+    """
+
+    def __init__(
+        self,
+        sdk: ModuleType,
+        *,
+        label: str,
+        invalid_data: type[Exception],
+        request_id_header: str,
+        nested_error: bool,
+        retryable_kinds_by_error_type: Mapping[str, str] | None = None,
+    ) -> None:
+        self._sdk = sdk
+        self.label = label
+        self.status_error: type[Exception] = sdk.APIStatusError
+        self.timeout_error: type[Exception] = sdk.APITimeoutError
+        self.connection_error: type[Exception] = sdk.APIConnectionError
+        self.validation_error: type[Exception] = sdk.APIResponseValidationError
+        self.invalid_data = invalid_data
+        self.request_id_header = request_id_header
+        self._nested_error = nested_error
+        self._retryable_kinds = dict(retryable_kinds_by_error_type or {})
+
     def error_object(self, exc: StatusError) -> object:
         """The API's error object (with ``type`` and ``message``) of a status error."""
+        body = exc.body
+        if not self._nested_error:
+            return body
+        return body.get("error") if isinstance(body, Mapping) else None
 
-    @abc.abstractmethod
     def cut_short(self, request: httpx2.Request, message: str) -> Exception:
         """The SDK's ``APIConnectionError`` for a stream that ended too soon."""
+        error: Exception = self._sdk.APIConnectionError(message=message, request=request)
+        return error
 
-    @abc.abstractmethod
     def timed_out(self, request: httpx2.Request) -> Exception:
         """The SDK's ``APITimeoutError``."""
+        error: Exception = self._sdk.APITimeoutError(request=request)
+        return error
 
-    @abc.abstractmethod
     def transport_failed(self, request: httpx2.Request) -> Exception:
         """The SDK's ``APIConnectionError`` for a failed read."""
+        error: Exception = self._sdk.APIConnectionError(request=request)
+        return error
 
-    @abc.abstractmethod
     def invalid(self, response: httpx2.Response, what: str, data: str | None = None) -> Exception:
         """The model's :attr:`invalid_data` exception."""
+        return self.invalid_data(response, what, data)
 
     def error_type(self, exc: StatusError) -> str | None:
         """The API's error type of a status error (``rate_limit_error``, ``server_error``)."""
@@ -210,7 +255,7 @@ class SDKDialect(abc.ABC):
                 return _RETRYABLE_KINDS_BY_STATUS[code], status, True
             if code >= 500 or code < 400:
                 error_type = self.error_type(error) or ""
-                kind = self.retryable_kinds_by_error_type.get(error_type, "server_error")
+                kind = self._retryable_kinds.get(error_type, "server_error")
                 return kind, status, True
             return _KINDS_BY_STATUS.get(code, "client_error"), status, False
         if isinstance(exc, (self.timeout_error, httpx2.TimeoutException)):

@@ -64,6 +64,7 @@ from trioflow.testing._scripted_server import (
     RecordedRequest,
     ScriptedServer,
     ServerStatistics,
+    ToolUse,
     serving,
 )
 
@@ -105,41 +106,6 @@ def encode_sse(event: str, data: Mapping[str, Any]) -> bytes:
 
 
 # -- the script -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ToolUse:
-    """A ``tool_use`` content block of a :class:`StreamedReply`.
-
-    The input is sent as its JSON text cut into ``input_json_delta`` pieces
-    of ``chunk_size`` characters, or as the verbatim ``partial_json`` pieces
-    when given (to send JSON that does not parse, for example).
-
-    Raises:
-        ValueError: ``chunk_size`` < 1.
-    """
-
-    name: str
-    """The tool's name."""
-    input: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """The tool's input, a JSON object."""
-    id: str | None = None
-    """The block's id; ``toolu_test<request><index>`` when ``None``."""
-    chunk_size: int = 8
-    """Characters of input JSON per ``input_json_delta`` event."""
-    partial_json: Sequence[str] | None = None
-    """Verbatim ``partial_json`` pieces that replace the encoded ``input``."""
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, not {self.chunk_size!r}")
-
-    def json_pieces(self) -> list[str]:
-        """The ``partial_json`` strings this block streams, in order."""
-        if self.partial_json is not None:
-            return list(self.partial_json)
-        text = json.dumps(dict(self.input), separators=(",", ":"), ensure_ascii=False)
-        return [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ import h11
 import trio
 
 from trioflow.sse import encode
-from trioflow.testing._scripted_server import ScriptedServer, serving
+from trioflow.testing._scripted_server import ScriptedServer, ToolUse, serving
 
 __all__ = [
     "DONE_FRAME",
@@ -57,7 +57,6 @@ __all__ = [
     "ChatError",
     "ChatErrorAfter",
     "ChatReply",
-    "ChatToolCall",
     "OpenAIReply",
     "OpenAIServer",
     "encode_chunk",
@@ -88,42 +87,6 @@ def encode_chunk(data: Mapping[str, Any]) -> bytes:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ChatToolCall:
-    """A tool call of a :class:`ChatReply`.
-
-    Its first chunk carries the call's ``index``, ``id``, ``type`` and
-    ``function.name`` with empty arguments; then ``function.arguments``
-    follows as the JSON text of :attr:`arguments` cut into pieces of
-    ``chunk_size`` characters (or the verbatim :attr:`raw_arguments`).
-
-    Raises:
-        ValueError: ``chunk_size`` < 1.
-    """
-
-    name: str
-    """The function's name."""
-    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """The arguments, a JSON object."""
-    id: str | None = None
-    """The call's id; ``call_test<request><index>`` when ``None``."""
-    chunk_size: int = 8
-    """Characters of arguments JSON per chunk."""
-    raw_arguments: Sequence[str] | None = None
-    """Verbatim ``function.arguments`` pieces that replace the encoded :attr:`arguments`."""
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, not {self.chunk_size!r}")
-
-    def pieces(self) -> list[str]:
-        """The ``function.arguments`` strings this call streams, in order."""
-        if self.raw_arguments is not None:
-            return list(self.raw_arguments)
-        text = json.dumps(dict(self.arguments), separators=(",", ":"), ensure_ascii=False)
-        return [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class ChatReply:
     """A completion streamed as the Chat Completions API streams it.
 
@@ -141,7 +104,7 @@ class ChatReply:
 
     text: Sequence[str] = ()
     """The text deltas, in order."""
-    tool_calls: Sequence[ChatToolCall] = ()
+    tool_calls: Sequence[ToolUse] = ()
     """The tool calls, after the text (parallel calls: several)."""
     finish_reason: str | None = None
     """The finish reason; when ``None``: ``"tool_calls"`` with tool calls, else ``"stop"``."""
@@ -210,7 +173,7 @@ class ChatReply:
                 "type": "function",
                 "function": {"name": call.name, "arguments": ""},
             }
-            rest = [{"index": index, "function": {"arguments": p}} for p in call.pieces()]
+            rest = [{"index": index, "function": {"arguments": p}} for p in call.json_pieces()]
             calls.append([first, *rest])
         if self.interleave:
             order = [
@@ -227,7 +190,9 @@ class ChatReply:
         if include_usage:
             completion = self.completion_tokens
             if completion is None:
-                completion = max(1, len(self.text) + sum(len(c.pieces()) for c in self.tool_calls))
+                completion = max(
+                    1, len(self.text) + sum(len(c.json_pieces()) for c in self.tool_calls)
+                )
             usage = {
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": completion,

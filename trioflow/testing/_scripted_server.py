@@ -19,20 +19,62 @@ import email.utils
 import functools
 import json
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Generic, TypeVar
 
 import h11
 import trio
 
-__all__ = ["RecordedRequest", "ScriptedServer", "ServerStatistics", "serving"]
+__all__ = ["RecordedRequest", "ScriptedServer", "ServerStatistics", "ToolUse", "serving"]
 
 _MAX_BODY = 16 * 1024 * 1024
 _RECEIVE_SIZE = 65536
 
 ReplyT = TypeVar("ReplyT")
 ServerT = TypeVar("ServerT", bound="ScriptedServer[Any]")
+
+
+# -- script items ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool call of a scripted reply, its input streamed in pieces.
+
+    The input is sent as its JSON text cut into pieces of ``chunk_size``
+    characters, or as the verbatim ``partial_json`` pieces when given (to
+    send JSON that does not parse, for example): a ``tool_use`` block with
+    ``input_json_delta`` events in a :class:`~trioflow.testing.StreamedReply`,
+    a tool call with ``function.arguments`` chunks in a
+    :class:`~trioflow.testing.ChatReply`.
+
+    Raises:
+        ValueError: ``chunk_size`` < 1.
+    """
+
+    name: str
+    """The tool's name."""
+    input: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The tool's input, a JSON object."""
+    id: str | None = None
+    """The call's id; when ``None``, ``toolu_test<request><index>`` (Anthropic) or
+    ``call_test<request><index>`` (OpenAI)."""
+    chunk_size: int = 8
+    """Characters of input JSON per piece."""
+    partial_json: Sequence[str] | None = None
+    """Verbatim ``partial_json`` pieces that replace the encoded ``input``."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, not {self.chunk_size!r}")
+
+    def json_pieces(self) -> list[str]:
+        """The ``partial_json`` strings this block streams, in order."""
+        if self.partial_json is not None:
+            return list(self.partial_json)
+        text = json.dumps(dict(self.input), separators=(",", ":"), ensure_ascii=False)
+        return [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
 
 
 # -- records --------------------------------------------------------------------
