@@ -34,8 +34,7 @@ The API key never appears in an event, an exception message or a ``repr``.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import anthropic
@@ -164,60 +163,11 @@ class AnthropicModel(SDKModel):
             credentials=(self._client.api_key, self._client.auth_token),
         )
 
-    def stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        system: str | None = None,
-    ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
-        """Stream one turn of Claude's reply to ``messages``.
+    # -- what SDKModel asks of its subclasses ----------------------------------------
 
-        The ``async with`` block yields an async iterator of
-        :data:`~trioflow.models.ModelEvent`: :class:`~trioflow.models.TextDelta`
-        as text arrives, one :class:`~trioflow.models.ToolCall` per complete
-        ``tool_use`` block, a :class:`~trioflow.models.RetryNotice` before
-        each retry, and one :class:`~trioflow.models.TurnEnd` last. The
-        request is sent at the first iteration. After a
-        :class:`~trioflow.models.RetryNotice`, the next iteration sleeps the
-        notice's delay (on Trio's clock), then streams the turn again from its
-        start: the events of the failed attempt are void.
-
-        Args:
-            messages: The conversation so far.
-            tools: The tools Claude may call.
-            system: The system prompt, if any.
-
-        Returns:
-            An async context manager; leaving it closes the HTTP response.
-
-        Raises:
-            ModelError: On iteration, when the request failed for good:
-                ``kind`` is ``"bad_request"`` (400), ``"authentication"``
-                (401), ``"permission"`` (403), ``"not_found"`` (404), ... at
-                once; or, with ``retryable=True``, ``"rate_limit"``,
-                ``"overloaded"``, ``"server_error"``, ``"timeout"``,
-                ``"connection"`` or ``"invalid_response"`` (a ``data:`` field
-                that is not a JSON object, or bytes that are not UTF-8) once
-                the retry policy's attempts are spent (or at once if its
-                ``retry_on`` refuses the failure); at once, with
-                ``retryable=True`` and :attr:`~trioflow.models.ModelError.retry_after`
-                set, when the server asks to wait longer than the policy's
-                ``max_retry_after`` (the message gives the hint and the
-                cap); or ``"invalid_response"``, not retried, if a tool's
-                input is not a JSON object or an event is malformed. The
-                message names the error type, the API's message and the
-                request id.
-            trio.ClosedResourceError: On entry, if the model was closed; on
-                iteration, if the block was left.
-            trio.BusyResourceError: Two tasks iterate at once.
-
-        Cancellation:
-            Cancelling the iterating task closes the HTTP response (shielded,
-            with a short timeout) when the ``async with`` block exits, so the
-            server sees the connection close at once. Cancelled during a
-            backoff sleep, no further attempt is made.
-        """
+    def _params(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], system: str | None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {
             "model": self._model,
             "max_tokens": self._max_tokens,
@@ -227,9 +177,7 @@ class AnthropicModel(SDKModel):
             params["tools"] = [t.to_dict() for t in tools]
         if system is not None:
             params["system"] = system
-        return self._turn(params)
-
-    # -- what SDKModel asks of its subclasses ----------------------------------------
+        return params
 
     async def _open(self, params: dict[str, Any]) -> httpx2.Response:
         stream: anthropic.AsyncStream[Any]

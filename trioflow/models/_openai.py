@@ -43,8 +43,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
 import httpx2
@@ -209,61 +208,11 @@ class OpenAIModel(SDKModel):
             ),
         )
 
-    def stream(
-        self,
-        messages: Sequence[Message],
-        *,
-        tools: Sequence[ToolSpec] = (),
-        system: str | None = None,
-    ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
-        """Stream one turn of the model's reply to ``messages``.
+    # -- what SDKModel asks of its subclasses ----------------------------------------
 
-        The ``async with`` block yields an async iterator of
-        :data:`~trioflow.models.ModelEvent`: :class:`~trioflow.models.TextDelta`
-        as text arrives, one :class:`~trioflow.models.ToolCall` per tool call
-        (in the order of their ``index``, once the choice is finished), a
-        :class:`~trioflow.models.RetryNotice` before each retry, and one
-        :class:`~trioflow.models.TurnEnd` last. The request is sent at the
-        first iteration. After a :class:`~trioflow.models.RetryNotice`, the
-        next iteration sleeps the notice's delay (on Trio's clock), then
-        streams the turn again from its start: the events of the failed
-        attempt are void.
-
-        Args:
-            messages: The conversation so far.
-            tools: The tools the model may call.
-            system: The system prompt, if any.
-
-        Returns:
-            An async context manager; leaving it closes the HTTP response.
-
-        Raises:
-            ModelError: On iteration, when the request failed for good:
-                ``kind`` is ``"bad_request"`` (400), ``"authentication"``
-                (401), ``"permission"`` (403), ``"not_found"`` (404: the
-                server does not know the model, or the URL is wrong), ... at
-                once; or, with ``retryable=True``, ``"rate_limit"``,
-                ``"server_error"``, ``"timeout"``, ``"connection"`` or
-                ``"invalid_response"`` (a ``data:`` field that is not a JSON
-                object, or bytes that are not UTF-8) once the retry policy's
-                attempts are spent (or at once if its ``retry_on`` refuses the
-                failure); at once, with ``retryable=True`` and
-                :attr:`~trioflow.models.ModelError.retry_after` set, when the
-                server asks to wait longer than the policy's
-                ``max_retry_after``; or ``"invalid_response"``, not retried,
-                if a tool call's arguments are not a JSON object or a chunk is
-                malformed. The message names the error type, the API's
-                message and the request id.
-            trio.ClosedResourceError: On entry, if the model was closed; on
-                iteration, if the block was left.
-            trio.BusyResourceError: Two tasks iterate at once.
-
-        Cancellation:
-            Cancelling the iterating task closes the HTTP response (shielded,
-            with a short timeout) when the ``async with`` block exits, so the
-            server sees the connection close at once. Cancelled during a
-            backoff sleep, no further attempt is made.
-        """
+    def _params(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], system: str | None
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {
             "model": self._model,
             "messages": chat_messages(messages, system=system),
@@ -272,9 +221,7 @@ class OpenAIModel(SDKModel):
         }
         if tools:
             params["tools"] = [_tool_dict(t) for t in tools]
-        return self._turn(params)
-
-    # -- what SDKModel asks of its subclasses ----------------------------------------
+        return params
 
     async def _open(self, params: dict[str, Any]) -> httpx2.Response:
         stream: openai.AsyncStream[Any]

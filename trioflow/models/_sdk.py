@@ -35,7 +35,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Final, Protocol, Self, cast
@@ -43,7 +43,15 @@ from typing import Any, ClassVar, Final, Protocol, Self, cast
 import httpx2
 import trio
 
-from trioflow.models._base import ModelError, ModelEvent, RetryNotice, ToolCall, TurnEnd
+from trioflow.models._base import (
+    Message,
+    ModelError,
+    ModelEvent,
+    RetryNotice,
+    ToolCall,
+    ToolSpec,
+    TurnEnd,
+)
 from trioflow.sse import ServerSentEvent, SSEDecoder
 from trioflow.supervise import RetryPolicy
 
@@ -410,10 +418,69 @@ class SDKModel(abc.ABC):
             text = text.replace(secret, "[redacted]")
         return text
 
-    def _turn(
-        self, params: dict[str, Any]
+    def stream(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[ToolSpec] = (),
+        system: str | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
-        return StreamedTurn(self, params)
+        """Stream one turn of the model's reply to ``messages``.
+
+        The ``async with`` block yields an async iterator of
+        :data:`~trioflow.models.ModelEvent`: :class:`~trioflow.models.TextDelta`
+        as text arrives, one :class:`~trioflow.models.ToolCall` per complete
+        tool call (its input JSON arrives in pieces), a
+        :class:`~trioflow.models.RetryNotice` before each retry, and one
+        :class:`~trioflow.models.TurnEnd` last. The request is sent at the
+        first iteration. After a :class:`~trioflow.models.RetryNotice`, the
+        next iteration sleeps the notice's delay (on Trio's clock), then
+        streams the turn again from its start: the events of the failed
+        attempt are void.
+
+        Args:
+            messages: The conversation so far.
+            tools: The tools the model may call.
+            system: The system prompt, if any.
+
+        Returns:
+            An async context manager; leaving it closes the HTTP response.
+
+        Raises:
+            ModelError: On iteration, when the request failed for good:
+                ``kind`` is ``"bad_request"`` (400), ``"authentication"``
+                (401), ``"permission"`` (403), ``"not_found"`` (404: an
+                unknown model, or a wrong URL), ... at once; or, with
+                ``retryable=True``, ``"rate_limit"``, ``"overloaded"``,
+                ``"server_error"``, ``"timeout"``, ``"connection"`` or
+                ``"invalid_response"`` (a ``data:`` field that is not a JSON
+                object, or bytes that are not UTF-8) once the retry policy's
+                attempts are spent (or at once if its ``retry_on`` refuses the
+                failure); at once, with ``retryable=True`` and
+                :attr:`~trioflow.models.ModelError.retry_after` set, when the
+                server asks to wait longer than the policy's
+                ``max_retry_after`` (the message gives the hint and the
+                cap); or ``"invalid_response"``, not retried, if a tool's
+                input is not a JSON object or an event is malformed. The
+                message names the error type, the API's message and the
+                request id, with any credential redacted.
+            trio.ClosedResourceError: On entry, if the model was closed; on
+                iteration, if the block was left.
+            trio.BusyResourceError: Two tasks iterate at once.
+
+        Cancellation:
+            Cancelling the iterating task closes the HTTP response (shielded,
+            with a short timeout) when the ``async with`` block exits, so the
+            server sees the connection close at once. Cancelled during a
+            backoff sleep, no further attempt is made.
+        """
+        return StreamedTurn(self, self._params(messages, tools, system))
+
+    @abc.abstractmethod
+    def _params(
+        self, messages: Sequence[Message], tools: Sequence[ToolSpec], system: str | None
+    ) -> dict[str, Any]:
+        """The keyword arguments of the SDK's create call for one turn."""
 
     @abc.abstractmethod
     async def _open(self, params: dict[str, Any]) -> httpx2.Response:

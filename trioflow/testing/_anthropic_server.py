@@ -415,27 +415,23 @@ class AnthropicServer(ScriptedServer[Reply]):
             await self._send_whole(stream, conn, 200, "application/json", payload, (), number)
             return True
         frames = streamed.sse_frames(**names)
-        cut = False
         if isinstance(reply, DisconnectAfter):
-            frames = frames[: max(0, reply.events)]
-            cut = True
-        elif isinstance(reply, ErrorEventAfter):
-            frames = frames[: max(0, reply.events)]
-            error_body = ErrorReply(0, reply.error_type, reply.message).body()
-            frames.append(encode_sse("error", {"type": "error", "error": error_body["error"]}))
-        complete = not cut or (isinstance(reply, DisconnectAfter) and reply.complete_body)
-        await self._send_stream(
-            stream,
-            conn,
-            frames,
-            number=number,
-            end=complete,
-            cut=cut,
-            pace=streamed.pace,
-            gate=streamed.gate,
-            gate_after=streamed.gate_after,
-        )
-        return complete
+            return await self._stream_reply(
+                stream,
+                conn,
+                frames,
+                streamed,
+                number=number,
+                keep=reply.events,
+                complete_body=reply.complete_body,
+            )
+        if isinstance(reply, ErrorEventAfter):
+            error = ErrorReply(0, reply.error_type, reply.message).body()["error"]
+            tail = encode_sse("error", {"type": "error", "error": error})
+            return await self._stream_reply(
+                stream, conn, frames, streamed, number=number, keep=reply.events, tail=tail
+            )
+        return await self._stream_reply(stream, conn, frames, streamed, number=number)
 
     async def _send_plain_error(
         self, stream: trio.SocketStream, conn: h11.Connection, status: int, message: str

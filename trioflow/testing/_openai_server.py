@@ -357,27 +357,23 @@ class OpenAIServer(ScriptedServer[OpenAIReply]):
             request=number,
             include_usage=include_usage,
         )
-        cut = False
         if isinstance(reply, ChatDisconnectAfter):
-            frames = frames[: max(0, reply.chunks)]
-            cut = True
-        elif isinstance(reply, ChatErrorAfter):
-            frames = frames[: max(0, reply.chunks)]
+            return await self._stream_reply(
+                stream,
+                conn,
+                frames,
+                streamed,
+                number=number,
+                keep=reply.chunks,
+                complete_body=reply.complete_body,
+            )
+        if isinstance(reply, ChatErrorAfter):
             error = {"message": reply.message, "type": reply.type, "param": None, "code": None}
-            frames.append(encode_chunk({"error": error}))
-        complete = not cut or (isinstance(reply, ChatDisconnectAfter) and reply.complete_body)
-        await self._send_stream(
-            stream,
-            conn,
-            frames,
-            number=number,
-            end=complete,
-            cut=cut,
-            pace=streamed.pace,
-            gate=streamed.gate,
-            gate_after=streamed.gate_after,
-        )
-        return complete
+            tail = encode_chunk({"error": error})
+            return await self._stream_reply(
+                stream, conn, frames, streamed, number=number, keep=reply.chunks, tail=tail
+            )
+        return await self._stream_reply(stream, conn, frames, streamed, number=number)
 
     async def _send_plain_error(
         self, stream: trio.SocketStream, conn: h11.Connection, status: int, message: str

@@ -21,7 +21,7 @@ import json
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import h11
 import trio
@@ -138,6 +138,17 @@ class ServerStatistics:
 class _Incoming:
     request: h11.Request
     body: bytes
+
+
+class _Timing(Protocol):
+    """How a scripted reply is paced and held (its ``pace``, ``gate``, ``gate_after``)."""
+
+    @property
+    def pace(self) -> float: ...
+    @property
+    def gate(self) -> trio.Event | None: ...
+    @property
+    def gate_after(self) -> int: ...
 
 
 class _ClientGone(Exception):
@@ -394,6 +405,47 @@ class ScriptedServer(abc.ABC, Generic[ReplyT]):
             value = retry_after
             extra.append(("retry-after", str(int(value)) if value == int(value) else str(value)))
         await self._send_whole(stream, conn, status, "application/json", payload, extra, number)
+
+    async def _stream_reply(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        frames: list[bytes],
+        timing: _Timing,
+        *,
+        number: int,
+        keep: int | None = None,
+        tail: bytes | None = None,
+        complete_body: bool = False,
+    ) -> bool:
+        """Stream ``frames`` as ``timing`` says: all, or the first ``keep`` then ``tail``.
+
+        With ``keep`` and no ``tail`` the reply is cut: the connection drops
+        after the kept frames, unless ``complete_body`` ends the body cleanly.
+
+        Returns:
+            Whether the connection may be kept open.
+        """
+        cut = False
+        if keep is not None:
+            frames = frames[: max(0, keep)]
+            if tail is None:
+                cut = True
+            else:
+                frames.append(tail)
+        complete = not cut or complete_body
+        await self._send_stream(
+            stream,
+            conn,
+            frames,
+            number=number,
+            end=complete,
+            cut=cut,
+            pace=timing.pace,
+            gate=timing.gate,
+            gate_after=timing.gate_after,
+        )
+        return complete
 
     def _count_dropped(self) -> None:
         self._dropped += 1
