@@ -456,16 +456,24 @@ async def test_cancelling_mid_stream_closes_the_http_response_promptly(
 
 
 async def test_cancelling_during_a_backoff_makes_no_further_attempt(
-    autojump_clock: trio.testing.MockClock,
-    openai_server: OpenAIServer,
-    openai_model: OpenAIModel,
+    openai_server: OpenAIServer, openai_model: OpenAIModel
 ) -> None:
     openai_server.add(ChatError(429, retry_after=10), ChatReply(text=["unused"]))
     seen: list[ModelEvent] = []
-    with trio.move_on_after(5):
+    noticed = trio.Event()
+
+    async def consume() -> None:
         async with openai_model.stream([Message.user("Hi")]) as events:
             async for event in events:
                 seen.append(event)
+                noticed.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(consume)
+            await noticed.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the consumer sleeps its backoff
+            nursery.cancel_scope.cancel()
     assert [type(e) for e in seen] == [RetryNotice]
     assert openai_server.statistics().requests == 1
 
@@ -551,6 +559,8 @@ async def test_the_key_is_never_in_an_event_an_error_or_a_log(
     assert info.value.kind == "authentication"
     texts = [repr(e) for e in seen] + [str(info.value), repr(info.value), repr(openai_model)]
     texts += [r.getMessage() for r in caplog.records]
+    loggers = {r.name.split(".")[0] for r in caplog.records}
+    assert {"openai", "httpcore2"} <= loggers, loggers  # the SDK's debug logs were seen
     assert len(notices(seen)) == 2
     assert all("[redacted]" in n.error for n in notices(seen))
     assert "[redacted]" in str(info.value)
