@@ -23,12 +23,16 @@ tool call whose input is not a JSON object.
 
 The request goes through the SDK (``client.messages.create(stream=True)``:
 headers, authentication, error statuses as SDK exceptions); the
-Server-Sent Events of the body are decoded here (by
-:class:`trioflow.sse.SSEDecoder`), from the SDK's HTTP response, because the SDK's event iterator leaves its async generators
-suspended when it raises for an ``error`` event or its consumer stops early,
-and Trio warns (``ResourceWarning``) when the garbage collector finds them.
+Server-Sent Events of the body are decoded by trioflow (by
+:class:`trioflow.sse.SSEDecoder`), from the SDK's HTTP response, because the
+SDK's event iterator leaves its async generators suspended when it raises
+for an ``error`` event or its consumer stops early, and Trio warns
+(``ResourceWarning``) when the garbage collector finds them.
 
 The API key never appears in an event, an exception message or a ``repr``.
+
+All of this but the Messages API's wire format is shared with
+:class:`~trioflow.models.OpenAIModel`, in ``trioflow.models._sdk``.
 """
 
 from __future__ import annotations
