@@ -364,6 +364,20 @@ async def test_an_error_chunk_mid_stream_is_retried(
     assert "mid-stream server_error: The engine is overloaded." in notice.error
 
 
+async def test_an_error_chunk_with_a_client_error_code_is_not_retried(
+    openai_server: OpenAIServer, openai_model: OpenAIModel
+) -> None:
+    # vLLM reports a request it cannot serve mid-stream with the status as the code.
+    error = ChatErrorAfter(
+        1, "This model's maximum context length is 8 tokens.", "BadRequestError", 400
+    )
+    openai_server.add(error, ChatReply(text=["unused"]))
+    info = await collect_until_error(openai_model, [])
+    assert (info.value.kind, info.value.status, info.value.retryable) == ("bad_request", None, False)
+    assert "maximum context length" in str(info.value)
+    assert openai_server.statistics().requests == 1
+
+
 async def test_invalid_data_in_the_stream_is_retried(
     autojump_clock: trio.testing.MockClock,
     openai_server: OpenAIServer,
@@ -400,6 +414,16 @@ async def test_an_unknown_model_is_a_clear_not_found_error(
         info = await collect_until_error(model, [])
     assert info.value.kind == "not_found"
     assert "The model `no-such-model` does not exist" in str(info.value)
+
+
+async def test_a_model_the_key_may_not_use_is_a_clear_permission_error(
+    openai_server: OpenAIServer, openai_model: OpenAIModel
+) -> None:
+    message = f"Project does not have access to model `{OPENAI_MODEL}`."
+    openai_server.add(ChatError(403, message, code="model_not_found"))
+    info = await collect_until_error(openai_model, [])
+    assert (info.value.kind, info.value.status, info.value.retryable) == ("permission", 403, False)
+    assert message in str(info.value)
 
 
 async def test_retry_on_narrows_which_failures_are_retried(openai_server: OpenAIServer) -> None:

@@ -259,6 +259,12 @@ class SDKDialect:
             error = cast(StatusError, exc)
             code = error.status_code
             status = code if code >= 400 else None  # an error mid-stream has status 200
+            if status is None:
+                # Some servers (vLLM) give a mid-stream error the status it stands for.
+                inner = self.error_object(error)
+                inner_code = inner.get("code") if isinstance(inner, Mapping) else None
+                if isinstance(inner_code, int) and 400 <= inner_code < 500:
+                    code = inner_code
             if code in _RETRYABLE_KINDS_BY_STATUS:
                 return _RETRYABLE_KINDS_BY_STATUS[code], status, True
             if code >= 500 or code < 400:

@@ -292,6 +292,8 @@ class ChatErrorAfter:
     """``error.message``."""
     type: str = "server_error"
     """``error.type``."""
+    code: str | int | None = None
+    """``error.code`` (vLLM sends the HTTP status the error stands for, ``400``)."""
     reply: ChatReply = ChatReply(text=("Hello", " there", ", how", " are", " you?"))
     """The reply whose first chunks are sent."""
 
@@ -368,7 +370,12 @@ class OpenAIServer(ScriptedServer[OpenAIReply]):
                 complete_body=reply.complete_body,
             )
         if isinstance(reply, ChatErrorAfter):
-            error = {"message": reply.message, "type": reply.type, "param": None, "code": None}
+            error = {
+                "message": reply.message,
+                "type": reply.type,
+                "param": None,
+                "code": reply.code,
+            }
             tail = encode_chunk({"error": error})
             return await self._stream_reply(
                 stream, conn, frames, streamed, number=number, keep=reply.chunks, tail=tail
