@@ -373,7 +373,11 @@ async def test_an_error_chunk_with_a_client_error_code_is_not_retried(
     )
     openai_server.add(error, ChatReply(text=["unused"]))
     info = await collect_until_error(openai_model, [])
-    assert (info.value.kind, info.value.status, info.value.retryable) == ("bad_request", None, False)
+    assert (info.value.kind, info.value.status, info.value.retryable) == (
+        "bad_request",
+        None,
+        False,
+    )
     assert "maximum context length" in str(info.value)
     assert openai_server.statistics().requests == 1
 
