@@ -9,13 +9,10 @@ run on the real clock under ``trio.fail_after``.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
 import logging
 import os
 import sys
-import warnings
 from typing import Any
 
 import openai
@@ -92,25 +89,6 @@ async def test_model_implements_the_model_protocol(openai_model: OpenAIModel) ->
         assert default.name == DEFAULT_OPENAI_MODEL
         assert default.retry_policy == DEFAULT_OPENAI_RETRY
         assert "api.openai.com" in repr(default)
-
-
-async def test_text_deltas_arrive_in_order_as_they_are_streamed(
-    openai_server: OpenAIServer, openai_model: OpenAIModel
-) -> None:
-    # The role chunk and the first delta go out; the server holds the rest
-    # until the consumer has seen the first delta.
-    gate = trio.Event()
-    openai_server.add(ChatReply(text=["Hel", "lo", " wor", "ld"], gate=gate, gate_after=2))
-    texts = []
-    with trio.fail_after(5):
-        async with openai_model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    texts.append(event.text)
-                    if not gate.is_set():
-                        assert openai_server.statistics().completed_responses == 0
-                        gate.set()
-    assert texts == ["Hel", "lo", " wor", "ld"]
 
 
 @pytest.mark.parametrize("interleave", [False, True])
@@ -455,32 +433,7 @@ async def test_sdk_retries_are_off_even_on_a_given_client(openai_server: OpenAIS
         assert not client.is_closed()  # the model does not close a client it was given
 
 
-# -- cancellation and closing -------------------------------------------------------
-
-
-async def test_cancelling_mid_stream_closes_the_http_response_promptly(
-    openai_server: OpenAIServer, openai_model: OpenAIModel
-) -> None:
-    gate = trio.Event()  # never set: the server holds the stream after the first delta
-    openai_server.add(ChatReply(text=["a", "b"], gate=gate, gate_after=2))
-    first_delta = trio.Event()
-
-    async def consume() -> None:
-        async with openai_model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    first_delta.set()
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(consume)
-            await first_delta.wait()
-            await trio.testing.wait_all_tasks_blocked()  # the consumer awaits the next bytes
-            nursery.cancel_scope.cancel()
-    with trio.fail_after(1):
-        stats = await openai_server.wait_until(lambda s: s.disconnects == 1)
-    assert stats.active_responses == 0
-    assert stats.completed_responses == 0
+# -- cancellation and closing (the rest: tests/test_sdk_models.py, for both models) ----
 
 
 async def test_cancelling_during_a_backoff_makes_no_further_attempt(
@@ -504,42 +457,6 @@ async def test_cancelling_during_a_backoff_makes_no_further_attempt(
             nursery.cancel_scope.cancel()
     assert [type(e) for e in seen] == [RetryNotice]
     assert openai_server.statistics().requests == 1
-
-
-async def test_leaving_the_block_early_closes_the_response_and_leaves_nothing_to_gc(
-    openai_server: OpenAIServer, openai_model: OpenAIModel
-) -> None:
-    openai_server.add(ChatReply(text=["a", "b", "c"], gate=trio.Event(), gate_after=3))
-    with warnings.catch_warnings(record=True) as caught, trio.fail_after(5):
-        warnings.simplefilter("always")
-        async with openai_model.stream([Message.user("Hi")]) as events:
-            async for _ in events:
-                break
-        gc.collect()
-        stats = await openai_server.wait_until(lambda s: s.disconnects == 1)
-    assert stats.active_responses == 0
-    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
-
-
-async def test_an_unclosed_model_is_collected_without_reaching_for_asyncio(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = []
-    monkeypatch.setattr(asyncio, "get_running_loop", lambda: calls.append(1))
-    model = OpenAIModel(OPENAI_MODEL, api_key=OPENAI_KEY)
-    del model
-    gc.collect()
-    assert calls == []
-
-
-async def test_a_closed_model_refuses_new_streams(openai_server: OpenAIServer) -> None:
-    model = model_for(openai_server)
-    await model.aclose()
-    await model.aclose()  # idempotent
-    with pytest.raises(trio.ClosedResourceError):
-        async with model.stream([Message.user("Hi")]):
-            pass
-    assert "closed" in repr(model)
 
 
 # -- credentials ------------------------------------------------------------------
