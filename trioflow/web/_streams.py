@@ -250,6 +250,12 @@ class StreamOutput(Generic[F, P]):
         """Send what :meth:`holds` (before the fan-out may write on the connection's behalf)."""
         await trio.lowlevel.checkpoint()
 
+    def joined(self, target: FanoutTarget[P]) -> None:
+        """``target`` joined the run's fan-out for this stream (nothing to do, by default)."""
+
+    def left(self, target: FanoutTarget[P]) -> None:
+        """``target`` left the fan-out (discarded: it writes no more; nothing to do, by default)."""
+
 
 class _Ended(enum.Enum):
     DELIVERED = "delivered"  # the terminal event (or the end of the run's events) was sent
@@ -337,6 +343,7 @@ async def _catch_up(
                     encode=out.frame,
                 )
                 fanout.add(target)
+                out.joined(target)
                 return fanout, target
         batch: list[FlowEvent] | None = None
         ended = False
@@ -388,6 +395,7 @@ async def _follow(
         target.broken = True
     finally:
         fanout.discard(target)
+        out.left(target)
     if target.broken:
         out.broken = True
         return False
