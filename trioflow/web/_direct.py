@@ -56,9 +56,9 @@ _log = logging.getLogger("trioflow.web")
 _RECEIVE = 64 * 1024
 
 
-_PREFIX = b"GET /runs/"
-"""How every request this module may serve begins: anything else goes to
-Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
+_PREFIXES = (b"GET /runs/", b"GET /ws")
+"""How every request this module (or :mod:`trioflow.web._direct_ws`) may serve begins:
+anything else goes to Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
 
 
 async def read_request(
@@ -76,8 +76,8 @@ async def read_request(
     data = b""
     with trio.move_on_after(within):
         while True:
-            if not data.startswith(_PREFIX):
-                if data and not _PREFIX.startswith(data):
+            if not data.startswith(_PREFIXES):
+                if data and not any(prefix.startswith(data) for prefix in _PREFIXES):
                     return None, data  # not an event stream: Hypercorn's
                 event: object = h11.NEED_DATA
             else:

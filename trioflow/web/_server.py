@@ -93,6 +93,7 @@ from trioflow.web._auth import AccessPolicy
 from trioflow.web._config import WebConfig, default_max_connections
 from trioflow.web._connections import Connections, GuardedStream
 from trioflow.web._direct import read_request, serve_event_stream, stream_target
+from trioflow.web._direct_ws import serve_socket, socket_target
 from trioflow.web._runs import RunHub
 from trioflow.web._tls import TLS, server_context
 
@@ -407,6 +408,11 @@ async def _worker(
         if scope.cancelled_caught or read is None:
             return True  # shutting down, or no request came: closed
         request, data = read
+        if request is not None and (socket := socket_target(request)) is not None:
+            await serve_socket(
+                guarded, request, socket, data, hub=hub, access=direct, hconfig=config
+            )
+            return True
         target = None if request is None else stream_target(request)
         if request is None or target is None:
             guarded.unread(data)

@@ -85,6 +85,7 @@ from trioflow.web._streams import Encoding, StreamOutput, stream_run
 __all__ = [
     "WS",
     "Transport",
+    "evicted_frame",
     "follow_run",
     "follow_runs",
     "run_socket",
@@ -101,7 +102,8 @@ def _error_frame(code: str, message: str, **details: Any) -> str:
     return _dumps({"type": "error", "code": code, "message": message, **extra})
 
 
-def _evicted_frame(run_id: str, last_seq: int) -> str:
+def evicted_frame(run_id: str, last_seq: int) -> str:
+    """The ``evicted`` error frame of ``run_id``, the client having got every event up to ``last_seq``."""
     return _error_frame(
         EVICTED,
         "this client fell behind and the stream stopped; send "
@@ -112,7 +114,7 @@ def _evicted_frame(run_id: str, last_seq: int) -> str:
 
 
 WS: Encoding[str, list[str]] = Encoding(
-    name="ws", event=FlowEvent.to_json, join=list, evicted=_evicted_frame
+    name="ws", event=FlowEvent.to_json, join=list, evicted=evicted_frame
 )
 """The WebSocket encoding: one text message per event (:meth:`FlowEvent.to_json`), no keepalive."""
 
