@@ -212,8 +212,6 @@ class SocketTransport(Transport):
     Args:
         stream: the connection (its task owns it).
         ceiling: the largest message read at all (``1009`` beyond).
-        direct: whether the run's fan-out may write to the socket itself
-            (``/runs/{id}/ws``: one run, one fan-out).
         head: the handshake's answer (the first bytes written).
         received: bytes the client sent after its handshake, read already.
     """
@@ -221,12 +219,10 @@ class SocketTransport(Transport):
     encoding = WS_FRAMES
 
     def __init__(
-        self, stream: GuardedStream, *, ceiling: int, direct: bool, head: bytes, received: bytes
+        self, stream: GuardedStream, *, ceiling: int, head: bytes, received: bytes
     ) -> None:
         self._stream = stream
         self._ceiling = ceiling
-        self.sock = stream.socket if direct else None
-        """The socket the fan-out may write to (``None``: never)."""
         self._queue: list[bytes] = [head]
         self._lock = trio.Lock()
         self._targets: list[FanoutTarget[bytes]] = []
@@ -259,8 +255,9 @@ class SocketTransport(Transport):
                         self.closed = self._close_sent = True
                         self.on_gone()
                         raise
+                sock = self._direct_sock()
                 for target in self._targets:  # nothing queued: direct writes may resume
-                    target.sock = self.sock
+                    target.sock = sock
 
     async def _send(self, data: bytes) -> None:
         if self._close_sent:
@@ -277,11 +274,16 @@ class SocketTransport(Transport):
     def output(self) -> StreamOutput[bytes, bytes]:
         return _SocketOutput(self)
 
+    def _direct_sock(self) -> trio.socket.SocketType | None:
+        """The socket the fan-out may write to now: one run followed, nothing queued."""
+        return self._stream.socket if len(self._targets) == 1 else None
+
     def joined(self, target: FanoutTarget[bytes]) -> None:
-        """A followed run's fan-out place (direct writes only while nothing is queued)."""
+        """A followed run's fan-out place (direct writes only while it is the only one and nothing is queued)."""
         self._targets.append(target)
-        if not self._idle():
-            target.sock = None
+        if len(self._targets) > 1 or not self._idle():
+            for each in self._targets:
+                each.close()  # direct writes stop (what they left is taken by the next write)
 
     def left(self, target: FanoutTarget[bytes]) -> None:
         """The place left: what it still holds goes out with the next write (a frame is never cut)."""
@@ -435,7 +437,7 @@ class _SocketOutput(StreamOutput[bytes, bytes]):
 
     def __init__(self, transport: SocketTransport) -> None:
         self._transport = transport
-        self.sock = transport.sock
+        self.sock = transport._stream.socket  # the fan-out's place gets it while it may write
 
     async def send_frames(self, frames: list[bytes]) -> None:
         await self._transport._send(b"".join(frames))
@@ -530,7 +532,6 @@ async def _serve(
     transport = SocketTransport(
         stream,
         ceiling=hub.config.websocket_message_ceiling,
-        direct=answer is not None,
         head=_handshake(accept),
         received=_after_head(data),
     )
