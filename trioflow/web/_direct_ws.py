@@ -275,8 +275,8 @@ class SocketTransport(Transport):
         return _SocketOutput(self)
 
     def _direct_sock(self) -> trio.socket.SocketType | None:
-        """The socket the fan-out may write to now: one run followed, nothing queued."""
-        return self._stream.socket if len(self._targets) == 1 else None
+        """The socket the fan-out may write to now: one run followed, nothing queued, no close sent."""
+        return self._stream.socket if len(self._targets) == 1 and not self._close_sent else None
 
     def joined(self, target: FanoutTarget[bytes]) -> None:
         """A followed run's fan-out place (direct writes only while it is the only one and nothing is queued)."""
@@ -288,11 +288,15 @@ class SocketTransport(Transport):
     def left(self, target: FanoutTarget[bytes]) -> None:
         """The place left: what it still holds goes out with the next write (a frame is never cut)."""
         self._targets.remove(target)
-        if not target.broken:
+        if not target.broken and not self._close_sent:
             self._queue.extend(target.take())
 
     async def close(self, code: int, reason: str | None) -> None:
         self.closed = True
+        await self._send_close(code, reason)
+
+    async def _send_close(self, code: int | None, reason: str | None = None) -> None:
+        """Send the close frame, once (the client being gone is no matter any more)."""
         if self._close_sent:
             await trio.lowlevel.checkpoint()
             return
@@ -302,16 +306,6 @@ class SocketTransport(Transport):
             await self.flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-    async def _fail(self, code: int) -> None:
-        """Close for the client's fault (the protocol sees the client leave)."""
-        if not self._close_sent:
-            self._close_sent = True
-            try:
-                self.queue(_close_frame(code))
-                await self.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
     # -- reading ---------------------------------------------------------------------
 
@@ -360,11 +354,11 @@ class SocketTransport(Transport):
             return None
         try:
             return await self._receive()
-        except trio.EndOfChannel:
-            self._close_received = True
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._close_received = True  # the client has gone (or a pong found it gone)
             return None
-        except _Closing as closing:
-            await self._fail(closing.code)
+        except _Closing as closing:  # the client broke the protocol: it sees the connection end
+            await self._send_close(closing.code)
             return None
 
     async def _receive(self) -> str | bytes | None:
@@ -413,13 +407,7 @@ class SocketTransport(Transport):
                 payload[2:].decode("utf-8")
             except UnicodeDecodeError:
                 raise _Closing(_INVALID_DATA) from None
-        if not self._close_sent:  # echo it
-            self._close_sent = True
-            try:
-                self.queue(_close_frame(code))
-                await self.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        await self._send_close(code)  # echoed (if the server has not sent its own)
 
     async def linger(self) -> None:
         """After the close frames: wait (a little) for the client's ``close`` or its leaving."""
