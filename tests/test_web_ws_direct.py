@@ -434,3 +434,25 @@ async def test_a_client_that_keeps_up_gets_every_event_and_is_never_evicted(
     run = server.executor.get_run(run_id)
     assert ids == list(range(1, run.last_seq + 1))
     assert run.last_seq > events
+
+
+async def test_an_unexpected_error_deciding_a_handshake_is_a_logged_500_both_ways(
+    start_web_server: StartWebServer, server_log: pytest.LogCaptureFixture
+) -> None:
+    statuses = []
+    for server in await both(start_web_server):
+
+        def broken(run_id: str) -> Any:
+            raise RuntimeError("the hub broke")
+
+        server.hub.get = broken  # type: ignore[method-assign]
+        status, _, body = await answer(server, handshake(server, "/runs/run_x/ws"))
+        statuses.append(status.split()[1])
+        if len(statuses) == 1:  # served directly: a JSON error (Hypercorn: no body)
+            assert json.loads(body)["error"]["code"] == "internal_error"
+        async with raw_socket(server, "/ws") as ws:  # the server goes on
+            await ws.send(frame(CLOSE))
+            assert await ws.close_code() is None
+    assert statuses == [b"500", b"500"]
+    logged = [r for r in server_log.records if r.exc_info and "the hub broke" in str(r.exc_info[1])]
+    assert len(logged) >= 2

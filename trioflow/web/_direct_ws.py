@@ -462,22 +462,6 @@ async def serve_socket(
     after it). The caller closes the connection. The client leaving at any
     point ends it quietly; an error is logged.
     """
-    try:
-        await _serve(stream, request, target, data, hub=hub, access=access, hconfig=hconfig)
-    except Exception:
-        _log.exception("error serving WebSocket %s", request.target.decode("ascii", "replace"))
-
-
-async def _serve(
-    stream: GuardedStream,
-    request: h11.Request,
-    target: tuple[str | None, bytes, bytes, bytes],
-    data: bytes,
-    *,
-    hub: RunHub,
-    access: AccessPolicy,
-    hconfig: HypercornConfig,
-) -> None:
     run_id, raw_path, query, accept = target
     scope: dict[str, Any] = {
         "type": "websocket",
@@ -494,28 +478,7 @@ async def _serve(
     try:
         answer = socket_answer(hub, access, scope, run_id)
     except Exception as exc:
-        if isinstance(exc, ApiError):
-            response: Response = exc.response()
-        else:  # as the application's own handler does: 500, logged
-            _log.exception("error in WebSocket %s", scope["path"])
-            response = error_response(
-                500, "internal_error", "the server failed to handle this request"
-            )
-        try:
-            await stream.send_all(
-                response_head(response.status_code, response.raw_headers) + response.body
-            )
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        if hconfig.accesslog is not None:
-            await _log_access(
-                stream,
-                scope,
-                response.status_code,
-                response.raw_headers,
-                hconfig,
-                time.time() - started,
-            )
+        await _refuse(stream, scope, exc, hconfig, started)
         return
     transport = SocketTransport(
         stream,
@@ -536,3 +499,31 @@ async def _serve(
         await transport.linger()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left; the protocol released everything on the way out
+    except Exception:
+        _log.exception("error serving WebSocket %s", scope["path"])
+
+
+async def _refuse(
+    stream: GuardedStream,
+    scope: dict[str, Any],
+    exc: Exception,
+    hconfig: HypercornConfig,
+    started: float,
+) -> None:
+    """Answer a refused handshake with ``exc`` (an :class:`ApiError`, else a logged ``500``)."""
+    if isinstance(exc, ApiError):
+        response: Response = exc.response()
+    else:  # as the application's own handler does: 500, logged
+        _log.error("error in WebSocket %s", scope["path"], exc_info=exc)
+        response = error_response(500, "internal_error", "the server failed to handle this request")
+    try:
+        await stream.send_all(
+            response_head(response.status_code, response.raw_headers) + response.body
+        )
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    if hconfig.accesslog is not None:
+        elapsed = time.time() - started
+        await _log_access(
+            stream, scope, response.status_code, response.raw_headers, hconfig, elapsed
+        )
