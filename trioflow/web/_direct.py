@@ -9,9 +9,10 @@ connection (:func:`serve_event_stream`): the same decision as the Starlette
 route (:func:`~trioflow.web._sse.event_stream_answer`: ``Host``, token and
 ``Origin``, the run, the resume point), the same answers (JSON errors,
 ``204``), the same access-log line, then the frames, and ``Connection:
-close``. Every other connection goes to Hypercorn with the bytes already
-read pushed back in front of the stream
-(:meth:`~trioflow.web._connections.GuardedStream.unread`).
+close``. A WebSocket handshake (``GET /runs/{id}/ws``, ``GET /ws``) is
+served on the connection too, by :mod:`trioflow.web._direct_ws`. Every other
+connection goes to Hypercorn with the bytes already read pushed back in
+front of the stream (:meth:`~trioflow.web._connections.GuardedStream.unread`).
 
 One owner at any moment
     From accept to close, the connection's socket belongs to its task. The

@@ -10,10 +10,11 @@ connection's :class:`FanoutTarget`. A run has one fan-out per encoding
 one for its WebSocket messages, each reading the run once.
 
 Where the connection is served by trioflow itself (an event stream under
-:func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`), a target is
-*direct*: the fan-out writes the HTTP/1.1 chunk to the connection's own
-socket without blocking (``os.write`` on its non-blocking descriptor; no
-second descriptor), so a client that keeps up costs one system call per
+:func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`, or a WebSocket
+following one run, :mod:`trioflow.web._direct_ws`), a target is *direct*:
+the fan-out writes the HTTP/1.1 chunk (the WebSocket frames) to the
+connection's own socket without blocking (``os.write`` on its non-blocking
+descriptor; no second descriptor), so a client that keeps up costs one system call per
 batch and no task switch at all. What the kernel does not take at once goes
 to the target's pending bytes, which the connection's task (the socket's
 owner) sends with its ``send_all`` (which has the write timeout); the target

@@ -42,12 +42,13 @@ Why not ``hypercorn.trio.serve``
 One owner per connection
     Each accepted connection belongs to its task from accept to close. The
     task reads the first bytes, and when they may begin an event stream
-    (``GET /runs/``), the head of the first request (within
+    (``GET /runs/``, ``GET /ws``), the head of the first request (within
     :attr:`~trioflow.web.WebConfig.header_timeout`). An event stream
     (``GET /runs/{id}/events`` over cleartext HTTP/1.1, for an application
     without middleware of its own) is served by trioflow on the spot, the
     connection closed after it (:mod:`trioflow.web._direct`): no HTTP
-    machinery, no ASGI, one descriptor. Every other connection is handed,
+    machinery, no ASGI, one descriptor; so is a WebSocket handshake for
+    ``/runs/{id}/ws`` or ``/ws`` (:mod:`trioflow.web._direct_ws`). Every other connection is handed,
     with the bytes read pushed back in front, to Hypercorn's connection
     server (``hypercorn.trio.tcp_server.TCPServer``), which parses every
     request on it, runs the application and writes every response; the

@@ -54,7 +54,12 @@ serves late joiners the messages a live client got) and hands the same
 messages to every connection, bounded by ``buffer`` events per connection
 and run. The messages of a batch go out back to back under one hold of the
 connection's send lock (one lock for the control frames and every followed
-run). A client that disconnects releases its subscriptions and places in
+run). The protocol runs over a :class:`Transport`: Starlette's
+``WebSocket`` here (any ASGI server; :func:`~trioflow.web.serve` over TLS
+or with middleware), or the connection's socket served directly
+(:mod:`trioflow.web._direct_ws`, whose module documentation states how its
+one owner shares the socket with the run's fan-out); both take the one
+handshake decision, :func:`socket_answer`. A client that disconnects releases its subscriptions and places in
 the fan-outs at once, and runs started with ``"on_disconnect": "cancel"``
 that no one else watches are cancelled. On a graceful shutdown, connections
 close with code ``1001`` once their runs' terminal events are delivered.
