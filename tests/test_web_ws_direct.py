@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -157,8 +158,15 @@ async def answer(server: WebServer, request: bytes) -> tuple[bytes, dict[str, st
 
 
 @asynccontextmanager
-async def raw_socket(server: WebServer, path: str, **headers: str) -> AsyncIterator[RawSocket]:
-    async with await trio.open_tcp_stream(*address(server)) as stream:
+async def raw_socket(
+    server: WebServer, path: str, *, rcvbuf: int | None = None, **headers: str
+) -> AsyncIterator[RawSocket]:
+    """A :class:`RawSocket` after its handshake (``rcvbuf``: its receive buffer, set before connecting)."""
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(address(server))
+    async with trio.SocketStream(sock) as stream:
         await stream.send_all(handshake(server, path, **headers))
         received = b""
         with trio.fail_after(5):
@@ -456,3 +464,47 @@ async def test_an_unexpected_error_deciding_a_handshake_is_a_logged_500_both_way
     assert statuses == [b"500", b"500"]
     logged = [r for r in server_log.records if r.exc_info and "the hub broke" in str(r.exc_info[1])]
     assert len(logged) >= 2
+
+
+async def test_control_frames_never_land_inside_an_event_frame(
+    start_web_server: StartWebServer, socket_clock: trio.testing.MockClock
+) -> None:
+    # The fan-out writes the run's frames to the socket itself, the kernel
+    # often taking part of one (a small receive buffer); meanwhile the client
+    # pings, and every pong and error frame is written by the connection's
+    # task. Every frame arrives whole, in order.
+    server = await start_web_server(agent=talker(words=5_000, delay=1))
+    run_id = await start_run(server)
+    async with raw_socket(server, f"/runs/{run_id}/ws", rcvbuf=16 * 1024) as ws:
+        fanout = await joined_fanout(server.hub, run_id, 1, name="ws-frames")
+        ids: list[int] = []
+        pongs: list[bytes] = []
+        errors = 0
+        sent = 0
+        with trio.fail_after(120):
+            while True:
+                if sent < 300 and len(ids) % 10 == 0:
+                    await ws.send(frame(PING, b"%d" % sent))
+                    if sent % 30 == 0:
+                        await ws.send(frame(TEXT, b"not json"))  # an error frame
+                    sent += 1
+                opcode, payload = await ws.frame()
+                if opcode == PONG:
+                    pongs.append(payload)
+                    continue
+                if opcode == CLOSE:
+                    break
+                assert opcode == TEXT
+                message = json.loads(payload)
+                if "id" in message:
+                    ids.append(message["id"])
+                else:
+                    assert message["code"] == "invalid_json", message
+                    errors += 1
+    run = server.executor.get_run(run_id)
+    assert ids == list(range(1, run.last_seq + 1))
+    assert pongs == [b"%d" % i for i in range(len(pongs))]
+    assert len(pongs) >= 100 and errors >= 1
+    stats = fanout.statistics()
+    # Both kinds of writes happened: by the fan-out, and by the connection's task.
+    assert stats.direct_writes > 0 and stats.queued_writes > 0
