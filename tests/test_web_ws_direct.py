@@ -508,3 +508,16 @@ async def test_control_frames_never_land_inside_an_event_frame(
     stats = fanout.statistics()
     # Both kinds of writes happened: by the fan-out, and by the connection's task.
     assert stats.direct_writes > 0 and stats.queued_writes > 0
+
+
+async def test_frames_sent_with_the_handshake_are_read(web_server: WebServer) -> None:
+    async with await trio.open_tcp_stream(*address(web_server)) as stream:
+        ping = frame(PING, b"early")
+        await stream.send_all(handshake(web_server, "/ws").replace(b"\r\n\r\n", b"\n\n") + ping)
+        received = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(1 << 16)
+        head, _, rest = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await RawSocket(stream, rest).frame() == (PONG, b"early")

@@ -183,12 +183,13 @@ def _handshake(accept: bytes) -> bytes:
     )
 
 
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
 def _after_head(data: bytes) -> bytes:
     """What follows the request head in ``data`` (h11 ends a head at a blank line, CRLF or LF)."""
-    ends = [(i, 4) for i in [data.find(b"\r\n\r\n")] if i >= 0]
-    ends += [(i, 2) for i in [data.find(b"\n\n")] if i >= 0]
-    index, size = min(ends)
-    return data[index + size :]
+    end = _HEAD_END.search(data)
+    return data[end.end() :] if end is not None else b""
 
 
 class _Closing(Exception):
