@@ -117,7 +117,10 @@ class FanoutTarget(Generic[P]):
         sock: the connection's own non-blocking socket, to write to
             directly (owned by the connection's task, which closes it;
             never by the target), or ``None`` to leave every write to the
-            connection's task. Only a target of byte pieces has one.
+            connection's task. Only a target of byte pieces has one. The
+            owner may take it away (:meth:`close`) while it writes
+            something of its own, and give it back once that is out
+            (:mod:`trioflow.web._direct_ws`).
         encode: how to frame a piece for this connection (:func:`chunk`
             for a raw HTTP/1.1 socket, identity for ASGI).
     """
