@@ -266,16 +266,20 @@ async def test_the_direct_path_is_taken_under_serve_only_without_middleware(
     start_web_server: StartWebServer,
 ) -> None:
     names = []
-    for server in await both(start_web_server, agent=talker(words=100, pace=200)):
+    servers = [
+        *await both(start_web_server, agent=talker(words=100, pace=200)),
+        await start_web_server(agent=talker(words=100, pace=200), direct_writes=False),
+    ]
+    for server in servers:
         run_id = await start_run(server)
         async with raw_socket(server, f"/runs/{run_id}/ws") as ws:
-            name = "ws" if names else "ws-frames"  # the first is served directly
+            name = "ws" if names else "ws-frames"  # only the first is served directly
             fanout = await joined_fanout(server.hub, run_id, 1, name=name)
             names.append({f.name for f in server.hub.fanouts()})
             assert await ws.close_code() == 1000
         names[-1] = (names[-1], fanout.statistics().direct_writes > 0)
     # Served directly: the run's frames fan-out, written to the socket by the fan-out itself.
-    assert names == [({"ws-frames"}, True), ({"ws"}, False)]
+    assert names == [({"ws-frames"}, True), ({"ws"}, False), ({"ws"}, False)]
 
 
 # -- framing -----------------------------------------------------------------------------------
