@@ -119,7 +119,7 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 
 def text_frame(text: str) -> bytes:
     """``text`` as one unmasked text frame (a server's), UTF-8."""
-    return _frame(_TEXT, text.encode("utf-8", "surrogatepass"))
+    return _frame(_TEXT, text.encode("utf-8"))
 
 
 def _close_frame(code: int | None, reason: str | None = None) -> bytes:
@@ -138,10 +138,11 @@ WS_FRAMES: Encoding[bytes, bytes] = Encoding(
 
 
 def socket_target(request: h11.Request) -> tuple[str | None, bytes, bytes, bytes] | None:
-    """``(run_id, path, query, rest)`` when ``request`` is a WebSocket handshake this module serves, else ``None``.
+    """``(run_id, path, query, accept)`` when ``request`` is a WebSocket handshake served here, else ``None``.
 
-    ``run_id`` is ``None`` for ``/ws``. A handshake Hypercorn would refuse
-    (``400``) is not one: Hypercorn answers it. ``rest`` is the accept key.
+    ``run_id`` is ``None`` for ``/ws``; ``accept`` is the
+    ``Sec-WebSocket-Accept`` of the handshake's key. A handshake Hypercorn
+    would refuse (``400``) is not one: Hypercorn answers it.
     """
     if request.method != b"GET" or request.http_version != b"1.1":
         return None
