@@ -22,9 +22,9 @@ PHP_TYPES = [
 ]  # fmt: skip
 
 
-def test_event_type_has_every_php_value_plus_cancelled():
+def test_event_type_has_every_php_value_plus_cancelled_and_tool_progress():
     values = {t.value for t in EventType}
-    assert values == set(PHP_TYPES) | {"flow.cancelled"}
+    assert values == set(PHP_TYPES) | {"flow.cancelled", "tool.progress"}
     assert EventType.TOKEN_RECEIVED == "token.received"
 
 

@@ -13,10 +13,13 @@ import httpx
 import pytest
 import trio
 from conftest import http_client, start_run, talker
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trioflow import FlowEvent
 from trioflow.history import HistoryExpired, MemoryHistory
 from trioflow.web._app import direct_writes
+from trioflow.web._direct import parse_head
 from trioflow.web._sse import SSE, encode_event
 from trioflow.web._streams import FrameCache, frame_cache
 
@@ -295,3 +298,153 @@ async def test_an_unexpected_error_deciding_is_a_logged_500_both_ways(
     assert '"code":"internal_error"' in answers[0][1]
     logged = [r for r in server_log.records if r.exc_info and "the hub broke" in str(r.exc_info[1])]
     assert len(logged) >= 2
+
+
+# -- joining a watched live run at once ----------------------------------------------------
+
+
+async def test_a_late_joiner_to_a_watched_live_run_joins_its_fanout_with_no_subscription(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    # A run someone already watches has a fan-out: a connection joins it at
+    # once, its replay served from the frames cached for the run, without a
+    # subscription of its own; the bytes are those the first client got.
+    server = await start_web_server(agent=talker(words=300, pace=150))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    subscriptions: list[str | None] = []
+    subscribe = run.subscribe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        subscriptions.append(kwargs.get("name"))
+        return subscribe(*args, **kwargs)
+
+    run.subscribe = counting  # type: ignore[method-assign]
+    path = f"/runs/{run_id}/events"
+    with trio.fail_after(20):
+        async with open_sse(server.url, path) as first:
+            while (frame := await first.next()) is not None and int(frame.id or 0) < 20:
+                pass
+            assert frame is not None
+            assert subscriptions == [f"sse {run_id}", f"sse fanout {run_id}"]
+            async with (
+                open_sse(server.url, path) as late,
+                open_sse(server.url, f"{path}?after={frame.id}") as resumed,
+            ):
+                await server.hub.wait_joined(run_id, 3)
+                assert subscriptions == [f"sse {run_id}", f"sse fanout {run_id}"]
+                assert not run.done
+                await first.events()
+                await late.events()
+                rest = await resumed.events()
+    assert late.raw == first.raw
+    assert int(rest[0].id or 0) == int(frame.id or 0) + 1
+    assert rest[-1].event == "flow.completed"
+
+
+async def test_a_late_joiner_beyond_the_history_of_a_watched_run_gets_history_expired(
+    start_web_server: StartWebServer, open_sse: OpenSSE
+) -> None:
+    server = await start_web_server(history=8, agent=talker(words=300, pace=150))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/events"
+    with trio.fail_after(20):
+        async with open_sse(server.url, path) as first:
+            while (frame := await first.next()) is not None and int(frame.id or 0) < 20:
+                pass
+            assert not run.done
+            async with open_sse(server.url, f"{path}?after=2") as late:
+                expired = await late.events()
+    assert [f.json()["code"] for f in expired] == ["history_expired"]
+
+
+# -- the request head, read strictly -------------------------------------------------------
+
+_TOKEN_CHARS = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    target=st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7F), max_size=30),
+    fields=st.lists(
+        st.tuples(
+            st.text(alphabet=_TOKEN_CHARS + " :\t", min_size=0, max_size=12),
+            st.binary(max_size=16),
+        ),
+        max_size=5,
+    ),
+    host=st.sampled_from([0, 1, 2]),
+    version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"http/1.1"]),
+)
+def test_parse_head_accepts_only_what_h11_accepts_and_agrees_with_it(
+    target: str, fields: list[tuple[str, bytes]], host: int, version: bytes
+) -> None:
+    import h11
+
+    lines = [b"GET /runs/" + target.encode("ascii") + b" " + version]
+    lines += [b"Host: example.test"] * host
+    lines += [name.encode("ascii") + b": " + value for name, value in fields]
+    head = b"\r\n".join(lines)
+    parsed = parse_head(head)
+    if parsed is None:
+        return  # Hypercorn's to answer
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head + b"\r\n\r\n")
+    request = conn.next_event()
+    assert isinstance(request, h11.Request)
+    assert (parsed.method, parsed.target, parsed.http_version) == (
+        request.method,
+        request.target,
+        request.http_version,
+    )
+    assert parsed.headers == list(request.headers)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /runs/r/events HTTP/1.1\r\nHost: a\r\nX-Folded: one\r\n two",  # obsolete folding
+        b"GET /runs/r/events HTTP/1.1\nHost: a",  # bare LF
+        b"GET /runs/r/events HTTP/1.1\r\nAccept: */*",  # no Host
+        b"GET /runs/r/events HTTP/1.1\r\nHost: a\r\nHost: b",  # two
+        b"GET /runs/r/events HTTP/1.0\r\nHost: a",  # not HTTP/1.1
+        b"GET /runs/r/events HTTP/1.1\r\nHost: a\r\nX-Bad: a\x01b",  # control character
+        b"GET /runs/r/events HTTP/1.1\r\nHost : a",  # space before the colon
+        b"GET  /runs/r/events HTTP/1.1\r\nHost: a",  # two spaces
+    ],
+)
+def test_parse_head_leaves_every_odd_head_to_hypercorn(head: bytes) -> None:
+    assert parse_head(head) is None
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET /runs/{run_id}/events HTTP/1.1\r\nAccept: */*\r\n\r\n", 400),  # no Host
+        (b"GET /runs/{run_id}/events HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /runs/{run_id}/events HTTP/1.0\r\nHost: {host}\r\n\r\n", 200),
+        (b"GET /runs/{run_id}/events HTTP/1.1\r\nHost: {host}\r\nX: a\r\n b\r\n\r\n", 200),
+    ],
+)
+async def test_an_odd_event_stream_head_gets_hypercorns_answer(
+    start_web_server: StartWebServer, head: bytes, status: int
+) -> None:
+    server = await start_web_server(agent=talker(words=3))
+    run_id = await start_run(server)
+    await server.executor.get_run(run_id).wait()
+    host, port = server.url.split("://", 1)[1].rsplit(":", 1)
+    request = head.replace(b"{run_id}", run_id.encode()).replace(
+        b"{host}", f"{host}:{port}".encode()
+    )
+    async with await trio.open_tcp_stream(host, int(port)) as client:
+        await client.send_all(request)
+        received = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in received:
+                data = await client.receive_some(4096)
+                if not data:
+                    break
+                received += data
+    assert received.startswith(b"HTTP/1.1 %d " % status), received[:80]
+    assert b"\r\nserver: hypercorn-h11\r\n" in received.lower()  # not the direct path's answer

@@ -60,6 +60,7 @@ from trioflow.supervise import (
 )
 from trioflow.tools import (
     Tool,
+    ToolContext,
     ToolError,
     ToolInputError,
     ToolRegistry,
@@ -114,6 +115,7 @@ __all__ = [
     "SupervisorGaveUp",
     "Tool",
     "ToolCall",
+    "ToolContext",
     "ToolError",
     "ToolInputError",
     "ToolRegistry",

@@ -68,7 +68,7 @@ from trioflow.models._base import (
 )
 from trioflow.progress import FlowProgress
 from trioflow.protocol import error_info
-from trioflow.tools import Tool, ToolError, ToolRegistry
+from trioflow.tools import Tool, ToolContext, ToolError, ToolRegistry
 
 __all__ = [
     "Agent",
@@ -76,6 +76,7 @@ __all__ = [
     "Emit",
     "MaxIterationsExceeded",
     "RunControl",
+    "StoppedAfterTurn",
     "TurnResult",
 ]
 
@@ -89,7 +90,9 @@ class Emit(Protocol):
     not take the event). True means the event was taken, exactly as
     ``await emit(EventType.TOKEN_RECEIVED, data)`` would have, only without
     a checkpoint or a coroutine: the executor's ``emit`` stages tokens so,
-    for a model streaming many small deltas.
+    for a model streaming many small deltas. It may have a ``run_id``
+    attribute too (the executor's does): tools see it as
+    :attr:`ToolContext.run_id <trioflow.ToolContext.run_id>`.
     """
 
     def __call__(self, type: str, data: Mapping[str, Any], /) -> Awaitable[object]:
@@ -101,6 +104,24 @@ def _token_nowait(emit: Emit) -> Callable[[Mapping[str, Any]], bool] | None:
     """``emit``'s ``token_nowait`` (see :class:`Emit`), or ``None`` if it has none."""
     token_nowait = getattr(emit, "token_nowait", None)
     return token_nowait if callable(token_nowait) else None
+
+
+class StoppedAfterTurn(Exception):
+    """The run was asked to stop after a turn (:meth:`RunControl.stop_after_turn`) and did.
+
+    Attributes:
+        reason: the reason given.
+        iterations: how many iterations ran (the last one in full).
+        output: the text the model produced so far.
+        usage: the tokens used so far.
+    """
+
+    def __init__(self, reason: str, iterations: int, output: str, usage: Usage) -> None:
+        super().__init__(f"stopped after iteration {iterations}: {reason}")
+        self.reason = reason
+        self.iterations = iterations
+        self.output = output
+        self.usage = usage
 
 
 class MaxIterationsExceeded(Exception):
@@ -147,9 +168,10 @@ class RunControl:
     cancellation still apply while paused.
     """
 
-    __slots__ = ("_emit", "_holding", "_paused", "_resume")
+    __slots__ = ("_emit", "_holding", "_paused", "_resume", "_stop_after_turn")
 
     def __init__(self) -> None:
+        self._stop_after_turn: str | None = None
         self._paused = False
         self._holding = False
         self._resume = trio.Event()
@@ -172,6 +194,18 @@ class RunControl:
             return False
         self._paused = True
         self._resume = trio.Event()
+        return True
+
+    def stop_after_turn(self, reason: str) -> bool:
+        """Ask the run to stop once the current model turn and its tool calls are done.
+
+        The agent then raises :exc:`StoppedAfterTurn` with ``reason`` instead
+        of starting another turn (a turn that answered ends the run as
+        usual). Returns False if a stop was asked for already.
+        """
+        if self._stop_after_turn is not None:
+            return False
+        self._stop_after_turn = reason
         return True
 
     def resume(self) -> bool:
@@ -298,6 +332,9 @@ class Agent:
 
         Raises:
             MaxIterationsExceeded: the budget ran out before a final answer.
+            StoppedAfterTurn: ``control`` asked to stop after a turn
+                (:meth:`RunControl.stop_after_turn`), and a turn with tool
+                calls finished.
             ModelError: the model failed for good (after its retries).
             ValueError: ``task`` is empty or ``max_iterations`` is below 1.
         """
@@ -345,6 +382,8 @@ class Agent:
             await self._end_iteration(n, turn, emit, progress)
             if not turn.calls:
                 return AgentResult(output, n, usage, turn.stop_reason, tuple(messages))
+            if control._stop_after_turn is not None:
+                raise StoppedAfterTurn(control._stop_after_turn, n, output, usage)
         raise MaxIterationsExceeded(budget, output, usage)
 
     @staticmethod
@@ -478,6 +517,7 @@ class Agent:
         await emit(EventType.STEP_STARTED, started)
         progress.start_step("tools")
         results: list[ToolResultBlock | None] = [None] * len(calls)
+        run_id = getattr(emit, "run_id", None)  # an executor's run has one (see Emit)
 
         async def call_one(i: int, call: ToolCall) -> None:
             if control._paused:
@@ -492,7 +532,10 @@ class Agent:
             start = trio.current_time()
             try:
                 tool = self.tools.get(call.name)
-                value = await tool.invoke(call.input)
+                context = ToolContext(
+                    emit, tool=call.name, call_id=call.id, iteration=n, run_id=run_id
+                )
+                value = await tool.invoke(call.input, context)
             except Exception as exc:
                 # A tool's failure is the model's to handle: report it and go on.
                 message = str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"

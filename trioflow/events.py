@@ -57,6 +57,7 @@ __all__ = [
     "TokenData",
     "ToolCompletedData",
     "ToolFailedData",
+    "ToolProgressData",
     "ToolStartedData",
     "check_event_types",
     "known_event_types",
@@ -100,6 +101,9 @@ class EventType(enum.StrEnum):
     """A tool call returned. Data: ``tool``, ``result``, ``call_id``, ``duration``."""
     TOOL_FAILED = "tool.failed"
     """A tool call raised or timed out. Data: ``tool``, ``error``, ``call_id``."""
+    TOOL_PROGRESS = "tool.progress"
+    """A tool reported how far along it is (:meth:`trioflow.ToolContext.progress`).
+    Data: ``tool``, ``call_id``, ``iteration``, ``done``, ``total``, ``message``."""
     PROGRESS_UPDATE = "progress.update"
     """Progress figures (see :class:`trioflow.FlowProgress`). Data: ``percent`` and more."""
     STEP_STARTED = "step.started"
@@ -268,6 +272,17 @@ class ToolFailedData(TypedDict):
     duration: float
 
 
+class ToolProgressData(TypedDict):
+    """``tool.progress``: ``done`` of ``total`` (``None``: unknown) units of the call's work."""
+
+    tool: str
+    call_id: str
+    iteration: int
+    done: float
+    total: float | None
+    message: str | None
+
+
 class ModelRetryData(TypedDict):
     """The ``warning`` of a model retry: ``discarded_tokens`` tokens before it are void."""
 
@@ -298,6 +313,7 @@ EVENT_SCHEMAS: Mapping[str, type] = MappingProxyType(
         "tool.started": ToolStartedData,
         "tool.completed": ToolCompletedData,
         "tool.failed": ToolFailedData,
+        "tool.progress": ToolProgressData,
     }
 )
 """The schema (a :class:`~typing.TypedDict`) of the ``data`` of each event type the agent and the
@@ -310,7 +326,14 @@ TERMINAL_TYPES: frozenset[str] = frozenset(
 """The types that end a run: exactly one of them closes every run."""
 
 _TOKEN_TYPES = frozenset({EventType.TOKEN_RECEIVED, EventType.TOKEN_CHUNK})
-_TOOL_TYPES = frozenset({EventType.TOOL_STARTED, EventType.TOOL_COMPLETED, EventType.TOOL_FAILED})
+_TOOL_TYPES = frozenset(
+    {
+        EventType.TOOL_STARTED,
+        EventType.TOOL_COMPLETED,
+        EventType.TOOL_FAILED,
+        EventType.TOOL_PROGRESS,
+    }
+)
 _ERROR_TYPES = frozenset(
     {
         EventType.ERROR,
@@ -697,7 +720,7 @@ class FlowEvent:
         return self.type == EventType.PROGRESS_UPDATE
 
     def is_tool_event(self) -> bool:
-        """True for ``tool.started``, ``tool.completed`` and ``tool.failed``."""
+        """True for ``tool.started``, ``tool.progress``, ``tool.completed`` and ``tool.failed``."""
         return self.type in _TOOL_TYPES
 
     def is_terminal(self) -> bool:

@@ -53,7 +53,14 @@ from typing import TYPE_CHECKING, Any, Self
 import trio
 
 from trioflow._util import collapse_single_group
-from trioflow.agent import Agent, AgentResult, Emit, MaxIterationsExceeded, RunControl
+from trioflow.agent import (
+    Agent,
+    AgentResult,
+    Emit,
+    MaxIterationsExceeded,
+    RunControl,
+    StoppedAfterTurn,
+)
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import (
     ErrorInfo,
@@ -67,7 +74,14 @@ from trioflow.events import (
     check_event_types,
 )
 from trioflow.figures import RunFigures
-from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
+from trioflow.handle import (
+    CancelMode,
+    CancelReason,
+    OnDisconnect,
+    RunHandle,
+    RunStatus,
+    cancel_reason,
+)
 from trioflow.models._base import ModelError, Usage
 from trioflow.progress import FlowProgress
 from trioflow.protocol import encode_event
@@ -226,20 +240,37 @@ class Run:
         """
         return 0 if self._forwarder is None else self._forwarder.dropped
 
-    def cancel(self, reason: CancelReason | str = CancelReason.CANCELLED) -> bool:
+    def cancel(
+        self,
+        reason: CancelReason | str = CancelReason.CANCELLED,
+        *,
+        mode: CancelMode | str = CancelMode.IMMEDIATE,
+    ) -> bool:
         """Cancel the run; it ends with ``flow.cancelled`` carrying ``reason``.
 
         Args:
             reason: a :class:`~trioflow.handle.CancelReason`, or a reason of
                 your own (any string; one that is a ``CancelReason`` value
                 becomes that member).
+            mode: :attr:`~trioflow.handle.CancelMode.IMMEDIATE` (at once) or
+                :attr:`~trioflow.handle.CancelMode.AFTER_TURN` (once the
+                current model turn and its tool calls have finished; a turn
+                that answers completes the run instead). An immediate cancel
+                may follow an after-turn one.
 
         Returns:
             True if the run was still going, False if it had already finished
-            (or a cancellation was already under way).
+            (or a cancellation of that mode, or an immediate one, was
+            already under way).
+
+        Raises:
+            ValueError: ``mode`` is not a :class:`~trioflow.handle.CancelMode` value.
         """
+        mode = CancelMode(mode)
         if self.done or self._cancel_reason is not None:
             return False
+        if mode is CancelMode.AFTER_TURN:
+            return self._control.stop_after_turn(str(cancel_reason(reason)))
         self._cancel_reason = cancel_reason(reason)
         self._scope.cancel()
         return True
@@ -427,7 +458,7 @@ class Run:
                 wake()
             return True
 
-        return _RunEmit(emit, token_nowait)
+        return _RunEmit(emit, token_nowait, run_id)
 
     async def _drive(self, emit: Emit, task_status: trio.TaskStatus[None]) -> None:
         """Run the agent, classify how it ended, emit the one terminal event."""
@@ -482,6 +513,8 @@ class Run:
             timed_out = self._scope.deadline <= trio.current_time()
             default = CancelReason.TIMEOUT if timed_out else CancelReason.CANCELLED
             return _Outcome(RunStatus.CANCELLED, reason=self._cancel_reason or default)
+        if isinstance(error, StoppedAfterTurn):
+            return _Outcome(RunStatus.CANCELLED, reason=cancel_reason(error.reason))
         if isinstance(error, MaxIterationsExceeded):
             return _Outcome(RunStatus.FAILED, error=error, reason="max_iterations")
         if isinstance(error, ModelError):
@@ -565,14 +598,17 @@ class Run:
 class _RunEmit:
     """The ``emit`` a run gives its agent (:meth:`Run._emitter`): a call, and its token fast path."""
 
-    __slots__ = ("_emit", "token_nowait")
+    __slots__ = ("_emit", "run_id", "token_nowait")
 
     def __init__(
         self,
         emit: Callable[[str, Mapping[str, Any]], Awaitable[FlowEvent | None]],
         token_nowait: Callable[[Mapping[str, Any]], bool],
+        run_id: str,
     ) -> None:
         self._emit = emit
+        self.run_id = run_id
+        """The run's id (what a tool's :class:`~trioflow.ToolContext` reports)."""
         self.token_nowait = token_nowait
         """Stage a ``token.received`` event with ``data`` now; False: it fills a batch, await the emit."""
 

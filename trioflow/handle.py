@@ -11,6 +11,7 @@ protocol all of them implement, and never against one kind.
   ``reason`` of its ``flow.cancelled`` event (and of
   :attr:`trioflow.RunResult.reason`) is one of these values, or the string a
   caller gave :meth:`RunHandle.cancel`.
+* :class:`CancelMode`: how a cancellation stops a run.
 * :class:`OnDisconnect`: what happens to a run when the last client watching
   it goes away.
 """
@@ -24,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from trioflow.bus import EventFilter, Overflow, Subscription
 
-__all__ = ["CancelReason", "OnDisconnect", "RunHandle", "RunStatus"]
+__all__ = ["CancelMode", "CancelReason", "OnDisconnect", "RunHandle", "RunStatus"]
 
 
 class RunStatus(enum.StrEnum):
@@ -82,6 +83,18 @@ def cancel_reason(value: CancelReason | str) -> CancelReason | str:
         return CancelReason(value)
     except ValueError:
         return str(value)
+
+
+class CancelMode(enum.StrEnum):
+    """How :meth:`RunHandle.cancel` stops a run."""
+
+    IMMEDIATE = "immediate"
+    """At once: whatever the run is doing (a model stream, tool calls) is cancelled."""
+    AFTER_TURN = "after_turn"
+    """Once the current model turn and its tool calls have finished: the run
+    then ends with ``flow.cancelled`` instead of starting another turn. A turn
+    that was the model's final answer completes the run. An immediate cancel
+    may still follow."""
 
 
 class OnDisconnect(enum.StrEnum):
@@ -142,8 +155,17 @@ class RunHandle(Protocol):
         """
         ...
 
-    def cancel(self, reason: CancelReason | str = CancelReason.CANCELLED) -> bool:
-        """Stop the run; returns False if it had ended already (or was being cancelled)."""
+    def cancel(
+        self,
+        reason: CancelReason | str = CancelReason.CANCELLED,
+        *,
+        mode: CancelMode | str = CancelMode.IMMEDIATE,
+    ) -> bool:
+        """Stop the run (see :class:`CancelMode`); returns False if it had ended already (or was being cancelled so).
+
+        Raises:
+            ValueError: ``mode`` is not a :class:`CancelMode` value.
+        """
         ...
 
     def wait(self) -> Awaitable[object]:

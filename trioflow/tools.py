@@ -15,6 +15,20 @@ and the descriptions from the Google-style docstring::
 (:class:`ToolInputError`), runs the function and enforces the tool's timeout
 (:class:`ToolTimeout`). A :class:`ToolRegistry` holds the tools of an agent
 by name.
+
+A tool that takes a parameter annotated :class:`ToolContext` gets its call's
+context there (the parameter is not part of the input schema): the run and
+call it belongs to, :meth:`ToolContext.emit` to put events of its own into
+the run's stream, in order with the call's ``tool.started`` and
+``tool.completed``, and :meth:`ToolContext.progress`::
+
+    @tool
+    async def crawl(site: str, ctx: ToolContext) -> int:
+        pages = await list_pages(site)
+        for n, page in enumerate(pages, 1):
+            await ctx.emit("crawl.page", {"url": page})
+            await ctx.progress(n, len(pages))
+        return len(pages)
 """
 
 from __future__ import annotations
@@ -27,15 +41,17 @@ import math
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, overload
 
 import trio
 
+from trioflow.events import EventType, validate_event_type
 from trioflow.models._base import ToolSpec
 
 __all__ = [
     "Tool",
+    "ToolContext",
     "ToolError",
     "ToolInputError",
     "ToolRegistry",
@@ -43,6 +59,110 @@ __all__ = [
     "UnknownToolError",
     "tool",
 ]
+
+
+# -- a call's context -------------------------------------------------------------
+
+_OWN_TYPES = frozenset({EventType.INFO, EventType.WARNING})
+"""The built-in types a tool may emit itself; every other built-in type is the run's."""
+
+
+class ToolContext:
+    """A tool call's context: its run, the call, and a way to emit events into the run.
+
+    A tool gets one by taking a parameter annotated ``ToolContext`` (see the
+    module documentation); the agent makes one per call. Made by hand, it
+    lets a test call a tool with a recorder as ``emit``.
+
+    Args:
+        emit: ``await emit(type, data)`` puts an event into the run's stream
+            (the agent's :class:`~trioflow.agent.Emit`).
+        tool: the tool's name.
+        call_id: the model's id of this call.
+        iteration: the agent's iteration the call belongs to.
+        run_id: the run's id, when the run has one (runs of the executor do).
+    """
+
+    __slots__ = ("_emit", "call_id", "iteration", "run_id", "tool")
+
+    def __init__(
+        self,
+        emit: Callable[[str, Mapping[str, Any]], Awaitable[object]],
+        *,
+        tool: str,
+        call_id: str,
+        iteration: int = 0,
+        run_id: str | None = None,
+    ) -> None:
+        self._emit = emit
+        self.tool = tool
+        """The tool's name."""
+        self.call_id = call_id
+        """The model's id of this call (``call_id`` of its ``tool.*`` events)."""
+        self.iteration = iteration
+        """The agent's iteration the call belongs to."""
+        self.run_id = run_id
+        """The run's id, or ``None`` outside an executor's run."""
+
+    def __repr__(self) -> str:
+        return f"<ToolContext {self.tool} call {self.call_id} run {self.run_id}>"
+
+    async def emit(self, type: str, data: Mapping[str, Any] | None = None) -> None:
+        """Emit an event of ``type`` into the run's stream, between the call's ``tool.started`` and its end.
+
+        ``data`` gets the call's ``tool`` and ``call_id`` unless it has
+        them already, so a client can tell which call an event came from.
+        The run's own event types (``flow.*``, ``token.*``, ``tool.*``,
+        ``iteration.*``, ...) are the agent's and the executor's to emit:
+        a tool may emit custom types (``"crawl.page"``), ``info`` and
+        ``warning``.
+
+        Raises:
+            ValueError: ``type`` is not a valid event type name, or is one
+                of the run's own types.
+            TypeError: ``type`` is not a string, or ``data`` is not a mapping.
+        """
+        name = validate_event_type(type)
+        if name in _BUILTIN_TYPES and name not in _OWN_TYPES:
+            raise ValueError(
+                f"a tool cannot emit {name!r}: the run's own event types are the agent's and "
+                "the executor's; use a type of your own (for example 'crawl.page'), 'info' "
+                "or 'warning'"
+            )
+        if data is not None and not isinstance(data, Mapping):
+            raise TypeError(f"event data must be a mapping, not {type.__class__.__name__}")
+        await self._emit(name, {"tool": self.tool, "call_id": self.call_id, **(data or {})})
+
+    async def progress(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Emit ``tool.progress``: ``done`` of ``total`` units of this call's work (``total`` ``None``: unknown).
+
+        Raises:
+            ValueError: ``done`` or ``total`` is negative or not finite.
+        """
+        for what, value in (("done", done), ("total", total)):
+            if value is None and what == "total":
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"progress {what} must be a finite number >= 0, not {value!r}")
+        data = {
+            "tool": self.tool,
+            "call_id": self.call_id,
+            "iteration": self.iteration,
+            "done": done,
+            "total": total,
+            "message": message,
+        }
+        await self._emit(EventType.TOOL_PROGRESS, data)
+
+
+_BUILTIN_TYPES = frozenset(str(t) for t in EventType)
 
 
 # -- errors --------------------------------------------------------------------
@@ -120,7 +240,8 @@ class Tool:
         ValueError: ``name`` is not 1-64 letters, digits, ``_`` or ``-``;
             ``timeout`` is not a positive number; or ``thread`` is set for a
             coroutine function.
-        TypeError: ``function`` is not callable.
+        TypeError: ``function`` is not callable, or ``context`` is set for a
+            synchronous function (a context's methods are awaited).
     """
 
     name: str
@@ -135,6 +256,8 @@ class Tool:
     """The longest a call may run, in seconds; ``None`` for no limit."""
     thread: bool = False
     """Run a synchronous ``function`` in a worker thread."""
+    context: str | None = None
+    """The name of the parameter that receives the call's :class:`ToolContext` (``None``: none does)."""
     _is_async: bool = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +277,11 @@ class Tool:
         is_async = inspect.iscoroutinefunction(self.function)
         if is_async and self.thread:
             raise ValueError(f"tool {self.name!r}: thread=True needs a synchronous function")
+        if self.context is not None and not is_async:
+            raise TypeError(
+                f"tool {self.name!r}: a ToolContext parameter needs an async function "
+                "(its emit and progress are awaited)"
+            )
         object.__setattr__(self, "_is_async", is_async)
 
     def spec(self) -> ToolSpec:
@@ -173,8 +301,12 @@ class Tool:
         """
         return _check_arguments(self.name, input, self.input_schema)
 
-    async def invoke(self, input: Mapping[str, Any]) -> Any:
+    async def invoke(self, input: Mapping[str, Any], context: ToolContext | None = None) -> Any:
         """Call the tool with ``input`` and return what the function returned.
+
+        ``context`` is the call's :class:`ToolContext`, passed to the
+        function's :attr:`context` parameter (the agent gives one to every
+        call; a tool without such a parameter ignores it).
 
         The input is checked first (:meth:`validate`). An async function is
         awaited; a sync one is called directly (it should be quick), or in a
@@ -188,12 +320,20 @@ class Tool:
         Raises:
             ToolInputError: ``input`` does not match the schema; the function
                 was not called.
+            TypeError: the tool takes a :class:`ToolContext` and ``context``
+                is ``None``; the function was not called.
             ToolTimeout: the call was cancelled because the timeout expired.
             trio.Cancelled: an enclosing scope was cancelled. A thread
                 tool's worker thread is then abandoned and runs on in the
                 background; its result is discarded.
         """
         arguments = _check_arguments(self.name, input, self.input_schema)
+        if self.context is not None:
+            if context is None:
+                raise TypeError(
+                    f"tool {self.name!r} takes a ToolContext: invoke it with context=ToolContext(...)"
+                )
+            arguments[self.context] = context
         if self.timeout is None:
             return await self._call(arguments)
         with trio.move_on_after(self.timeout):
@@ -498,6 +638,7 @@ def _make_tool(
     properties: dict[str, Any] = {}
     required: list[str] = []
     converters: dict[str, _Converter] = {}
+    context: str | None = None
     for param in signature.parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise TypeError(f"{what}: *args and **kwargs are not supported ({param})")
@@ -505,6 +646,11 @@ def _make_tool(
             raise TypeError(f"{what}: parameter {param.name!r} is positional-only")
         if param.name not in hints:
             raise TypeError(f"{what}: parameter {param.name!r} has no type annotation")
+        if hints[param.name] is ToolContext:
+            if context is not None:
+                raise TypeError(f"{what}: two ToolContext parameters ({context!r}, {param.name!r})")
+            context = param.name  # the call's context: not part of the input
+            continue
         schema, convert = _schema_for(hints[param.name], f"{what} parameter {param.name!r}")
         if param.name in doc_params:
             schema["description"] = doc_params[param.name]
@@ -530,6 +676,7 @@ def _make_tool(
         function=_with_converters(function, converters) if converters else function,
         timeout=timeout,
         thread=thread,
+        context=context,
     )
 
 
@@ -605,9 +752,13 @@ def tool(
     Returns:
         The :class:`Tool`, or with options only, a decorator that makes it.
 
+    A parameter annotated :class:`ToolContext` is not part of the schema:
+    it receives the call's context (an ``async def`` tool only).
+
     Raises:
         TypeError: a parameter has no annotation or an unsupported one, is
-            positional-only, or is ``*args`` / ``**kwargs``.
+            positional-only, or is ``*args`` / ``**kwargs``; two parameters
+            are :class:`ToolContext`; or a synchronous function takes one.
         ValueError: the name is invalid, the timeout is not positive, or
             ``thread`` is set for an async function.
     """
@@ -679,15 +830,18 @@ class ToolRegistry:
         """The :class:`~trioflow.models.ToolSpec` of each tool, for the model."""
         return [t.spec() for t in self._tools.values()]
 
-    async def invoke(self, name: str, input: Mapping[str, Any]) -> Any:
-        """Look up tool ``name`` and :meth:`~Tool.invoke` it with ``input``.
+    async def invoke(
+        self, name: str, input: Mapping[str, Any], context: ToolContext | None = None
+    ) -> Any:
+        """Look up tool ``name`` and :meth:`~Tool.invoke` it with ``input`` (and ``context``).
 
         Raises:
             UnknownToolError: no such tool.
             ToolInputError: ``input`` does not match the tool's schema.
+            TypeError: the tool takes a :class:`ToolContext` and ``context`` is ``None``.
             ToolTimeout: the tool's timeout expired.
         """
-        return await self.get(name).invoke(input)
+        return await self.get(name).invoke(input, context)
 
     def __iter__(self) -> Iterator[Tool]:
         return iter(self._tools.values())

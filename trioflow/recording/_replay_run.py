@@ -13,7 +13,14 @@ import trio
 from trioflow.bus import EventBus, EventFilter, Overflow, Subscription, open_event_bus
 from trioflow.events import EventType, FlowEvent, OutputText
 from trioflow.figures import COUNT_KEYS
-from trioflow.handle import CancelReason, OnDisconnect, RunHandle, RunStatus, cancel_reason
+from trioflow.handle import (
+    CancelMode,
+    CancelReason,
+    OnDisconnect,
+    RunHandle,
+    RunStatus,
+    cancel_reason,
+)
 from trioflow.patterns import FlowMetrics, MetricsCollector
 from trioflow.recording._replay import (
     DEFAULT_MAX_GAP,
@@ -173,18 +180,29 @@ class ReplayRun:
 
     # -- control -----------------------------------------------------------------
 
-    def cancel(self, reason: CancelReason | str = CancelReason.CANCELLED) -> bool:
+    def cancel(
+        self,
+        reason: CancelReason | str = CancelReason.CANCELLED,
+        *,
+        mode: CancelMode | str = CancelMode.IMMEDIATE,
+    ) -> bool:
         """Stop the replay; subscribers read what was emitted, then their iteration ends.
 
         Args:
             reason: why, kept in :meth:`to_dict`'s ``metadata`` (the signature
                 of :meth:`trioflow.Run.cancel`). No ``flow.cancelled`` event is
                 invented: the recording did not hold one.
+            mode: checked, then the same: a recording has no turn to let
+                finish, so every mode stops the replay at once.
+
+        Raises:
+            ValueError: ``mode`` is not a :class:`~trioflow.handle.CancelMode` value.
 
         Returns:
             True if the replay was still going, False if it had ended (or was
             being cancelled already).
         """
+        CancelMode(mode)
         if self.done or self._cancelled is not None:
             return False
         self._cancelled = cancel_reason(reason)

@@ -42,7 +42,7 @@ from starlette.staticfiles import StaticFiles
 from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
-from trioflow.handle import RunHandle
+from trioflow.handle import CancelMode, RunHandle
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
@@ -251,12 +251,37 @@ async def get_run(request: Request) -> Response:
 
 
 async def cancel_run(request: Request) -> Response:
-    """``POST /runs/{run_id}/cancel``: ``202``, or ``409`` when the run has finished."""
+    """``POST /runs/{run_id}/cancel``: ``202``, or ``409`` when the run has finished.
+
+    The body is optional: ``{"mode": "after_turn"}`` lets the current model
+    turn and its tool calls finish first (:class:`~trioflow.handle.CancelMode`);
+    without a body (or with ``"immediate"``) the run is cancelled at once.
+    """
     hub = _hub(request)
     run = hub.get(request.path_params["run_id"])
-    hub.cancel(run)
+    mode = CancelMode.IMMEDIATE
+    if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
+        body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+        if not isinstance(body, dict) or set(body) - {"mode"}:
+            raise ApiError(
+                400, "invalid_request", 'the body may only be {"mode": "immediate" | "after_turn"}'
+            )
+        try:
+            mode = CancelMode(body.get("mode", "immediate"))
+        except ValueError:
+            raise ApiError(
+                400,
+                "invalid_request",
+                f"'mode' must be 'immediate' or 'after_turn', not {body.get('mode')!r}",
+            ) from None
+    hub.cancel(run, mode=mode)
     return JSONResponse(
-        {"run_id": run.run_id, "status": str(run.status), "cancel_requested": True},
+        {
+            "run_id": run.run_id,
+            "status": str(run.status),
+            "cancel_requested": True,
+            "mode": str(mode),
+        },
         status_code=202,
     )
 

@@ -1,7 +1,10 @@
 """The event stream served on the connection itself, before any generic machinery.
 
 Under :func:`~trioflow.web.serve`, each connection's task reads the head of
-the first request itself (:func:`read_request`, with the header timeout).
+the first request itself (:func:`read_request`, within the header timeout)
+and parses it strictly (:func:`parse_head`: an HTTP/1.1 request line, RFC
+9110 header lines, one ``Host``; anything odd goes to Hypercorn, which
+answers it as it answers any request).
 When it is ``GET /runs/{id}/events`` over cleartext HTTP/1.1, without a
 body, and the application has no middleware of its own
 (:func:`~trioflow.web._app.direct_writes`), trioflow serves the whole
@@ -29,13 +32,14 @@ One owner at any moment
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-import h11
 import trio
 from starlette.responses import Response
 
@@ -50,7 +54,7 @@ if TYPE_CHECKING:
     from trioflow.web._connections import GuardedStream
     from trioflow.web._runs import RunHub
 
-__all__ = ["read_request", "serve_event_stream", "stream_target"]
+__all__ = ["RequestHead", "parse_head", "read_request", "serve_event_stream", "stream_target"]
 
 _log = logging.getLogger("trioflow.web")
 
@@ -62,47 +66,92 @@ _PREFIXES = (b"GET /runs/", b"GET /ws")
 anything else goes to Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestHead:
+    """The head of a request read by :func:`read_request` (the fields of an ``h11.Request``).
+
+    ``headers`` are ``(name, value)`` pairs in order, names lower-cased,
+    values stripped of surrounding whitespace.
+    """
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+_REQUEST_LINE = re.compile(rb"([A-Z]+) (/[\x21-\x7e]*) HTTP/(1\.1)")
+_HEADER_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t]*[\x21-\x7e\x80-\xff])*)?)[ \t]*\r\n"
+)
+
+
+def parse_head(head: bytes) -> RequestHead | None:
+    """``head`` (a request head up to its blank line, excluded) parsed strictly, or ``None``.
+
+    Strict on purpose: an HTTP/1.1 request line, header lines as RFC 9110
+    spells them (no line folding, no bare ``LF``, no control characters)
+    and exactly one ``Host``. Anything else is ``None``: the connection
+    then goes to Hypercorn, which gives every odd request its proper
+    answer, so this parser never has to.
+    """
+    line_end = head.find(b"\r\n")
+    if line_end == -1:
+        line_end = len(head)
+    line = _REQUEST_LINE.fullmatch(head, 0, line_end)
+    if line is None:
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    pos = line_end + 2
+    block = head + b"\r\n"
+    hosts = 0
+    match = _HEADER_LINE.match
+    while pos < len(block):
+        field = match(block, pos)
+        if field is None:
+            return None
+        name = field[1].lower()
+        if name == b"host":
+            hosts += 1
+        headers.append((name, field[2]))
+        pos = field.end()
+    if hosts != 1:
+        return None
+    return RequestHead(line[1], line[2], line[3], headers)
+
+
 async def read_request(
-    stream: GuardedStream, *, within: float, limit: int
-) -> tuple[h11.Request | None, bytes] | None:
+    stream: GuardedStream, *, limit: int
+) -> tuple[RequestHead | None, bytes] | None:
     """Read the head of the connection's first request, if it may be an event stream.
 
     Returns ``(request, data)``: the head, or ``None`` when it cannot be an
-    event stream (its first bytes are not ``GET /runs/``) or is not one h11
-    accepts (Hypercorn answers it then), and every byte read; or ``None``
-    when the connection is over before a head arrived (the peer left, or
-    sent no whole head within ``within`` seconds: closed, as Hypercorn does).
+    event stream (its first bytes are not ``GET /runs/``) or is not one
+    :func:`parse_head` accepts (Hypercorn answers it then), and every byte
+    read; or ``None`` when the peer left before a head arrived. The caller
+    bounds the time it may take (the header timeout).
     """
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
     data = b""
-    with trio.move_on_after(within):
-        while True:
-            if not data.startswith(_PREFIXES):
-                if data and not any(prefix.startswith(data) for prefix in _PREFIXES):
-                    return None, data  # not an event stream: Hypercorn's
-                event: object = h11.NEED_DATA
-            else:
-                try:
-                    event = conn.next_event()
-                except h11.RemoteProtocolError:
-                    return None, data
-            if event is h11.NEED_DATA:
-                try:
-                    part = await stream.receive_some(_RECEIVE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return None
-                if not part:
-                    return None if not data else (None, data)
-                data += part
-                conn.receive_data(part)
-            elif isinstance(event, h11.Request):
-                return event, data
-            else:
-                return None, data
-    return None
+    while True:
+        if not data.startswith(_PREFIXES):
+            if data and not any(prefix.startswith(data) for prefix in _PREFIXES):
+                return None, data  # not an event stream: Hypercorn's
+        else:
+            end = data.find(b"\r\n\r\n")
+            if end != -1:
+                return parse_head(data[:end]), data
+            if len(data) > limit:
+                return None, data  # Hypercorn answers a head this large
+        try:
+            part = await stream.receive_some(_RECEIVE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not part:
+            return None if not data else (None, data)
+        data += part
 
 
-def stream_target(request: h11.Request) -> tuple[str, bytes, bytes] | None:
+def stream_target(request: RequestHead) -> tuple[str, bytes, bytes] | None:
     """``(run_id, path, query)`` when ``request`` is an event stream this module serves, else ``None``.
 
     A ``GET /runs/{id}/events`` in HTTP/1.1 without a body and without
@@ -190,7 +239,7 @@ class _SocketOutput(EventOutput):
 
 async def serve_event_stream(
     stream: GuardedStream,
-    request: h11.Request,
+    request: RequestHead,
     target: tuple[str, bytes, bytes],
     *,
     hub: RunHub,

@@ -47,10 +47,12 @@ One owner at any moment
     frames straight to the socket (``os.write``, as for an event stream,
     :mod:`trioflow.web._fanout`) only while the owner has nothing queued and
     no write under way: queueing anything first stops direct mode on every
-    fan-out place of the connection and takes back what is pending there
-    (the rest of a frame the kernel took part of comes first), so that a
-    control frame never lands inside an event's frame; direct mode resumes
-    only once the queue is written out. ``/ws`` (several runs, so several
+    fan-out place of the connection and, where the kernel took part of a
+    frame, takes back the rest of it (and what is pending behind it) to go
+    first, so that a control frame never lands inside an event's frame;
+    whole frames pending stay for the run's stream to send in its order
+    (after its own replay). Direct mode resumes only once the queue is
+    written out. ``/ws`` (several runs, so several
     fan-outs) is never written to directly: its followed runs' frames go out
     through the same queue, one ``send_all`` per batch. One descriptor per
     connection; the server's forced close may close it at any moment, after
@@ -72,14 +74,13 @@ import trio
 from starlette.responses import Response
 
 from trioflow.events import FlowEvent
+from trioflow.web._direct import RequestHead, _log_access
 from trioflow.web._direct import _head as response_head
-from trioflow.web._direct import _log_access
 from trioflow.web._errors import ApiError, error_response
 from trioflow.web._streams import Encoding, StreamOutput
 from trioflow.web._ws import Transport, evicted_frame, follow_run, follow_runs, socket_answer
 
 if TYPE_CHECKING:
-    import h11
     from hypercorn.config import Config as HypercornConfig
 
     from trioflow.web._auth import AccessPolicy
@@ -137,7 +138,7 @@ WS_FRAMES: Encoding[bytes, bytes] = Encoding(
 """The WebSocket encoding of the socket served directly: one text frame per event, ready to write."""
 
 
-def socket_target(request: h11.Request) -> tuple[str | None, bytes, bytes, bytes] | None:
+def socket_target(request: RequestHead) -> tuple[str | None, bytes, bytes, bytes] | None:
     """``(run_id, path, query, accept)`` when ``request`` is a WebSocket handshake served here, else ``None``.
 
     ``run_id`` is ``None`` for ``/ws``; ``accept`` is the
@@ -184,13 +185,9 @@ def _handshake(accept: bytes) -> bytes:
     )
 
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
 def _after_head(data: bytes) -> bytes:
-    """What follows the request head in ``data`` (h11 ends a head at a blank line, CRLF or LF)."""
-    end = _HEAD_END.search(data)
-    return data[end.end() :] if end is not None else b""
+    """What follows the request head in ``data`` (read by :func:`~trioflow.web._direct.read_request`)."""
+    return data.partition(b"\r\n\r\n")[2]
 
 
 class _Closing(Exception):
@@ -238,7 +235,8 @@ class SocketTransport(Transport):
         """Queue ``data`` to go out after everything before it (see the module documentation)."""
         for target in self._targets:
             target.close()  # no direct write until the queue is written out
-            self._queue.extend(target.take())
+            if target.partial:  # a frame half on the wire: its rest (and what follows) first
+                self._queue.extend(target.take())
         self._queue.append(data)
 
     def _idle(self) -> bool:
@@ -288,9 +286,9 @@ class SocketTransport(Transport):
                 each.close()  # direct writes stop (what they left is taken by the next write)
 
     def left(self, target: FanoutTarget[bytes]) -> None:
-        """The place left: what it still holds goes out with the next write (a frame is never cut)."""
+        """The place left: the rest of a frame it cut goes out with the next write (a frame is never cut)."""
         self._targets.remove(target)
-        if not target.broken and not self._close_sent:
+        if target.partial and not target.broken and not self._close_sent:
             self._queue.extend(target.take())
 
     async def close(self, code: int, reason: str | None) -> None:
@@ -450,7 +448,7 @@ class _SocketOutput(StreamOutput[bytes, bytes]):
 
 async def serve_socket(
     stream: GuardedStream,
-    request: h11.Request,
+    request: RequestHead,
     target: tuple[str | None, bytes, bytes, bytes],
     data: bytes,
     *,

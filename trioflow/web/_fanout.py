@@ -173,6 +173,11 @@ class FanoutTarget(Generic[P]):
     # -- the connection's side -----------------------------------------------
 
     @property
+    def partial(self) -> bool:
+        """Whether the rest of a piece the kernel took part of waits: it goes out before anything else."""
+        return self._remainder is not None
+
+    @property
     def pending(self) -> int:
         """How many events wait in the pending pieces (the ones an eviction would drop)."""
         return self._pending_events

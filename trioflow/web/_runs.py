@@ -23,7 +23,7 @@ import trio
 from trioflow import demo
 from trioflow.agent import Agent
 from trioflow.executor import StreamingFlowExecutor
-from trioflow.handle import CancelReason, OnDisconnect, RunHandle
+from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import ApiError
 
@@ -281,18 +281,35 @@ class RunHub:
         await trio.lowlevel.checkpoint()
 
     @contextmanager
-    def connection(self) -> Iterator[trio.CancelScope]:
-        """Track a streaming connection for :meth:`drain`, inside a cancel scope it may cancel."""
-        with trio.CancelScope() as scope:
-            if not self._connections:
-                self._idle = trio.Event()
-            self._connections.add(scope)
+    def connection(self, scope: trio.CancelScope | None = None) -> Iterator[trio.CancelScope]:
+        """Track a streaming connection for :meth:`drain`, inside a cancel scope it may cancel.
+
+        ``scope``: the connection's own scope to track (its nursery's, say)
+        instead of a new one around the block.
+        """
+        if scope is not None:
+            self._track(scope)
             try:
                 yield scope
             finally:
-                self._connections.discard(scope)
-                if not self._connections:
-                    self._idle.set()
+                self._untrack(scope)
+            return
+        with trio.CancelScope() as scope:
+            self._track(scope)
+            try:
+                yield scope
+            finally:
+                self._untrack(scope)
+
+    def _track(self, scope: trio.CancelScope) -> None:
+        if not self._connections:
+            self._idle = trio.Event()
+        self._connections.add(scope)
+
+    def _untrack(self, scope: trio.CancelScope) -> None:
+        self._connections.discard(scope)
+        if not self._connections:
+            self._idle.set()
 
     # -- runs --------------------------------------------------------------------
 
@@ -381,8 +398,14 @@ class RunHub:
         except KeyError:
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r}") from None
 
-    def cancel(self, run: RunHandle, reason: CancelReason | str = CancelReason.CLIENT) -> None:
-        """Cancel ``run``; it ends with ``flow.cancelled``. Cancelling twice is fine.
+    def cancel(
+        self,
+        run: RunHandle,
+        reason: CancelReason | str = CancelReason.CLIENT,
+        *,
+        mode: CancelMode = CancelMode.IMMEDIATE,
+    ) -> None:
+        """Cancel ``run`` (at once, or after its current turn: ``mode``); it ends with ``flow.cancelled``. Cancelling twice is fine.
 
         Raises:
             ApiError: ``409`` when the run has finished already.
@@ -394,7 +417,7 @@ class RunHub:
                 f"run {run.run_id} has finished already ({run.status})",
                 status=str(run.status),
             )
-        run.cancel(reason)
+        run.cancel(reason, mode=mode)
 
     async def fanout(
         self,
@@ -441,6 +464,17 @@ class RunHub:
         except BaseException:
             fanout.release()
             raise
+        return fanout
+
+    def running_fanout(self, run_id: str, key: str = "sse") -> EventFanout[Any, Any] | None:
+        """The run's fan-out for ``key`` if one is open and ready to be joined now, else ``None``.
+
+        No claim is taken: a caller joins it (``add``) before its next
+        checkpoint, or not at all.
+        """
+        fanout = self._fanouts.get((run_id, key))
+        if fanout is None or not fanout.open or not fanout.ready:
+            return None
         return fanout
 
     def fanouts(self) -> list[EventFanout[Any, Any]]:

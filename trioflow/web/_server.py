@@ -400,14 +400,16 @@ async def _worker(
     async def fast_path(guarded: GuardedStream) -> bool:
         """Serve the connection here if it is an event stream; False: it is Hypercorn's."""
         assert direct is not None
-        with trio.CancelScope() as scope:
+        # One scope for both ends of the wait: the header timeout, and the
+        # shutdown (which cancels every connection still reading its head).
+        with trio.CancelScope(deadline=trio.current_time() + header_timeout) as scope:
             reading.add(scope)
             try:
-                read = await read_request(guarded, within=header_timeout, limit=head_limit)
+                read = await read_request(guarded, limit=head_limit)
             finally:
                 reading.discard(scope)
         if scope.cancelled_caught or read is None:
-            return True  # shutting down, or no request came: closed
+            return True  # no request in time, shutting down, or the peer left: closed
         request, data = read
         if request is not None and (socket := socket_target(request)) is not None:
             await serve_socket(

@@ -267,21 +267,22 @@ async def stream_events(hub: RunHub, run: Run, after: int, out: EventOutput) -> 
     watch = hub.attach(run)
     disconnected = False
     try:
-        with hub.connection(), collapse_single_group():
+        with collapse_single_group():
             async with trio.open_nursery() as nursery:
+                with hub.connection(nursery.cancel_scope):  # the drain may cancel it
 
-                async def wait_disconnect() -> None:
-                    nonlocal disconnected
-                    await out.wait_disconnect()
-                    # The end of a complete response may be reported as a
-                    # disconnect: that one is not the client's.
-                    if not out.ending:
-                        disconnected = True
-                        nursery.cancel_scope.cancel()
+                    async def wait_disconnect() -> None:
+                        nonlocal disconnected
+                        await out.wait_disconnect()
+                        # The end of a complete response may be reported as a
+                        # disconnect: that one is not the client's.
+                        if not out.ending:
+                            disconnected = True
+                            nursery.cancel_scope.cancel()
 
-                nursery.start_soon(wait_disconnect)
-                await _respond(hub, run, after, out)
-                nursery.cancel_scope.cancel()
+                    nursery.start_soon(wait_disconnect)
+                    await _respond(hub, run, after, out)
+                    nursery.cancel_scope.cancel()
     finally:
         watch.release(disconnected=disconnected or out.broken)
 

@@ -9,12 +9,15 @@ protocol makes of events is its :class:`Encoding`; the rest is here, once:
 * :class:`FrameCache` holds a run's newest frames of one encoding, each
   encoded once, in step with the run's history (a late joiner's replay is
   the frames a live client got, byte for byte);
-* :func:`stream_run` reads the run through the connection's own
-  subscription (bounded, :attr:`~trioflow.Overflow.EVICT`) until it has
-  caught up with the run's fan-out for that encoding
+* :func:`stream_run` joins the run's fan-out for that encoding
   (:class:`~trioflow.web._fanout.EventFanout`, one per run and encoding,
-  :meth:`~trioflow.web._runs.RunHub.fanout`), then joins it, and sends what
-  the fan-out leaves to the connection until the stream is over;
+  :meth:`~trioflow.web._runs.RunHub.fanout`) and sends what the fan-out
+  leaves to the connection until the stream is over. When the fan-out is
+  running and the cache holds the replay, the connection joins it at once
+  (no subscription of its own; the usual case for a live run someone
+  watches); otherwise it first reads the run through a subscription of its
+  own (bounded, :attr:`~trioflow.Overflow.EVICT`: the replay from the
+  history, ``HistoryExpired`` included) until it has caught up;
 * a :class:`StreamOutput` is where one connection's stream of one run goes
   (the ASGI ``send`` or the socket for an event stream, the WebSocket's
   send lock for a followed run).
@@ -268,9 +271,10 @@ async def stream_run(
     """Stream ``run``'s events after ``after`` to ``out``; True once the end of the run was delivered.
 
     False when the client fell behind (the ``evicted`` frame was sent) or
-    went away. The connection reads the run through a subscription of its
-    own until it has caught up with the run's fan-out for ``encoding``,
-    then joins it.
+    went away. The connection joins the run's fan-out for ``encoding`` at
+    once when it can (:func:`_join_now`); else it reads the run through a
+    subscription of its own until it has caught up with the fan-out, then
+    joins it.
 
     Raises:
         HistoryExpired: ``after`` is older than the run's retained history
@@ -278,6 +282,18 @@ async def stream_run(
     """
     config = hub.config
     cache = frame_cache(run, hub, encoding)
+    now = _join_now(hub, run, after, out, encoding, cache)
+    if now is not None:
+        fanout, target, replay = now
+        try:
+            await out.start()
+            if replay or out.holds():
+                await out.send_frames(replay)
+        except BaseException:
+            fanout.discard(target)
+            out.left(target)
+            raise
+        return await _follow(fanout, target, out)
     async with run.subscribe(
         after=after,
         buffer=config.buffer,
@@ -294,6 +310,54 @@ async def stream_run(
     if isinstance(joined, _Ended):
         return joined is _Ended.DELIVERED
     return await _follow(*joined, out)
+
+
+def _join_now(
+    hub: RunHub,
+    run: Run,
+    after: int,
+    out: StreamOutput[F, P],
+    encoding: Encoding[F, P],
+    cache: FrameCache[F],
+) -> tuple[EventFanout[F, P], FanoutTarget[P], list[F]] | None:
+    """Join the run's running fan-out at once, with the replay from ``cache``, if it can be done.
+
+    The usual way in for a connection to a live run someone already
+    watches: no subscription of its own, no await between reading the
+    fan-out's position and joining it. Returns the fan-out, the joined
+    target and the frames after ``after`` up to the fan-out's position (for
+    the connection to send itself before what the fan-out queues for it);
+    ``None`` when the connection must catch up through a subscription: no
+    fan-out ready, the run has ended, ``after`` is ahead of the fan-out, or
+    the replay is not all in the cache or may be older than the run's
+    history holds (the subscription then raises
+    :exc:`~trioflow.history.HistoryExpired` as it should).
+    """
+    if run.done:
+        return None
+    fanout: EventFanout[F, P] | None = hub.running_fanout(run.run_id, encoding.name)
+    if fanout is None:
+        return None
+    position = fanout.position
+    if after > position:
+        return None
+    replay: list[F] = []
+    if after < position:
+        # The history holds the newest `capacity` events: after + 1 is
+        # among them only if no more than that many came since.
+        if run.last_seq - after > cache.capacity:
+            return None
+        for seq in range(after + 1, position + 1):
+            frame = cache.get(seq)
+            if frame is None:
+                return None
+            replay.append(frame)
+    target: FanoutTarget[P] = FanoutTarget(
+        skip_through=position, limit=hub.config.buffer, sock=out.sock, encode=out.frame
+    )
+    fanout.add(target)
+    out.joined(target)
+    return fanout, target, replay
 
 
 async def _catch_up(
