@@ -525,3 +525,39 @@ async def test_frames_sent_with_the_handshake_are_read(web_server: WebServer) ->
         head, _, rest = received.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         assert await RawSocket(stream, rest).frame() == (PONG, b"early")
+
+
+async def test_a_joiner_sends_its_replay_before_what_the_fanout_queued_meanwhile(
+    start_web_server: StartWebServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection to a live run someone watches joins the run's fan-out at
+    # once, then sends its replay from the cache itself; a batch the fan-out
+    # queues for it in between goes out after the replay, not before it.
+    import trio.testing
+
+    from trioflow.web._direct_ws import _SocketOutput
+
+    server = await start_web_server(agent=talker(words=200, pace=100))
+    run_id = await start_run(server)
+    run = server.executor.get_run(run_id)
+    path = f"/runs/{run_id}/ws"
+    async with raw_socket(server, path) as live:
+        for _ in range(10):
+            await live.frame()
+        await joined_fanout(server.hub, run_id, 1, name="ws-frames")
+        batches = 0
+
+        async def start_after_a_batch(self: _SocketOutput) -> None:
+            nonlocal batches
+            async with run.subscribe(after=run.last_seq) as sub:
+                await sub.receive_batch()  # the fan-out has this batch for the joiner too
+            await trio.testing.wait_all_tasks_blocked()
+            batches += 1
+
+        monkeypatch.setattr(_SocketOutput, "start", start_after_a_batch)
+        async with raw_socket(server, path) as late:
+            late_bytes = await late.until_eof()
+        live_bytes = await live.until_eof()
+    assert batches == 1
+    assert late_bytes == live_bytes
+    assert late_bytes.count(b'{"id":') == run.last_seq
