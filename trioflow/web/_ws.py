@@ -59,9 +59,10 @@ run). The protocol runs over a :class:`Transport`: Starlette's
 or with middleware), or the connection's socket served directly
 (:mod:`trioflow.web._direct_ws`, whose module documentation states how its
 one owner shares the socket with the run's fan-out); both take the one
-handshake decision, :func:`socket_answer`. A client that disconnects releases its subscriptions and places in
-the fan-outs at once, and runs started with ``"on_disconnect": "cancel"``
-that no one else watches are cancelled. On a graceful shutdown, connections
+handshake decision, :func:`socket_answer`. A client that disconnects
+releases its subscriptions and places in the fan-outs at once, and runs
+started with ``"on_disconnect": "cancel"`` that no one else watches are
+cancelled. On a graceful shutdown, connections
 close with code ``1001`` once their runs' terminal events are delivered.
 """
 
