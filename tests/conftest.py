@@ -300,21 +300,40 @@ class PassThrough:
         await self.app(scope, receive, send)
 
 
+@pytest.fixture(params=["direct", "asgi"])
+def ws_path(request: pytest.FixtureRequest) -> str:
+    """Both ways a WebSocket is served: ``"direct"`` (on the connection itself, under
+    ``serve()``) and ``"asgi"`` (Hypercorn, wsproto and Starlette, as with middleware).
+
+    A test (or module: ``pytestmark = pytest.mark.usefixtures("ws_path")``) using it runs
+    once for each; :func:`start_web_server` then adds :class:`PassThrough` for ``"asgi"``.
+    """
+    return str(request.param)
+
+
 @pytest.fixture
-async def start_web_server(nursery: trio.Nursery) -> StartWebServer:
+def ws_fanout(ws_path: str) -> str:
+    """The name of a run's WebSocket fan-out (and frame cache) on the ``ws_path`` taken."""
+    return "ws-frames" if ws_path == "direct" else "ws"
+
+
+@pytest.fixture
+async def start_web_server(nursery: trio.Nursery, request: pytest.FixtureRequest) -> StartWebServer:
     """Start servers with ``await start_web_server(agent=..., history=..., **WebConfig options)``.
 
     Each listens on an ephemeral 127.0.0.1 port, is started with ``nursery.start``
     and is stopped (cancelled) when the test ends. ``through_asgi=True`` adds a
     :class:`PassThrough` middleware: every request then goes through Hypercorn and
     Starlette (event streams included), the way an application with middleware is served.
+    Its default is ``False``, or the ``ws_path`` parameter when the test uses that fixture.
     """
+    asgi = "ws_path" in request.fixturenames and request.getfixturevalue("ws_path") == "asgi"
 
     async def start(
         *,
         agent: Agent | AgentFactory | None = None,
         history: int = 4096,
-        through_asgi: bool = False,
+        through_asgi: bool = asgi,
         **options: Any,
     ) -> WebServer:
         from trioflow.web import WebConfig, create_app, serve
