@@ -15,10 +15,14 @@ Frames from the server are JSON text frames of two kinds:
 events from the first (or after ``after``) and closes with code ``1000``
 after the terminal event. The client may send:
 
-* ``{"action": "cancel"}``: cancel the run (an ``error`` frame with code
-  ``run_finished`` if it has finished);
+* ``{"action": "cancel", "mode"?}``: cancel the run (an ``error`` frame with
+  code ``run_finished`` if it has finished; ``"mode": "after_turn"`` lets
+  the current turn finish first);
 * ``{"action": "resume", "after": <seq>}``: replay the run's events after
-  ``<seq>`` and go on live (the current stream is replaced).
+  ``<seq>`` and go on live (the current stream is replaced);
+* ``{"action": "decide", "call_id", "decision", "reason"?, "input"?}``:
+  approve, deny or edit a tool call waiting for approval (as ``POST
+  /runs/{id}/approvals/{call_id}``); answered ``{"type": "decided", ...}``.
 
 ``/ws`` follows any number of runs (up to
 :attr:`~trioflow.web.WebConfig.max_runs_per_socket` at once); every event
@@ -28,13 +32,20 @@ says which run it belongs to. The client may send:
   "on_disconnect"?, "ref"?}``: start a run (the fields of ``POST /runs``);
   the server answers ``accepted`` (with ``ref`` echoed, to match replies to
   requests), then sends the run's events;
-* ``{"action": "cancel", "run_id": ...}`` and
-  ``{"action": "resume", "run_id": ..., "after": <seq>}``: as above, for any
-  run (``resume`` with ``after: 0`` also follows a run started elsewhere).
+* ``{"action": "message", "thread_id": ..., "message": ..., ...}``: the
+  next run of a conversation (as ``POST /threads/{id}/runs``), answered
+  ``accepted`` with the ``thread_id``, then followed;
+* ``{"action": "cancel", "run_id": ..., "mode"?}``,
+  ``{"action": "resume", "run_id": ..., "after": <seq>}`` and
+  ``{"action": "decide", "run_id": ..., "call_id": ..., ...}``: as above,
+  for any run (``resume`` with ``after: 0`` also follows a run started
+  elsewhere).
 
 Error codes: ``invalid_json``, ``invalid_message``, ``unknown_action``,
 ``invalid_request``, ``invalid_after``, ``run_not_found``, ``run_finished``,
-``too_many_runs``, ``shutting_down``, ``message_too_large``, and for a
+``too_many_runs``, ``shutting_down``, ``message_too_large``,
+``approval_not_found``, ``approval_decided``, ``invalid_input``,
+``thread_not_found``, ``thread_busy``, ``thread_full``, and for a
 stream: ``evicted`` (the client fell behind by more than the connection's
 buffer; ``last_seq`` is the last event sent: ``resume`` after it, with no
 gap) and ``history_expired``. An error caused by a message echoes its
@@ -85,7 +96,7 @@ from trioflow.history import HistoryExpired
 from trioflow.protocol import EVICTED, HISTORY_EXPIRED
 from trioflow.web._auth import AccessPolicy, deny_websocket
 from trioflow.web._errors import ApiError
-from trioflow.web._runs import RunHub, RunRequest, Watch, resume_point
+from trioflow.web._runs import RunHub, RunRequest, Watch, cancel_mode, resume_point
 from trioflow.web._streams import Encoding, StreamOutput, stream_run
 
 __all__ = [
@@ -474,6 +485,27 @@ def socket_answer(
     return run, resume_point(QueryParams(scope.get("query_string", b"")).get("after", "0"), run)
 
 
+async def _decide(
+    conn: _Connection, hub: RunHub, run: RunHandle, message: Mapping[str, Any]
+) -> None:
+    """``{"action": "decide", "call_id", "decision", "reason"?, "input"?}``: answered ``decided``."""
+    _only(message, {"run_id", "call_id", "decision", "reason", "input"})
+    call_id = message.get("call_id")
+    if not isinstance(call_id, str):
+        raise ApiError(400, "invalid_message", "'call_id' must be the id of a waiting tool call")
+    body = {k: message[k] for k in ("decision", "reason", "input") if k in message}
+    decided = hub.decide(run, call_id, body)
+    frame: dict[str, Any] = {
+        "type": "decided",
+        "run_id": run.run_id,
+        "call_id": call_id,
+        "decision": str(decided.decision),
+    }
+    if "ref" in message:
+        frame["ref"] = message["ref"]
+    await conn.control(frame)
+
+
 async def follow_run(transport: Transport, hub: RunHub, run: RunHandle, after: int) -> None:
     """Serve ``/runs/{run_id}/ws`` over ``transport``: follow ``run``; ``cancel`` and ``resume`` messages."""
     conn = _Connection(transport, hub, per_run=True)
@@ -483,14 +515,18 @@ async def follow_run(transport: Transport, hub: RunHub, run: RunHandle, after: i
         if message.get("run_id", run.run_id) != run.run_id:
             raise ApiError(400, "invalid_message", f"this connection follows run {run.run_id} only")
         if action == "cancel":
-            _only(message, {"run_id"})
-            hub.cancel(run)
+            _only(message, {"run_id", "mode"})
+            hub.cancel(run, mode=cancel_mode(message.get("mode", "immediate")))
         elif action == "resume":
             _only(message, {"run_id", "after"})
             await conn.follow(run, _after(message, run))
+        elif action == "decide":
+            await _decide(conn, hub, run, message)
         else:
             raise ApiError(
-                400, "unknown_action", f"unknown action {action!r}; use 'cancel' or 'resume'"
+                400,
+                "unknown_action",
+                f"unknown action {action!r}; use 'cancel', 'resume' or 'decide'",
             )
 
     await conn.serve(handle, run, after)
@@ -502,22 +538,38 @@ async def follow_runs(transport: Transport, hub: RunHub) -> None:
 
     async def handle(message: Mapping[str, Any]) -> None:
         action = message["action"]
-        if action == "start":
-            fields = {k: v for k, v in message.items() if k not in ("action", "ref")}
+        if action in ("start", "message"):
+            thread = None
+            fields = {k: v for k, v in message.items() if k not in ("action", "ref", "thread_id")}
+            if action == "message":
+                thread_id = message.get("thread_id")
+                if not isinstance(thread_id, str):
+                    raise ApiError(400, "invalid_message", "'thread_id' must be a thread's id")
+                thread = hub.thread(thread_id)
+            elif "thread_id" in message:
+                _only(message, set())  # names the unknown member
             try:
-                request = RunRequest.parse(fields)
+                request = RunRequest.parse(
+                    fields, task_field="message" if thread is not None else "task"
+                )
             except ValueError as exc:
                 raise ApiError(400, "invalid_request", str(exc)) from None
             conn.check_capacity()
-            run = await hub.start(request, source="ws")
+            run = await hub.start(request, source="ws", thread=thread)
             accepted: dict[str, Any] = {"type": "accepted", "run_id": run.run_id}
+            if thread is not None:
+                accepted["thread_id"] = thread.thread_id
             if "ref" in message:
                 accepted["ref"] = message["ref"]
             await conn.control(accepted)
             await conn.follow(run, 0)
         elif action == "cancel":
-            _only(message, {"run_id"})
-            hub.cancel(hub.get(_run_id(message)))
+            _only(message, {"run_id", "mode"})
+            hub.cancel(
+                hub.get(_run_id(message)), mode=cancel_mode(message.get("mode", "immediate"))
+            )
+        elif action == "decide":
+            await _decide(conn, hub, hub.get(_run_id(message)), message)
         elif action == "resume":
             _only(message, {"run_id", "after"})
             run = hub.get(_run_id(message))
@@ -528,7 +580,7 @@ async def follow_runs(transport: Transport, hub: RunHub) -> None:
             raise ApiError(
                 400,
                 "unknown_action",
-                f"unknown action {action!r}; use 'start', 'cancel' or 'resume'",
+                f"unknown action {action!r}; use 'start', 'message', 'cancel', 'resume' or 'decide'",
             )
 
     await conn.serve(handle)
