@@ -166,7 +166,8 @@ async def test_page_streams_a_run_to_done(
     assert seen["states"] == ["idle", "connecting", "live", "done"]
     assert seen["seqs"] == list(range(1, run.last_seq + 1))
     assert seen["replayed"] == seen["seqs"]
-    assert seen["url"] == f"{server.url}/?run={run.run_id}"
+    thread_id = run.metadata["thread_id"]
+    assert seen["url"] == f"{server.url}/?thread={thread_id}&run={run.run_id}"
     assert (tmp_path / "page.png").stat().st_size > 0
 
 
@@ -217,7 +218,9 @@ async def test_page_passes_the_token_from_its_address(
         run_task(page)
         expect_calculator_run_done(page)
         expect(page.locator("#error")).to_be_hidden()
-        assert page.url.startswith(f"{server.url}/?token=secret&run=")
+        assert re.match(
+            rf"{re.escape(server.url)}/\?token=secret&thread=thread_\w+&run=run_", page.url
+        )
 
     await browse(f"{server.url}/", script)
     assert [run.status for run in server.executor.runs.values()] == [RunStatus.COMPLETED]
@@ -305,3 +308,82 @@ async def test_page_resumes_after_a_dropped_connection(
         f"reconnected: resuming after event {cut}",
     ]
     assert seen["states"] == ["idle", "connecting", "live", "reconnecting", "live", "done"]
+
+
+# -- conversations and approvals (issue #15) ---------------------------------------------------
+
+
+async def test_the_page_is_a_conversation(
+    start_web_server: StartWebServer, browse: Browse[Any]
+) -> None:
+    server = await start_web_server(agent=lambda request: calculator_agent(pace=0))
+
+    def turns(page: Page) -> list[tuple[str | None, str | None]]:
+        rows = page.locator("#conversation li")
+        return [
+            (rows.nth(i).get_attribute("data-role"), rows.nth(i).text_content())
+            for i in range(rows.count())
+        ]
+
+    def script(page: Page) -> dict[str, Any]:
+        run_task(page, "What is 25 * 4?")
+        expect(page.locator("#status")).to_have_text("done")
+        run_task(page, "What is 2 + 3?")
+        expect(page.locator("#conversation li")).to_have_count(4)
+        expect(page.locator("#status")).to_have_text("done")
+        live = turns(page)
+        thread_id = page.locator("#thread-id").text_content()
+        page.reload()  # the address names the thread: the conversation comes back
+        expect(page.locator("#status")).to_have_text("done")
+        expect(page.locator("#conversation li")).to_have_count(4)
+        reloaded = turns(page)
+        page.click("#new-thread")
+        expect(page.locator("#conversation li")).to_have_count(0)
+        expect(page.locator("#thread-id")).to_have_text("")
+        return {"live": live, "reloaded": reloaded, "thread_id": thread_id}
+
+    seen = await browse(f"{server.url}/", script)
+    assert seen["live"] == [
+        ("user", "What is 25 * 4?"),
+        ("assistant", ANSWER),
+        ("user", "What is 2 + 3?"),
+        ("assistant", "Let me calculate that.\n\n2 + 3 = 5."),
+    ]
+    assert seen["reloaded"] == seen["live"]
+    thread = server.hub.threads.get(seen["thread_id"])
+    assert len(thread.runs) == 2 and len(thread.messages) == 8
+
+
+async def test_approve_and_deny_buttons_decide_on_tool_calls(
+    start_web_server: StartWebServer, browse: Browse[Any]
+) -> None:
+    asking = dataclasses.replace(calculator, requires_approval=True)
+    server = await start_web_server(
+        agent=lambda request: Agent(ScriptedModel(pace=0), tools=[asking])
+    )
+
+    def script(page: Page) -> None:
+        run_task(page, "What is 25 * 4?")
+        card = page.locator('#tools li[data-tool="calculator"]')
+        expect(card).to_have_attribute("data-state", "waiting")
+        expect(card.locator(".input")).to_contain_text('"expression": "25 * 4"')
+        expect(page.locator("#status")).to_have_text("live")
+        card.locator('[data-testid="approve"]').click()
+        expect(card).to_have_attribute("data-state", "completed")
+        expect(card.locator(".result")).to_have_text("100")
+        expect(card.locator('[data-testid="approve"]')).to_have_count(0)
+        expect(page.locator("#status")).to_have_text("done")
+
+        run_task(page, "What is 2 + 3?")
+        card = page.locator('#tools li[data-tool="calculator"]')
+        expect(card).to_have_attribute("data-state", "waiting")
+        card.locator('[data-testid="deny"]').click()
+        expect(card).to_have_attribute("data-state", "denied")
+        expect(card.locator(".result")).to_have_text("denied in the browser")
+        expect(page.locator("#status")).to_have_text("done")
+        expect(page.locator("#output")).to_contain_text("denied")
+
+    await browse(f"{server.url}/", script)
+    runs = list(server.executor.runs.values())
+    assert [r.status for r in runs] == [RunStatus.COMPLETED, RunStatus.COMPLETED]
+    assert runs[0].result is not None and "100" in runs[0].result.output
