@@ -61,6 +61,7 @@ from trioflow.models._base import (
     Message,
     Model,
     ModelError,
+    ModelOptions,
     RetryNotice,
     TextBlock,
     TextDelta,
@@ -280,6 +281,9 @@ class Agent:
             called with each :class:`~trioflow.models.ToolCall`, True to ask.
         approval_timeout: seconds a call waits for a decision before it is
             denied (``None``: it waits as long as the run lasts).
+        options: sampling options for every turn
+            (:class:`~trioflow.models.ModelOptions`: ``max_tokens``,
+            ``temperature``), instead of the model's own.
 
     Raises:
         ValueError: ``max_iterations`` is below 1, two tools share a name, or
@@ -296,6 +300,7 @@ class Agent:
         name: str = "agent",
         approval: Callable[[ToolCall], bool] | None = None,
         approval_timeout: float | None = None,
+        options: ModelOptions | None = None,
     ) -> None:
         if approval_timeout is not None and not (
             isinstance(approval_timeout, (int, float)) and 0 < approval_timeout < math.inf
@@ -318,6 +323,31 @@ class Agent:
         self.name = name
         self.approval = approval
         self.approval_timeout = approval_timeout
+        self.options = options
+
+    def replace(
+        self,
+        *,
+        model: Model | None = None,
+        system: str | None = None,
+        options: ModelOptions | None = None,
+    ) -> Agent:
+        """A copy of this agent with another ``model``, ``system`` prompt or ``options`` (those given).
+
+        The tools, budget, name and approval policy are the same objects.
+        How a server gives one run the model and options its request asked for.
+        """
+        copy = Agent(
+            model if model is not None else self.model,
+            system=system if system is not None else self.system,
+            max_iterations=self.max_iterations,
+            name=self.name,
+            approval=self.approval,
+            approval_timeout=self.approval_timeout,
+            options=options if options is not None else self.options,
+        )
+        copy.tools = self.tools
+        return copy
 
     def __repr__(self) -> str:
         return (
@@ -505,7 +535,12 @@ class Agent:
         end: TurnEnd | None = None
         token = EventType.TOKEN_RECEIVED
         token_nowait = _token_nowait(emit)
-        async with self.model.stream(messages, tools=specs, system=self.system) as stream:
+        opened = (
+            self.model.stream(messages, tools=specs, system=self.system, options=self.options)
+            if self.options
+            else self.model.stream(messages, tools=specs, system=self.system)
+        )
+        async with opened as stream:
             async for event in stream:
                 if control._paused:
                     await control.checkpoint()

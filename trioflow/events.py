@@ -151,7 +151,7 @@ class EventType(enum.StrEnum):
 
 
 class FlowStartedData(TypedDict):
-    """``flow.started``."""
+    """``flow.started``: ``metadata`` is the run's (:attr:`trioflow.Run.metadata`), when it has any."""
 
     task: str
     model: str
@@ -159,6 +159,7 @@ class FlowStartedData(TypedDict):
     max_iterations: int
     timeout: float | None
     tools: list[str]
+    metadata: NotRequired[dict[str, Any]]
 
 
 class FlowCompletedData(TypedDict):

@@ -562,7 +562,7 @@ class Run:
                     self._done.set()
 
     def _started_data(self) -> FlowStartedData:
-        return {
+        started: FlowStartedData = {
             "task": self.task,
             "model": self.agent.model.name,
             "agent": self.agent.name,
@@ -570,6 +570,9 @@ class Run:
             "timeout": self.timeout,
             "tools": [t.name for t in self.agent.tools],
         }
+        if self.metadata:
+            started["metadata"] = self.metadata
+        return started
 
     def _classify(self, result: AgentResult | None, error: BaseException | None) -> _Outcome:
         """How the run ended: completed, failed (and why) or cancelled (and why)."""

@@ -86,7 +86,7 @@ def ws_handshake(path: str, host: str, **headers: str) -> bytes:
         ({"task": "hi", "max_iterations": 1.5}, "'max_iterations' must be an integer"),
         ({"task": "hi", "max_iterations": 0}, "at least 1"),
         ({"task": "hi", "on_disconnect": "explode"}, "'continue' or 'cancel'"),
-        ({"task": "hi", "model": "gpt"}, "unknown field 'model'"),
+        ({"task": "hi", "modle": "gpt"}, "unknown field 'modle'"),
         ([{"task": "hi"}], "expected a JSON object, not an array"),
         ("hi", "expected a JSON object, not a string"),
     ],

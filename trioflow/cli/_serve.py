@@ -1,7 +1,8 @@
 """``trioflow serve``: the HTTP/SSE/WebSocket API and the browser page.
 
 ``trioflow serve [--host 127.0.0.1] [--port 8080] [--model ...] [--token TOKEN]``
-``[--allowed-host HOST ...] [--timeout S] [--write-timeout S] [--shutdown-timeout S]``
+``[--allowed-host HOST ...] [--allow-model MODEL ...] [--timeout S] [--write-timeout S]``
+``[--shutdown-timeout S]``
 ``[--max-connections N] [--certfile PEM --keyfile PEM] [--metrics] [--replay FILE [--speed X]]``
 serves until SIGINT or SIGTERM,
 then shuts down gracefully: running runs end with ``flow.cancelled``, streams
@@ -12,7 +13,9 @@ token may also come from the ``TRIOFLOW_TOKEN`` environment variable; from
 either source it must be 8 to 4096 printable ASCII characters without white
 space (exit status 2 otherwise). ``--allowed-host`` adds a name clients may
 reach the server by (the ``Host`` header); binding a wildcard address
-(``--host 0.0.0.0``) requires at least one.
+(``--host 0.0.0.0``) requires at least one. ``--allow-model`` names a model
+a request may ask for (``"model"`` of ``POST /runs``); without it, every run
+uses ``--model``.
 
 Every run has a time limit, ``--timeout`` (default 900 s, or
 ``TRIOFLOW_TIMEOUT``; ``0`` for none), so that no run holds a slot for ever;
@@ -121,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set); "
         "8 to 4096 printable ASCII characters without white space, from either source",
+    )
+    parser.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="let a request's 'model' name MODEL (as --model takes it: claude-..., "
+        "openai:NAME, scripted); repeatable. Without it every run uses --model",
     )
     parser.add_argument(
         "--allowed-host",
@@ -344,6 +355,7 @@ def main(args: argparse.Namespace) -> int:
             token=token,
             allowed_origins=frozenset(args.allow_origin),
             allowed_hosts=frozenset(args.allowed_host),
+            allowed_models=tuple(args.allow_model),
             keepalive=args.keepalive,
             buffer=args.buffer,
             write_timeout=args.write_timeout,

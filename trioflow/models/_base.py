@@ -27,6 +27,7 @@ __all__ = [
     "Model",
     "ModelError",
     "ModelEvent",
+    "ModelOptions",
     "RetryNotice",
     "StopReason",
     "TextBlock",
@@ -182,6 +183,41 @@ def _block_dict(block: ContentBlock) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ModelOptions:
+    """Sampling options for a turn, overriding the model's own (``None``: the model's).
+
+    Given to :meth:`Model.stream` as ``options=`` (only when set: a model
+    written before options existed still works). The offline
+    :class:`~trioflow.models.ScriptedModel` takes and ignores them.
+
+    Raises:
+        ValueError: ``max_tokens`` is below 1, or ``temperature`` is not a
+            finite number from 0 to 2.
+    """
+
+    max_tokens: int | None = None
+    """The most tokens the turn may generate."""
+    temperature: float | None = None
+    """Sampling temperature (0 to 2; Anthropic's API takes 0 to 1)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens must be an int >= 1, not {self.max_tokens!r}")
+        t = self.temperature
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 2
+        ):
+            raise ValueError(f"temperature must be a number from 0 to 2, not {t!r}")
+
+    def __bool__(self) -> bool:
+        return self.max_tokens is not None or self.temperature is not None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ToolSpec:
     """What a model is told about a tool: its name, description and JSON schema."""
 
@@ -271,10 +307,14 @@ class Model(Protocol):
         *,
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
+        options: ModelOptions | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
         """Stream one turn of the model's reply to ``messages``.
 
         Yields :data:`ModelEvent` values ending with one :class:`TurnEnd`.
+        ``options`` overrides the model's sampling options for this turn
+        (the agent passes it only when set, so a model may omit the
+        parameter if it takes none).
 
         Raises:
             ModelError: the request failed for good (after the model's own retries).

@@ -210,6 +210,10 @@ class OpenAIModel(SDKModel):
 
     # -- what SDKModel asks of its subclasses ----------------------------------------
 
+    @property
+    def _max_tokens_key(self) -> str:
+        return self._max_tokens_field
+
     def _params(
         self, messages: Sequence[Message], tools: Sequence[ToolSpec], system: str | None
     ) -> dict[str, Any]:

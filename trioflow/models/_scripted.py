@@ -41,6 +41,7 @@ from trioflow.models._base import (
     Message,
     ModelError,
     ModelEvent,
+    ModelOptions,
     RetryNotice,
     StopReason,
     TextBlock,
@@ -176,8 +177,9 @@ class ScriptedModel:
         *,
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
+        options: ModelOptions | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
-        """Stream the next turn's events in reply to ``messages``.
+        """Stream the next turn's events in reply to ``messages`` (``options`` are taken and ignored).
 
         Use as ``async with model.stream(...) as events: async for event in
         events: ...``. The call is recorded in :attr:`calls`, the turn is

@@ -47,6 +47,7 @@ from trioflow.models._base import (
     Message,
     ModelError,
     ModelEvent,
+    ModelOptions,
     RetryNotice,
     ToolCall,
     ToolSpec,
@@ -430,6 +431,7 @@ class SDKModel(abc.ABC):
         *,
         tools: Sequence[ToolSpec] = (),
         system: str | None = None,
+        options: ModelOptions | None = None,
     ) -> AbstractAsyncContextManager[AsyncIterator[ModelEvent]]:
         """Stream one turn of the model's reply to ``messages``.
 
@@ -448,6 +450,8 @@ class SDKModel(abc.ABC):
             messages: The conversation so far.
             tools: The tools the model may call.
             system: The system prompt, if any.
+            options: ``max_tokens`` and ``temperature`` for this turn
+                instead of the model's own.
 
         Returns:
             An async context manager; leaving it closes the HTTP response.
@@ -480,7 +484,18 @@ class SDKModel(abc.ABC):
             server sees the connection close at once. Cancelled during a
             backoff sleep, no further attempt is made.
         """
-        return StreamedTurn(self, self._params(messages, tools, system))
+        params = self._params(messages, tools, system)
+        if options:
+            if options.max_tokens is not None:
+                params[self._max_tokens_key] = options.max_tokens
+            if options.temperature is not None:
+                params["temperature"] = options.temperature
+        return StreamedTurn(self, params)
+
+    @property
+    def _max_tokens_key(self) -> str:
+        """The request field of ``max_tokens`` (a dialect may name it otherwise)."""
+        return "max_tokens"
 
     @abc.abstractmethod
     def _params(

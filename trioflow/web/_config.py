@@ -112,6 +112,13 @@ class WebConfig:
     """The most runs going at once; ``POST /runs`` answers ``429`` beyond it."""
     max_runs_per_socket: int = 32
     """The most runs one ``/ws`` connection may follow at once."""
+    allowed_models: tuple[str, ...] = ()
+    """The models a request may name (``"model"`` of ``POST /runs``), as
+    :func:`~trioflow.models.open_model` takes them (``"claude-..."``,
+    ``"openai:NAME"``, ``"scripted"``); a request naming another is ``400``
+    ``model_not_allowed``. Empty (the default): every run uses the server's
+    own model. The server's choice, never a client's alone; a named model
+    is opened for its run and closed after it."""
     max_threads: int = 1000
     """The most conversations (``/threads``) retained; a new one makes the
     server forget the oldest one with no run going."""
@@ -186,6 +193,10 @@ class WebConfig:
         if isinstance(hosts, str):
             raise TypeError("allowed_hosts must be a collection of host names, not a string")
         object.__setattr__(self, "allowed_hosts", frozenset(self.allowed_hosts))
+        models: object = self.allowed_models
+        if isinstance(models, str):
+            raise TypeError("allowed_models must be a collection of model names, not a string")
+        object.__setattr__(self, "allowed_models", tuple(self.allowed_models))
         HostAllowList(self.allowed_hosts)  # raises ValueError for a malformed entry
         if is_wildcard(self.host) and not self.allowed_hosts:
             raise ValueError(

@@ -25,6 +25,7 @@ from trioflow.agent import Agent
 from trioflow.approvals import ApprovalError, PendingApproval
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
+from trioflow.models import ModelError, ModelOptions, open_model
 from trioflow.threads import Thread, ThreadBusy, ThreadFull, ThreadNotFound, Threads
 from trioflow.tools import ToolInputError
 from trioflow.web._config import WebConfig
@@ -49,7 +50,21 @@ __all__ = [
 ]
 
 
-_FIELDS = frozenset({"task", "timeout", "max_iterations", "on_disconnect"})
+_FIELDS = frozenset(
+    {
+        "task",
+        "timeout",
+        "max_iterations",
+        "on_disconnect",
+        "model",
+        "system",
+        "max_tokens",
+        "temperature",
+        "metadata",
+    }
+)
+_RESERVED_METADATA = frozenset({"source", "thread_id"})
+"""Keys of a run's metadata the server sets: a request's ``metadata`` may not."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,6 +82,23 @@ class RunRequest:
     """The run's iteration budget (``None``: the agent's)."""
     on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
     """What happens when the last watching client disconnects."""
+    model: str | None = None
+    """The model to run with (``None``: the server's); the server must allow
+    it (:attr:`~trioflow.web.WebConfig.allowed_models`)."""
+    system: str | None = None
+    """A system prompt instead of the agent's."""
+    max_tokens: int | None = None
+    """The most tokens one model turn may generate."""
+    temperature: float | None = None
+    """The model's sampling temperature (0 to 2)."""
+    metadata: Mapping[str, Any] | None = None
+    """The client's own metadata: kept as the run's and echoed on its ``flow.started``."""
+
+    @property
+    def options(self) -> ModelOptions | None:
+        """The request's :class:`~trioflow.models.ModelOptions`, or ``None`` when it sets none."""
+        options = ModelOptions(self.max_tokens, self.temperature)
+        return options or None
 
     @classmethod
     def parse(
@@ -129,7 +161,48 @@ class RunRequest:
             raise ValueError(
                 f"'on_disconnect' must be 'continue' or 'cancel', not {policy!r}"
             ) from None
-        return cls(task, timeout, max_iterations, on_disconnect)
+        model = obj.get("model")
+        if model is not None and (
+            not isinstance(model, str) or not model.strip() or len(model) > 200
+        ):
+            raise ValueError("'model' must be a model's name (1 to 200 characters)")
+        system = obj.get("system")
+        if system is not None:
+            if not isinstance(system, str):
+                raise ValueError(f"'system' must be a string, not {_json_type(system)}")
+            _check_unicode("system", system)
+        max_tokens = obj.get("max_tokens")
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(f"'max_tokens' must be an integer of at least 1, not {max_tokens!r}")
+        temperature = obj.get("temperature")
+        if temperature is not None and (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not 0 <= temperature <= 2
+        ):
+            raise ValueError(f"'temperature' must be a number from 0 to 2, not {temperature!r}")
+        metadata = obj.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, Mapping):
+                raise ValueError(f"'metadata' must be an object, not {_json_type(metadata)}")
+            reserved = sorted(_RESERVED_METADATA & set(metadata))
+            if reserved:
+                raise ValueError(
+                    f"'metadata' may not set {', '.join(map(repr, reserved))}: the server sets it"
+                )
+        return cls(
+            task,
+            timeout,
+            max_iterations,
+            on_disconnect,
+            model,
+            system,
+            max_tokens,
+            None if temperature is None else float(temperature),
+            metadata,
+        )
 
 
 def _check_unicode(name: str, value: str) -> None:
@@ -357,17 +430,30 @@ class RunHub:
                 f"{self.config.max_running} runs are going already; try again when one ends",
                 headers={"Retry-After": "1"},
             )
+        if request.model is not None and request.model not in self.config.allowed_models:
+            allowed = ", ".join(self.config.allowed_models) or "none"
+            raise ApiError(
+                400,
+                "model_not_allowed",
+                f"this server does not run model {request.model!r} on request (allowed: {allowed})",
+                allowed=list(self.config.allowed_models),
+            )
         try:
             agent = self._factory(request)
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
+        if request.system is not None or request.options is not None:
+            agent = agent.replace(system=request.system, options=request.options)
+        metadata = {**(request.metadata or {}), "source": source}
         try:
+            if request.model is not None:
+                return await self._start_with_model(request, agent, metadata, thread)
             return await self.executor.start(
                 agent,
                 request.task,
                 timeout=request.timeout,
                 max_iterations=request.max_iterations,
-                metadata={"source": source},
+                metadata=metadata,
                 on_disconnect=request.on_disconnect,
                 nursery=self._nursery,
                 thread=thread,
@@ -380,6 +466,48 @@ class RunHub:
             raise ApiError(400, "invalid_request", str(exc)) from None
         except RuntimeError as exc:
             raise ApiError(503, "not_ready", f"the server cannot start runs: {exc}") from None
+
+    async def _start_with_model(
+        self,
+        request: RunRequest,
+        agent: Agent,
+        metadata: dict[str, Any],
+        thread: Thread | None,
+    ) -> RunHandle:
+        """Start ``request``'s run with the model it names, opened for the run and closed after it.
+
+        Raises:
+            ApiError: ``503`` ``model_unavailable`` when the model cannot be
+                opened (no API key, its SDK not installed).
+            ValueError, RuntimeError: as :meth:`StreamingFlowExecutor.start`.
+        """
+        if self._nursery is None:
+            raise RuntimeError("the server's lifespan is not running")
+        nursery = self._nursery
+
+        async def own(*, task_status: trio.TaskStatus[RunHandle]) -> None:
+            assert request.model is not None
+            try:
+                async with open_model(request.model) as model:
+                    run = await self.executor.start(
+                        agent.replace(model=model),
+                        request.task,
+                        timeout=request.timeout,
+                        max_iterations=request.max_iterations,
+                        metadata=metadata,
+                        on_disconnect=request.on_disconnect,
+                        nursery=nursery,
+                        thread=thread,
+                    )
+                    task_status.started(run)
+                    await run.wait()
+            except (ModelError, ImportError) as exc:  # only opening the model raises these
+                raise ApiError(
+                    503, "model_unavailable", f"model {request.model!r} cannot be used: {exc}"
+                ) from None
+
+        run: RunHandle = await nursery.start(own)
+        return run
 
     def add_replay(self, replay: ReplayRun) -> None:
         """Serve a started :class:`~trioflow.recording.ReplayRun` as a run (``trioflow serve --replay``).
