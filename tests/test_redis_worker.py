@@ -1,0 +1,221 @@
+"""The executing side on a real redis-server, in this process: submit, open_worker, leases,
+cancels from another client, handback, reclaiming a queue entry never taken, the reaper."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tests.conftest import talker
+from trioflow import FlowEvent
+from trioflow.events import TERMINAL_TYPES
+from trioflow.handle import RunStatus
+
+pytest.importorskip("coredis")
+
+from trioflow.redis import (
+    QUEUE_GROUP,
+    WORKER_LOST,
+    RedisRunStore,
+    open_redis,
+    open_worker,
+    reap,
+    request_cancel,
+    submit,
+)
+
+
+@asynccontextmanager
+async def opened_store(url: str) -> AsyncIterator[RedisRunStore]:
+    async with open_redis(url) as client:
+        yield RedisRunStore(client, owner="test")
+
+
+async def until_terminal(store: RedisRunStore, run_id: str) -> list[FlowEvent]:
+    """Every event of the run once its terminal one is written (blocking ``XREAD``s, no polling)."""
+    key = store.keys.events(run_id)
+    last = "0-0"
+    while True:
+        read = await store.client.xread({key: last}, count=512, block=1000)
+        entries = read[key.encode()] if read else ()
+        for entry in entries:
+            last = entry.identifier.decode()
+            if FlowEvent.from_json(entry.field_values[b"e"]).type in TERMINAL_TYPES:
+                history = await store.history(run_id)
+                return list(await history.read(0))
+
+
+def assert_gapless(events: list[FlowEvent]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert [e.type in TERMINAL_TYPES for e in events].count(True) == 1
+    assert events[-1].type in TERMINAL_TYPES
+
+
+async def test_a_submitted_run_is_taken_and_run_by_a_worker_gapless_to_its_end(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "say it", "timeout": 30})
+            assert (await store.get(run_id)).status is RunStatus.PENDING
+            async with open_worker(store, agent_factory=talker(10), name="w1") as worker:
+                events = await until_terminal(store, run_id)
+            assert_gapless(events)
+            assert events[0].type == "flow.started"
+            assert events[-1].type == "flow.completed"
+            record = await store.get(run_id)
+            assert (record.status, record.epoch, record.attempt) == (RunStatus.COMPLETED, 1, 1)
+            assert record.owner == "w1"
+            stats = worker.statistics()
+            assert (stats.taken, stats.completed, stats.running, stats.state) == (
+                1,
+                1,
+                0,
+                "stopped",
+            )
+
+
+async def test_submit_validates_the_request_and_refuses_an_id_in_use(redis_url: str) -> None:
+    with trio.fail_after(10):
+        async with opened_store(redis_url) as store:
+            with pytest.raises(ValueError, match="task"):
+                await submit(store, {"tsk": "typo"})
+            with pytest.raises(ValueError, match="max_attempts"):
+                await submit(store, {"task": "x", "max_attempts": 0})
+            await submit(store, {"task": "x"}, run_id="run_same")
+            with pytest.raises(ValueError, match="exists already"):
+                await submit(store, {"task": "x"}, run_id="run_same")
+            assert await store.client.xlen(store.keys.queue) == 1
+
+
+async def test_a_worker_runs_at_most_concurrency_runs_at_once(redis_url: str) -> None:
+    with trio.fail_after(30):
+        async with opened_store(redis_url) as store:
+            ids = [await submit(store, {"task": "say it"}) for _ in range(5)]
+            most = 0
+            async with open_worker(store, agent_factory=talker(8, pace=40), concurrency=2) as w:
+                done = 0
+                while done < 5:
+                    most = max(most, w.statistics().running)
+                    await trio.sleep(0.01)
+                    done = w.statistics().completed
+            assert most == 2
+            for run_id in ids:
+                assert (await store.get(run_id)).status is RunStatus.COMPLETED
+
+
+async def test_cancel_from_another_client_ends_the_run_cancelled_within_a_second(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store, opened_store(redis_url) as elsewhere:
+            run_id = await submit(store, {"task": "talk"})
+            async with open_worker(store, agent_factory=talker(200, pace=20), heartbeat=1.0):
+                key = store.keys.events(run_id)
+                await store.client.xread({key: "0-0"}, block=5000)  # it started
+                asked = trio.current_time()
+                assert await request_cancel(elsewhere, run_id, "stop it")
+                events = await until_terminal(store, run_id)
+                assert trio.current_time() - asked < 1.0  # the message, not the heartbeat
+            assert_gapless(events)
+            assert events[-1].type == "flow.cancelled"
+            assert events[-1].data["reason"] == "stop it"
+            assert not await request_cancel(elsewhere, run_id)  # finished
+
+
+async def test_a_lost_cancel_message_is_caught_by_the_next_heartbeat(redis_url: str) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "talk"})
+            async with open_worker(store, agent_factory=talker(200, pace=20), heartbeat=0.5):
+                await store.client.xread({store.keys.events(run_id): "0-0"}, block=5000)
+                asked = trio.current_time()
+                # The marker without its message (as if the message was lost).
+                await store.client.hset(
+                    store.keys.run(run_id), {"cancel_reason": "quiet", "cancel_mode": "immediate"}
+                )
+                events = await until_terminal(store, run_id)
+                assert trio.current_time() - asked < 1.0 + 0.5
+            assert events[-1].type == "flow.cancelled"
+            assert events[-1].data["reason"] == "quiet"
+
+
+async def test_a_run_cancelled_while_pending_is_cancelled_by_the_worker_taking_it(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "talk"})
+            assert await request_cancel(store, run_id, "never mind")
+            async with open_worker(store, agent_factory=talker(200, pace=20)):
+                events = await until_terminal(store, run_id)
+            assert events[-1].type == "flow.cancelled"
+            assert events[-1].data["reason"] == "never mind"
+
+
+async def test_handback_requeues_the_runs_and_another_worker_finishes_them(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(30):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "talk"})
+            async with open_worker(
+                store, agent_factory=talker(30, pace=20), drain="handback", name="first"
+            ) as first:
+                await store.client.xread({store.keys.events(run_id): "0-0"}, block=5000)
+            assert first.statistics().handed_back == 1
+            record = await store.get(run_id)
+            assert (record.status, record.epoch, record.attempt) == (RunStatus.PENDING, 2, 1)
+            async with open_worker(store, agent_factory=talker(30), name="second") as second:
+                events = await until_terminal(store, run_id)
+            assert second.statistics().completed == 1
+            assert_gapless(events)  # the second start continues the stream: no gap, no repeat
+            assert [e.type for e in events].count("flow.started") == 2
+            assert events[-1].type == "flow.completed"
+            record = await store.get(run_id)
+            assert (record.attempt, record.owner) == (2, "second")
+
+
+async def test_a_queue_entry_read_but_never_taken_is_reclaimed(redis_url: str) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "say it"})
+            client = store.client
+            await client.xgroup_create(store.keys.queue, QUEUE_GROUP, "0", mkstream=True)
+            read = await client.xreadgroup(QUEUE_GROUP, "dead", {store.keys.queue: ">"}, count=1)
+            assert read  # read by a consumer that died before taking it
+            async with open_worker(
+                store, agent_factory=talker(5), lease=0.5, heartbeat=0.2
+            ) as worker:
+                events = await until_terminal(store, run_id)
+            assert events[-1].type == "flow.completed"
+            assert worker.statistics().reclaimed == 1
+
+
+async def test_the_reaper_ends_a_run_whose_lease_lapsed_or_requeues_it_when_allowed(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            keys = store.keys
+            lost = await submit(store, {"task": "a"})
+            retried = await submit(store, {"task": "b", "max_attempts": 2})
+            for run_id in (lost, retried):  # as a worker would, then it died
+                epoch = await store.claim(run_id)
+                async with store.open_history(run_id, epoch=epoch) as history:
+                    history.append(FlowEvent("flow.started", {"task": "a"}, 1.0, 1, run_id))
+            await store.client.zadd(keys.leases, {lost: 0, retried: 0})  # lapsed long ago
+            assert await reap(store) == {lost: "failed", retried: "requeued"}
+            assert await reap(store) == {}
+            events = list(await (await store.history(lost)).read(0))
+            assert [(e.seq, e.type) for e in events] == [(1, "flow.started"), (2, "flow.failed")]
+            assert events[-1].data["reason"] == WORKER_LOST
+            record = await store.get(lost)
+            assert (record.status, record.epoch) == (RunStatus.FAILED, 2)
+            assert await store.client.ttl(keys.run(lost)) > 0
+            again = await store.get(retried)
+            assert (again.status, again.epoch, again.attempt) == (RunStatus.PENDING, 2, 1)
+            assert await store.client.zcard(keys.leases) == 0
