@@ -219,3 +219,164 @@ async def test_the_reaper_ends_a_run_whose_lease_lapsed_or_requeues_it_when_allo
             again = await store.get(retried)
             assert (again.status, again.epoch, again.attempt) == (RunStatus.PENDING, 2, 1)
             assert await store.client.zcard(keys.leases) == 0
+
+
+# -- real worker processes ------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """A ``python -m trioflow worker`` process, its standard error collected as it comes."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.err = b""
+        self._more = trio.Event()
+
+    async def _collect(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.err += chunk
+            self._more.set()
+            self._more = trio.Event()
+        self._more.set()
+
+    async def wait_for(self, text: str) -> None:
+        while text.encode() not in self.err:
+            if self.process.returncode is not None and self.process.stderr is None:
+                raise AssertionError(self.err.decode())
+            await self._more.wait()
+
+
+@asynccontextmanager
+async def worker_process(url: str, *args: str) -> AsyncIterator[WorkerProcess]:
+    """A worker process on ``url`` (the scripted model), once it said it is ready; killed after."""
+    import subprocess
+    import sys
+
+    from tests.conftest import CLI_ENV
+
+    command = [sys.executable, "-m", "trioflow", "worker", "--redis", url, "--model", "scripted"]
+    process = await trio.lowlevel.open_process(
+        [*command, *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=CLI_ENV
+    )
+    worker = WorkerProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker._collect)
+            await worker.wait_for(" ready on ")
+            yield worker
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+FAST = ("--lease", "2", "--heartbeat", "0.5")
+
+
+async def started(store: RedisRunStore, run_id: str) -> None:
+    """Wait (blocking ``XREAD``) until the run's first event is in Redis."""
+    while not await store.client.xread({store.keys.events(run_id): "0-0"}, count=1, block=1000):
+        pass
+
+
+async def test_a_worker_process_runs_a_submitted_run_and_drains_it_on_sigterm_exit_0(
+    redis_url: str,
+) -> None:
+    import signal
+
+    with trio.fail_after(40):
+        async with opened_store(redis_url) as store:
+            async with worker_process(redis_url, "--pace", "5", *FAST) as worker:
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await started(store, run_id)
+                worker.process.send_signal(signal.SIGTERM)
+                assert await worker.process.wait() == 0
+            events = await until_terminal(store, run_id)
+            assert_gapless(events)
+            assert events[-1].type == "flow.completed"
+            assert b"draining" in worker.err and b"1 completed" in worker.err
+
+
+async def test_kill_9_of_the_worker_ends_its_run_worker_lost_within_10_s(redis_url: str) -> None:
+    with trio.fail_after(60):
+        async with opened_store(redis_url) as store:
+            # The default lease (5 s), heartbeat (1 s) and reap interval (1 s).
+            async with worker_process(redis_url, "--pace", "1", "--name", "a") as a:
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await started(store, run_id)
+                assert (await store.get(run_id)).owner == "a"
+                async with worker_process(redis_url, "--name", "b"):
+                    a.process.kill()
+                    killed = trio.current_time()
+                    events = await until_terminal(store, run_id)
+                    assert trio.current_time() - killed < 10.0
+            assert_gapless(events)
+            assert events[-1].type == "flow.failed"
+            assert events[-1].data["reason"] == WORKER_LOST
+            assert (await store.get(run_id)).status is RunStatus.FAILED
+
+
+async def test_a_worker_paused_past_its_lease_is_fenced_and_writes_nothing_more(
+    redis_url: str,
+) -> None:
+    import signal
+
+    with trio.fail_after(60):
+        async with opened_store(redis_url) as store:
+            async with worker_process(redis_url, "--pace", "2", "--name", "a", *FAST) as a:
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await started(store, run_id)
+                a.process.send_signal(signal.SIGSTOP)
+                async with worker_process(redis_url, "--name", "b", *FAST):
+                    events = await until_terminal(store, run_id)  # b's reaper ended it
+                    assert events[-1].data["reason"] == WORKER_LOST
+                    a.process.send_signal(signal.SIGCONT)
+                    await a.wait_for("stopped here")  # a's next heartbeat: fenced
+                    a.process.send_signal(signal.SIGTERM)
+                    assert await a.process.wait() == 0
+            after = list(await (await store.history(run_id)).read(0))
+            assert after == events  # nothing written after the reaper's terminal event
+            entries = await store.client.xrange(store.keys.events(run_id))
+            ids = [entry.identifier.decode() for entry in entries]
+            assert ids == [f"{seq}-0" for seq in range(1, len(events) + 1)]
+
+
+async def test_cancel_from_another_process_reaches_the_worker_process_within_a_second(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(40):
+        async with opened_store(redis_url) as store:
+            async with worker_process(redis_url, "--pace", "1", *FAST):
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await started(store, run_id)
+                asked = trio.current_time()
+                assert await request_cancel(store, run_id, "enough")
+                events = await until_terminal(store, run_id)
+                assert trio.current_time() - asked < 1.0 + 0.5
+            assert_gapless(events)
+            assert events[-1].type == "flow.cancelled"
+            assert events[-1].data["reason"] == "enough"
+
+
+async def test_a_worker_process_hands_its_runs_back_and_another_finishes_them(
+    redis_url: str,
+) -> None:
+    import signal
+
+    with trio.fail_after(60):
+        async with opened_store(redis_url) as store:
+            async with worker_process(redis_url, "--pace", "2", "--drain", "handback", *FAST) as a:
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await started(store, run_id)
+                a.process.send_signal(signal.SIGTERM)
+                assert await a.process.wait() == 0
+            assert b"1 handed back" in a.err
+            assert (await store.get(run_id)).status is RunStatus.PENDING
+            async with worker_process(redis_url, "--pace", "0", *FAST):
+                events = await until_terminal(store, run_id)
+            assert_gapless(events)
+            assert events[-1].type == "flow.completed"
+            assert (await store.get(run_id)).attempt == 2
