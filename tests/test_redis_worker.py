@@ -95,16 +95,19 @@ async def test_a_worker_runs_at_most_concurrency_runs_at_once(redis_url: str) ->
     with trio.fail_after(30):
         async with opened_store(redis_url) as store:
             ids = [await submit(store, {"task": "say it"}) for _ in range(5)]
-            most = 0
             async with open_worker(store, agent_factory=talker(8, pace=40), concurrency=2) as w:
-                done = 0
-                while done < 5:
-                    most = max(most, w.statistics().running)
-                    await trio.sleep(0.01)
-                    done = w.statistics().completed
-            assert most == 2
-            for run_id in ids:
-                assert (await store.get(run_id)).status is RunStatus.COMPLETED
+                runs = [await until_terminal(store, run_id) for run_id in ids]
+            assert w.statistics().completed == 5
+            # Each run from its flow.started to its terminal event: at most 2 overlap, and 2 do.
+            edges = sorted(
+                (event.timestamp, +1 if event.type == "flow.started" else -1)
+                for events in runs
+                for event in (events[0], events[-1])
+            )
+            running = [0]
+            for _, step in edges:
+                running.append(running[-1] + step)
+            assert max(running) == 2
 
 
 async def test_cancel_from_another_client_ends_the_run_cancelled_within_a_second(
@@ -248,7 +251,9 @@ class WorkerProcess:
 
 
 @asynccontextmanager
-async def worker_process(url: str, *args: str) -> AsyncIterator[WorkerProcess]:
+async def worker_process(
+    url: str, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[WorkerProcess]:
     """A worker process on ``url`` (the scripted model), once it said it is ready; killed after."""
     import subprocess
     import sys
@@ -257,7 +262,10 @@ async def worker_process(url: str, *args: str) -> AsyncIterator[WorkerProcess]:
 
     command = [sys.executable, "-m", "trioflow", "worker", "--redis", url, "--model", "scripted"]
     process = await trio.lowlevel.open_process(
-        [*command, *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=CLI_ENV
+        [*command, *args],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**CLI_ENV, **(env or {})},
     )
     worker = WorkerProcess(process)
     try:
@@ -285,14 +293,22 @@ async def started(store: RedisRunStore, run_id: str) -> None:
 async def test_a_worker_process_runs_a_submitted_run_and_drains_it_on_sigterm_exit_0(
     redis_url: str,
 ) -> None:
+    import os
+    import secrets
     import signal
 
-    with trio.fail_after(40):
+    notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    name = f"trioflow-test-{os.getpid()}-{secrets.token_hex(4)}"
+    await notify.bind("\0" + name)  # systemd's NOTIFY_SOCKET, in the abstract namespace
+    with notify, trio.fail_after(40):
         async with opened_store(redis_url) as store:
-            async with worker_process(redis_url, "--pace", "5", *FAST) as worker:
+            env = {"NOTIFY_SOCKET": "@" + name}
+            async with worker_process(redis_url, "--pace", "5", *FAST, env=env) as worker:
+                assert await notify.recv(64) == b"READY=1"
                 run_id = await submit(store, {"task": "What is 25 * 4?"})
                 await started(store, run_id)
                 worker.process.send_signal(signal.SIGTERM)
+                assert await notify.recv(64) == b"STOPPING=1"
                 assert await worker.process.wait() == 0
             events = await until_terminal(store, run_id)
             assert_gapless(events)

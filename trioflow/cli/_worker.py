@@ -15,6 +15,10 @@ then cancels the rest; ``--drain handback`` hands them back to the queue at
 once, for another worker. A second signal stops at once (the runs end with
 ``flow.cancelled``).
 
+Under systemd (``Type=notify``), it also tells the service manager: ``READY=1``
+once ready and ``STOPPING=1`` when it starts draining, as datagrams to
+``$NOTIFY_SOCKET`` (nothing is sent when the variable is unset).
+
 Exit status: 0 after a drain (or a second signal), 1 when Redis cannot be
 reached or the model is unavailable, 2 for bad usage.
 """
@@ -24,6 +28,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import socket
 import sys
 from typing import IO
 
@@ -42,7 +48,7 @@ from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_U
 from trioflow.models import ModelError, open_model
 from trioflow.settings import Settings
 
-__all__ = ["HELP", "add_arguments", "main"]
+__all__ = ["HELP", "add_arguments", "main", "notify"]
 
 HELP = "execute the runs queued in Redis (a long-running worker process)"
 """The subcommand's one-line help."""
@@ -100,6 +106,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def notify(state: str) -> bool:
+    """Send ``state`` (``READY=1``, ...) to systemd's ``$NOTIFY_SOCKET``; False if unset or unreachable.
+
+    The ``sd_notify`` protocol: one datagram on a Unix socket, whose address
+    starts with ``@`` for the abstract namespace.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError:
+        return False
+    return True
+
+
 async def _work(args: argparse.Namespace, err: IO[str]) -> int:
     from trioflow.demo import default_agent_factory
     from trioflow.redis import open_worker
@@ -111,6 +136,7 @@ async def _work(args: argparse.Namespace, err: IO[str]) -> int:
 
                 def shut_down(signum: int) -> None:
                     print("trioflow: draining (again to stop at once)", file=err, flush=True)
+                    notify("STOPPING=1")
                     stop.set()
 
                 def stop_at_once(signum: int) -> None:
@@ -136,6 +162,7 @@ async def _work(args: argparse.Namespace, err: IO[str]) -> int:
                         file=err,
                         flush=True,
                     )
+                    notify("READY=1")
                     await stop.wait()
                 nursery.cancel_scope.cancel()  # drained: stop watching signals
     stats = worker.statistics()
