@@ -120,6 +120,11 @@ return out
 ``{0, current_epoch, ''}`` when the worker was fenced off (``-1``: the record is gone)."""
 
 
+def _text(value: object) -> str:
+    """A reply's value as text (scripts answer bytes and ints)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     """A submitted request as a :class:`~trioflow.web.RunRequest`, and its ``max_attempts``.
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from trioflow.events import EventType, FlowEvent
 from trioflow.handle import CancelMode, CancelReason, cancel_reason
-from trioflow.redis._queue import _NOW_LUA, _REQUEUE_LUA
+from trioflow.history import Fenced
+from trioflow.redis._queue import _NOW_LUA, _REQUEUE_LUA, _text
 
 if TYPE_CHECKING:
     from trioflow.redis._store import RedisRunStore
@@ -138,6 +139,9 @@ async def reap(store: RedisRunStore, *, limit: int = 100, hold: float = 30.0) ->
     Raises:
         ValueError: ``limit`` < 1 or ``hold`` not positive.
         coredis.exceptions.RedisError: Redis failed.
+        trio.BrokenResourceError: writing a terminal event failed for good (Redis
+            lost for longer than the history's retries); another reap retries
+            that run once the reaper's hold lapses.
     """
     if limit < 1 or not hold > 0:
         raise ValueError(f"need limit >= 1 and hold > 0, not {limit} and {hold!r}")
@@ -155,9 +159,7 @@ async def reap(store: RedisRunStore, *, limit: int = 100, hold: float = 30.0) ->
         if reply is None:
             continue
         assert isinstance(reply, list)
-        outcome, epoch, last, reason, created = (
-            v.decode() if isinstance(v, bytes) else v for v in reply
-        )
+        outcome, epoch, last, reason, created = map(_text, reply)
         if outcome == "requeued":
             _log.warning("run %s: its worker was lost; re-queued", run_id)
             done[run_id] = "requeued"
@@ -171,7 +173,11 @@ async def reap(store: RedisRunStore, *, limit: int = 100, hold: float = 30.0) ->
             error = {"type": "WorkerLost", "message": f"the worker of run {run_id} was lost"}
             data = {"error": error, "reason": WORKER_LOST, **figures}
             kind = EventType.FLOW_FAILED
-        await end_run(store, run_id, epoch=int(epoch), type=kind, data=data)
+        try:
+            await end_run(store, run_id, epoch=int(epoch), type=kind, data=data)
+        except (Fenced, KeyError) as exc:  # another reaper took it over, or it expired
+            _log.warning("run %s: not ended here: %s", run_id, exc)
+            continue
         _log.warning("run %s: its worker was lost (after seq %s); ended", run_id, last)
         done[run_id] = "cancelled" if reason else "failed"
     return done

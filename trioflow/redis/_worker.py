@@ -23,6 +23,7 @@ from trioflow.redis._queue import (
     _HEARTBEAT_SCRIPT,
     _TAKE_SCRIPT,
     QUEUE_GROUP,
+    _text,
     ensure_group,
     parse_request,
 )
@@ -266,14 +267,16 @@ class Worker:
                     pass  # fenced or Redis lost: what was written stays
         keys = self.store.keys
         run_id, epoch = active.run_id, active.epoch
+        handed: object = 0
         try:
-            with trio.fail_after(self.lease):
-                handed: object = await self._handback(
+            with trio.move_on_after(self.lease):
+                handed = await self._handback(
                     [keys.run(run_id), keys.queue, keys.leases], [run_id, epoch]
                 )
         except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
-            _log.warning("run %s: could not hand it back (%s); the reaper will", run_id, exc)
-            handed = 0
+            _log.warning("run %s: could not hand it back (%s)", run_id, exc)
+        if handed != 1:
+            _log.warning("run %s: not handed back; the reaper will end or re-queue it", run_id)
         active.handed_back = handed == 1
         self._fence(active, epoch + 1)
 
@@ -403,8 +406,11 @@ class Worker:
                     self._cancel(active, reason, mode)
         except Fenced:
             active.fenced = True
-        except Exception:
+        except Exception as exc:
             _log.exception("run %s: the worker could not run it", run_id)
+            if active.run is None:  # never started: nothing of it was written, end it here
+                await self._refuse(active, exc)
+                return
         self._count(active)
 
     def _agent(self, request: Any) -> Agent:
@@ -468,13 +474,19 @@ class Worker:
             args: list[str | int | float] = [self.lease]
             for active in actives:
                 args += [active.run_id, active.epoch]
+            replies: object = None
             try:
-                with trio.fail_after(self.heartbeat):
-                    replies: object = await self._beat(
+                with trio.move_on_after(self.heartbeat):
+                    replies = await self._beat(
                         [keys.leases, *(keys.run(a.run_id) for a in actives)], args
                     )
             except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
                 _log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+                continue
+            if replies is None:
+                _log.warning(
+                    "worker %s: no heartbeat answer within %g s", self.name, self.heartbeat
+                )
                 continue
             assert isinstance(replies, list)
             for active, (held, value, mode) in zip(actives, replies, strict=True):
@@ -534,11 +546,6 @@ class Worker:
                 self._reaped += len(await reap(self.store, hold=max(30.0, self.lease)))
             except (*_REDIS_DOWN, coredis.exceptions.RedisError, trio.BrokenResourceError) as exc:
                 _log.warning("worker %s: reaping failed (%s)", self.name, exc)
-
-
-def _text(value: object) -> str:
-    """A reply's value as text (scripts answer bytes and ints)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @asynccontextmanager
