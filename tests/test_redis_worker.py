@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -157,6 +158,34 @@ async def test_a_run_cancelled_while_pending_is_cancelled_by_the_worker_taking_i
                 events = await until_terminal(store, run_id)
             assert events[-1].type == "flow.cancelled"
             assert events[-1].data["reason"] == "never mind"
+
+
+async def test_an_after_turn_cancel_never_downgrades_an_immediate_one(redis_url: str) -> None:
+    with trio.fail_after(10):
+        async with opened_store(redis_url) as store:
+            run_id = await submit(store, {"task": "talk"})
+            assert await request_cancel(store, run_id, "now")
+            assert await request_cancel(store, run_id, "later", mode="after_turn")
+            marker = await store.client.hmget(
+                store.keys.run(run_id), ["cancel_reason", "cancel_mode"]
+            )
+            assert list(marker) == [b"now", b"immediate"]
+            assert not await request_cancel(store, "run_unknown")
+            with pytest.raises(ValueError):
+                await request_cancel(store, run_id, mode="eventually")
+
+
+async def test_a_queued_run_whose_request_is_invalid_ends_failed(redis_url: str) -> None:
+    with trio.fail_after(20):
+        async with opened_store(redis_url) as store:
+            record = await store.create(request={"prompt": "not a run request"})
+            await store.client.xadd(store.keys.queue, {"run": record.run_id})
+            async with open_worker(store, agent_factory=talker(5)) as worker:
+                events = await until_terminal(store, record.run_id)
+            assert [e.type for e in events] == ["flow.failed"]
+            assert events[0].data["error"]["type"] == "ValueError"
+            assert worker.statistics().failed == 1
+            assert (await store.get(record.run_id)).status is RunStatus.FAILED
 
 
 async def test_handback_requeues_the_runs_and_another_worker_finishes_them(
@@ -396,3 +425,19 @@ async def test_a_worker_process_hands_its_runs_back_and_another_finishes_them(
             assert_gapless(events)
             assert events[-1].type == "flow.completed"
             assert (await store.get(run_id)).attempt == 2
+
+
+def test_the_worker_command_exits_1_without_redis_and_2_for_bad_usage(tmp_path: Path) -> None:
+    from tests.conftest import trioflow
+
+    done = trioflow("worker", "--redis", f"unix://{tmp_path}/none.sock", "--model", "scripted")
+    assert done.returncode == 1
+    assert "cannot reach Redis" in done.stderr
+    done = trioflow("worker", "--redis", "unix:///x.sock", "--lease", "1", "--heartbeat", "1")
+    assert (done.returncode, done.stderr.strip()) == (
+        2,
+        "trioflow worker: --heartbeat must be below --lease",
+    )
+    done = trioflow("worker", "--redis", "http://localhost:6379", "--model", "scripted")
+    assert done.returncode == 2
+    assert "redis://" in done.stderr

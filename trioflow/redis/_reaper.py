@@ -77,15 +77,14 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status or status == 'completed' or status == 'failed' or status == 'cancelled' then
   return 0
 end
-local mode = ARGV[2]
-if mode == 'after_turn' and redis.call('HGET', KEYS[1], 'cancel_mode') == 'immediate' then
-  mode = 'immediate'
+if ARGV[2] == 'after_turn' and redis.call('HGET', KEYS[1], 'cancel_mode') == 'immediate' then
+  return 1  -- an immediate cancel is under way already
 end
-redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[1], 'cancel_mode', mode)
+redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[1], 'cancel_mode', ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
-"""Mark a run to cancel (an immediate cancel is never turned into an after-turn one) and publish it."""
+"""Mark a run to cancel and publish it (an after-turn cancel leaves an immediate one as it is)."""
 
 
 async def end_run(
