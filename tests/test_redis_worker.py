@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import talker
+from tests.conftest import RedisServer, talker
 from trioflow import FlowEvent
 from trioflow.events import TERMINAL_TYPES
 from trioflow.handle import RunStatus
@@ -441,3 +441,20 @@ def test_the_worker_command_exits_1_without_redis_and_2_for_bad_usage(tmp_path: 
     done = trioflow("worker", "--redis", "http://localhost:6379", "--model", "scripted")
     assert done.returncode == 2
     assert "redis://" in done.stderr
+
+
+async def test_a_worker_rides_out_a_redis_restart_with_aof_and_its_run_completes(
+    redis_aof_server: RedisServer,
+) -> None:
+    url = redis_aof_server.url
+    with trio.fail_after(40):
+        async with opened_store(url) as store:
+            run_id = await submit(store, {"task": "talk"})
+            async with open_worker(store, agent_factory=talker(30, pace=15), name="w") as worker:
+                await started(store, run_id)
+                redis_aof_server.kill()  # kill -9 mid-run; back well within the lease
+                redis_aof_server.start()
+                events = await until_terminal(store, run_id)
+            assert_gapless(events)
+            assert events[-1].type == "flow.completed"
+            assert worker.statistics().completed == 1
