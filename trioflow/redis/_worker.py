@@ -182,6 +182,7 @@ class Worker:
         self._active: dict[str, _Active] = {}
         self._slots = trio.Semaphore(concurrency)
         self._stop = trio.Event()
+        self._drain_started = self._drain_expired = False
         self._changed = trio.Event()
         self._counts = dict.fromkeys(
             ("taken", "reclaimed", "completed", "failed", "cancelled", "handed_back", "fenced"), 0
@@ -245,6 +246,7 @@ class Worker:
     # -- draining ----------------------------------------------------------------------
 
     async def _drain(self) -> None:
+        self._drain_started = True
         if self.drain == "handback":
             for active in list(self._active.values()):
                 await self._hand_back(active)
@@ -252,6 +254,7 @@ class Worker:
         with trio.move_on_after(self.drain_timeout):
             while self._active:
                 await self._changed.wait()
+        self._drain_expired = True
         for active in list(self._active.values()):
             if active.run is not None:
                 active.run.cancel(CancelReason.SHUTDOWN)
@@ -404,6 +407,11 @@ class Worker:
                     run.cancel("fenced")
                 elif reason:
                     self._cancel(active, reason, mode)
+                if self._drain_started:  # taken as the drain began: drain it too
+                    if self.drain == "handback":
+                        await self._hand_back(active)
+                    elif self._drain_expired:
+                        run.cancel(CancelReason.SHUTDOWN)
         except Fenced:
             active.fenced = True
         except Exception as exc:
