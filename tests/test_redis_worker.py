@@ -77,6 +77,8 @@ async def test_a_submitted_run_is_taken_and_run_by_a_worker_gapless_to_its_end(
                 0,
                 "stopped",
             )
+            consumers = await store.client.xinfo_consumers(store.keys.queue, QUEUE_GROUP)
+            assert consumers == ()  # a stopped worker leaves the group
 
 
 async def test_submit_validates_the_request_and_refuses_an_id_in_use(redis_url: str) -> None:

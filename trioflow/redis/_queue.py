@@ -120,6 +120,16 @@ return out
 ``{0, current_epoch, ''}`` when the worker was fenced off (``-1``: the record is gone)."""
 
 
+_LEAVE_SCRIPT = """
+-- KEYS[1]: the queue; ARGV[1]: the group, ARGV[2]: the consumer
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+"""Remove a stopping worker's consumer from the group, unless entries wait in its pending list."""
+
+
 def _text(value: object) -> str:
     """A reply's value as text (scripts answer bytes and ints)."""
     return value.decode() if isinstance(value, bytes) else str(value)

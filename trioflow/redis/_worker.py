@@ -21,6 +21,7 @@ from trioflow.redis._client import open_redis
 from trioflow.redis._queue import (
     _HANDBACK_SCRIPT,
     _HEARTBEAT_SCRIPT,
+    _LEAVE_SCRIPT,
     _TAKE_SCRIPT,
     QUEUE_GROUP,
     _text,
@@ -241,7 +242,19 @@ class Worker:
                     self._state = _State.DRAINING
                     await self._drain()
                 services.cancel_scope.cancel()
+        await self._leave()
         self._state = _State.STOPPED
+
+    async def _leave(self) -> None:
+        """Forget this worker's consumer in the queue's group (names are per process)."""
+        queue = self.store.keys.queue
+        with trio.move_on_after(self.heartbeat):
+            try:
+                await self.store.client.register_script(_LEAVE_SCRIPT)(
+                    [queue], [QUEUE_GROUP, self.name]
+                )
+            except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+                _log.debug("worker %s: could not leave the group: %s", self.name, exc)
 
     # -- draining ----------------------------------------------------------------------
 
