@@ -9,7 +9,8 @@ event per line instead, for pipes. Exit status: 0 when the run completed,
 
 Each subcommand is a module of this package, registered in
 :data:`SUBCOMMANDS`: :mod:`~trioflow.cli._run`, :mod:`~trioflow.cli._serve`,
-:mod:`~trioflow.cli._watch` and :mod:`~trioflow.cli._replay`, each with a
+:mod:`~trioflow.cli._watch`, :mod:`~trioflow.cli._replay` and
+:mod:`~trioflow.cli._worker`, each with a
 ``HELP`` string, an ``add_arguments(parser)`` function and a
 ``main(args) -> int`` function. What they share (option types, common
 options, signals) is in :mod:`~trioflow.cli._common`; the terminal views are
@@ -41,6 +42,7 @@ SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "serve": ("trioflow.cli._serve", ("hypercorn", "starlette")),
     "watch": ("trioflow.cli._watch", ("httpx", "trio_websocket")),
     "replay": ("trioflow.cli._replay", ()),
+    "worker": ("trioflow.cli._worker", ("coredis",)),
 }
 """The subcommands: name -> (module, the distributions' top-level modules it needs).
 

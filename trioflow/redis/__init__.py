@@ -14,6 +14,11 @@ are on the :doc:`/concepts/redis` page.
   Stream, seq ``N`` as stream id ``N-0``, appends batched and written
   behind through one fenced script per batch.
 * :func:`new_run_id`: run ids unique across processes.
+* :func:`submit`: a run recorded and put on the work queue, in one script.
+* :func:`open_worker` / :class:`Worker`: the executing side: takes runs off
+  the queue, runs them under a heartbeated lease, honours cancels, drains.
+* :func:`reap`: ends (``flow.failed``, ``worker_lost``) or re-queues the runs
+  whose worker was lost; :func:`request_cancel`: cancel a run from any process.
 
 A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 ``history_store=store.history_factory()``::
@@ -38,20 +43,32 @@ from trioflow.redis._history import (
     RedisHistoryStatistics,
 )
 from trioflow.redis._keys import Keys
+from trioflow.redis._queue import QUEUE_GROUP, submit
+from trioflow.redis._reaper import WORKER_LOST, reap, request_cancel
 from trioflow.redis._store import RedisRunStore, RunRecord, new_run_id
+from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
 __all__ = [
     "APPEND_SCRIPT",
     "DEFAULT_RETRY",
     "EVICTING_POLICY_WARNING",
+    "HANDED_BACK",
+    "QUEUE_GROUP",
+    "WORKER_LOST",
     "Fenced",
     "Keys",
     "RedisHistory",
     "RedisHistoryStatistics",
     "RedisRunStore",
     "RunRecord",
+    "Worker",
+    "WorkerStatistics",
     "check_eviction_policy",
     "new_run_id",
     "open_redis",
+    "open_worker",
+    "reap",
     "redis_client",
+    "request_cancel",
+    "submit",
 ]

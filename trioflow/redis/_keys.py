@@ -6,10 +6,17 @@ With the default prefix ``trioflow``:
   epoch, last seq, capacity, request, attempt, timestamps);
 * ``trioflow:run:{<run_id>}:events``: a stream, the run's events, seq ``N``
   stored as entry id ``N-0`` with one field ``e``, the event's JSON;
-* ``trioflow:runs``: a sorted set, every run id scored by its creation time.
+* ``trioflow:runs``: a sorted set, every run id scored by its creation time;
+* ``trioflow:queue``: a stream, the runs waiting for a worker (one entry
+  ``run`` = the run id each), read by the consumer group ``workers``;
+* ``trioflow:leases``: a sorted set, each running run's id scored by the
+  Redis time its lease lapses (kept up by its worker's heartbeat);
+* ``trioflow:cancel``: the pub/sub channel of cancel requests.
 
 The braces are a hash tag: both keys of one run live in the same Redis
 Cluster slot, so the append script, which touches both, is cluster-safe.
+The queue and the leases are shared by every run: the scripts of the work
+queue touch them with a run's keys, and so want one Redis (not a cluster).
 """
 
 from __future__ import annotations
@@ -37,3 +44,18 @@ class Keys:
     def index(self) -> str:
         """The sorted set of every run id, scored by creation time."""
         return f"{self.prefix}:runs"
+
+    @property
+    def queue(self) -> str:
+        """The stream of runs waiting for a worker (consumer group ``workers``)."""
+        return f"{self.prefix}:queue"
+
+    @property
+    def leases(self) -> str:
+        """The sorted set of running runs, scored by when their lease lapses (Redis time)."""
+        return f"{self.prefix}:leases"
+
+    @property
+    def cancel_channel(self) -> str:
+        """The pub/sub channel of cancel requests (JSON: ``run_id``, ``reason``, ``mode``)."""
+        return f"{self.prefix}:cancel"
