@@ -14,6 +14,12 @@ are on the :doc:`/concepts/redis` page.
   Stream, seq ``N`` as stream id ``N-0``, appends batched and written
   behind through one fenced script per batch.
 * :func:`new_run_id`: run ids unique across processes.
+* :class:`NodeTail` (:func:`open_node_tail`): a process's live tail, one
+  blocking ``XREAD`` feeding every locally watched run; :class:`RemoteRun`
+  (:func:`open_remote_run`): a :class:`~trioflow.handle.RunHandle` of a run
+  executed by any process.
+* :func:`request_cancel`: cancel a run from any process;
+  :func:`listen_for_cancels`: honour it where the run executes.
 
 A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 ``history_store=store.history_factory()``::
@@ -25,6 +31,7 @@ A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 """
 
 from trioflow.history import Fenced
+from trioflow.redis._cancel import listen_for_cancels, request_cancel
 from trioflow.redis._client import (
     EVICTING_POLICY_WARNING,
     check_eviction_policy,
@@ -38,20 +45,37 @@ from trioflow.redis._history import (
     RedisHistoryStatistics,
 )
 from trioflow.redis._keys import Keys
+from trioflow.redis._remote import RemoteRun, open_remote_run
 from trioflow.redis._store import RedisRunStore, RunRecord, new_run_id
+from trioflow.redis._tail import (
+    DEFAULT_RECONNECT,
+    NodeTail,
+    RunFeed,
+    TailStatistics,
+    open_node_tail,
+)
 
 __all__ = [
     "APPEND_SCRIPT",
+    "DEFAULT_RECONNECT",
     "DEFAULT_RETRY",
     "EVICTING_POLICY_WARNING",
     "Fenced",
     "Keys",
+    "NodeTail",
     "RedisHistory",
     "RedisHistoryStatistics",
     "RedisRunStore",
+    "RemoteRun",
+    "RunFeed",
     "RunRecord",
+    "TailStatistics",
     "check_eviction_policy",
+    "listen_for_cancels",
     "new_run_id",
+    "open_node_tail",
     "open_redis",
+    "open_remote_run",
     "redis_client",
+    "request_cancel",
 ]

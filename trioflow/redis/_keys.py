@@ -6,7 +6,10 @@ With the default prefix ``trioflow``:
   epoch, last seq, capacity, request, attempt, timestamps);
 * ``trioflow:run:{<run_id>}:events``: a stream, the run's events, seq ``N``
   stored as entry id ``N-0`` with one field ``e``, the event's JSON;
-* ``trioflow:runs``: a sorted set, every run id scored by its creation time.
+* ``trioflow:runs``: a sorted set, every run id scored by its creation time;
+* ``trioflow:cancel``: a pub/sub channel, one message per cancel request
+  (:func:`~trioflow.redis.request_cancel`; the durable marker is the
+  ``cancel`` field of the run's record).
 
 The braces are a hash tag: both keys of one run live in the same Redis
 Cluster slot, so the append script, which touches both, is cluster-safe.
@@ -37,3 +40,8 @@ class Keys:
     def index(self) -> str:
         """The sorted set of every run id, scored by creation time."""
         return f"{self.prefix}:runs"
+
+    @property
+    def cancel_channel(self) -> str:
+        """The pub/sub channel of cancel requests: messages ``{"run_id", "reason", "mode"}``."""
+        return f"{self.prefix}:cancel"

@@ -89,6 +89,9 @@ class RunRecord:
     """What the run was started with (read-only): task, model, metadata, ..."""
     created_at: float
     updated_at: float
+    cancel: Mapping[str, Any] | None = None
+    """The cancel request on the run (:func:`~trioflow.redis.request_cancel`):
+    ``reason``, ``mode``, ``at``; ``None`` while nobody asked."""
 
     @classmethod
     def _from_hash(cls, fields: Mapping[bytes, bytes]) -> RunRecord:
@@ -106,7 +109,19 @@ class RunRecord:
             request=freeze_data(json.loads(text("request"))),
             created_at=float(text("created_at")),
             updated_at=float(text("updated_at")),
+            cancel=_cancel_marker(fields.get(b"cancel")),
         )
+
+
+def _cancel_marker(raw: bytes | None) -> Mapping[str, Any] | None:
+    """The ``cancel`` field of a record, decoded (``None`` when absent or unreadable)."""
+    if not raw:
+        return None
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        return None
+    return freeze_data(marker) if isinstance(marker, dict) else None
 
 
 class RedisRunStore:
