@@ -176,6 +176,8 @@ class RunFeed:
                         await self._wake.wait()
                         self._wake = trio.Event()
                         await self._catch_up(bus)
+                except trio.ClosedResourceError:
+                    pass  # the tail closed (the node shuts down)
                 except Exception:  # the stream expired or broke: end this run's watchers
                     _log.exception("run %s: following its stream failed", self.run_id)
                     self._end(bus)
@@ -283,6 +285,16 @@ class NodeTail:
             refills=self._refills,
             reconnects=self._reconnects,
         )
+
+    def close(self) -> None:
+        """End every feed now: subscribers read what is buffered, then their iteration ends.
+
+        For a node shutting down: its clients resume on another node
+        (``Last-Event-ID``). Feeds made afterwards work as before.
+        """
+        for feed in list(self._feeds.values()):
+            if feed.bus is not None and not feed.bus.closed:
+                feed._end(feed.bus)
 
     def feed(self, run_id: str) -> RunFeed | None:
         """The run's feed if it is watched on this node now."""
