@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import trio
 from conftest import http_client, start_run, talker, until_terminal
@@ -269,8 +270,8 @@ async def test_two_trioflow_serve_processes_on_one_redis(
                         try:
                             if (await http.get("/healthz")).status_code == 200:
                                 break
-                        except OSError:
-                            pass
+                        except httpx.TransportError:
+                            pass  # not listening yet
                         await trio.sleep(0.05)
             run_id = await start_run(a)
             async with open_sse(b, f"/runs/{run_id}/events") as stream:
