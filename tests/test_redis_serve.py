@@ -4,7 +4,6 @@ nodes, survives a restart of A), and two ``python -m trioflow serve --redis`` pr
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import trio
-from conftest import http_client, start_run, talker, until_terminal
+from conftest import WebServer, http_client, start_run, talker, until_terminal
 
 import trioflow
 from trioflow import StreamingFlowExecutor
@@ -30,33 +29,15 @@ if TYPE_CHECKING:
     from conftest import OpenSSE, OpenWS, RedisServer
     from starlette.applications import Starlette
 
-    from trioflow.web._runs import AgentFactory, RunHub
-
-
-@dataclasses.dataclass
-class Node:
-    url: str
-    app: Starlette
-    stop: trio.Event
-    stopped: trio.Event
-
-    @property
-    def hub(self) -> RunHub:
-        from trioflow.web._app import hub_of
-
-        return hub_of(self.app)
-
-    @property
-    def ws_url(self) -> str:
-        return "ws" + self.url[4:]
+    from trioflow.web._runs import AgentFactory
 
 
 async def start_node(
     nursery: trio.Nursery, redis_url: str, agent: AgentFactory | None = None, port: int = 0
-) -> Node:
+) -> WebServer:
     """A serve node on ``redis_url`` in ``nursery``, on 127.0.0.1 (``port``, else ephemeral)."""
     stop, stopped = trio.Event(), trio.Event()
-    apps: list[Starlette] = []
+    made: list[tuple[StreamingFlowExecutor, Starlette, WebConfig]] = []
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
         try:
@@ -65,19 +46,18 @@ async def start_node(
                 executor = StreamingFlowExecutor(
                     history_store=store.history_factory(flush_interval=0.005), run_ids=new_run_id
                 )
+                config = WebConfig(port=port)
                 app = create_app(
-                    executor,
-                    agent=agent or talker(40, pace=100),
-                    config=WebConfig(port=port),
-                    store=store,
+                    executor, agent=agent or talker(40, pace=100), config=config, store=store
                 )
-                apps.append(app)
+                made.append((executor, app, config))
                 await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
         finally:
             stopped.set()
 
     urls: list[str] = await nursery.start(run)
-    return Node(urls[0], apps[0], stop, stopped)
+    executor, app, config = made[0]
+    return WebServer(urls[0], "ws" + urls[0][4:], executor, app, config, stop, stopped)
 
 
 def ids(frames: list[Any]) -> list[int]:
