@@ -221,3 +221,37 @@ async def test_a_hundred_watchers_hold_one_blocking_connection(
                 assert int(clients["blocked_clients"]) <= 1
                 assert tail.statistics().live == 4
             assert len(counts) == 100
+
+
+async def test_a_node_tail_checks_its_bounds_and_is_needed_open(redis_url: str) -> None:
+    async with open_redis(redis_url) as client:
+        store = RedisRunStore(client)
+        for bad in ({"block": 0}, {"count": 0}, {"max_pending": 1, "count": 2}, {"max_runs": 0}):
+            with pytest.raises(ValueError):
+                NodeTail(store, **bad)
+        closed = NodeTail(store)
+        record = await store.create()
+        with pytest.raises(RuntimeError, match="not open"):
+            async with closed.watch(record.run_id):
+                pass  # pragma: no cover
+        remote = RemoteRun(store, closed, record)
+        with pytest.raises(RuntimeError, match="not open"):
+            remote.cancel()
+
+
+async def test_a_resume_from_the_records_newest_seq_gets_the_rest_once(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(20):
+        async with executor_and_tail(redis_url, flush_interval=0.005) as (executor, _, tail):
+            run = await executor.start(talker(100, pace=200), "Talk")
+            async with run.subscribe(after=0) as events:
+                async for event in events:
+                    if event.seq == 30:
+                        break
+            remote = await open_remote_run(tail.store, tail, run.run_id)
+            after = remote.last_seq  # from the record: this node has read nothing yet
+            assert after > 0
+            rest = await collect(remote, after)
+            assert [e.seq for e in rest] == list(range(after + 1, rest[-1].seq + 1))
+            assert rest[-1].is_terminal()

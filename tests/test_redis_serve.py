@@ -271,3 +271,29 @@ async def test_two_trioflow_serve_processes_on_one_redis(
                 proc.wait()
     logs = "".join((tmp_path / f"node{port}.log").read_text() for port in ports)
     assert "Traceback" not in logs, logs
+
+
+def test_serve_with_an_unreachable_redis_exits_1(run_cli: Any) -> None:
+    result = run_cli("serve", "--redis", "redis://127.0.0.1:1/0", "--port", "0")
+    assert result.returncode == 1
+    assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
+
+
+async def test_a_server_on_redis_needs_an_executor_writing_there(redis_url: str) -> None:
+    async with open_redis(redis_url) as client:
+        with pytest.raises(ValueError, match="history_store"):
+            create_app(StreamingFlowExecutor(), store=RedisRunStore(client))
+
+
+def test_importing_trioflow_and_its_web_server_loads_no_redis_client() -> None:
+    code = "import sys, trioflow, trioflow.web, trioflow.cli; print('coredis' in sys.modules)"
+    root = str(Path(trioflow.__file__).parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": root},
+        timeout=60,
+    )
+    assert out.stdout.strip() == "False"
