@@ -92,6 +92,7 @@ DOCUMENTED_MODULES = [
     "trioflow.builtin",
     "trioflow.models",
     "trioflow.models._claude",
+    "trioflow.models._openai",
     "trioflow.models._scripted",
     "trioflow.agent",
     "trioflow.executor",

@@ -20,6 +20,7 @@ from trioflow import Agent, FlowEvent, StreamingFlowExecutor
 from trioflow.models._base import Message, Model, ModelError, ModelEvent, RetryNotice
 from trioflow.supervise import RetryPolicy
 from trioflow.testing._anthropic_server import AnthropicServer, open_anthropic_server
+from trioflow.testing._openai_server import OpenAIServer, open_openai_server
 
 if TYPE_CHECKING:
     import subprocess
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
     from trioflow.models._claude import AnthropicModel
+    from trioflow.models._openai import OpenAIModel
     from trioflow.web import AgentFactory, WebConfig
     from trioflow.web._fanout import EventFanout
     from trioflow.web._runs import RunHub
@@ -70,8 +72,10 @@ def which(program: str, env: str | None = None) -> str | None:
 
 # -- the trioflow command and recordings --------------------------------------------------
 
-CLI_ENV = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
-"""The environment of a ``python -m trioflow`` process: this one without ``$ANTHROPIC_API_KEY``."""
+MODEL_VARIABLES = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "TRIOFLOW_OPENAI_BASE_URL")
+"""The variables by which a real model would be picked or reached."""
+CLI_ENV = {k: v for k, v in os.environ.items() if k not in MODEL_VARIABLES}
+"""The environment of a ``python -m trioflow`` process: this one without :data:`MODEL_VARIABLES`."""
 
 
 def trioflow(
@@ -124,7 +128,8 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 
     from trioflow.cli import main
 
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    for name in MODEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
 
     def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         if stdin is not None:
@@ -219,6 +224,34 @@ def notices(events: Sequence[ModelEvent]) -> list[RetryNotice]:
     return [e for e in events if isinstance(e, RetryNotice)]
 
 
+# -- OpenAIModel against the local server ----------------------------------------------
+
+OPENAI_KEY = "sk-proj-TRIOFLOW-FAKE-OPENAI-KEY-3c9d0e7a21"
+"""A well-formed but fake OpenAI API key."""
+OPENAI_MODEL = "gpt-test-mini"
+
+
+@pytest.fixture
+async def openai_server(no_proxy_for_local_servers: None) -> AsyncIterator[OpenAIServer]:
+    """A local OpenAI Chat Completions server on 127.0.0.1 with an empty script.
+
+    Add replies with ``openai_server.add(...)``; point the SDK at its ``api_url``.
+    """
+    async with open_openai_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def openai_model(openai_server: OpenAIServer) -> AsyncIterator[OpenAIModel]:
+    """An :class:`OpenAIModel` (the real SDK) talking to ``openai_server``, with ``POLICY``."""
+    from trioflow.models._openai import OpenAIModel
+
+    async with OpenAIModel(
+        OPENAI_MODEL, api_key=OPENAI_KEY, base_url=openai_server.api_url, retry=POLICY
+    ) as model:
+        yield model
+
+
 # -- the web server (trioflow.web) ------------------------------------------------------
 
 
@@ -267,21 +300,40 @@ class PassThrough:
         await self.app(scope, receive, send)
 
 
+@pytest.fixture(params=["direct", "asgi"])
+def ws_path(request: pytest.FixtureRequest) -> str:
+    """Both ways a WebSocket is served: ``"direct"`` (on the connection itself, under
+    ``serve()``) and ``"asgi"`` (Hypercorn, wsproto and Starlette, as with middleware).
+
+    A test (or module: ``pytestmark = pytest.mark.usefixtures("ws_path")``) using it runs
+    once for each; :func:`start_web_server` then adds :class:`PassThrough` for ``"asgi"``.
+    """
+    return str(request.param)
+
+
 @pytest.fixture
-async def start_web_server(nursery: trio.Nursery) -> StartWebServer:
+def ws_fanout(ws_path: str) -> str:
+    """The name of a run's WebSocket fan-out (and frame cache) on the ``ws_path`` taken."""
+    return "ws-frames" if ws_path == "direct" else "ws"
+
+
+@pytest.fixture
+async def start_web_server(nursery: trio.Nursery, request: pytest.FixtureRequest) -> StartWebServer:
     """Start servers with ``await start_web_server(agent=..., history=..., **WebConfig options)``.
 
     Each listens on an ephemeral 127.0.0.1 port, is started with ``nursery.start``
     and is stopped (cancelled) when the test ends. ``through_asgi=True`` adds a
     :class:`PassThrough` middleware: every request then goes through Hypercorn and
     Starlette (event streams included), the way an application with middleware is served.
+    Its default is ``False``, or the ``ws_path`` parameter when the test uses that fixture.
     """
+    asgi = "ws_path" in request.fixturenames and request.getfixturevalue("ws_path") == "asgi"
 
     async def start(
         *,
         agent: Agent | AgentFactory | None = None,
         history: int = 4096,
-        through_asgi: bool = False,
+        through_asgi: bool = asgi,
         **options: Any,
     ) -> WebServer:
         from trioflow.web import WebConfig, create_app, serve

@@ -25,10 +25,7 @@ with ``trio.fail_after`` instead, and sleep nowhere.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import json
-import warnings
 from typing import Any
 
 import anthropic
@@ -84,25 +81,6 @@ async def test_model_implements_the_model_protocol(model: AnthropicModel) -> Non
     async with AnthropicModel(api_key=KEY) as default:
         assert default.name == DEFAULT_CLAUDE_MODEL
         assert default.retry_policy == DEFAULT_CLAUDE_RETRY
-
-
-async def test_text_deltas_arrive_in_order_as_they_are_streamed(
-    anthropic_server: AnthropicServer, model: AnthropicModel
-) -> None:
-    # message_start, ping, content_block_start and the first delta go out; then
-    # the server holds the rest until the consumer has seen the first delta.
-    gate = trio.Event()
-    anthropic_server.add(StreamedReply(text=["Hel", "lo", " wor", "ld"], gate=gate, gate_after=4))
-    texts = []
-    with trio.fail_after(5):
-        async with model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    texts.append(event.text)
-                    if not gate.is_set():
-                        assert anthropic_server.statistics().completed_responses == 0
-                        gate.set()
-    assert texts == ["Hel", "lo", " wor", "ld"]
 
 
 async def test_tool_use_with_streamed_json_input_becomes_one_tool_call_per_block(
@@ -379,78 +357,7 @@ async def test_sdk_retries_are_off_even_on_a_given_client(
         assert not client.is_closed()  # the model does not close a client it was given
 
 
-# -- cancellation and closing -------------------------------------------------------
-
-
-async def test_cancelling_mid_stream_closes_the_http_response_promptly(
-    anthropic_server: AnthropicServer, model: AnthropicModel
-) -> None:
-    gate = trio.Event()  # never set: the server holds the stream after the first delta
-    anthropic_server.add(StreamedReply(text=["a", "b"], gate=gate, gate_after=4))
-    first_delta = trio.Event()
-
-    async def consume() -> None:
-        async with model.stream([Message.user("Hi")]) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    first_delta.set()
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(consume)
-            await first_delta.wait()
-            await trio.testing.wait_all_tasks_blocked()  # the consumer awaits the next bytes
-            nursery.cancel_scope.cancel()
-    with trio.fail_after(1):
-        stats = await anthropic_server.wait_until(lambda s: s.disconnects == 1)
-    assert stats.active_responses == 0
-    assert stats.completed_responses == 0
-
-
-async def test_leaving_the_block_early_closes_the_response_and_leaves_nothing_to_gc(
-    anthropic_server: AnthropicServer, model: AnthropicModel
-) -> None:
-    anthropic_server.add(StreamedReply(text=["a", "b", "c"], gate=trio.Event(), gate_after=5))
-    with warnings.catch_warnings(record=True) as caught, trio.fail_after(5):
-        warnings.simplefilter("always")
-        async with model.stream([Message.user("Hi")]) as events:
-            async for _ in events:
-                break
-        gc.collect()
-        stats = await anthropic_server.wait_until(lambda s: s.disconnects == 1)
-    assert stats.active_responses == 0
-    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
-
-
-async def test_an_unclosed_model_is_collected_without_reaching_for_asyncio(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls = []
-    monkeypatch.setattr(asyncio, "get_running_loop", lambda: calls.append(1))
-    model = AnthropicModel(MODEL, api_key=KEY)
-    del model
-    gc.collect()
-    assert calls == []
-
-
-async def test_iterating_after_the_block_raises_closed_resource_error(
-    anthropic_server: AnthropicServer, model: AnthropicModel
-) -> None:
-    anthropic_server.add(StreamedReply(text=["a", "b"]))
-    async with model.stream([Message.user("Hi")]) as events:
-        await events.__anext__()
-    with pytest.raises(trio.ClosedResourceError):
-        await events.__anext__()
-
-
-async def test_a_closed_model_refuses_new_streams(anthropic_server: AnthropicServer) -> None:
-    model = AnthropicModel(MODEL, api_key=KEY, base_url=anthropic_server.base_url)
-    await model.aclose()
-    await model.aclose()  # idempotent
-    with pytest.raises(trio.ClosedResourceError):
-        async with model.stream([Message.user("Hi")]):
-            pass
-    assert "closed" in repr(model)
+# -- cancellation and closing: tests/test_sdk_models.py, for both models ------------------
 
 
 # -- credentials ------------------------------------------------------------------

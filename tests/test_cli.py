@@ -38,6 +38,28 @@ def test_run_plain_shows_tokens_tool_call_and_result(run_cli: RunCli) -> None:
     assert "completed in" in proc.stdout
 
 
+@pytest.mark.parametrize(("answer", "ran"), [("y\n", True), ("n\n", False), ("", False)])
+def test_run_approve_asks_on_the_terminal_before_each_tool_call(
+    run_cli: RunCli, answer: str, ran: bool
+) -> None:
+    proc = run_cli("run", "What is 25 * 4?", "--plain", "--pace", "0", "--approve", stdin=answer)
+    assert proc.returncode == 0, proc.stderr
+    assert 'run calculator with {"operation": "evaluate", "expression": "25 * 4"}? [y/N]' in (
+        proc.stderr
+    )
+    assert "waits for approval" in proc.stdout
+    assert ("= 100" in proc.stdout) is ran
+    assert ("denied: denied on the terminal" in proc.stdout) is not ran
+    assert ("25 * 4 = 100." in proc.stdout) is ran
+
+
+def test_run_approve_json_has_the_approval_events(run_cli: RunCli) -> None:
+    proc = run_cli("run", "What is 25 * 4?", "--json", "--pace", "0", "--approve", stdin="yes\n")
+    types = [FlowEvent.from_json(line).type for line in proc.stdout.splitlines()]
+    assert types.index("tool.approval_required") < types.index("tool.approved")
+    assert types.index("tool.approved") < types.index("tool.started")
+
+
 def test_run_rich_view_shows_the_answer_and_completion(run_cli: RunCli) -> None:
     proc = run_cli("run", "What is 25 * 4?", "--pace", "0")
     assert proc.returncode == 0, proc.stderr
@@ -124,8 +146,10 @@ HEAVY = (
     "starlette",
     "hypercorn",
     "httpx",
+    "httpx2",
     "trio_websocket",
     "anthropic",
+    "openai",
     "rich",
     "opentelemetry",
     "coredis",

@@ -510,6 +510,7 @@ async def test_sse_resume_older_than_the_history_raises_resume_expired(
 # -- ws_connect -----------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_run_socket_streams_the_run_and_closes_normally(web_server: WebServer) -> None:
     info = (await post_run(web_server)).json()
     async with ws_connect(info["ws_url"]) as conn:
@@ -521,6 +522,7 @@ async def test_ws_run_socket_streams_the_run_and_closes_normally(web_server: Web
     assert got == await all_events(web_server.executor, info["run_id"])
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_starts_and_follows_several_runs_on_one_connection(
     web_server: WebServer,
 ) -> None:
@@ -541,6 +543,7 @@ async def test_ws_starts_and_follows_several_runs_on_one_connection(
     assert results[ids[1]][-1].data["output"] == "7 * 6 = 42."
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_cancel_ends_the_run_with_flow_cancelled(
     start_web_server: StartWebServer,
 ) -> None:
@@ -560,6 +563,7 @@ async def test_ws_cancel_ends_the_run_with_flow_cancelled(
         assert [e async for e in conn][-1].type == "flow.cancelled"
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_refused_start_raises_stream_error(web_server: WebServer) -> None:
     async with ws_connect(f"{web_server.ws_url}/ws") as conn:
         with pytest.raises(StreamError) as info:
@@ -573,6 +577,7 @@ async def test_ws_refused_start_raises_stream_error(web_server: WebServer) -> No
     assert refused.value.code == "unknown_action"
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_error_frame_raises_stream_error_and_the_connection_goes_on(
     web_server: WebServer,
 ) -> None:
@@ -589,6 +594,7 @@ async def test_ws_error_frame_raises_stream_error_and_the_connection_goes_on(
         assert [e async for e in conn.run_events(run_id)][-1].type == "flow.completed"
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_resume_follows_a_run_after_an_event(web_server: WebServer) -> None:
     info = (await post_run(web_server)).json()
     everything = await all_events(web_server.executor, info["run_id"])
@@ -598,6 +604,7 @@ async def test_ws_resume_follows_a_run_after_an_event(web_server: WebServer) -> 
         assert conn.last_seq(info["run_id"]) == everything[-1].seq
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_handshake_refusal_raises_stream_error(start_web_server: StartWebServer) -> None:
     server = await start_web_server(token="s3cret")
     with pytest.raises(StreamError) as unauthorized:
@@ -613,6 +620,7 @@ async def test_ws_handshake_refusal_raises_stream_error(start_web_server: StartW
         assert [e async for e in conn.run_events(run_id)][-1].type == "flow.completed"
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_evicted_connection_resumes_gapless(
     start_web_server: StartWebServer, proxy_to: Any
 ) -> None:
@@ -630,6 +638,7 @@ async def test_ws_evicted_connection_resumes_gapless(
     assert len(got) > 600
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_ws_eviction_without_resume_raises_stream_error(
     start_web_server: StartWebServer, proxy_to: Any
 ) -> None:

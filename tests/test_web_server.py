@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from conftest import OpenSSE, OpenWS, StartWebServer, WebServer
 
 
+@pytest.mark.usefixtures("ws_path")
 async def test_graceful_shutdown_ends_every_stream_with_flow_cancelled(
     start_web_server: StartWebServer, open_sse: OpenSSE, open_ws: OpenWS
 ) -> None:

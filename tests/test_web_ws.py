@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
 
+pytestmark = pytest.mark.usefixtures("ws_path")
+"""Every test runs over both paths: served directly under serve(), and through ASGI."""
+
+
 async def until_closed(ws: WebSocketConnection) -> tuple[list[dict[str, Any]], int | None]:
     """Every frame up to the server's close, and the close code."""
     frames = []
@@ -173,7 +177,7 @@ async def test_socket_limits_the_runs_one_connection_follows(
 
 
 async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
-    start_web_server: StartWebServer, open_ws: OpenWS
+    start_web_server: StartWebServer, open_ws: OpenWS, ws_fanout: str
 ) -> None:
     # As for the event stream: 400 events of 32 KiB outgrow the socket
     # buffers while the client reads nothing, and the 4-event buffer overflows.
@@ -183,7 +187,7 @@ async def test_a_slow_socket_is_evicted_and_resumes_on_the_same_connection(
     async with open_ws(f"{server.ws_url}/runs/{run_id}/ws", rcvbuf=64 * 1024) as ws:
         frames = [await receive(ws)]
         assert frames[0]["id"] == 1
-        fanout = await joined_fanout(server.hub, run_id, 1, name="ws")
+        fanout = await joined_fanout(server.hub, run_id, 1, name=ws_fanout)
         with trio.fail_after(10):
             assert (await run.wait()).status == "completed"
         # Its place in the run's WebSocket fan-out was evicted; no subscription was.
@@ -220,40 +224,49 @@ async def raw_until_closed(ws: WebSocketConnection) -> list[str]:
 
 
 async def test_sockets_on_one_run_share_one_fanout_and_each_event_is_encoded_once(
-    start_web_server: StartWebServer, open_ws: OpenWS, monkeypatch: pytest.MonkeyPatch
+    start_web_server: StartWebServer,
+    open_ws: OpenWS,
+    monkeypatch: pytest.MonkeyPatch,
+    ws_path: str,
+    ws_fanout: str,
 ) -> None:
-    import trioflow.web._ws as ws_module
+    from trioflow.web._direct_ws import SocketTransport
+    from trioflow.web._ws import _AsgiTransport
 
+    transport = SocketTransport if ws_path == "direct" else _AsgiTransport
     encoded: list[int] = []
-    encode = ws_module.WS.event
+    encoding = transport.encoding
+    encode = encoding.event
 
-    def counting(event: FlowEvent) -> str:
+    def counting(event: FlowEvent) -> Any:
         encoded.append(event.seq)
         return encode(event)
 
-    monkeypatch.setattr(ws_module, "WS", dataclasses.replace(ws_module.WS, event=counting))
+    monkeypatch.setattr(transport, "encoding", dataclasses.replace(encoding, event=counting))
     server = await start_web_server(agent=talker(words=150, pace=300))
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)
     url = f"{server.ws_url}/runs/{run_id}/ws"
     async with open_ws(url) as a, open_ws(url) as b, open_ws(url) as c:
-        fanout = await joined_fanout(server.hub, run_id, 3, name="ws")
+        fanout = await joined_fanout(server.hub, run_id, 3, name=ws_fanout)
         # One subscription reads the run for all three connections.
         names = [s.name for s in run.bus.statistics().subscribers]
-        assert names == [f"ws fanout {run_id}"]
+        assert names == [f"{ws_fanout} fanout {run_id}"]
         got = [await raw_until_closed(ws) for ws in (a, b, c)]
     events = await all_events(server.executor, run_id)
     assert got[0] == got[1] == got[2] == [e.to_json() for e in events]
     assert sorted(encoded) == list(range(1, run.last_seq + 1))  # once each
     stats = fanout.statistics()
-    assert (stats.evicted, stats.direct_writes) == (0, 0)
-    assert stats.queued_writes >= 3
+    assert stats.evicted == 0
+    # Served directly, the fan-out writes to the sockets itself; through ASGI, never.
+    assert (stats.direct_writes > 0) == (ws_path == "direct")
+    assert stats.direct_writes + stats.queued_writes >= 3
     assert not fanout.open
     assert server.hub.fanouts() == []
 
 
 async def test_event_stream_and_socket_clients_of_one_run_each_get_every_event(
-    start_web_server: StartWebServer, open_ws: OpenWS, open_sse: OpenSSE
+    start_web_server: StartWebServer, open_ws: OpenWS, open_sse: OpenSSE, ws_fanout: str
 ) -> None:
     server = await start_web_server(agent=talker(words=150, pace=300))
     run_id = await start_run(server)
@@ -262,11 +275,11 @@ async def test_event_stream_and_socket_clients_of_one_run_each_get_every_event(
         async with open_sse(server.url, f"/runs/{run_id}/events") as stream:
             by_name = {
                 name: await joined_fanout(server.hub, run_id, 1, name=name)
-                for name in ("sse", "ws")
+                for name in ("sse", ws_fanout)
             }
-            assert by_name["sse"] is not by_name["ws"]
+            assert by_name["sse"] is not by_name[ws_fanout]
             names = sorted(s.name for s in run.bus.statistics().subscribers)
-            assert names == [f"sse fanout {run_id}", f"ws fanout {run_id}"]
+            assert names == [f"sse fanout {run_id}", f"{ws_fanout} fanout {run_id}"]
             frames = await stream.events()
         messages, code = await until_closed(ws)
     everything = list(range(1, run.last_seq + 1))
@@ -294,7 +307,7 @@ async def test_a_late_socket_gets_the_messages_a_live_one_got(
 
 
 async def test_socket_follows_two_runs_through_two_fanouts(
-    start_web_server: StartWebServer, open_ws: OpenWS
+    start_web_server: StartWebServer, open_ws: OpenWS, ws_fanout: str
 ) -> None:
     server = await start_web_server(agent=talker(words=150, pace=300))
     async with open_ws(f"{server.ws_url}/ws") as ws:
@@ -305,7 +318,7 @@ async def test_socket_follows_two_runs_through_two_fanouts(
             while frame["type"] != "accepted":
                 frame = await receive(ws)
             runs.append(frame["run_id"])
-        fanouts = [await joined_fanout(server.hub, run_id, 1, name="ws") for run_id in runs]
+        fanouts = [await joined_fanout(server.hub, run_id, 1, name=ws_fanout) for run_id in runs]
         assert fanouts[0] is not fanouts[1]
         frames: dict[str, list[int]] = {run_id: [] for run_id in runs}
         done: set[str] = set()

@@ -15,21 +15,29 @@ from typing import Any
 
 from trioflow.agent import Agent
 from trioflow.builtin import calculator
-from trioflow.models._base import Model
+from trioflow.models._base import Model, ToolCall
 from trioflow.models._scripted import ScriptedModel
 
 __all__ = ["default_agent", "default_agent_factory"]
 
 
 def default_agent(
-    model: Model | None = None, *, system: str | None = None, max_iterations: int = 10
+    model: Model | None = None,
+    *,
+    system: str | None = None,
+    max_iterations: int = 10,
+    approval: Callable[[ToolCall], bool] | None = None,
 ) -> Agent:
     """The demo agent: ``model`` (the offline scripted one if ``None``) with the calculator tool.
+
+    ``approval``: which tool calls wait for a person (see :mod:`trioflow.approvals`).
 
     Raises:
         ValueError: ``max_iterations`` is below 1.
     """
-    return Agent(model, tools=[calculator], system=system, max_iterations=max_iterations)
+    return Agent(
+        model, tools=[calculator], system=system, max_iterations=max_iterations, approval=approval
+    )
 
 
 def default_agent_factory(

@@ -40,6 +40,12 @@ variable                       field                  default
 =============================  =====================  ==============
 
 An empty variable counts as unset.
+
+The OpenAI-compatible model (``TRIOFLOW_MODEL=openai:NAME``, see
+:class:`~trioflow.models.OpenAIModel`) reads its own two variables when it is
+opened, and the record holds neither: ``OPENAI_API_KEY`` (the key) and
+``TRIOFLOW_OPENAI_BASE_URL`` (the server, e.g. ``http://localhost:11434/v1``
+for Ollama; OpenAI's when unset).
 """
 
 from __future__ import annotations
@@ -139,7 +145,9 @@ def _check_model(name: str, value: object) -> str | None:
         return None
     if not isinstance(value, str) or _MODEL_RE.fullmatch(value) is None:
         raise SettingsError(
-            name, value, "a model name such as 'scripted', 'claude' or 'claude-...' (or unset)"
+            name,
+            value,
+            "a model name such as 'scripted', 'claude', 'claude-...' or 'openai:NAME' (or unset)",
         )
     return value
 
@@ -272,7 +280,7 @@ class Settings:
     """
 
     model: str | None = None
-    """The model to use (``"scripted"``, ``"claude"``, ``"claude-..."``);
+    """The model to use (``"scripted"``, ``"claude"``, ``"claude-..."``, ``"openai:NAME"``);
     ``None`` picks one automatically (see :attr:`model_name`)."""
     has_api_key: bool = False
     """Whether ``ANTHROPIC_API_KEY`` is set. The key itself is never stored."""

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 TOKEN = "s3cret-t0ken"
 
+pytestmark = pytest.mark.usefixtures("ws_path")
+"""Every test runs over both paths: served directly under serve(), and through ASGI."""
+
 
 async def next_control(ws: WebSocketConnection) -> dict[str, Any]:
     """The next control frame, skipping the events of followed runs."""

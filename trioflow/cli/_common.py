@@ -129,13 +129,15 @@ def seconds(text: str) -> float:
 def add_model_option(
     parser: argparse.ArgumentParser, settings: Settings, *, env_in_help: bool = True
 ) -> None:
-    """``--model``: 'scripted', 'claude' or a Claude model name; default from ``settings``."""
+    """``--model``: 'scripted', 'claude', a Claude model name or 'openai:NAME'; default from ``settings``."""
     where = "$TRIOFLOW_MODEL or " if env_in_help else ""
     parser.add_argument(
         "--model",
         default=settings.model,
-        help="'scripted' (offline), 'claude' or a Claude model name; default: "
-        f"{where}{default_model_name()!r} (Claude when ANTHROPIC_API_KEY is set)",
+        help="'scripted' (offline), 'claude', a Claude model name, or 'openai:NAME' for "
+        "model NAME of OpenAI or of the OpenAI-compatible server at $TRIOFLOW_OPENAI_BASE_URL "
+        f"(key: $OPENAI_API_KEY); default: {where}{default_model_name()!r} "
+        "(Claude when ANTHROPIC_API_KEY is set)",
     )
 
 

@@ -107,6 +107,10 @@ class PlainRenderer:
             self._line(f"  <- {data.get('tool')} = {_short(data.get('result'))}")
         elif t == EventType.TOOL_FAILED:
             self._line(f"  !! {data.get('tool')} failed: {data.get('error', {}).get('message')}")
+        elif t == EventType.TOOL_APPROVAL_REQUIRED:
+            self._line(f"  ?? {data.get('tool')} {_short(data.get('input'))} waits for approval")
+        elif t == EventType.TOOL_DENIED:
+            self._line(f"  xx {data.get('tool')} denied: {data.get('reason')}")
         elif t == EventType.ITERATION_COMPLETED:
             self._line("")
         elif t in (EventType.WARNING, EventType.ERROR):
@@ -219,6 +223,11 @@ class RichRenderer:
         elif t == EventType.TOOL_FAILED:
             error = data.get("error") or {}
             text.append(f" ✖ {error.get('message')}\n", style="bold red")
+        elif t == EventType.TOOL_APPROVAL_REQUIRED:
+            text.append(f"\n  ? {data.get('tool')} ", style="yellow")
+            text.append(f"{_short(data.get('input'))} waits for approval", style="dim")
+        elif t == EventType.TOOL_DENIED:
+            text.append(f"\n  ✖ {data.get('tool')} denied: {data.get('reason')}\n", style="red")
         elif t == EventType.ITERATION_COMPLETED:
             if text.plain and not text.plain.endswith("\n"):
                 text.append("\n")

@@ -3,7 +3,10 @@
 The answer streams token by token, tool calls and their results show as
 they happen, under a progress bar with duration and ETA; ``--json`` writes
 one JSON event per line instead, for pipes (the recording format of
-``trioflow replay``). Exit status: 0 when the run completed, 1 when it
+``trioflow replay``). With ``--approve`` every tool call waits for a y/n
+answer on the terminal first (a line on standard input: ``y`` runs it,
+anything else denies it; the question goes to standard error).
+Exit status: 0 when the run completed, 1 when it
 failed (or timed out), 130 when interrupted with Ctrl-C (after the
 ``flow.cancelled`` event was shown), 2 for bad usage.
 """
@@ -11,12 +14,14 @@ failed (or timed out), 130 when interrupted with Ctrl-C (after the
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import IO
 
 import trio
 
 from trioflow._util import collapse_single_group
+from trioflow.approvals import ApprovalError
 from trioflow.cli._common import (
     UsageError,
     add_model_option,
@@ -34,7 +39,7 @@ from trioflow.cli._console import (
     open_renderer,
 )
 from trioflow.demo import default_agent
-from trioflow.events import FlowEvent
+from trioflow.events import EventType, FlowEvent
 from trioflow.executor import Run, StreamingFlowExecutor
 from trioflow.handle import CancelReason
 from trioflow.models import ModelError, open_model
@@ -68,11 +73,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_pace_option(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument(
+        "--approve",
+        action="store_true",
+        help="ask on the terminal (y/n) before each tool call runs",
+    )
 
 
 async def _run(args: argparse.Namespace, out: IO[str]) -> int:
     async with open_model(args.model, pace=args.pace) as model:
-        agent = default_agent(model, system=args.system, max_iterations=args.max_iterations)
+        agent = default_agent(
+            model,
+            system=args.system,
+            max_iterations=args.max_iterations,
+            approval=(lambda call: True) if args.approve else None,
+        )
         executor = StreamingFlowExecutor()
         interrupted: list[int] = []
         terminal: FlowEvent | None = None
@@ -94,12 +109,34 @@ async def _run(args: argparse.Namespace, out: IO[str]) -> int:
                         async with run.subscribe(after=0) as events:
                             async for event in events:
                                 renderer.show(event)
+                                if event.type == EventType.TOOL_APPROVAL_REQUIRED:
+                                    nursery.start_soon(_ask, run, event, sys.stdin, sys.stderr)
                                 if event.is_terminal():
                                     terminal = event
                 finally:
                     run.cancel(CancelReason.OUTPUT_CLOSED)
                     nursery.cancel_scope.cancel()
         return exit_status(terminal, interrupted=bool(interrupted))
+
+
+async def _ask(run: Run, event: FlowEvent, stdin: IO[str], err: IO[str]) -> None:
+    """Ask on the terminal whether the waiting tool call of ``event`` may run; decide so."""
+    data = event.data
+    question = f"run {data['tool']} with {json.dumps(data['input'])}? [y/N] "
+
+    def ask() -> str:
+        err.write(question)
+        err.flush()
+        return stdin.readline()
+
+    answer = await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+    try:
+        if answer.strip().lower() in ("y", "yes"):
+            run.approve(data["call_id"])
+        else:
+            run.deny(data["call_id"], "denied on the terminal")
+    except ApprovalError:
+        pass  # the run ended (or the call timed out) meanwhile
 
 
 def main(args: argparse.Namespace) -> int:

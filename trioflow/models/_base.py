@@ -8,8 +8,9 @@ when it is about to retry a failed request, and exactly one :class:`TurnEnd`
 last, with the stop reason and token usage.
 
 The agent loop depends only on :class:`Model`; the offline
-:class:`~trioflow.models.ScriptedModel` and Claude's
-:class:`~trioflow.models.AnthropicModel` implement it.
+:class:`~trioflow.models.ScriptedModel`, Claude's
+:class:`~trioflow.models.AnthropicModel` and the OpenAI-compatible
+:class:`~trioflow.models.OpenAIModel` implement it.
 """
 
 from __future__ import annotations

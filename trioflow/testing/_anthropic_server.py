@@ -51,11 +51,8 @@ HTTP/1.1 parser) and starts with ``nursery.start``.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
-import functools
 import json
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
@@ -63,6 +60,13 @@ import h11
 import trio
 
 from trioflow.sse import encode
+from trioflow.testing._scripted_server import (
+    RecordedRequest,
+    ScriptedServer,
+    ServerStatistics,
+    ToolUse,
+    serving,
+)
 
 __all__ = [
     "AnthropicServer",
@@ -78,8 +82,6 @@ __all__ = [
     "open_anthropic_server",
 ]
 
-_MAX_BODY = 16 * 1024 * 1024
-_RECEIVE_SIZE = 65536
 
 _DEFAULT_ERROR_MESSAGES: Mapping[str, str] = {
     "invalid_request_error": "Invalid request.",
@@ -104,41 +106,6 @@ def encode_sse(event: str, data: Mapping[str, Any]) -> bytes:
 
 
 # -- the script -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ToolUse:
-    """A ``tool_use`` content block of a :class:`StreamedReply`.
-
-    The input is sent as its JSON text cut into ``input_json_delta`` pieces
-    of ``chunk_size`` characters, or as the verbatim ``partial_json`` pieces
-    when given (to send JSON that does not parse, for example).
-
-    Raises:
-        ValueError: ``chunk_size`` < 1.
-    """
-
-    name: str
-    """The tool's name."""
-    input: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """The tool's input, a JSON object."""
-    id: str | None = None
-    """The block's id; ``toolu_test<request><index>`` when ``None``."""
-    chunk_size: int = 8
-    """Characters of input JSON per ``input_json_delta`` event."""
-    partial_json: Sequence[str] | None = None
-    """Verbatim ``partial_json`` pieces that replace the encoded ``input``."""
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, not {self.chunk_size!r}")
-
-    def json_pieces(self) -> list[str]:
-        """The ``partial_json`` strings this block streams, in order."""
-        if self.partial_json is not None:
-            return list(self.partial_json)
-        text = json.dumps(dict(self.input), separators=(",", ":"), ensure_ascii=False)
-        return [text[i : i + self.chunk_size] for i in range(0, len(text), self.chunk_size)]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -391,58 +358,8 @@ Reply = StreamedReply | ErrorReply | DisconnectAfter | ErrorEventAfter
 """One scripted response."""
 
 
-# -- records --------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RecordedRequest:
-    """A request the server received, as tests inspect it."""
-
-    method: str
-    """The HTTP method."""
-    path: str
-    """The request target's path, without the query."""
-    headers: Mapping[str, str]
-    """The headers, names in lower case (the last value of a repeated header)."""
-    body: Any
-    """The body parsed as JSON, or ``None`` if it was empty or not JSON."""
-    time: float
-    """When the request arrived, on Trio's clock (:func:`trio.current_time`)."""
-    reply: Reply | None
-    """The scripted reply the request consumed, or ``None``."""
-    unscripted: bool = False
-    """True if the request found the script exhausted (and got a 500)."""
-
-    @property
-    def api_key(self) -> str | None:
-        """The credential the client sent: ``x-api-key``, or the ``Authorization: Bearer`` token."""
-        key = self.headers.get("x-api-key")
-        if key is not None:
-            return key
-        scheme, _, token = self.headers.get("authorization", "").partition(" ")
-        return token if scheme.lower() == "bearer" and token else None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AnthropicServerStatistics:
-    """Counters of an :class:`AnthropicServer`, as returned by its ``statistics()``."""
-
-    requests: int
-    """HTTP requests received, on any path."""
-    open_connections: int
-    """TCP connections open now."""
-    active_responses: int
-    """Streamed responses being sent now."""
-    completed_responses: int
-    """Streamed responses sent to their end."""
-    disconnects: int
-    """Streamed responses the client closed before their end."""
-    dropped: int
-    """Responses the server cut short on purpose (:class:`DisconnectAfter`), once sent."""
-    script_remaining: int
-    """Scripted replies not consumed yet."""
-    unscripted: int
-    """``/v1/messages`` requests that found the script exhausted."""
+AnthropicServerStatistics = ServerStatistics
+"""The counters of an :class:`AnthropicServer` (the :class:`ServerStatistics` of every test server)."""
 
 
 # -- the server -----------------------------------------------------------------
@@ -454,17 +371,7 @@ class _Names(TypedDict):
     request: int
 
 
-@dataclasses.dataclass(slots=True)
-class _Incoming:
-    request: h11.Request
-    body: bytes
-
-
-class _ClientGone(Exception):
-    """The client closed the connection while a response was being sent."""
-
-
-class AnthropicServer:
+class AnthropicServer(ScriptedServer[Reply]):
     """An HTTP server that answers ``POST /v1/messages`` from a script.
 
     Create it with :func:`open_anthropic_server`, or run :meth:`serve` in a
@@ -476,196 +383,17 @@ class AnthropicServer:
         port: The port to listen on; 0 picks a free one.
     """
 
-    def __init__(
-        self, script: Iterable[Reply] = (), *, host: str = "127.0.0.1", port: int = 0
-    ) -> None:
-        self._script: deque[Reply] = deque(script)
-        self._host = host
-        self._port = port
-        self._base_url: str | None = None
-        self.requests: list[RecordedRequest] = []
-        """Every request received, in order of arrival."""
-        self._open_connections = 0
-        self._active_responses = 0
-        self._completed = 0
-        self._disconnects = 0
-        self._dropped = 0
-        self._unscripted = 0
-        self._changed = trio.Event()
+    path = "/v1/messages"
+    request_id_header = "request-id"
 
-    def __repr__(self) -> str:
-        return f"<AnthropicServer {self._base_url or 'not started'}>"
-
-    @property
-    def base_url(self) -> str:
-        """``http://<host>:<port>``, the URL to give the SDK's ``base_url``.
-
-        Raises:
-            RuntimeError: the server is not serving yet.
-        """
-        if self._base_url is None:
-            raise RuntimeError("the server is not serving yet: start it with nursery.start")
-        return self._base_url
-
-    def add(self, *replies: Reply) -> None:
-        """Append ``replies`` to the script."""
-        self._script.extend(replies)
-        self._notify()
-
-    def statistics(self) -> AnthropicServerStatistics:
-        """The server's counters, as a frozen record."""
-        return AnthropicServerStatistics(
-            requests=len(self.requests),
-            open_connections=self._open_connections,
-            active_responses=self._active_responses,
-            completed_responses=self._completed,
-            disconnects=self._disconnects,
-            dropped=self._dropped,
-            script_remaining=len(self._script),
-            unscripted=self._unscripted,
-        )
-
-    async def wait_until(
-        self, predicate: Callable[[AnthropicServerStatistics], bool]
-    ) -> AnthropicServerStatistics:
-        """Wait until ``predicate(self.statistics())`` is true.
-
-        Returns:
-            The statistics that satisfied ``predicate``.
-
-        Cancellation:
-            Safe to cancel (wrap it in :func:`trio.fail_after` in tests).
-        """
-        while True:
-            stats = self.statistics()
-            if predicate(stats):
-                return stats
-            await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen and serve until cancelled.
-
-        Calls ``task_status.started(base_url)`` once it listens.
-
-        Raises:
-            OSError: the address could not be bound.
-
-        Cancellation:
-            Cancelling stops listening and closes every connection at once.
-        """
-        async with trio.open_nursery() as nursery:
-            listeners: list[trio.SocketListener] = await nursery.start(
-                functools.partial(trio.serve_tcp, self._handle, self._port, host=self._host)
-            )
-            host, port = listeners[0].socket.getsockname()[:2]
-            host = f"[{host}]" if ":" in host else host
-            self._base_url = f"http://{host}:{port}"
-            task_status.started(self._base_url)
-
-    # -- connections ------------------------------------------------------------
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        self._open_connections += 1
-        self._notify()
-        try:
-            while True:
-                incoming = await self._receive_request(stream, conn)
-                if incoming is None:
-                    break
-                keep_open = await self._respond(stream, conn, incoming)
-                if not keep_open or conn.our_state is not h11.DONE:
-                    break
-                if conn.their_state is not h11.DONE:
-                    break
-                conn.start_next_cycle()
-        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except h11.RemoteProtocolError:
-            pass
-        finally:
-            self._open_connections -= 1
-            self._notify()
-            stream.socket.close()
-
-    async def _receive_request(
-        self, stream: trio.SocketStream, conn: h11.Connection
-    ) -> _Incoming | None:
-        request: h11.Request | None = None
-        body = bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > _MAX_BODY:
-                    return None
-            elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
-                return _Incoming(request, bytes(body))
-            else:  # ConnectionClosed, or PAUSED, which cannot happen here
-                return None
-
-    async def _respond(
-        self, stream: trio.SocketStream, conn: h11.Connection, incoming: _Incoming
+    async def _answer(
+        self,
+        stream: trio.SocketStream,
+        conn: h11.Connection,
+        reply: Reply,
+        body: dict[str, Any],
+        number: int,
     ) -> bool:
-        """Answer one request; returns whether the connection may be kept open."""
-        request = incoming.request
-        method = request.method.decode("ascii", "replace")
-        path = request.target.decode("ascii", "replace").partition("?")[0]
-        headers = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in request.headers
-        }
-        body: Any = None
-        valid_json = True
-        if incoming.body:
-            try:
-                body = json.loads(incoming.body)
-            except ValueError:
-                valid_json = False
-        now = trio.current_time()
-
-        def record(reply: Reply | None, *, unscripted: bool = False) -> None:
-            self.requests.append(
-                RecordedRequest(method, path, headers, body, now, reply, unscripted)
-            )
-            self._notify()
-
-        if path != "/v1/messages":
-            record(None)
-            error = ErrorReply(404, "not_found_error", f"Not found: {method} {path}")
-            await self._send_error(stream, conn, error)
-            return True
-        if method != "POST":
-            record(None)
-            error = ErrorReply(405, "invalid_request_error", f"Method not allowed: {method}")
-            await self._send_error(stream, conn, error)
-            return True
-        if not valid_json or not isinstance(body, dict):
-            record(None)
-            error = ErrorReply(400, "invalid_request_error", "The request body is not valid JSON.")
-            await self._send_error(stream, conn, error)
-            return True
-        if not self._script:
-            self._unscripted += 1
-            record(None, unscripted=True)
-            message = (
-                f"trioflow test server: script exhausted; request {len(self.requests)} "
-                "had no scripted reply"
-            )
-            await self._send_error(stream, conn, ErrorReply(500, "api_error", message))
-            return True
-
-        reply = self._script.popleft()
-        record(reply)
-        number = len(self.requests)
         if isinstance(reply, ErrorReply):
             await self._send_error(stream, conn, reply)
             return True
@@ -687,136 +415,44 @@ class AnthropicServer:
             await self._send_whole(stream, conn, 200, "application/json", payload, (), number)
             return True
         frames = streamed.sse_frames(**names)
-        cut = False
         if isinstance(reply, DisconnectAfter):
-            frames = frames[: max(0, reply.events)]
-            cut = True
-        elif isinstance(reply, ErrorEventAfter):
-            frames = frames[: max(0, reply.events)]
-            error_body = ErrorReply(0, reply.error_type, reply.message).body()
-            frames.append(encode_sse("error", {"type": "error", "error": error_body["error"]}))
-        complete = not cut or (isinstance(reply, DisconnectAfter) and reply.complete_body)
-        await self._send_stream(
-            stream, conn, streamed, frames, number=number, end=complete, cut=cut
-        )
-        return complete
+            return await self._stream_reply(
+                stream,
+                conn,
+                frames,
+                streamed,
+                number=number,
+                keep=reply.events,
+                complete_body=reply.complete_body,
+            )
+        if isinstance(reply, ErrorEventAfter):
+            error = ErrorReply(0, reply.error_type, reply.message).body()["error"]
+            tail = encode_sse("error", {"type": "error", "error": error})
+            return await self._stream_reply(
+                stream, conn, frames, streamed, number=number, keep=reply.events, tail=tail
+            )
+        return await self._stream_reply(stream, conn, frames, streamed, number=number)
 
-    def _count_dropped(self) -> None:
-        self._dropped += 1
-        self._notify()
-
-    def _headers(self, content_type: str, number: int) -> list[tuple[str, str]]:
-        return [
-            ("date", email.utils.formatdate(usegmt=True)),
-            ("content-type", content_type),
-            ("request-id", _request_id(number)),
-            ("server", "trioflow-test"),
-        ]
-
-    async def _send_whole(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        status: int,
-        content_type: str,
-        payload: bytes,
-        extra: Iterable[tuple[str, str]],
-        number: int,
+    async def _send_plain_error(
+        self, stream: trio.SocketStream, conn: h11.Connection, status: int, message: str
     ) -> None:
-        headers = [*self._headers(content_type, number), *extra]
-        headers.append(("content-length", str(len(payload))))
-        data = conn.send(h11.Response(status_code=status, headers=headers))
-        data += conn.send(h11.Data(data=payload))
-        data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
+        error_type = _PLAIN_ERROR_TYPES.get(status, "api_error")
+        await self._send_error(stream, conn, ErrorReply(status, error_type, message))
 
     async def _send_error(
         self, stream: trio.SocketStream, conn: h11.Connection, error: ErrorReply
     ) -> None:
-        number = len(self.requests)
-        payload = json.dumps(error.body(_request_id(number))).encode()
-        extra = list(error.headers.items())
-        if error.retry_after is not None:
-            value = error.retry_after
-            extra.append(("retry-after", str(int(value)) if value == int(value) else str(value)))
-        await self._send_whole(
-            stream, conn, error.status, "application/json", payload, extra, number
+        body = error.body(self._request_id(len(self.requests)))
+        await self._send_json_error(
+            stream, conn, error.status, body, error.headers, error.retry_after
         )
 
-    async def _send_stream(
-        self,
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        reply: StreamedReply,
-        frames: list[bytes],
-        *,
-        number: int,
-        end: bool,
-        cut: bool,
-    ) -> None:
-        """Send the frames, paced and gated; end the body if ``end``; count a ``cut`` as dropped.
 
-        Raises:
-            _ClientGone: the client closed the connection before the end.
-        """
-        headers = self._headers("text/event-stream; charset=utf-8", number)
-        headers.append(("cache-control", "no-cache"))
-        await stream.send_all(conn.send(h11.Response(status_code=200, headers=headers)))
-        self._active_responses += 1
-        self._notify()
-        gone = False  # the client closed the connection...
-        sent = False  # ... and counts as a disconnect only if that was before the end
-
-        async def watch(cancel_scope: trio.CancelScope) -> None:
-            # The client sends nothing while it reads a response, so the end
-            # of its side of the connection means that it closed the response.
-            nonlocal gone
-            while True:
-                try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                if not data:
-                    gone = True
-                    cancel_scope.cancel()
-                    return
-                conn.receive_data(data)  # a pipelined request, kept for later
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watch, nursery.cancel_scope)
-                try:
-                    for index, frame in enumerate(frames):
-                        if reply.gate is not None and index == reply.gate_after:
-                            await reply.gate.wait()
-                        if reply.pace:
-                            await trio.sleep(reply.pace)
-                        data = conn.send(h11.Data(data=frame))
-                        if end and index == len(frames) - 1:
-                            data += conn.send(h11.EndOfMessage())
-                        await stream.send_all(data)
-                    if end and not frames:
-                        await stream.send_all(conn.send(h11.EndOfMessage()))
-                    sent = True
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    gone = True
-                nursery.cancel_scope.cancel()
-        finally:
-            self._active_responses -= 1
-            gone = gone and not sent
-            if gone:
-                self._disconnects += 1
-            elif sent and cut:
-                self._dropped += 1
-            elif sent:
-                self._completed += 1
-            self._notify()
-        if gone:
-            raise _ClientGone
-
-
-def _request_id(number: int) -> str:
-    return f"req_test{number:06d}"
+_PLAIN_ERROR_TYPES: Mapping[int, str] = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+}
 
 
 @asynccontextmanager
@@ -840,10 +476,5 @@ async def open_anthropic_server(
         Leaving the block, normally or not, stops the server and closes its
         connections.
     """
-    server = AnthropicServer(script, host=host, port=port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        try:
-            yield server
-        finally:
-            nursery.cancel_scope.cancel()
+    async with serving(AnthropicServer(script, host=host, port=port)) as server:
+        yield server

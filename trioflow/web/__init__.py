@@ -27,7 +27,9 @@ events encoded once and written to every watching connection),
 run's frames cached, the catch-up, the join to the fan-out),
 :mod:`~trioflow.web._direct` (the event stream served on the connection
 itself, under :func:`~trioflow.web.serve`), :mod:`~trioflow.web._ws` (the WebSocket
-protocol), :mod:`~trioflow.web._auth` (token and ``Origin``),
+protocol, over Starlette's ``WebSocket`` or the socket itself),
+:mod:`~trioflow.web._direct_ws` (WebSockets served on the connection itself: the
+handshake and the framing), :mod:`~trioflow.web._auth` (token and ``Origin``),
 :mod:`~trioflow.web._hosts` (the ``Host`` allow-list),
 :mod:`~trioflow.web._connections` (each connection guarded: write timeout,
 forced close, the connection cap),

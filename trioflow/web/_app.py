@@ -49,15 +49,13 @@ from starlette.staticfiles import StaticFiles
 
 from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
-from trioflow.approvals import ApprovalError
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
-from trioflow.threads import Thread, ThreadLimitReached, ThreadNotFound
-from trioflow.tools import ToolInputError
+from trioflow.threads import ThreadLimitReached
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
-from trioflow.web._runs import AgentFactory, RunHub, RunRequest
+from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
 from trioflow.web._ws import run_socket, socket
 
@@ -298,14 +296,7 @@ async def cancel_run(request: Request) -> Response:
             raise ApiError(
                 400, "invalid_request", 'the body may only be {"mode": "immediate" | "after_turn"}'
             )
-        try:
-            mode = CancelMode(body.get("mode", "immediate"))
-        except ValueError:
-            raise ApiError(
-                400,
-                "invalid_request",
-                f"'mode' must be 'immediate' or 'after_turn', not {body.get('mode')!r}",
-            ) from None
+        mode = cancel_mode(body.get("mode", "immediate"))
     hub.cancel(run, mode=mode)
     return JSONResponse(
         {
@@ -316,13 +307,6 @@ async def cancel_run(request: Request) -> Response:
         },
         status_code=202,
     )
-
-
-def _thread(request: Request) -> Thread:
-    try:
-        return _hub(request).threads.get(request.path_params["thread_id"])
-    except ThreadNotFound as exc:
-        raise ApiError(404, "thread_not_found", str(exc)) from None
 
 
 async def threads(request: Request) -> Response:
@@ -361,13 +345,15 @@ async def threads(request: Request) -> Response:
 
 async def get_thread(request: Request) -> Response:
     """``GET /threads/{thread_id}``: its messages, runs and the run going."""
-    return JSONResponse(_json_safe(_thread(request).to_dict()))
+    return JSONResponse(
+        _json_safe(_hub(request).thread(request.path_params["thread_id"]).to_dict())
+    )
 
 
 async def thread_runs(request: Request) -> Response:
     """``POST /threads/{thread_id}/runs``: the conversation's next run, answered as ``POST /runs``."""
     hub = _hub(request)
-    thread = _thread(request)
+    thread = hub.thread(request.path_params["thread_id"])
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
     try:
@@ -394,44 +380,17 @@ async def list_approvals(request: Request) -> Response:
     )
 
 
-_DECISION_KEYS = frozenset({"decision", "reason", "input"})
-
-
 async def decide_approval(request: Request) -> Response:
     """``POST /runs/{run_id}/approvals/{call_id}``: approve, deny or edit a waiting tool call.
 
-    ``200`` ``{"run_id", "call_id", "decision"}``; ``400`` ``invalid_request``
-    (a body that is not ``{"decision", "reason"?, "input"?}`` as
-    :meth:`~trioflow.approvals.Approvals.decide` takes it), ``400``
-    ``invalid_input`` (an edit that does not match the tool's schema: the
-    call still waits), ``404`` ``approval_not_found`` (no such call waits),
-    ``409`` ``approval_decided`` (decided already, or timed out).
+    ``200`` ``{"run_id", "call_id", "decision"}``; the errors of
+    :meth:`~trioflow.web._runs.RunHub.decide`.
     """
     hub = _hub(request)
     run = hub.get(request.path_params["run_id"])
     call_id = request.path_params["call_id"]
     body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
-    if not isinstance(body, dict) or "decision" not in body or set(body) - _DECISION_KEYS:
-        raise ApiError(
-            400,
-            "invalid_request",
-            'send {"decision": "approve" | "deny" | "edit", "reason"?: string, "input"?: object}',
-        )
-    reason, edited = body.get("reason"), body.get("input")
-    if reason is not None and not isinstance(reason, str):
-        raise ApiError(400, "invalid_request", "'reason' must be a string")
-    if edited is not None and not isinstance(edited, dict):
-        raise ApiError(400, "invalid_request", "'input' must be an object")
-    try:
-        decided = run.decide(call_id, body["decision"], reason=reason, input=edited)
-    except ApprovalError as exc:
-        if exc.decided:
-            raise ApiError(409, "approval_decided", str(exc), call_id=call_id) from None
-        raise ApiError(404, "approval_not_found", str(exc), call_id=call_id) from None
-    except ToolInputError as exc:
-        raise ApiError(400, "invalid_input", str(exc), call_id=call_id) from None
-    except ValueError as exc:
-        raise ApiError(400, "invalid_request", str(exc)) from None
+    decided = hub.decide(run, call_id, body)
     return JSONResponse(
         {"run_id": run.run_id, "call_id": call_id, "decision": str(decided.decision)}
     )

@@ -154,12 +154,13 @@ class WebConfig:
     access_log: bool = False
     """Log every request (to the ``trioflow.web`` logger)."""
     direct_writes: bool = True
-    """Under :func:`~trioflow.web.serve`, serve event streams on the
-    connection itself (:mod:`trioflow.web._direct`): no HTTP machinery, no
-    ASGI, the run's fan-out writing chunks straight to the socket. Much
-    cheaper per connection and per event; turned off by itself when ASGI
-    middleware was added to the application after
-    :func:`~trioflow.web.create_app` (it would not see the event streams).
+    """Under :func:`~trioflow.web.serve`, serve event streams and WebSockets
+    on the connection itself (:mod:`trioflow.web._direct`,
+    :mod:`trioflow.web._direct_ws`): no HTTP machinery, no ASGI, the run's
+    fan-out writing chunks (frames) straight to the socket. Much cheaper per
+    connection and per event; turned off by itself when ASGI middleware was
+    added to the application after :func:`~trioflow.web.create_app` (it
+    would not see the event streams and WebSockets).
     ``False``: every request goes through Hypercorn and the ASGI application."""
 
     def __post_init__(self) -> None:

@@ -12,9 +12,10 @@ connection (:func:`serve_event_stream`): the same decision as the Starlette
 route (:func:`~trioflow.web._sse.event_stream_answer`: ``Host``, token and
 ``Origin``, the run, the resume point), the same answers (JSON errors,
 ``204``), the same access-log line, then the frames, and ``Connection:
-close``. Every other connection goes to Hypercorn with the bytes already
-read pushed back in front of the stream
-(:meth:`~trioflow.web._connections.GuardedStream.unread`).
+close``. A WebSocket handshake (``GET /runs/{id}/ws``, ``GET /ws``) is
+served on the connection too, by :mod:`trioflow.web._direct_ws`. Every other
+connection goes to Hypercorn with the bytes already read pushed back in
+front of the stream (:meth:`~trioflow.web._connections.GuardedStream.unread`).
 
 One owner at any moment
     From accept to close, the connection's socket belongs to its task. The
@@ -60,9 +61,9 @@ _log = logging.getLogger("trioflow.web")
 _RECEIVE = 64 * 1024
 
 
-_PREFIX = b"GET /runs/"
-"""How every request this module may serve begins: anything else goes to
-Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
+_PREFIXES = (b"GET /runs/", b"GET /ws")
+"""How every request this module (or :mod:`trioflow.web._direct_ws`) may serve begins:
+anything else goes to Hypercorn at its first bytes, unparsed (Hypercorn parses it)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,8 +133,8 @@ async def read_request(
     """
     data = b""
     while True:
-        if not data.startswith(_PREFIX):
-            if data and not _PREFIX.startswith(data):
+        if not data.startswith(_PREFIXES):
+            if data and not any(prefix.startswith(data) for prefix in _PREFIXES):
                 return None, data  # not an event stream: Hypercorn's
         else:
             end = data.find(b"\r\n\r\n")

@@ -10,10 +10,11 @@ connection's :class:`FanoutTarget`. A run has one fan-out per encoding
 one for its WebSocket messages, each reading the run once.
 
 Where the connection is served by trioflow itself (an event stream under
-:func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`), a target is
-*direct*: the fan-out writes the HTTP/1.1 chunk to the connection's own
-socket without blocking (``os.write`` on its non-blocking descriptor; no
-second descriptor), so a client that keeps up costs one system call per
+:func:`~trioflow.web.serve`, :mod:`trioflow.web._direct`, or a WebSocket
+following one run, :mod:`trioflow.web._direct_ws`), a target is *direct*:
+the fan-out writes the HTTP/1.1 chunk (the WebSocket frames) to the
+connection's own socket without blocking (``os.write`` on its non-blocking
+descriptor; no second descriptor), so a client that keeps up costs one system call per
 batch and no task switch at all. What the kernel does not take at once goes
 to the target's pending bytes, which the connection's task (the socket's
 owner) sends with its ``send_all`` (which has the write timeout); the target
@@ -116,7 +117,10 @@ class FanoutTarget(Generic[P]):
         sock: the connection's own non-blocking socket, to write to
             directly (owned by the connection's task, which closes it;
             never by the target), or ``None`` to leave every write to the
-            connection's task. Only a target of byte pieces has one.
+            connection's task. Only a target of byte pieces has one. The
+            owner may take it away (:meth:`close`) while it writes
+            something of its own, and give it back once that is out
+            (:mod:`trioflow.web._direct_ws`).
         encode: how to frame a piece for this connection (:func:`chunk`
             for a raw HTTP/1.1 socket, identity for ASGI).
     """
@@ -167,6 +171,11 @@ class FanoutTarget(Generic[P]):
         self._event = trio.Event()
 
     # -- the connection's side -----------------------------------------------
+
+    @property
+    def partial(self) -> bool:
+        """Whether the rest of a piece the kernel took part of waits: it goes out before anything else."""
+        return self._remainder is not None
 
     @property
     def pending(self) -> int:

@@ -23,9 +23,11 @@ import trio
 
 from trioflow import demo
 from trioflow.agent import Agent
+from trioflow.approvals import ApprovalError, PendingApproval
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
-from trioflow.threads import Thread, ThreadBusy, ThreadFull, Threads
+from trioflow.threads import Thread, ThreadBusy, ThreadFull, ThreadNotFound, Threads
+from trioflow.tools import ToolInputError
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import ApiError
 
@@ -586,6 +588,53 @@ class RunHub:
             )
         run.cancel(reason, mode=mode)
 
+    def decide(self, run: RunHandle, call_id: str, body: object) -> PendingApproval:
+        """Take the decision in ``body`` (``{"decision", "reason"?, "input"?}``) on ``run``'s waiting call ``call_id``.
+
+        The one reading of a decision for HTTP and the WebSocket protocol.
+
+        Raises:
+            ApiError: ``400`` ``invalid_request`` (a body that is not that
+                object, or a decision that does not fit, see
+                :meth:`~trioflow.approvals.Approvals.decide`), ``400``
+                ``invalid_input`` (an edit that does not match the tool's
+                schema: the call still waits), ``404`` ``approval_not_found``
+                (no such call waits), ``409`` ``approval_decided`` (decided
+                already, or timed out).
+        """
+        if not isinstance(body, Mapping) or "decision" not in body or set(body) - _DECISION_KEYS:
+            raise ApiError(
+                400,
+                "invalid_request",
+                'send {"decision": "approve" | "deny" | "edit", "reason"?: string, "input"?: object}',
+            )
+        reason, edited = body.get("reason"), body.get("input")
+        if reason is not None and not isinstance(reason, str):
+            raise ApiError(400, "invalid_request", "'reason' must be a string")
+        if edited is not None and not isinstance(edited, Mapping):
+            raise ApiError(400, "invalid_request", "'input' must be an object")
+        try:
+            return run.decide(call_id, body["decision"], reason=reason, input=edited)
+        except ApprovalError as exc:
+            if exc.decided:
+                raise ApiError(409, "approval_decided", str(exc), call_id=call_id) from None
+            raise ApiError(404, "approval_not_found", str(exc), call_id=call_id) from None
+        except ToolInputError as exc:
+            raise ApiError(400, "invalid_input", str(exc), call_id=call_id) from None
+        except ValueError as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from None
+
+    def thread(self, thread_id: str) -> Thread:
+        """The conversation ``thread_id``.
+
+        Raises:
+            ApiError: ``404`` ``thread_not_found``.
+        """
+        try:
+            return self.threads.get(thread_id)
+        except ThreadNotFound as exc:
+            raise ApiError(404, "thread_not_found", str(exc)) from None
+
     async def fanout(
         self,
         run: RunHandle,
@@ -706,6 +755,22 @@ def _store_unavailable(exc: Exception) -> ApiError:
         "store_unavailable",
         f"the run store (Redis) failed: {type(exc).__name__}: {exc}",
         headers={"Retry-After": "1"},
+    )
+
+
+_DECISION_KEYS = frozenset({"decision", "reason", "input"})
+
+
+def cancel_mode(value: object) -> CancelMode:
+    """``value`` as a :class:`~trioflow.handle.CancelMode` (the ``mode`` of a cancel request).
+
+    Raises:
+        ApiError: ``400`` ``invalid_request`` when it is not one.
+    """
+    if isinstance(value, str) and value in CancelMode.__members__.values():
+        return CancelMode(value)
+    raise ApiError(
+        400, "invalid_request", f"'mode' must be 'immediate' or 'after_turn', not {value!r}"
     )
 
 

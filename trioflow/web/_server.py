@@ -42,12 +42,13 @@ Why not ``hypercorn.trio.serve``
 One owner per connection
     Each accepted connection belongs to its task from accept to close. The
     task reads the first bytes, and when they may begin an event stream
-    (``GET /runs/``), the head of the first request (within
+    (``GET /runs/``, ``GET /ws``), the head of the first request (within
     :attr:`~trioflow.web.WebConfig.header_timeout`). An event stream
     (``GET /runs/{id}/events`` over cleartext HTTP/1.1, for an application
     without middleware of its own) is served by trioflow on the spot, the
     connection closed after it (:mod:`trioflow.web._direct`): no HTTP
-    machinery, no ASGI, one descriptor. Every other connection is handed,
+    machinery, no ASGI, one descriptor; so is a WebSocket handshake for
+    ``/runs/{id}/ws`` or ``/ws`` (:mod:`trioflow.web._direct_ws`). Every other connection is handed,
     with the bytes read pushed back in front, to Hypercorn's connection
     server (``hypercorn.trio.tcp_server.TCPServer``), which parses every
     request on it, runs the application and writes every response; the
@@ -93,6 +94,7 @@ from trioflow.web._auth import AccessPolicy
 from trioflow.web._config import WebConfig, default_max_connections
 from trioflow.web._connections import Connections, GuardedStream
 from trioflow.web._direct import read_request, serve_event_stream, stream_target
+from trioflow.web._direct_ws import serve_socket, socket_target
 from trioflow.web._runs import RunHub
 from trioflow.web._tls import TLS, server_context
 
@@ -409,6 +411,11 @@ async def _worker(
         if scope.cancelled_caught or read is None:
             return True  # no request in time, shutting down, or the peer left: closed
         request, data = read
+        if request is not None and (socket := socket_target(request)) is not None:
+            await serve_socket(
+                guarded, request, socket, data, hub=hub, access=direct, hconfig=config
+            )
+            return True
         target = None if request is None else stream_target(request)
         if request is None or target is None:
             guarded.unread(data)

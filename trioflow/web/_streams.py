@@ -253,6 +253,12 @@ class StreamOutput(Generic[F, P]):
         """Send what :meth:`holds` (before the fan-out may write on the connection's behalf)."""
         await trio.lowlevel.checkpoint()
 
+    def joined(self, target: FanoutTarget[P]) -> None:
+        """``target`` joined the run's fan-out for this stream (nothing to do, by default)."""
+
+    def left(self, target: FanoutTarget[P]) -> None:
+        """``target`` left the fan-out (discarded: it writes no more; nothing to do, by default)."""
+
 
 class _Ended(enum.Enum):
     DELIVERED = "delivered"  # the terminal event (or the end of the run's events) was sent
@@ -285,6 +291,7 @@ async def stream_run(
                 await out.send_frames(replay)
         except BaseException:
             fanout.discard(target)
+            out.left(target)
             raise
         return await _follow(fanout, target, out)
     async with run.subscribe(
@@ -349,6 +356,7 @@ def _join_now(
         skip_through=position, limit=hub.config.buffer, sock=out.sock, encode=out.frame
     )
     fanout.add(target)
+    out.joined(target)
     return fanout, target, replay
 
 
@@ -399,6 +407,7 @@ async def _catch_up(
                     encode=out.frame,
                 )
                 fanout.add(target)
+                out.joined(target)
                 return fanout, target
         batch: list[FlowEvent] | None = None
         ended = False
@@ -450,6 +459,7 @@ async def _follow(
         target.broken = True
     finally:
         fanout.discard(target)
+        out.left(target)
     if target.broken:
         out.broken = True
         return False

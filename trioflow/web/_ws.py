@@ -15,10 +15,14 @@ Frames from the server are JSON text frames of two kinds:
 events from the first (or after ``after``) and closes with code ``1000``
 after the terminal event. The client may send:
 
-* ``{"action": "cancel"}``: cancel the run (an ``error`` frame with code
-  ``run_finished`` if it has finished);
+* ``{"action": "cancel", "mode"?}``: cancel the run (an ``error`` frame with
+  code ``run_finished`` if it has finished; ``"mode": "after_turn"`` lets
+  the current turn finish first);
 * ``{"action": "resume", "after": <seq>}``: replay the run's events after
-  ``<seq>`` and go on live (the current stream is replaced).
+  ``<seq>`` and go on live (the current stream is replaced);
+* ``{"action": "decide", "call_id", "decision", "reason"?, "input"?}``:
+  approve, deny or edit a tool call waiting for approval (as ``POST
+  /runs/{id}/approvals/{call_id}``); answered ``{"type": "decided", ...}``.
 
 ``/ws`` follows any number of runs (up to
 :attr:`~trioflow.web.WebConfig.max_runs_per_socket` at once); every event
@@ -28,13 +32,20 @@ says which run it belongs to. The client may send:
   "on_disconnect"?, "ref"?}``: start a run (the fields of ``POST /runs``);
   the server answers ``accepted`` (with ``ref`` echoed, to match replies to
   requests), then sends the run's events;
-* ``{"action": "cancel", "run_id": ...}`` and
-  ``{"action": "resume", "run_id": ..., "after": <seq>}``: as above, for any
-  run (``resume`` with ``after: 0`` also follows a run started elsewhere).
+* ``{"action": "message", "thread_id": ..., "message": ..., ...}``: the
+  next run of a conversation (as ``POST /threads/{id}/runs``), answered
+  ``accepted`` with the ``thread_id``, then followed;
+* ``{"action": "cancel", "run_id": ..., "mode"?}``,
+  ``{"action": "resume", "run_id": ..., "after": <seq>}`` and
+  ``{"action": "decide", "run_id": ..., "call_id": ..., ...}``: as above,
+  for any run (``resume`` with ``after: 0`` also follows a run started
+  elsewhere).
 
 Error codes: ``invalid_json``, ``invalid_message``, ``unknown_action``,
 ``invalid_request``, ``invalid_after``, ``run_not_found``, ``run_finished``,
-``too_many_runs``, ``shutting_down``, ``message_too_large``, and for a
+``too_many_runs``, ``shutting_down``, ``message_too_large``,
+``approval_not_found``, ``approval_decided``, ``invalid_input``,
+``thread_not_found``, ``thread_busy``, ``thread_full``, and for a
 stream: ``evicted`` (the client fell behind by more than the connection's
 buffer; ``last_seq`` is the last event sent: ``resume`` after it, with no
 gap) and ``history_expired``. An error caused by a message echoes its
@@ -54,9 +65,15 @@ serves late joiners the messages a live client got) and hands the same
 messages to every connection, bounded by ``buffer`` events per connection
 and run. The messages of a batch go out back to back under one hold of the
 connection's send lock (one lock for the control frames and every followed
-run). A client that disconnects releases its subscriptions and places in
-the fan-outs at once, and runs started with ``"on_disconnect": "cancel"``
-that no one else watches are cancelled. On a graceful shutdown, connections
+run). The protocol runs over a :class:`Transport`: Starlette's
+``WebSocket`` here (any ASGI server; :func:`~trioflow.web.serve` over TLS
+or with middleware), or the connection's socket served directly
+(:mod:`trioflow.web._direct_ws`, whose module documentation states how its
+one owner shares the socket with the run's fan-out); both take the one
+handshake decision, :func:`socket_answer`. A client that disconnects
+releases its subscriptions and places in the fan-outs at once, and runs
+started with ``"on_disconnect": "cancel"`` that no one else watches are
+cancelled. On a graceful shutdown, connections
 close with code ``1001`` once their runs' terminal events are delivered.
 """
 
@@ -67,6 +84,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import trio
+from starlette.datastructures import QueryParams
+from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from trioflow._json import InvalidJSON, loads
@@ -75,12 +94,21 @@ from trioflow.events import FlowEvent
 from trioflow.handle import RunHandle
 from trioflow.history import HistoryExpired
 from trioflow.protocol import EVICTED, HISTORY_EXPIRED
-from trioflow.web._auth import deny_websocket
+from trioflow.web._auth import AccessPolicy, deny_websocket
 from trioflow.web._errors import ApiError
-from trioflow.web._runs import RunHub, RunRequest, Watch, resume_point
+from trioflow.web._runs import RunHub, RunRequest, Watch, cancel_mode, resume_point
 from trioflow.web._streams import Encoding, StreamOutput, stream_run
 
-__all__ = ["WS", "run_socket", "socket"]
+__all__ = [
+    "WS",
+    "Transport",
+    "evicted_frame",
+    "follow_run",
+    "follow_runs",
+    "run_socket",
+    "socket",
+    "socket_answer",
+]
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
@@ -91,7 +119,8 @@ def _error_frame(code: str, message: str, **details: Any) -> str:
     return _dumps({"type": "error", "code": code, "message": message, **extra})
 
 
-def _evicted_frame(run_id: str, last_seq: int) -> str:
+def evicted_frame(run_id: str, last_seq: int) -> str:
+    """The ``evicted`` error frame of ``run_id``, the client having got every event up to ``last_seq``."""
     return _error_frame(
         EVICTED,
         "this client fell behind and the stream stopped; send "
@@ -102,7 +131,7 @@ def _evicted_frame(run_id: str, last_seq: int) -> str:
 
 
 WS: Encoding[str, list[str]] = Encoding(
-    name="ws", event=FlowEvent.to_json, join=list, evicted=_evicted_frame
+    name="ws", event=FlowEvent.to_json, join=list, evicted=evicted_frame
 )
 """The WebSocket encoding: one text message per event (:meth:`FlowEvent.to_json`), no keepalive."""
 
@@ -145,23 +174,133 @@ def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-class _Connection:
-    """One accepted WebSocket: a send lock, the runs it follows, its lifetime."""
+class Transport:
+    """What a :class:`_Connection` speaks through: the ASGI ``WebSocket``, or the socket itself.
 
-    def __init__(self, websocket: WebSocket, hub: RunHub, *, per_run: bool) -> None:
-        self.ws = websocket
+    The protocol of this module runs over either: :class:`_AsgiTransport`
+    (Starlette's :class:`~starlette.websockets.WebSocket`: any ASGI server,
+    and :func:`~trioflow.web.serve` over TLS or with middleware) and the
+    connection served directly (:mod:`trioflow.web._direct_ws`). Sends raise
+    :exc:`trio.BrokenResourceError` or :exc:`trio.ClosedResourceError` once
+    the client has gone (after calling :attr:`on_gone`) or the connection
+    was closed.
+    """
+
+    encoding: Encoding[Any, Any]
+    """How the run's events are framed (:data:`WS`, or pre-framed bytes on the socket)."""
+    closed = False
+    """Whether :meth:`close` was called (nothing is sent after it)."""
+    on_gone: Callable[[], None] = staticmethod(lambda: None)
+    """Called when a send finds the client gone (set by the connection)."""
+
+    async def accept(self) -> None:
+        """Complete the handshake."""
+        raise NotImplementedError
+
+    async def receive(self) -> str | bytes | None:
+        """The client's next message (a text or binary one); ``None`` once the connection is over."""
+        raise NotImplementedError
+
+    async def send_text(self, text: str) -> None:
+        """Send one text message (a control frame)."""
+        raise NotImplementedError
+
+    def output(self) -> StreamOutput[Any, Any]:
+        """Where one followed run's stream goes (one per stream)."""
+        raise NotImplementedError
+
+    async def close(self, code: int, reason: str | None) -> None:
+        """Close the connection with ``code`` (the caller does it once)."""
+        raise NotImplementedError
+
+
+class _AsgiTransport(Transport):
+    """Starlette's ``WebSocket``: every message through the ASGI ``send``, under one send lock."""
+
+    encoding = WS
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._ws = websocket
+        self._lock = trio.Lock()
+
+    async def accept(self) -> None:
+        await self._ws.accept()
+
+    async def receive(self) -> str | bytes | None:
+        message = await self._ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return None
+        text: str | None = message.get("text")
+        return (message.get("bytes") or b"") if text is None else text
+
+    async def send(self, *batches: list[str]) -> None:
+        """Send the text messages of ``batches`` back to back, under the send lock."""
+        async with self._lock:
+            if self.closed:
+                raise trio.ClosedResourceError("the WebSocket is closed")
+            send = self._ws.send
+            try:
+                for frames in batches:
+                    for frame in frames:
+                        await send({"type": "websocket.send", "text": frame})
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                self.closed = True
+                self.on_gone()
+                raise trio.ClosedResourceError("the client has gone") from None
+
+    async def send_text(self, text: str) -> None:
+        await self.send([text])
+
+    def output(self) -> StreamOutput[str, list[str]]:
+        return _RunOutput(self)
+
+    async def close(self, code: int, reason: str | None) -> None:
+        async with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._ws.close(code, reason)
+                except (WebSocketDisconnect, RuntimeError):
+                    pass
+
+
+class _RunOutput(StreamOutput[str, list[str]]):
+    """One followed run's stream on an :class:`_AsgiTransport`: its messages, under the send lock."""
+
+    def __init__(self, transport: _AsgiTransport) -> None:
+        self._transport = transport
+
+    async def send_frames(self, frames: list[str]) -> None:
+        await self._transport.send(frames)
+
+    async def send_pieces(self, pieces: list[list[str]]) -> None:
+        await self._transport.send(*pieces)
+
+    async def finish(self, frames: list[str]) -> None:
+        if frames:
+            await self.send_frames(frames)
+        else:
+            await trio.lowlevel.checkpoint()
+
+
+class _Connection:
+    """One accepted WebSocket: its transport, the runs it follows, its lifetime."""
+
+    def __init__(self, transport: Transport, hub: RunHub, *, per_run: bool) -> None:
+        self.transport = transport
         self.hub = hub
         self.per_run = per_run
         self.disconnected = False
-        self._lock = trio.Lock()
-        self._closed = False
         self._nursery: trio.Nursery | None = None
         self._streams: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self._watches: dict[str, Watch] = {}
+        transport.on_gone = self._gone
 
     async def serve(self, handle: Handler, first: RunHandle | None = None, after: int = 0) -> None:
         """Accept, then read messages (and follow ``first``) until either side closes."""
-        await self.ws.accept()
+        await self.transport.accept()
         try:
             with self.hub.connection(), collapse_single_group():
                 async with trio.open_nursery() as nursery:
@@ -179,43 +318,31 @@ class _Connection:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    def _gone(self) -> None:
+        self.disconnected = True
+        self._finish()
+
     # -- sending -------------------------------------------------------------------
 
-    async def send(self, *batches: list[str]) -> bool:
-        """Send the text frames of ``batches`` back to back; False if the connection is closed."""
-        async with self._lock:
-            if self._closed:
-                return False
-            send = self.ws.send
-            try:
-                for frames in batches:
-                    for frame in frames:
-                        await send({"type": "websocket.send", "text": frame})
-            except (WebSocketDisconnect, WebSocketDisconnected):
-                self._closed = True
-                self.disconnected = True
-                self._finish()
-                return False
-        return True
+    async def send_text(self, text: str) -> None:
+        """Send one control frame (nothing if the connection is closed or the client gone)."""
+        try:
+            await self.transport.send_text(text)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     async def control(self, frame: Mapping[str, Any]) -> None:
         """Send one control frame."""
-        await self.send([_dumps(frame)])
+        await self.send_text(_dumps(frame))
 
     async def error(self, code: str, message: str, **details: Any) -> None:
         """Send an ``error`` control frame; members whose value is ``None`` are left out."""
-        await self.send([_error_frame(code, message, **details)])
+        await self.send_text(_error_frame(code, message, **details))
 
     async def close(self, code: int, reason: str | None = None) -> None:
         """Close the connection with ``code`` (once) and stop serving it."""
-        async with self._lock:
-            if not self._closed:
-                self._closed = True
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self.ws.close(code, reason)
-                    except (WebSocketDisconnect, RuntimeError):
-                        pass
+        if not self.transport.closed:
+            await self.transport.close(code, reason)
         self._finish()
 
     # -- receiving -----------------------------------------------------------------
@@ -223,14 +350,13 @@ class _Connection:
     async def _receive_loop(self, handle: Handler) -> None:
         limit = self.hub.config.max_body
         while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                self.disconnected = not self._closed  # else: the end of our own close
+            message = await self.transport.receive()
+            if message is None:
+                # Not after our own close (its end is reported so), unless the client went first.
+                self.disconnected = self.disconnected or not self.transport.closed
                 self._finish()
                 return
-            text = message.get("text")
-            data = message.get("bytes") or b""
-            size = len(data) if text is None else _utf8_size(text)
+            size = len(message) if isinstance(message, bytes) else _utf8_size(message)
             if size > limit:
                 await self.error(
                     "message_too_large",
@@ -239,7 +365,7 @@ class _Connection:
                 continue
             try:
                 # Lone surrogates pass here: RunRequest.parse names the member holding one.
-                obj = loads(data if text is None else text, unicode=False)
+                obj = loads(message, unicode=False)
             except InvalidJSON as exc:
                 await self.error("invalid_json", f"a message must be UTF-8 JSON: {exc}")
                 continue
@@ -319,7 +445,8 @@ class _Connection:
     async def _pump(self, run: RunHandle, after: int) -> bool:
         """Send the run's events; True once its end was delivered."""
         try:
-            return await stream_run(self.hub, run, after, _RunOutput(self), WS)
+            transport = self.transport
+            return await stream_run(self.hub, run, after, transport.output(), transport.encoding)
         except (trio.BrokenResourceError, trio.ClosedResourceError):  # the connection closed
             return False
         except HistoryExpired as exc:
@@ -333,79 +460,116 @@ class _Connection:
             return False
 
 
-class _RunOutput(StreamOutput[str, list[str]]):
-    """One followed run's stream on a :class:`_Connection`: its messages, under the connection's send lock."""
+def socket_answer(
+    hub: RunHub, access: AccessPolicy | None, scope: Scope, run_id: str | None
+) -> tuple[RunHandle, int] | None:
+    """Whether a WebSocket handshake is accepted: the run and the resume point, or ``None`` for ``/ws``.
 
-    def __init__(self, conn: _Connection) -> None:
-        self._conn = conn
+    The one decision for the Starlette routes and for the connection served
+    directly (:mod:`trioflow.web._direct_ws`): the access rules (``Host``,
+    token, ``Origin``; ``access`` ``None`` when they were applied already),
+    then for ``/runs/{run_id}/ws`` the run and ``?after=``.
 
-    async def send_frames(self, frames: list[str]) -> None:
-        if not await self._conn.send(frames):
-            raise trio.ClosedResourceError
+    Raises:
+        ApiError: ``403``/``401`` (access), ``404`` ``run_not_found``, ``400``
+            ``invalid_after``: the handshake is refused with it as an HTTP
+            response.
+    """
+    if access is not None:
+        error = access.check(scope)
+        if error is not None:
+            raise error
+    if run_id is None:
+        return None
+    run = hub.get(run_id)
+    return run, resume_point(QueryParams(scope.get("query_string", b"")).get("after", "0"), run)
 
-    async def send_pieces(self, pieces: list[list[str]]) -> None:
-        if not await self._conn.send(*pieces):
-            raise trio.ClosedResourceError
 
-    async def finish(self, frames: list[str]) -> None:
-        if frames:
-            await self.send_frames(frames)
-        else:
-            await trio.lowlevel.checkpoint()
+async def _decide(
+    conn: _Connection, hub: RunHub, run: RunHandle, message: Mapping[str, Any]
+) -> None:
+    """``{"action": "decide", "call_id", "decision", "reason"?, "input"?}``: answered ``decided``."""
+    _only(message, {"run_id", "call_id", "decision", "reason", "input"})
+    call_id = message.get("call_id")
+    if not isinstance(call_id, str):
+        raise ApiError(400, "invalid_message", "'call_id' must be the id of a waiting tool call")
+    body = {k: message[k] for k in ("decision", "reason", "input") if k in message}
+    decided = hub.decide(run, call_id, body)
+    frame: dict[str, Any] = {
+        "type": "decided",
+        "run_id": run.run_id,
+        "call_id": call_id,
+        "decision": str(decided.decision),
+    }
+    if "ref" in message:
+        frame["ref"] = message["ref"]
+    await conn.control(frame)
 
 
-async def run_socket(websocket: WebSocket) -> None:
-    """``/runs/{run_id}/ws``: follow one run; ``cancel`` and ``resume`` messages."""
-    hub = _hub(websocket)
-    try:
-        run = hub.get(websocket.path_params["run_id"])
-        after = resume_point(websocket.query_params.get("after", "0"), run)
-    except ApiError as exc:
-        await deny_websocket(websocket.scope, websocket.receive, websocket.send, exc)
-        return
-    conn = _Connection(websocket, hub, per_run=True)
+async def follow_run(transport: Transport, hub: RunHub, run: RunHandle, after: int) -> None:
+    """Serve ``/runs/{run_id}/ws`` over ``transport``: follow ``run``; ``cancel`` and ``resume`` messages."""
+    conn = _Connection(transport, hub, per_run=True)
 
     async def handle(message: Mapping[str, Any]) -> None:
         action = message["action"]
         if message.get("run_id", run.run_id) != run.run_id:
             raise ApiError(400, "invalid_message", f"this connection follows run {run.run_id} only")
         if action == "cancel":
-            _only(message, {"run_id"})
-            hub.cancel(run)
+            _only(message, {"run_id", "mode"})
+            hub.cancel(run, mode=cancel_mode(message.get("mode", "immediate")))
         elif action == "resume":
             _only(message, {"run_id", "after"})
             await conn.follow(run, _after(message, run))
+        elif action == "decide":
+            await _decide(conn, hub, run, message)
         else:
             raise ApiError(
-                400, "unknown_action", f"unknown action {action!r}; use 'cancel' or 'resume'"
+                400,
+                "unknown_action",
+                f"unknown action {action!r}; use 'cancel', 'resume' or 'decide'",
             )
 
     await conn.serve(handle, run, after)
 
 
-async def socket(websocket: WebSocket) -> None:
-    """``/ws``: start runs and follow any number of them over one connection."""
-    hub = _hub(websocket)
-    conn = _Connection(websocket, hub, per_run=False)
+async def follow_runs(transport: Transport, hub: RunHub) -> None:
+    """Serve ``/ws`` over ``transport``: start runs and follow any number of them."""
+    conn = _Connection(transport, hub, per_run=False)
 
     async def handle(message: Mapping[str, Any]) -> None:
         action = message["action"]
-        if action == "start":
-            fields = {k: v for k, v in message.items() if k not in ("action", "ref")}
+        if action in ("start", "message"):
+            thread = None
+            fields = {k: v for k, v in message.items() if k not in ("action", "ref", "thread_id")}
+            if action == "message":
+                thread_id = message.get("thread_id")
+                if not isinstance(thread_id, str):
+                    raise ApiError(400, "invalid_message", "'thread_id' must be a thread's id")
+                thread = hub.thread(thread_id)
+            elif "thread_id" in message:
+                _only(message, set())  # names the unknown member
             try:
-                request = RunRequest.parse(fields)
+                request = RunRequest.parse(
+                    fields, task_field="message" if thread is not None else "task"
+                )
             except ValueError as exc:
                 raise ApiError(400, "invalid_request", str(exc)) from None
             conn.check_capacity()
-            run = await hub.start(request, source="ws")
+            run = await hub.start(request, source="ws", thread=thread)
             accepted: dict[str, Any] = {"type": "accepted", "run_id": run.run_id}
+            if thread is not None:
+                accepted["thread_id"] = thread.thread_id
             if "ref" in message:
                 accepted["ref"] = message["ref"]
             await conn.control(accepted)
             await conn.follow(run, 0)
         elif action == "cancel":
-            _only(message, {"run_id"})
-            hub.cancel(hub.get(_run_id(message)))
+            _only(message, {"run_id", "mode"})
+            hub.cancel(
+                hub.get(_run_id(message)), mode=cancel_mode(message.get("mode", "immediate"))
+            )
+        elif action == "decide":
+            await _decide(conn, hub, hub.get(_run_id(message)), message)
         elif action == "resume":
             _only(message, {"run_id", "after"})
             run = hub.get(_run_id(message))
@@ -416,7 +580,24 @@ async def socket(websocket: WebSocket) -> None:
             raise ApiError(
                 400,
                 "unknown_action",
-                f"unknown action {action!r}; use 'start', 'cancel' or 'resume'",
+                f"unknown action {action!r}; use 'start', 'message', 'cancel', 'resume' or 'decide'",
             )
 
     await conn.serve(handle)
+
+
+async def run_socket(websocket: WebSocket) -> None:
+    """``/runs/{run_id}/ws`` (the Starlette route): follow one run; ``cancel`` and ``resume`` messages."""
+    hub = _hub(websocket)
+    try:
+        answer = socket_answer(hub, None, websocket.scope, websocket.path_params["run_id"])
+    except ApiError as exc:
+        await deny_websocket(websocket.scope, websocket.receive, websocket.send, exc)
+        return
+    assert answer is not None
+    await follow_run(_AsgiTransport(websocket), hub, *answer)
+
+
+async def socket(websocket: WebSocket) -> None:
+    """``/ws`` (the Starlette route): start runs and follow any number of them over one connection."""
+    await follow_runs(_AsgiTransport(websocket), _hub(websocket))
