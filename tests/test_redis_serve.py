@@ -159,11 +159,11 @@ async def test_after_a_restart_of_node_a_its_run_is_still_served_and_resumed(
         assert [f.data for f in resumed] == [f.data for f in frames[3:]]
 
 
-async def test_fifty_sse_clients_on_node_b_share_one_tail_read_per_batch(
+async def test_a_hundred_sse_clients_on_node_b_share_one_tail_read_and_one_blocking_connection(
     redis_url: str, redis_server: RedisServer, nursery: trio.Nursery, open_sse: OpenSSE
 ) -> None:
-    with trio.fail_after(40):
-        a = await start_node(nursery, redis_url, talker(200, pace=200))
+    with trio.fail_after(60):
+        a = await start_node(nursery, redis_url, talker(400, pace=100))
         b = await start_node(nursery, redis_url)
         run_id = await start_run(a.url)
         results: list[list[int]] = []
@@ -173,16 +173,18 @@ async def test_fifty_sse_clients_on_node_b_share_one_tail_read_per_batch(
                 results.append(ids(await stream.events()))
 
         async with trio.open_nursery() as inner:
-            for _ in range(50):
+            for _ in range(100):
                 inner.start_soon(client)
-        assert len(results) == 50 and all(r == results[0] for r in results)
+            await b.hub.wait_joined(run_id, 100)
+            assert int(redis_server.info("clients")["blocked_clients"]) <= 1  # the tail's read
+        assert len(results) == 100 and all(r == results[0] for r in results)
         assert results[0] == list(range(1, len(results[0]) + 1))
         tail = b.hub.tail
         assert tail is not None
         stats = tail.statistics()
         # a read per batch the writer made (at most one per event), not per client
         assert stats.reads <= len(results[0])
-        assert stats.reads + stats.reissues < len(results[0]) + 50
+        assert stats.reads + stats.reissues < len(results[0]) + 100
 
 
 async def test_a_redis_restart_mid_stream_reaches_the_sse_client_on_b_once(
