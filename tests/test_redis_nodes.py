@@ -255,3 +255,21 @@ async def test_a_resume_from_the_records_newest_seq_gets_the_rest_once(
             rest = await collect(remote, after)
             assert [e.seq for e in rest] == list(range(after + 1, rest[-1].seq + 1))
             assert rest[-1].is_terminal()
+
+
+async def test_a_hundred_changes_of_the_followed_runs_do_not_exhaust_the_pool(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(30):
+        async with open_redis(redis_url) as client, open_node_tail(RedisRunStore(client)) as tail:
+            store = tail.store
+            first = await store.create()
+            async with tail.watch(first.run_id):  # the tail is in its blocking read
+                for _ in range(100):  # more changes than the pool (64) has connections
+                    record = await store.create()
+                    async with tail.watch(record.run_id):
+                        await trio.sleep(0.001)
+                with trio.fail_after(2):
+                    await client.ping()  # a pooled connection is still to be had
+                    await store.get(first.run_id)
+            assert tail.statistics().reissues >= 1

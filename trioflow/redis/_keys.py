@@ -7,6 +7,9 @@ With the default prefix ``trioflow``:
 * ``trioflow:run:{<run_id>}:events``: a stream, the run's events, seq ``N``
   stored as entry id ``N-0`` with one field ``e``, the event's JSON;
 * ``trioflow:runs``: a sorted set, every run id scored by its creation time;
+* ``trioflow:node:<node_id>:wake``: a stream of one serve node's own, short
+  (``MAXLEN ~ 16``, a 1 h TTL): written to wake the node's blocking tail read
+  when the set of runs it follows changes (:class:`~trioflow.redis.NodeTail`);
 * ``trioflow:cancel``: a pub/sub channel, one message per cancel request
   (:func:`~trioflow.redis.request_cancel`; the durable marker is the
   ``cancel`` field of the run's record).
@@ -40,6 +43,10 @@ class Keys:
     def index(self) -> str:
         """The sorted set of every run id, scored by creation time."""
         return f"{self.prefix}:runs"
+
+    def node_wake(self, node_id: str) -> str:
+        """The stream that wakes node ``node_id``'s blocking tail read."""
+        return f"{self.prefix}:node:{node_id}:wake"
 
     @property
     def cancel_channel(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import secrets
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ class TailStatistics:
     reads: int
     """Blocking ``XREAD`` commands that returned (with events or at their timeout)."""
     reissues: int
-    """Blocking reads cancelled and issued again because the set of runs changed."""
+    """Blocking reads woken (through the node's wake stream) because the set of runs changed."""
     events: int
     """Events the tail read."""
     refills: int
@@ -220,9 +221,11 @@ class NodeTail:
     Open it with :func:`open_node_tail`. :meth:`watch` gives the
     :class:`RunFeed` of a run (made on the first watcher, dropped after the
     last). The tail's task reads the streams of every unfinished fed run
-    with one ``XREAD BLOCK``; when the set of runs changes it cancels that
-    read and issues a new one (the connection is dropped and the pool opens
-    another: ~1 ms, once per run added or ended, not per client). A feed
+    with one ``XREAD BLOCK``, which also reads the node's own wake stream;
+    when the set of runs changes, an entry on the wake stream ends that read
+    at once and the task issues the next one over the new set (one ``XADD``
+    per change, not per client; cancelling the read instead would keep its
+    pooled connection taken until Redis answers it). A feed
     buffers at most ``max_pending`` events handed over by the tail; past
     that (its subscribers are slow) the tail drops what it read for that
     run and the feed reads the range back from the stream itself, so
@@ -268,7 +271,12 @@ class NodeTail:
         self._feeds: dict[str, RunFeed] = {}
         self._nursery: trio.Nursery | None = None
         self._changed_event = trio.Event()
-        self._reading: trio.CancelScope | None = None
+        self.node_id = secrets.token_hex(8)
+        """This tail's id: its wake stream is :meth:`Keys.node_wake(node_id) <trioflow.redis.Keys.node_wake>`."""
+        self._wake_key = store.keys.node_wake(self.node_id)
+        self._wake_cursor = "0-0"
+        self._reading = False  # a blocking read is outstanding
+        self._wake_sent = False  # ... and a wake was sent to end it
         self._reads = self._reissues = self._events = self._refills = self._reconnects = 0
 
     def __repr__(self) -> str:
@@ -366,10 +374,32 @@ class NodeTail:
             self._changed()
 
     def _changed(self) -> None:
-        """The set of live runs changed: wake the reader, or re-issue its blocking read."""
+        """The set of live runs changed: wake the reader (idle, or in its blocking read)."""
         self._changed_event.set()
-        if self._reading is not None:
-            self._reading.cancel()
+        if self._reading and not self._wake_sent and self._nursery is not None:
+            self._wake_sent = True
+            self._nursery.start_soon(self._wake, name="trioflow node tail wake")
+
+    async def _wake(self) -> None:
+        """End the blocking read: an entry on the node's wake stream, which the read includes.
+
+        Not a cancel: cancelling a blocking ``XREAD`` drops its connection
+        but keeps its place in coredis's pool (until Redis answers the
+        abandoned read), so 64 changes within one ``block`` would exhaust
+        the pool. The read fails on its own if Redis is away.
+        """
+        client = self.store.client
+        try:
+            await client.xadd(
+                self._wake_key,
+                {"w": "1"},
+                trim_strategy=coredis.PureToken.MAXLEN,
+                trim_operator=coredis.PureToken.APPROXIMATELY,
+                threshold=16,
+            )
+            await client.expire(self._wake_key, 3600)
+        except _REDIS_DOWN as exc:
+            _log.debug("waking the node's tail failed (%s)", exc)
 
     async def _refill(self, stream: RedisHistory, after: int, until: int) -> Sequence[FlowEvent]:
         """Read ``after < seq <= until`` back from the stream, retrying while Redis is away."""
@@ -397,6 +427,7 @@ class NodeTail:
         task_status.started()
         keys = self.store.keys
         client = self.store.client
+        wake = self._wake_key.encode()
         failures = 0
         while True:
             feeds = {keys.events(f.run_id).encode(): f for f in self._feeds.values() if f.live}
@@ -405,28 +436,25 @@ class NodeTail:
                 await self._changed_event.wait()
                 continue
             streams = {key: f"{feed.known_seq}-0" for key, feed in feeds.items()}
-            reply: Any = None
-            with trio.CancelScope() as scope:
-                self._reading = scope
-                try:
-                    reply = await client.xread(
-                        streams, count=self.count, block=max(1, int(self.block * 1000))
-                    )
-                except _REDIS_DOWN as exc:
-                    failures += 1
-                    self._reconnects += 1
-                    delay = self.reconnect.next_delay(failures)
-                    _log.warning(
-                        "the node's tail lost Redis (%s); reading again in %.2f s", exc, delay
-                    )
-                    self._reading = None
-                    await trio.sleep(delay)
-                    continue
-                finally:
-                    self._reading = None
-            if scope.cancelled_caught:
-                self._reissues += 1
+            streams[wake] = self._wake_cursor
+            self._reading, self._wake_sent = True, False
+            try:
+                reply: Any = await client.xread(
+                    streams, count=self.count, block=max(1, int(self.block * 1000))
+                )
+            except _REDIS_DOWN as exc:
+                failures += 1
+                self._reconnects += 1
+                delay = self.reconnect.next_delay(failures)
+                _log.warning("the node's tail lost Redis (%s); reading again in %.2f s", exc, delay)
+                await trio.sleep(delay)
                 continue
+            finally:
+                self._reading = False
+            woken = (reply or {}).pop(wake, None)
+            if woken:
+                self._wake_cursor = woken[-1].identifier.decode()
+                self._reissues += 1
             failures = 0
             self._reads += 1
             for key, entries in (reply or {}).items():
