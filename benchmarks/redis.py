@@ -25,6 +25,18 @@ about 150 bytes; each scenario writes into a new run):
 The tables show the best of ``--repeat`` interleaved rounds (after a warm-up),
 with events/s, the ratio to ``xadd-each``, and for the Redis histories the
 script calls and the mean events per call.
+
+``--nodes`` measures serving across processes instead (:class:`trioflow.redis.NodeTail`),
+with a writer process executing the runs and one or two node processes
+following them (each with its own tail and connection pool):
+
+* latency: 100 concurrent runs x 20 tokens/s for 5 s, one watcher per run on
+  one node; emit -> watcher p50/p99 (the writer's ``time.time()`` stamped in
+  the event, read by the watcher), against the same load in memory (one
+  process, a bus per run);
+* throughput: 100 runs written as fast as the writer can (200 events each),
+  400 watchers in total, on one node (4 per run) or split over two (2 per
+  run each); delivered events/s over every watcher.
 """
 
 from __future__ import annotations
@@ -35,7 +47,9 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -45,7 +59,8 @@ import coredis
 import trio
 
 from trioflow import FlowEvent, open_event_bus
-from trioflow.redis import RedisRunStore, open_redis
+from trioflow.events import EventType
+from trioflow.redis import RedisRunStore, open_node_tail, open_redis, open_remote_run
 
 CAPACITY = 4096
 
@@ -175,16 +190,221 @@ async def main(args: argparse.Namespace) -> dict[str, Result]:
     return best
 
 
+# -- across processes: --nodes -------------------------------------------------------------
+
+
+async def _line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> str:
+    while b"\n" not in buffer:
+        chunk = await stream.receive_some()
+        if not chunk:
+            raise SystemExit("a benchmark process ended early")
+        buffer.extend(chunk)
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+async def writer(url: str, prefix: str, runs: int, events: int, rate: float) -> None:
+    """Role ``writer``: create and claim the runs, say ``ready``, on ``go`` write them."""
+    async with open_redis(url) as client:
+        store = RedisRunStore(client, owner="bench-writer")
+        epochs = {}
+        for i in range(runs):
+            await store.create(f"{prefix}{i}", capacity=CAPACITY)
+            epochs[f"{prefix}{i}"] = await store.claim(f"{prefix}{i}")
+        print("ready", flush=True)
+        await trio.to_thread.run_sync(sys.stdin.readline)
+
+        async def one(run_id: str) -> None:
+            async with (
+                store.open_history(run_id, epoch=epochs[run_id]) as hist,
+                open_event_bus(history=hist) as bus,
+            ):
+                start = trio.current_time()
+                for seq in range(events):
+                    if rate:
+                        await trio.sleep_until(start + seq / rate)
+                    await bus.emit(
+                        "token.received", {"token": "word ", "index": seq}, run_id=run_id
+                    )
+                await bus.emit(EventType.FLOW_COMPLETED, {"output": "done"}, run_id=run_id)
+
+        async with trio.open_nursery() as nursery:
+            for run_id in epochs:
+                nursery.start_soon(one, run_id)
+
+
+async def node(url: str, prefix: str, runs: int, watchers: int) -> None:
+    """Role ``node``: watch every run ``watchers`` times through one tail; print the figures."""
+    async with open_redis(url) as client:
+        store = RedisRunStore(client, owner="bench-node")
+        latencies: list[float] = []
+        counts = {"delivered": 0}
+        first: list[float] = []
+        last: list[float] = []
+        async with open_node_tail(store) as tail:
+            remotes = [await open_remote_run(store, tail, f"{prefix}{i}") for i in range(runs)]
+            ready = trio.Event()
+            joined = 0
+
+            async def watch(run: object, sample: bool) -> None:
+                nonlocal joined
+                assert hasattr(run, "subscribe")
+                async with run.subscribe(after=0, buffer=1024) as events:
+                    joined += 1
+                    if joined == runs * watchers:
+                        ready.set()
+                    n = 0
+                    while True:
+                        try:
+                            batch = await events.receive_batch()
+                        except trio.EndOfChannel:
+                            break
+                        now = time.time()
+                        if not first:
+                            first.append(now)
+                        n += len(batch)
+                        if sample:
+                            latencies.extend(now - e.timestamp for e in batch)
+                    counts["delivered"] += n
+                    last.append(time.time())
+
+            async with trio.open_nursery() as nursery:
+                for remote in remotes:
+                    for w in range(watchers):
+                        nursery.start_soon(watch, remote, w == 0)
+                await ready.wait()
+                print("ready", flush=True)
+            stats = tail.statistics()
+    print(json.dumps({
+        "delivered": counts["delivered"], "first": first[0], "last": max(last),
+        "latencies": latencies, "reads": stats.reads, "reissues": stats.reissues,
+    }), flush=True)  # fmt: skip
+
+
+async def _spawn(*args: str) -> tuple[trio.Process, bytearray]:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    return proc, bytearray()
+
+
+async def across(url: str, runs: int, events: int, rate: float, split: list[int]) -> list[dict]:
+    """One writer, a node per entry of ``split`` (its watchers per run); each node's figures."""
+    prefix = f"run_bench_{time.time_ns()}_"
+    writer_proc, wbuf = await _spawn(
+        "--role", "writer", url, prefix, str(runs), str(events), str(rate)
+    )
+    assert writer_proc.stdout is not None
+    assert writer_proc.stdin is not None
+    assert await _line(writer_proc.stdout, wbuf) == "ready"
+    nodes = []
+    for watchers in split:
+        proc, buf = await _spawn("--role", "node", url, prefix, str(runs), str(watchers))
+        assert proc.stdout is not None
+        assert await _line(proc.stdout, buf) == "ready"
+        nodes.append((proc, buf))
+    await writer_proc.stdin.send_all(b"go\n")
+    results = []
+    for proc, buf in nodes:
+        assert proc.stdout is not None
+        results.append(json.loads(await _line(proc.stdout, buf)))
+        await proc.wait()
+    await writer_proc.wait()
+    return results
+
+
+async def memory_latency(runs: int, events: int, rate: float) -> list[float]:
+    """The same load as the latency scenario in one process, a bus per run (no Redis)."""
+    latencies: list[float] = []
+
+    async def one() -> None:
+        async with (
+            open_event_bus(history=CAPACITY) as bus,
+            bus.subscribe(after=0) as sub,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def emit() -> None:
+                start = trio.current_time()
+                for seq in range(events):
+                    await trio.sleep_until(start + seq / rate)
+                    await bus.emit("token.received", {"token": "word ", "index": seq})
+                bus.close()
+
+            nursery.start_soon(emit)
+            async for event in sub:
+                latencies.append(time.time() - event.timestamp)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(runs):
+            nursery.start_soon(one)
+    return latencies
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def nodes_main(args: argparse.Namespace) -> dict[str, float]:
+    out: dict[str, float] = {}
+    seconds = 2 if args.quick else 5
+    with tempfile.TemporaryDirectory(prefix="trioflow-bench-redis-") as tmp:
+        proc, url = start_server(Path(tmp))
+        try:
+            memory = await memory_latency(100, 20 * seconds, 20.0)
+            [lat] = await across(url, 100, 20 * seconds, 20.0, [1])
+            out |= {
+                "memory_p50_ms": _pct(memory, 0.5), "memory_p99_ms": _pct(memory, 0.99),
+                "redis_p50_ms": _pct(lat["latencies"], 0.5),
+                "redis_p99_ms": _pct(lat["latencies"], 0.99),
+                "redis_mean_ms": statistics.fmean(lat["latencies"]) * 1000,
+                "tail_reads": lat["reads"],
+            }  # fmt: skip
+            for name, split in (("one_node", [4]), ("two_nodes", [2, 2])):
+                best = 0.0
+                for _ in range(args.repeat):
+                    figures = await across(url, 100, 200, 0.0, split)
+                    delivered = sum(f["delivered"] for f in figures)
+                    span = max(f["last"] for f in figures) - min(f["first"] for f in figures)
+                    best = max(best, delivered / span)
+                out[f"{name}_events_per_s"] = best
+            out["two_vs_one"] = out["two_nodes_events_per_s"] / out["one_node_events_per_s"]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return out
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--role"]:  # a process of --nodes
+        role, url, prefix, runs, *rest = sys.argv[2:]
+        if role == "writer":
+            trio.run(writer, url, prefix, int(runs), int(rest[0]), float(rest[1]))
+        else:
+            trio.run(node, url, prefix, int(runs), int(rest[0]))
+        raise SystemExit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer events")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--nodes", action="store_true", help="serving across processes instead")
     args = parser.parse_args()
     if args.quick:
         args.events = 5_000
         args.repeat = 2
+    if args.nodes:
+        figures = trio.run(nodes_main, args)
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            print(f"Python {platform.python_version()}, {os.cpu_count()} cores")
+            print("| figure | value |\n|---|--:|")
+            for key, value in figures.items():
+                print(f"| {key} | {value:,.2f} |")
+        raise SystemExit(0)
     results = trio.run(main, args)
     if args.json:
         print(json.dumps(results))

@@ -4,7 +4,7 @@
 ``[--allowed-host HOST ...] [--allow-model MODEL ...] [--timeout S] [--write-timeout S]``
 ``[--shutdown-timeout S]``
 ``[--max-connections N] [--certfile PEM --keyfile PEM] [--metrics] [--replay FILE [--speed X]]``
-serves until SIGINT or SIGTERM,
+``[--redis URL]`` serves until SIGINT or SIGTERM,
 then shuts down gracefully: running runs end with ``flow.cancelled``, streams
 deliver it and close, and after ``--shutdown-timeout`` seconds (10) every
 connection still open is closed by force. A second signal stops at once
@@ -47,6 +47,14 @@ line that is not an event ends the replay with an ``error`` event, after the
 valid events before it. Warnings about the recording (see
 :class:`~trioflow.recording.RecordingWarning`) are printed on standard error,
 at most 10 of a kind.
+
+``--redis URL`` (``redis://host:port/db`` or ``unix:///path``; needs
+``trioflow[redis]``) makes the server a node of a deployment on Redis
+(:doc:`/howto/deploy`): the runs it starts are executed here with their
+events and records in Redis, and it serves every run of that Redis, whichever
+process executes it (``GET /runs`` lists them; ``404`` only for a run Redis
+does not hold); a cancel request reaches the process executing the run. The
+URL is checked at start-up (unreachable: exit status 1).
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ from trioflow.settings import Settings, check_token
 
 if TYPE_CHECKING:
     from trioflow.bus import EventBus
+    from trioflow.redis import RedisRunStore
     from trioflow.web._app import MetricsRenderer
     from trioflow.web._config import WebConfig
 
@@ -222,6 +231,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the replay's playback speed: 2 is twice as fast, 'inf' without delays (default: 1)",
     )
     add_max_gap_option(parser, prefix="the replay's pauses: ")
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="keep runs in this Redis and serve every run it holds "
+        "(redis://host:port/db or unix:///path; needs trioflow[redis])",
+    )
 
 
 def _history_for(path: str) -> int:
@@ -267,12 +283,32 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
         bus: EventBus | None = None
         if args.metrics:
             bus, metrics = await stack.enter_async_context(open_metrics())
-        executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout or None)
+        store: RedisRunStore | None = None
+        if args.redis is not None:
+            from trioflow.redis import RedisRunStore, new_run_id, open_redis
+
+            try:
+                client = await stack.enter_async_context(open_redis(args.redis))
+            except ValueError:
+                raise
+            except Exception as exc:  # coredis's ConnectionError, AuthenticationError, ...
+                print(f"trioflow serve: cannot reach Redis at {args.redis}: {exc}", file=err)
+                return EXIT_FAILED
+            store = RedisRunStore(client)
+            executor = StreamingFlowExecutor(
+                bus=bus,
+                timeout=args.timeout or None,
+                history_store=store.history_factory(),
+                run_ids=new_run_id,
+            )
+        else:
+            executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout or None)
         app = create_app(
             executor,
             agent=agent_factory(model, max_iterations=args.max_iterations),
             config=config,
             metrics=metrics,
+            store=store,
         )
         stop = trio.Event()
 
@@ -313,6 +349,8 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                     " (token required: open /?token=<token> in a browser)" if config.token else ""
                 )
                 extra = f"; metrics on {urls[0]}/metrics" if metrics is not None else ""
+                if store is not None:
+                    extra += f"; runs on Redis ({store.owner})"
                 print(
                     f"trioflow: serving on {', '.join(urls)} with the {model.name} model{hint}"
                     f"{extra}; Ctrl-C to stop",
@@ -375,9 +413,9 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except ImportError as exc:
+        extra = "trioflow[redis] for --redis" if args.redis else "trioflow[telemetry] for --metrics"
         print(
-            f"trioflow serve: {exc.name or exc} is not installed; "
-            "install trioflow[telemetry] for --metrics",
+            f"trioflow serve: {exc.name or exc} is not installed; install {extra}",
             file=sys.stderr,
         )
         return EXIT_FAILED

@@ -18,7 +18,12 @@ are on the :doc:`/concepts/redis` page.
 * :func:`open_worker` / :class:`Worker`: the executing side: takes runs off
   the queue, runs them under a heartbeated lease, honours cancels, drains.
 * :func:`reap`: ends (``flow.failed``, ``worker_lost``) or re-queues the runs
-  whose worker was lost; :func:`request_cancel`: cancel a run from any process.
+  whose worker was lost; :func:`request_cancel`: cancel a run from any process;
+  :func:`listen_for_cancels`: honour it where a serve node executes its runs.
+* :class:`NodeTail` (:func:`open_node_tail`): a process's live tail, one
+  blocking ``XREAD`` feeding every locally watched run; :class:`RemoteRun`
+  (:func:`open_remote_run`): a :class:`~trioflow.handle.RunHandle` of a run
+  executed by any process.
 
 A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 ``history_store=store.history_factory()``::
@@ -30,6 +35,7 @@ A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 """
 
 from trioflow.history import Fenced
+from trioflow.redis._cancel import listen_for_cancels
 from trioflow.redis._client import (
     EVICTING_POLICY_WARNING,
     check_eviction_policy,
@@ -45,11 +51,20 @@ from trioflow.redis._history import (
 from trioflow.redis._keys import Keys
 from trioflow.redis._queue import QUEUE_GROUP, submit
 from trioflow.redis._reaper import WORKER_LOST, reap, request_cancel
+from trioflow.redis._remote import RemoteRun, open_remote_run
 from trioflow.redis._store import RedisRunStore, RunRecord, new_run_id
+from trioflow.redis._tail import (
+    DEFAULT_RECONNECT,
+    NodeTail,
+    RunFeed,
+    TailStatistics,
+    open_node_tail,
+)
 from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
 __all__ = [
     "APPEND_SCRIPT",
+    "DEFAULT_RECONNECT",
     "DEFAULT_RETRY",
     "EVICTING_POLICY_WARNING",
     "HANDED_BACK",
@@ -57,15 +72,22 @@ __all__ = [
     "WORKER_LOST",
     "Fenced",
     "Keys",
+    "NodeTail",
     "RedisHistory",
     "RedisHistoryStatistics",
     "RedisRunStore",
+    "RemoteRun",
+    "RunFeed",
     "RunRecord",
+    "TailStatistics",
     "Worker",
     "WorkerStatistics",
     "check_eviction_policy",
+    "listen_for_cancels",
     "new_run_id",
+    "open_node_tail",
     "open_redis",
+    "open_remote_run",
     "open_worker",
     "reap",
     "redis_client",

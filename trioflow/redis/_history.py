@@ -354,6 +354,15 @@ class RedisHistory:
             raise HistoryExpired(after, events[0].seq if events else self._last_seq + 1)
         return events
 
+    def _follow(self, seq: int) -> None:
+        """A read-only history of a run written elsewhere: the stream now holds events up to ``seq``."""
+        if self._state is not _State.READ_ONLY:
+            raise trio.ClosedResourceError(
+                f"the history of run {self.run_id} is {self._state.value}"
+            )
+        if seq > self._last_seq:
+            self._last_seq = self._written_seq = seq
+
     # -- writing behind --------------------------------------------------------------
 
     def statistics(self) -> RedisHistoryStatistics:

@@ -11,7 +11,12 @@ With the default prefix ``trioflow``:
   ``run`` = the run id each), read by the consumer group ``workers``;
 * ``trioflow:leases``: a sorted set, each running run's id scored by the
   Redis time its lease lapses (kept up by its worker's heartbeat);
-* ``trioflow:cancel``: the pub/sub channel of cancel requests.
+* ``trioflow:node:<node_id>:wake``: a stream of one serve node's own, short
+  (``MAXLEN ~ 16``, a 1 h TTL): written to wake the node's blocking tail read
+  when the set of runs it follows changes (:class:`~trioflow.redis.NodeTail`);
+* ``trioflow:cancel``: the pub/sub channel of cancel requests
+  (:func:`~trioflow.redis.request_cancel`; the durable marker is the
+  ``cancel_reason``/``cancel_mode`` fields of the run's record).
 
 The braces are a hash tag: both keys of one run live in the same Redis
 Cluster slot, so the append script, which touches both, is cluster-safe.
@@ -54,6 +59,10 @@ class Keys:
     def leases(self) -> str:
         """The sorted set of running runs, scored by when their lease lapses (Redis time)."""
         return f"{self.prefix}:leases"
+
+    def node_wake(self, node_id: str) -> str:
+        """The stream that wakes node ``node_id``'s blocking tail read."""
+        return f"{self.prefix}:node:{node_id}:wake"
 
     @property
     def cancel_channel(self) -> str:

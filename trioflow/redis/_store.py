@@ -89,6 +89,9 @@ class RunRecord:
     """What the run was started with (read-only): task, model, metadata, ..."""
     created_at: float
     updated_at: float
+    cancel: Mapping[str, Any] | None = None
+    """The cancel request on the run (:func:`~trioflow.redis.request_cancel`):
+    ``reason`` and ``mode``; ``None`` while nobody asked."""
 
     @classmethod
     def _from_hash(cls, fields: Mapping[bytes, bytes]) -> RunRecord:
@@ -106,7 +109,15 @@ class RunRecord:
             request=freeze_data(json.loads(text("request"))),
             created_at=float(text("created_at")),
             updated_at=float(text("updated_at")),
+            cancel=_cancel_marker(fields.get(b"cancel_reason"), fields.get(b"cancel_mode")),
         )
+
+
+def _cancel_marker(reason: bytes | None, mode: bytes | None) -> Mapping[str, Any] | None:
+    """The cancel marker of a record (its ``cancel_reason`` and ``cancel_mode`` fields), or ``None``."""
+    if reason is None:
+        return None
+    return freeze_data({"reason": reason.decode(), "mode": (mode or b"immediate").decode()})
 
 
 class RedisRunStore:

@@ -35,9 +35,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 import trio
 from starlette.applications import Starlette
@@ -59,6 +59,11 @@ from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
 from trioflow.web._ws import run_socket, socket
 
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+    from trioflow.redis import RedisRunStore
+
 __all__ = ["MetricsRenderer", "access_policy", "create_app", "direct_writes", "hub_of"]
 
 MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
@@ -74,6 +79,21 @@ _log = logging.getLogger("trioflow.web")
 
 def _hub(request: Request) -> RunHub:
     return cast("RunHub", request.app.state.trioflow)
+
+
+_Conn = TypeVar("_Conn", "Request", "WebSocket")
+
+
+def _resolving(endpoint: Callable[[_Conn], Awaitable[Any]]) -> Callable[[_Conn], Awaitable[Any]]:
+    """``endpoint`` about one run, after :meth:`RunHub.resolve` looked the run up in the store."""
+
+    async def resolved(conn: _Conn) -> Any:
+        await cast("RunHub", conn.app.state.trioflow).resolve(conn.path_params["run_id"])
+        return await endpoint(conn)
+
+    resolved.__name__ = endpoint.__name__
+    resolved.__doc__ = endpoint.__doc__
+    return resolved
 
 
 def hub_of(app: Starlette) -> RunHub:
@@ -249,7 +269,8 @@ async def list_runs(request: Request) -> Response:
                     "invalid_status",
                     f"unknown status {name!r}; use {', '.join(s.value for s in RunStatus)}",
                 ) from None
-    runs = [_view(request, run) for run in hub.runs() if wanted is None or run.status in wanted]
+    listed = await hub.list_runs()
+    runs = [_view(request, run) for run in listed if wanted is None or run.status in wanted]
     return JSONResponse({"runs": runs, "count": len(runs)})
 
 
@@ -400,6 +421,7 @@ def create_app(
     agent: Agent | AgentFactory | None = None,
     config: WebConfig | None = None,
     metrics: MetricsRenderer | None = None,
+    store: RedisRunStore | None = None,
 ) -> Starlette:
     """Make the ASGI application serving ``executor``'s runs.
 
@@ -420,26 +442,39 @@ def create_app(
             (called on every request, so keep it quick); ``None``: no
             ``/metrics`` endpoint (``404``). The endpoint is not public: with
             a token it needs ``Authorization: Bearer <token>``, like ``/runs``.
+        store: serve every run of this Redis store, not only the executor's
+            (:doc:`/howto/deploy`): ``GET /runs`` lists the store's runs, and
+            the routes about one run serve a run executed by any process (a
+            :class:`~trioflow.redis.RemoteRun`, followed through the node's
+            tail); ``404`` only when the store has no such run. The executor
+            must keep its runs there (``history_store=store.history_factory()``,
+            ``run_ids=new_run_id``). Event streams then go through the
+            application rather than straight to the socket. A multiplexed
+            ``/ws`` ``resume`` finds a run of another process once this node
+            has looked it up (``GET /runs``, ``GET /runs/{id}``).
+
+    Raises:
+        ValueError: a ``store`` with an executor that does not write to it.
 
     Returns:
         A Starlette application; ``app.state.trioflow`` is its
         :class:`~trioflow.web._runs.RunHub`.
     """
     config = config or WebConfig()
-    hub = RunHub(executor, agent, config)
+    hub = RunHub(executor, agent, config, store=store)
     routes: list[BaseRoute] = [
         Route("/", page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/runs", runs, methods=["GET", "POST"], name="runs"),
-        Route("/runs/{run_id}", get_run, methods=["GET"], name="run"),
-        Route("/runs/{run_id}/approvals", list_approvals, methods=["GET"]),
+        Route("/runs/{run_id}", _resolving(get_run), methods=["GET"], name="run"),
+        Route("/runs/{run_id}/approvals", _resolving(list_approvals), methods=["GET"]),
         Route("/threads", threads, methods=["GET", "POST"], name="threads"),
         Route("/threads/{thread_id}", get_thread, methods=["GET"], name="thread"),
         Route("/threads/{thread_id}/runs", thread_runs, methods=["POST"]),
-        Route("/runs/{run_id}/approvals/{call_id}", decide_approval, methods=["POST"]),
-        Route("/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
-        Route("/runs/{run_id}/events", run_events, methods=["GET"], name="run_events"),
-        WebSocketRoute("/runs/{run_id}/ws", run_socket, name="run_socket"),
+        Route("/runs/{run_id}/approvals/{call_id}", _resolving(decide_approval), methods=["POST"]),
+        Route("/runs/{run_id}/cancel", _resolving(cancel_run), methods=["POST"]),
+        Route("/runs/{run_id}/events", _resolving(run_events), methods=["GET"], name="run_events"),
+        WebSocketRoute("/runs/{run_id}/ws", _resolving(run_socket), name="run_socket"),
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),
     ]
@@ -478,13 +513,15 @@ def access_policy(app: Starlette) -> AccessPolicy:
 def direct_writes(app: Starlette) -> bool:
     """Whether event streams of ``app`` may write straight to the socket.
 
-    True when its :class:`~trioflow.web.WebConfig` allows it and no ASGI
-    middleware was added after :func:`create_app` (middleware wrapping
-    ``send`` must see every body it wraps).
+    True when its :class:`~trioflow.web.WebConfig` allows it, the app
+    serves no Redis store (a run is looked up there first, which the direct
+    path cannot await) and no ASGI middleware was added after
+    :func:`create_app` (middleware wrapping ``send`` must see every body it
+    wraps).
 
     Raises:
         TypeError: ``app`` was not made by :func:`create_app`.
     """
     hub = hub_of(app)
     own = getattr(app.state, "trioflow_middleware", None)
-    return hub.config.direct_writes and own == tuple(app.user_middleware)
+    return hub.config.direct_writes and hub.store is None and own == tuple(app.user_middleware)

@@ -12,10 +12,11 @@ The hub knows nothing of HTTP framing: transports (``sse``, ``ws``) call it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import trio
@@ -33,7 +34,14 @@ from trioflow.web._errors import ApiError
 
 if TYPE_CHECKING:
     from trioflow.recording import ReplayRun
+    from trioflow.redis import NodeTail, RedisRunStore, RemoteRun
     from trioflow.web._fanout import EventFanout
+
+_REMOTE_CACHE = 4096
+"""The most runs executed elsewhere a hub keeps handles of (least recently used out first)."""
+
+_LIST_LIMIT = 1000
+"""The most runs ``GET /runs`` lists from a store."""
 
 F = TypeVar("F")
 P = TypeVar("P")
@@ -281,6 +289,15 @@ class RunHub:
         agent: an :class:`~trioflow.Agent` for every run, an
             :data:`AgentFactory`, or ``None`` for :func:`default_agent`.
         config: the server's options.
+        store: runs kept in Redis (:class:`~trioflow.redis.RedisRunStore`):
+            the hub then also serves runs this process does not execute
+            (:meth:`resolve`, :meth:`list_runs`), through the node's tail
+            (:class:`~trioflow.redis.NodeTail`, open while the lifespan
+            runs), and honours cancel requests from other nodes for its own
+            runs (:func:`~trioflow.redis.listen_for_cancels`).
+
+    Raises:
+        ValueError: a ``store`` with an executor that does not keep its runs there.
     """
 
     def __init__(
@@ -288,9 +305,21 @@ class RunHub:
         executor: StreamingFlowExecutor,
         agent: Agent | AgentFactory | None,
         config: WebConfig,
+        *,
+        store: RedisRunStore | None = None,
     ) -> None:
+        if store is not None and executor.history_store is None:
+            raise ValueError(
+                "a server on Redis executes runs into Redis: StreamingFlowExecutor("
+                "history_store=store.history_factory(), run_ids=new_run_id)"
+            )
         self.executor = executor
         self.config = config
+        self.store = store
+        """The Redis store of runs, or ``None`` (this process's runs only)."""
+        self.tail: NodeTail | None = None
+        """The node's live tail while the lifespan runs on a store, else ``None``."""
+        self._remote: collections.OrderedDict[str, RemoteRun] = collections.OrderedDict()
         if agent is None:
             self._factory: AgentFactory = default_agent
         elif isinstance(agent, Agent):
@@ -328,18 +357,41 @@ class RunHub:
         """The ASGI lifespan: a nursery for runs while the server is up.
 
         On exit, runs still going are cancelled (each ends with
-        ``flow.cancelled``) and waited for.
+        ``flow.cancelled``) and waited for. With a store, the node's tail
+        and the cancel listener run for as long; the streams of runs
+        executed elsewhere end on exit (their clients resume on another node).
         """
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                yield
-            finally:
-                self._nursery = None
-                self._closing.set()
-                self.executor.cancel_all(CancelReason.SERVER_SHUTDOWN)
-                for replay in self._replays.values():
-                    replay.cancel(CancelReason.SERVER_SHUTDOWN)
+        async with AsyncExitStack() as stack:
+            listener = trio.CancelScope()
+            if self.store is not None:
+                from trioflow.redis import open_node_tail
+
+                self.tail = await stack.enter_async_context(open_node_tail(self.store))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.store is not None:
+                    await nursery.start(self._listen_for_cancels, listener)
+                try:
+                    yield
+                finally:
+                    self._nursery = None
+                    self._closing.set()
+                    listener.cancel()
+                    self.executor.cancel_all(CancelReason.SERVER_SHUTDOWN)
+                    for replay in self._replays.values():
+                        replay.cancel(CancelReason.SERVER_SHUTDOWN)
+                    if self.tail is not None:
+                        self.tail.close()
+            self.tail = None
+
+    async def _listen_for_cancels(
+        self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        from trioflow.redis import listen_for_cancels
+
+        assert self.store is not None
+        with scope:
+            await listen_for_cancels(self.store, self.executor, task_status=task_status)
 
     async def drain(self, grace: float) -> None:
         """Shut down gracefully: refuse new runs, cancel running ones, let streams finish.
@@ -351,6 +403,8 @@ class RunHub:
         then cancels the connections still open.
         """
         self._closing.set()
+        if self.tail is not None:
+            self.tail.close()  # streams of runs executed elsewhere end: resumed on another node
         with trio.move_on_after(grace):
             self.executor.cancel_all(CancelReason.SERVER_SHUTDOWN)
             for replay in self._replays.values():
@@ -444,6 +498,19 @@ class RunHub:
             raise ApiError(400, "invalid_request", str(exc)) from None
         if request.system is not None or request.options is not None:
             agent = agent.replace(system=request.system, options=request.options)
+        return await self._launch(agent, request, source=source, thread=thread)
+
+    async def _launch(
+        self, agent: Agent, request: RunRequest, *, source: str, thread: Thread | None
+    ) -> RunHandle:
+        """The one place a run is started: executed here, on the hub's executor.
+
+        With a store, the executor writes the run's events to Redis, so
+        every node serves it. A node that only enqueues runs for workers
+        (``trioflow serve --redis URL --workers 0``, to come) replaces this
+        function: enqueue, then return the run's
+        :class:`~trioflow.redis.RemoteRun`.
+        """
         metadata = {**(request.metadata or {}), "source": source}
         try:
             if request.model is not None:
@@ -535,7 +602,10 @@ class RunHub:
         return [*self._replays.values(), *self.executor.runs.values()]
 
     def get(self, run_id: str) -> RunHandle:
-        """The run with that id: a replay added with :meth:`add_replay`, or an executor's run.
+        """The run with that id: a replay, an executor's run, or one :meth:`resolve` found.
+
+        A replay is one added with :meth:`add_replay`; a run executed by
+        another process is found once :meth:`resolve` read it from the store.
 
         Raises:
             ApiError: ``404`` when there is no such run (or it was forgotten).
@@ -546,7 +616,84 @@ class RunHub:
         try:
             return self.executor.get_run(run_id)
         except KeyError:
+            remote = self._remote.get(run_id)
+            if remote is not None:
+                return remote
             raise ApiError(404, "run_not_found", f"no run with id {run_id!r}") from None
+
+    def _is_local(self, run_id: str) -> bool:
+        return run_id in self._replays or run_id in self.executor.runs
+
+    async def resolve(self, run_id: str) -> None:
+        """Make :meth:`get` find ``run_id`` if it is a run of the store this process does not execute.
+
+        Reads the run's record (one round trip): a handle is made, or the
+        cached one refreshed. Nothing happens without a store, or for a run
+        of this process. The routes about one run call it first.
+
+        Raises:
+            ApiError: ``503`` (``store_unavailable``) when Redis fails, or
+                before the server is up.
+        """
+        if self.store is None or self._is_local(run_id):
+            await trio.lowlevel.checkpoint()
+            return
+        remote = self._remote.get(run_id)
+        try:
+            if remote is not None:
+                await remote.refresh()
+                self._remote.move_to_end(run_id)
+                return
+            if self.tail is None:
+                raise ApiError(503, "not_ready", "the server is not up; try again")
+            from trioflow.redis import open_remote_run
+
+            self._cache(await open_remote_run(self.store, self.tail, run_id))
+        except KeyError:
+            self._remote.pop(run_id, None)
+        except ApiError:
+            raise
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+
+    def _cache(self, remote: RemoteRun) -> None:
+        self._remote[remote.run_id] = remote
+        self._remote.move_to_end(remote.run_id)
+        while len(self._remote) > _REMOTE_CACHE:
+            self._remote.popitem(last=False)
+
+    async def list_runs(self) -> list[RunHandle]:
+        """What ``GET /runs`` lists: :meth:`runs`, or with a store, the store's runs, oldest first.
+
+        From a store: the replays, then the newest runs of the store (this
+        process's own as their live handles, the others as
+        :class:`~trioflow.redis.RemoteRun`).
+
+        Raises:
+            ApiError: ``503`` (``store_unavailable``) when Redis fails.
+        """
+        if self.store is None or self.tail is None:
+            await trio.lowlevel.checkpoint()
+            return self.runs()
+        from trioflow.redis import RemoteRun
+
+        try:
+            records = await self.store.list(limit=_LIST_LIMIT)
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+        listed: list[RunHandle] = list(self._replays.values())
+        for record in reversed(records):
+            local = self.executor.runs.get(record.run_id)
+            if local is not None:
+                listed.append(local)
+                continue
+            remote = self._remote.get(record.run_id)
+            if remote is None:
+                remote = RemoteRun(self.store, self.tail, record)
+            else:
+                remote.record = record
+            listed.append(remote)
+        return listed
 
     def cancel(
         self,
@@ -728,6 +875,15 @@ class RunHub:
         self._watchers.pop(run.run_id, None)
         if disconnected and not run.done and run.on_disconnect is OnDisconnect.CANCEL:
             run.cancel(CancelReason.CLIENT_DISCONNECTED)
+
+
+def _store_unavailable(exc: Exception) -> ApiError:
+    return ApiError(
+        503,
+        "store_unavailable",
+        f"the run store (Redis) failed: {type(exc).__name__}: {exc}",
+        headers={"Retry-After": "1"},
+    )
 
 
 _DECISION_KEYS = frozenset({"decision", "reason", "input"})
