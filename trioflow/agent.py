@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -80,6 +81,7 @@ __all__ = [
     "AgentResult",
     "Emit",
     "MaxIterationsExceeded",
+    "OutputSchemaError",
     "RunControl",
     "StoppedAfterTurn",
     "TurnResult",
@@ -129,6 +131,21 @@ class StoppedAfterTurn(Exception):
         self.usage = usage
 
 
+class OutputSchemaError(ValueError):
+    """The model's final answer is not JSON matching the agent's ``output_schema``.
+
+    Attributes:
+        output: the answer as the model wrote it.
+        path: where in the answer the mismatch is (JSON Pointer style,
+            ``""`` for the whole answer or when it is not JSON at all).
+    """
+
+    def __init__(self, message: str, *, output: str, path: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+        self.path = path
+
+
 class MaxIterationsExceeded(Exception):
     """The agent used all its iterations without a final answer.
 
@@ -162,6 +179,8 @@ class AgentResult:
     """The model's stop reason for the last turn (``"end_turn"``, ...)."""
     messages: tuple[Message, ...]
     """The whole conversation."""
+    structured: Any = None
+    """With an ``output_schema``: the answer parsed as JSON and checked against it."""
 
 
 class RunControl:
@@ -253,6 +272,36 @@ class TurnResult:
     """The model's stop reason."""
 
 
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
+
+
+def _schema_validator(schema: Mapping[str, Any]) -> Any:
+    """A ``jsonschema`` validator of ``schema``.
+
+    Raises:
+        ValueError: ``schema`` is not a valid JSON Schema.
+        ImportError: ``jsonschema`` is not installed.
+    """
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - the extra is in `all`
+        raise ImportError(
+            "an output_schema needs jsonschema: pip install 'trioflow[structured]'"
+        ) from None
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(dict(schema))
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"output_schema is not a valid JSON Schema: {exc.message}") from None
+    return cls(schema)
+
+
+def _best_error(validator: Any, value: Any) -> Any:
+    import jsonschema
+
+    return jsonschema.exceptions.best_match(validator.iter_errors(value))
+
+
 def _result_text(result: Any) -> str:
     """A tool's result as the text the model reads."""
     if isinstance(result, str):
@@ -284,10 +333,18 @@ class Agent:
         options: sampling options for every turn
             (:class:`~trioflow.models.ModelOptions`: ``max_tokens``,
             ``temperature``), instead of the model's own.
+        output_schema: a JSON Schema the final answer must match: the model
+            is told to answer with JSON only (after the system prompt), the
+            answer is parsed (a fenced ````json`` block is accepted) and
+            checked, and the result's ``structured`` holds it; an answer
+            that does not match raises :exc:`OutputSchemaError` (a run ends
+            ``flow.failed``). Needs ``jsonschema`` (the ``structured`` extra).
 
     Raises:
-        ValueError: ``max_iterations`` is below 1, two tools share a name, or
-            ``approval_timeout`` is not a positive number.
+        ValueError: ``max_iterations`` is below 1, two tools share a name,
+            ``approval_timeout`` is not a positive number, or
+            ``output_schema`` is not a valid JSON Schema.
+        ImportError: ``output_schema`` is given and ``jsonschema`` is not installed.
     """
 
     def __init__(
@@ -301,6 +358,7 @@ class Agent:
         approval: Callable[[ToolCall], bool] | None = None,
         approval_timeout: float | None = None,
         options: ModelOptions | None = None,
+        output_schema: Mapping[str, Any] | None = None,
     ) -> None:
         if approval_timeout is not None and not (
             isinstance(approval_timeout, (int, float)) and 0 < approval_timeout < math.inf
@@ -324,6 +382,8 @@ class Agent:
         self.approval = approval
         self.approval_timeout = approval_timeout
         self.options = options
+        self.output_schema = output_schema
+        self._validator = None if output_schema is None else _schema_validator(output_schema)
 
     def replace(
         self,
@@ -345,9 +405,22 @@ class Agent:
             approval=self.approval,
             approval_timeout=self.approval_timeout,
             options=options if options is not None else self.options,
+            output_schema=self.output_schema,
         )
         copy.tools = self.tools
         return copy
+
+    @property
+    def instructions(self) -> str | None:
+        """The system prompt the model gets: :attr:`system`, and the answer's schema if there is one."""
+        if self.output_schema is None:
+            return self.system
+        schema = json.dumps(self.output_schema, ensure_ascii=False, sort_keys=True)
+        ask = (
+            "Give your final answer as a single JSON value and nothing else (no prose, no "
+            f"code fence), matching this JSON Schema: {schema}"
+        )
+        return ask if not self.system else f"{self.system}\n\n{ask}"
 
     def __repr__(self) -> str:
         return (
@@ -443,7 +516,8 @@ class Agent:
                 await self._add_tool_results(results, messages, emit)
             await self._end_iteration(n, turn, emit, progress)
             if not turn.calls:
-                return AgentResult(output, n, usage, turn.stop_reason, tuple(messages))
+                structured = None if self._validator is None else self._structured(output)
+                return AgentResult(output, n, usage, turn.stop_reason, tuple(messages), structured)
             if control._stop_after_turn is not None:
                 raise StoppedAfterTurn(control._stop_after_turn, n, output, usage)
         raise MaxIterationsExceeded(budget, output, usage)
@@ -536,9 +610,9 @@ class Agent:
         token = EventType.TOKEN_RECEIVED
         token_nowait = _token_nowait(emit)
         opened = (
-            self.model.stream(messages, tools=specs, system=self.system, options=self.options)
+            self.model.stream(messages, tools=specs, system=self.instructions, options=self.options)
             if self.options
-            else self.model.stream(messages, tools=specs, system=self.system)
+            else self.model.stream(messages, tools=specs, system=self.instructions)
         )
         async with opened as stream:
             async for event in stream:
@@ -570,6 +644,35 @@ class Agent:
         }
         await emit(EventType.STEP_COMPLETED, completed)
         return TurnResult("".join(parts), tuple(calls), end.usage, str(end.stop_reason))
+
+    def _structured(self, output: str) -> Any:
+        """``output`` parsed as JSON and checked against :attr:`output_schema`.
+
+        Raises:
+            OutputSchemaError: it is not JSON, or does not match.
+        """
+        text = output.strip()
+        fenced = _FENCE.fullmatch(text)
+        if fenced is not None:
+            text = fenced[1].strip()
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise OutputSchemaError(
+                f"the answer is not JSON (an output_schema asks for JSON): {output[:200]!r}",
+                output=output,
+            ) from None
+        assert self._validator is not None
+        error = _best_error(self._validator, value)
+        if error is not None:
+            where = "".join(f"/{p}" for p in error.absolute_path)
+            raise OutputSchemaError(
+                f"the answer does not match the output_schema at {where or 'the top'}: "
+                f"{error.message}",
+                output=output,
+                path=where,
+            )
+        return value
 
     async def _ask_approval(
         self, tool: Tool, call: ToolCall, n: int, emit: Emit, control: RunControl

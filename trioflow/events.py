@@ -163,7 +163,7 @@ class FlowStartedData(TypedDict):
 
 
 class FlowCompletedData(TypedDict):
-    """``flow.completed``."""
+    """``flow.completed``: ``structured`` is the answer as JSON, for an agent with an ``output_schema``."""
 
     output: str
     iterations: int
@@ -171,6 +171,7 @@ class FlowCompletedData(TypedDict):
     stop_reason: str
     duration: float
     percent: float
+    structured: NotRequired[Any]
 
 
 class FlowFailedData(TypedDict):

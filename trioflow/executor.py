@@ -137,6 +137,8 @@ class RunResult:
     """For a cancelled run: why (a :class:`~trioflow.handle.CancelReason`, or
     the caller's own reason given to :meth:`Run.cancel`); for a failed run
     that ran out of iterations: ``"max_iterations"``."""
+    structured: Any = None
+    """For a completed run of an agent with an ``output_schema``: the answer as JSON."""
 
     @property
     def ok(self) -> bool:
@@ -154,6 +156,7 @@ class RunResult:
             "duration": self.duration,
             "error": dict(self.error) if self.error else None,
             "reason": None if self.reason is None else str(self.reason),
+            "structured": self.structured,
         }
 
 
@@ -608,7 +611,13 @@ class Run:
         if outcome.result is not None:
             done = outcome.result
             self._result = RunResult(
-                self.run_id, outcome.status, done.output, done.iterations, done.usage, duration
+                self.run_id,
+                outcome.status,
+                done.output,
+                done.iterations,
+                done.usage,
+                duration,
+                structured=done.structured,
             )
             completed: FlowCompletedData = {
                 "output": done.output,
@@ -618,6 +627,8 @@ class Run:
                 "duration": duration,
                 "percent": percent,
             }
+            if self.agent.output_schema is not None:
+                completed["structured"] = done.structured
             return EventType.FLOW_COMPLETED, completed
         if outcome.status is RunStatus.FAILED:
             exc = outcome.error
