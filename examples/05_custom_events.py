@@ -12,7 +12,10 @@ Shows how an application puts its own events on a trioflow bus:
   catches up from the bus's history (``subscribe(after=0)``) before it
   follows live events: no event is missed, none is seen twice;
 * the agent checks the session's profit with the calculator; its run's
-  events travel on the same bus.
+  events travel on the same bus, and the calculator here is a tool that
+  emits a domain event of its own during the run (``profit.checked``,
+  through its :class:`trioflow.ToolContext`), which the desk sees like any
+  other.
 
 Run it::
 
@@ -27,11 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import trio
 
-from trioflow import Agent, EventBus, FlowEvent, StreamingFlowExecutor, open_event_bus
+from trioflow import (
+    Agent,
+    EventBus,
+    FlowEvent,
+    StreamingFlowExecutor,
+    Tool,
+    ToolContext,
+    open_event_bus,
+)
 from trioflow.builtin import calculator
 from trioflow.models import open_model
 
@@ -45,8 +56,9 @@ class TradeEvent(FlowEvent):
     PRICE_ALERT: ClassVar[str] = "price.alert"
     RISK_WARNING: ClassVar[str] = "risk.warning"
     PORTFOLIO_UPDATE: ClassVar[str] = "portfolio.update"
+    PROFIT_CHECKED: ClassVar[str] = "profit.checked"
     DOMAIN_TYPES: ClassVar[frozenset[str]] = frozenset(
-        {TRADE_EXECUTED, PRICE_ALERT, RISK_WARNING, PORTFOLIO_UPDATE}
+        {TRADE_EXECUTED, PRICE_ALERT, RISK_WARNING, PORTFOLIO_UPDATE, PROFIT_CHECKED}
     )
 
     @classmethod
@@ -91,6 +103,8 @@ def describe(event: FlowEvent) -> str:
         return f"{d['symbol']} moved {d['change_percent']:+.1f}% to {d['price']:.2f}"
     if event.type == TradeEvent.RISK_WARNING:
         return f"{d['symbol']} exposure {d['exposure']:.2f} is over the limit of {d['limit']:.2f}"
+    if event.type == TradeEvent.PROFIT_CHECKED:
+        return f"{d['expression']} = {d['result']} (by the agent's tool, call {d['call_id']})"
     return f"position {d['position']} {SYMBOL}, worth {d['value']:.2f}"
 
 
@@ -146,6 +160,24 @@ class Strategy:
             await self.bus.emit(TradeEvent.risk_warning(SYMBOL, exposure, EXPOSURE_LIMIT))
 
 
+async def _checked(ctx: ToolContext, **arguments: Any) -> Any:
+    """The calculator, and a domain event of its own in the run's stream when it has a result."""
+    result = await calculator.invoke(arguments)
+    await ctx.emit(
+        TradeEvent.PROFIT_CHECKED, {"expression": arguments.get("expression"), "result": result}
+    )
+    return result
+
+
+checked_calculator = Tool(
+    name=calculator.name,  # the name the model calls
+    description=calculator.description,
+    input_schema=calculator.input_schema,
+    function=_checked,
+    context="ctx",  # the parameter that receives the call's ToolContext
+)
+
+
 async def auditor(bus: EventBus, *, task_status: trio.TaskStatus[None]) -> None:
     """Join late, replay the history from the first event, then follow live events."""
     async with bus.subscribe(after=0, types=TradeEvent.DOMAIN_TYPES, name="auditor") as events:
@@ -185,7 +217,7 @@ async def main(pace: float) -> None:
 
         task = "What is 20 * 97 - (10 * 96.5 + 10 * 92)?"
         print(f"Asking the agent to check the profit: {task}")
-        agent = Agent(model, tools=[calculator])
+        agent = Agent(model, tools=[checked_calculator])
         result = await StreamingFlowExecutor(bus=bus).run(agent, task, timeout=60)
         print(f"  agent: {result.output}")
     # The bus is closed: the handlers are done and the auditor's iteration has ended.

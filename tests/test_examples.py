@@ -71,9 +71,10 @@ EXAMPLES: dict[str, list[str]] = {
         "risk.warning      ACME exposure 1840.00",
         "auditor joins at seq 7 and catches up from the history",
         "trade.executed    SELL 20 ACME @ 97.00",
+        "profit.checked    20 * 97 - (10 * 96.5 + 10 * 92) = 55 (by the agent's tool, call",
         "agent: 20 * 97 - (10 * 96.5 + 10 * 92) = 55.",
         "auditor: 7 events replayed from history [1, 2, 3, 4, 5, 6, 7],",
-        "3 received live [8, 9, 10]",
+        "4 received live [8, 9, 10, ",
         "Book: 3 trades, 40 shares traded, profit +55.00",
     ],
     "04_sse_streaming.py": [
