@@ -163,9 +163,19 @@ async def test_a_cancel_on_b_reaches_a_worker_and_kill_9_of_a_worker_ends_its_ru
 async def test_serve_with_one_in_process_worker_runs_a_queued_run_end_to_end(
     redis_url: str, open_sse: OpenSSE
 ) -> None:
-    with trio.fail_after(30):
+    import os
+    import secrets
+
+    notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+    name = f"trioflow-test-{os.getpid()}-{secrets.token_hex(4)}"
+    await notify.bind("\0" + name)  # systemd's NOTIFY_SOCKET, in the abstract namespace
+    env = {"NOTIFY_SOCKET": "@" + name}
+    with notify, trio.fail_after(30):
         command = ("serve", "--redis", redis_url, "--workers", "1", "--port", "0")
-        async with cli_process(*command, "--model", "scripted", ready="serving on ") as one:
+        async with cli_process(
+            *command, "--model", "scripted", ready="serving on ", env=env
+        ) as one:
+            assert await notify.recv(64) == b"READY=1"
             assert b"worker " in one.err and b"ready (concurrency 1)" in one.err
             run_id = (await post_run(one.url(), on_disconnect="continue")).json()["run_id"]
             async with open_sse(one.url(), f"/runs/{run_id}/events") as stream:
@@ -177,6 +187,7 @@ async def test_serve_with_one_in_process_worker_runs_a_queued_run_end_to_end(
                 listed = (await http.get("/runs")).json()["runs"]
             assert run_id in [run["run_id"] for run in listed]
             await stop(one)
+            assert await notify.recv(64) == b"STOPPING=1"
         assert b"draining the workers" in one.err and b"stopped" in one.err
 
 

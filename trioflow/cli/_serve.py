@@ -68,6 +68,11 @@ processes execute them (give them the same ``--allow-model``). On SIGINT or
 SIGTERM the server shuts down first, then the worker stops taking runs and
 lets its runs finish for at most ``--shutdown-timeout`` seconds before
 cancelling them (``flow.cancelled``); a second signal cancels them at once.
+
+Under systemd (``Type=notify``), the server tells the service manager
+``READY=1`` once it listens (and its workers are ready) and ``STOPPING=1``
+when a graceful shutdown begins, as :func:`trioflow.cli._worker.notify`
+does for ``trioflow worker``.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ from trioflow.cli._common import (
     watch_signals,
 )
 from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.cli._worker import notify
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import ModelError, open_model
 from trioflow.recording import RecordingError, ReplayRun, empty_recording, start_replay
@@ -352,6 +358,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
 
                 def shut_down(signum: int) -> None:
                     print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
+                    notify("STOPPING=1")
                     stop.set()
 
                 def stop_at_once(signum: int) -> None:
@@ -393,6 +400,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                             file=err,
                             flush=True,
                         )
+                    notify("READY=1")
                     await served.wait()
                     # Leaving the stack drains the in-process workers (bounded).
                 nursery.cancel_scope.cancel()  # stop watching signals
