@@ -845,3 +845,75 @@ def redis_aof_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
     server.start()
     yield server
     server.stop()
+
+
+# -- real trioflow processes -------------------------------------------------------------------
+
+
+class CliProcess:
+    """A ``python -m trioflow ...`` process, its standard error collected as it comes."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.err = b""
+        self._more = trio.Event()
+
+    async def _collect(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.err += chunk
+            self._more.set()
+            self._more = trio.Event()
+        self._more.set()
+
+    async def wait_for(self, text: str) -> None:
+        """Return once ``text`` was written on standard error (AssertionError if it exits first)."""
+        while text.encode() not in self.err:
+            if self.process.returncode is not None and self.process.stderr is None:
+                raise AssertionError(self.err.decode())
+            await self._more.wait()
+
+    def url(self) -> str:
+        """The first URL a ``trioflow serve`` process printed (``serving on URL``)."""
+        import re
+
+        found = re.search(rb"serving on (http\S+?)[,; ]", self.err)
+        assert found is not None, self.err.decode()
+        return found.group(1).decode()
+
+
+@asynccontextmanager
+async def cli_process(
+    *args: str, ready: str, env: dict[str, str] | None = None
+) -> AsyncIterator[CliProcess]:
+    """``python -m trioflow *args`` (in :data:`CLI_ENV`), once its standard error said ``ready``.
+
+    Killed (``SIGKILL``) on leaving the block if it is still running.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import trioflow
+
+    root = str(Path(trioflow.__file__).parent.parent)  # this checkout, whatever is installed
+    path = os.pathsep.join([root, CLI_ENV.get("PYTHONPATH", "")])
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trioflow", *args],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env={**CLI_ENV, "PYTHONPATH": path, **(env or {})},
+    )
+    cli = CliProcess(process)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cli._collect)
+            await cli.wait_for(ready)
+            yield cli
+            nursery.cancel_scope.cancel()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()

@@ -14,14 +14,23 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 import trio
-from conftest import WebServer, http_client, start_run, talker, until_terminal
+from conftest import (
+    WebServer,
+    http_client,
+    post_run,
+    receive,
+    send,
+    start_run,
+    talker,
+    until_terminal,
+)
 
 import trioflow
 from trioflow import StreamingFlowExecutor
 
 pytest.importorskip("coredis")
 
-from trioflow.redis import RedisRunStore, new_run_id, open_redis
+from trioflow.redis import RedisRunStore, RemoteRun, new_run_id, open_redis, open_worker
 from trioflow.web import WebConfig, create_app, serve
 from trioflow.web._app import direct_writes
 
@@ -33,9 +42,16 @@ if TYPE_CHECKING:
 
 
 async def start_node(
-    nursery: trio.Nursery, redis_url: str, agent: AgentFactory | None = None, port: int = 0
+    nursery: trio.Nursery,
+    redis_url: str,
+    agent: AgentFactory | None = None,
+    port: int = 0,
+    *,
+    enqueue: bool = False,
+    allowed_models: tuple[str, ...] = (),
 ) -> WebServer:
-    """A serve node on ``redis_url`` in ``nursery``, on 127.0.0.1 (``port``, else ephemeral)."""
+    """A serve node on ``redis_url`` in ``nursery``, on 127.0.0.1 (``port``, else ephemeral);
+    ``enqueue``: it queues the runs it starts for workers."""
     stop, stopped = trio.Event(), trio.Event()
     made: list[tuple[StreamingFlowExecutor, Starlette, WebConfig]] = []
 
@@ -46,9 +62,13 @@ async def start_node(
                 executor = StreamingFlowExecutor(
                     history_store=store.history_factory(flush_interval=0.005), run_ids=new_run_id
                 )
-                config = WebConfig(port=port)
+                config = WebConfig(port=port, allowed_models=allowed_models)
                 app = create_app(
-                    executor, agent=agent or talker(40, pace=100), config=config, store=store
+                    executor,
+                    agent=agent or talker(40, pace=100),
+                    config=config,
+                    store=store,
+                    enqueue=enqueue,
                 )
                 made.append((executor, app, config))
                 await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
@@ -210,6 +230,57 @@ async def test_a_redis_restart_mid_stream_reaches_the_sse_client_on_b_once(
         local = a.hub.executor.get_run(run_id)
         assert (await local.wait()).status == "completed"
         assert seen[-1] == local.last_seq
+
+
+async def test_a_ws_resume_on_b_finds_a_run_b_never_looked_up(
+    redis_url: str, nursery: trio.Nursery, open_ws: OpenWS
+) -> None:
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url)
+        b = await start_node(nursery, redis_url)
+        run_id = await start_run(a.url)
+        await a.hub.executor.get_run(run_id).wait()
+        async with open_ws(f"{b.ws_url}/ws") as socket:
+            await send(socket, {"action": "resume", "run_id": run_id, "after": 3})
+            frames = [f for f in await until_terminal(socket, run_id) if "id" in f]
+            assert [f["id"] for f in frames] == list(range(4, len(frames) + 4))
+            assert frames[-1]["type"] == "flow.completed"
+            await send(socket, {"action": "cancel", "run_id": "run_nope"})
+            error = await receive(socket)
+            assert error["type"] == "error" and error["code"] == "run_not_found"
+
+
+async def test_an_enqueuing_node_queues_http_and_ws_runs_for_a_worker_with_their_options(
+    redis_url: str, nursery: trio.Nursery, open_ws: OpenWS
+) -> None:
+    from trioflow.demo import default_agent_factory
+
+    with trio.fail_after(30):
+        node = await start_node(
+            nursery, redis_url, default_agent_factory(), enqueue=True, allowed_models=("scripted",)
+        )
+        assert node.hub.enqueue
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            async with open_worker(store, allowed_models=(), reap_interval=None, name="solo"):
+                created = await post_run(node.url, metadata={"k": 1}, system="Terse.")
+                run_id = created.json()["run_id"]
+                assert isinstance(node.hub.get(run_id), RemoteRun)
+                async with open_ws(f"{node.ws_url}/ws") as socket:
+                    await send(socket, {"action": "resume", "run_id": run_id, "after": 0})
+                    frames = [f for f in await until_terminal(socket, run_id) if "id" in f]
+                    started = frames[0]["data"]
+                    assert started["metadata"] == {
+                        "k": 1, "source": "http", "worker": "solo", "attempt": 1
+                    }  # fmt: skip
+                    assert frames[-1]["type"] == "flow.completed"
+                    # The node allows the model, this worker does not: the run ends failed.
+                    await send(socket, {"action": "start", "task": "2+2?", "model": "scripted"})
+                    frames = await until_terminal(socket)
+                    assert frames[0]["type"] == "accepted"
+                    assert frames[-1]["type"] == "flow.failed"
+                    assert "does not run model 'scripted'" in str(frames[-1]["data"]["error"])
+                    assert (await store.get(frames[0]["run_id"])).request["source"] == "ws"
 
 
 # -- real processes ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import RedisServer, talker
+from tests.conftest import CliProcess, RedisServer, cli_process, talker
 from trioflow import FlowEvent
 from trioflow.events import TERMINAL_TYPES
 from trioflow.handle import RunStatus
@@ -258,58 +258,14 @@ async def test_the_reaper_ends_a_run_whose_lease_lapsed_or_requeues_it_when_allo
 # -- real worker processes ------------------------------------------------------------------
 
 
-class WorkerProcess:
-    """A ``python -m trioflow worker`` process, its standard error collected as it comes."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.err = b""
-        self._more = trio.Event()
-
-    async def _collect(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.err += chunk
-            self._more.set()
-            self._more = trio.Event()
-        self._more.set()
-
-    async def wait_for(self, text: str) -> None:
-        while text.encode() not in self.err:
-            if self.process.returncode is not None and self.process.stderr is None:
-                raise AssertionError(self.err.decode())
-            await self._more.wait()
-
-
 @asynccontextmanager
 async def worker_process(
     url: str, *args: str, env: dict[str, str] | None = None
-) -> AsyncIterator[WorkerProcess]:
+) -> AsyncIterator[CliProcess]:
     """A worker process on ``url`` (the scripted model), once it said it is ready; killed after."""
-    import subprocess
-    import sys
-
-    from tests.conftest import CLI_ENV
-
-    command = [sys.executable, "-m", "trioflow", "worker", "--redis", url, "--model", "scripted"]
-    process = await trio.lowlevel.open_process(
-        [*command, *args],
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        env={**CLI_ENV, **(env or {})},
-    )
-    worker = WorkerProcess(process)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker._collect)
-            await worker.wait_for(" ready on ")
-            yield worker
-            nursery.cancel_scope.cancel()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
+    command = ("worker", "--redis", url, "--model", "scripted", *args)
+    async with cli_process(*command, ready=" ready on ", env=env) as worker:
+        yield worker
 
 
 FAST = ("--lease", "2", "--heartbeat", "0.5")

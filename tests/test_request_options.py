@@ -147,3 +147,39 @@ def test_model_options_are_checked() -> None:
         ModelOptions(max_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         ModelOptions(temperature=-0.1)
+
+
+def test_a_request_round_trips_through_its_json() -> None:
+    from trioflow.web import RunRequest
+
+    full = RunRequest.parse(
+        {
+            "task": "hi",
+            "timeout": 5,
+            "max_iterations": 2,
+            "on_disconnect": "cancel",
+            "model": "scripted",
+            "system": "Be brief.",
+            "max_tokens": 9,
+            "temperature": 0.5,
+            "metadata": {"k": [1]},
+        }
+    )
+    assert RunRequest.parse(full.to_json()) == full
+    assert RunRequest("hi").to_json() == {"task": "hi"}
+
+
+async def test_request_agent_is_the_one_rule_of_server_and_worker() -> None:
+    from trioflow.demo import default_agent_factory
+    from trioflow.web import ModelNotAllowed, RunRequest, open_request_agent, request_agent
+
+    factory = default_agent_factory()
+    plain = request_agent(factory, RunRequest("hi", system="Terse.", max_tokens=7))
+    assert plain.system == "Terse." and plain.options == ModelOptions(7, None)
+    with pytest.raises(ModelNotAllowed, match="does not run model 'scripted'") as caught:
+        request_agent(factory, RunRequest("hi", model="scripted"), ("claude-x",))
+    assert isinstance(caught.value, ValueError) and caught.value.allowed == ("claude-x",)
+    async with open_request_agent(
+        factory, RunRequest("hi", model="scripted"), ("scripted",)
+    ) as agent:
+        assert agent.model.name == "scripted"

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_WARNINGS",
     "TOKEN_ENV",
     "UsageError",
+    "add_allow_model_option",
     "add_max_gap_option",
     "add_model_option",
     "add_output_options",
@@ -138,6 +139,22 @@ def add_model_option(
         "model NAME of OpenAI or of the OpenAI-compatible server at $TRIOFLOW_OPENAI_BASE_URL "
         f"(key: $OPENAI_API_KEY); default: {where}{default_model_name()!r} "
         "(Claude when ANTHROPIC_API_KEY is set)",
+    )
+
+
+def add_allow_model_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--allow-model MODEL`` (repeatable, into ``allow_model``): the models a request may name.
+
+    ``trioflow serve`` and ``trioflow worker`` take it alike: a worker runs
+    the requests its serve nodes accepted, so both allow the same models.
+    """
+    parser.add_argument(
+        "--allow-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="let a request's 'model' name MODEL (as --model takes it: claude-..., "
+        "openai:NAME, scripted); repeatable. Without it every run uses --model",
     )
 
 

@@ -4,7 +4,7 @@
 ``[--allowed-host HOST ...] [--allow-model MODEL ...] [--timeout S] [--write-timeout S]``
 ``[--shutdown-timeout S]``
 ``[--max-connections N] [--certfile PEM --keyfile PEM] [--metrics] [--replay FILE [--speed X]]``
-``[--redis URL]`` serves until SIGINT or SIGTERM,
+``[--redis URL [--workers N]]`` serves until SIGINT or SIGTERM,
 then shuts down gracefully: running runs end with ``flow.cancelled``, streams
 deliver it and close, and after ``--shutdown-timeout`` seconds (10) every
 connection still open is closed by force. A second signal stops at once
@@ -55,6 +55,24 @@ events and records in Redis, and it serves every run of that Redis, whichever
 process executes it (``GET /runs`` lists them; ``404`` only for a run Redis
 does not hold); a cancel request reaches the process executing the run. The
 URL is checked at start-up (unreachable: exit status 1).
+
+``--workers N`` (with ``--redis`` only; exit status 2 otherwise) makes the
+node queue the runs it starts (``POST /runs``, a ``/ws`` ``start``;
+:func:`trioflow.redis.submit`) instead of executing them, and serve each
+from Redis like any other process's run; a thread's runs are still executed
+here. With ``N`` >= 1 the process also runs a worker
+(:func:`trioflow.redis.open_worker`) executing at most ``N`` queued runs at
+once, with the same model, ``--allow-model`` list, ``--max-iterations`` and
+``--timeout`` as the node; with ``0``, separate ``trioflow worker``
+processes execute them (give them the same ``--allow-model``). On SIGINT or
+SIGTERM the server shuts down first, then the worker stops taking runs and
+lets its runs finish for at most ``--shutdown-timeout`` seconds before
+cancelling them (``flow.cancelled``); a second signal cancels them at once.
+
+Under systemd (``Type=notify``), the server tells the service manager
+``READY=1`` once it listens (and its workers are ready) and ``STOPPING=1``
+when a graceful shutdown begins, as :func:`trioflow.cli._worker.notify`
+does for ``trioflow worker``.
 """
 
 from __future__ import annotations
@@ -63,7 +81,8 @@ import argparse
 import functools
 import logging
 import sys
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -72,11 +91,13 @@ import trio
 from trioflow._util import collapse_single_group
 from trioflow.cli._common import (
     TOKEN_ENV,
+    add_allow_model_option,
     add_max_gap_option,
     add_model_option,
     add_pace_option,
     add_timeout_option,
     at_least_one,
+    non_negative_int,
     playback_speed,
     port,
     positive_float,
@@ -84,6 +105,7 @@ from trioflow.cli._common import (
     watch_signals,
 )
 from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from trioflow.cli._worker import notify
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import ModelError, open_model
 from trioflow.recording import RecordingError, ReplayRun, empty_recording, start_replay
@@ -91,9 +113,10 @@ from trioflow.settings import Settings, check_token
 
 if TYPE_CHECKING:
     from trioflow.bus import EventBus
-    from trioflow.redis import RedisRunStore
+    from trioflow.redis import RedisRunStore, Worker
     from trioflow.web._app import MetricsRenderer
     from trioflow.web._config import WebConfig
+    from trioflow.web._runs import AgentFactory
 
 __all__ = ["DEFAULT_RUN_TIMEOUT", "HELP", "add_arguments", "main"]
 
@@ -134,14 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}, if set); "
         "8 to 4096 printable ASCII characters without white space, from either source",
     )
-    parser.add_argument(
-        "--allow-model",
-        action="append",
-        default=[],
-        metavar="MODEL",
-        help="let a request's 'model' name MODEL (as --model takes it: claude-..., "
-        "openai:NAME, scripted); repeatable. Without it every run uses --model",
-    )
+    add_allow_model_option(parser)
     parser.add_argument(
         "--allowed-host",
         action="append",
@@ -238,6 +254,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep runs in this Redis and serve every run it holds "
         "(redis://host:port/db or unix:///path; needs trioflow[redis])",
     )
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="with --redis: queue the runs started here for workers, and run N of them in "
+        "this process (0: only separate 'trioflow worker' processes execute them). "
+        "Without it, this process executes the runs it starts",
+    )
 
 
 def _history_for(path: str) -> int:
@@ -303,14 +328,17 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
             )
         else:
             executor = StreamingFlowExecutor(bus=bus, timeout=args.timeout or None)
+        factory = agent_factory(model, max_iterations=args.max_iterations)
         app = create_app(
             executor,
-            agent=agent_factory(model, max_iterations=args.max_iterations),
+            agent=factory,
             config=config,
             metrics=metrics,
             store=store,
+            enqueue=args.workers is not None,
         )
         stop = trio.Event()
+        served = trio.Event()
 
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
@@ -330,6 +358,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
 
                 def shut_down(signum: int) -> None:
                     print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
+                    notify("STOPPING=1")
                     stop.set()
 
                 def stop_at_once(signum: int) -> None:
@@ -342,30 +371,74 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                     try:
                         await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
                     finally:
-                        nursery.cancel_scope.cancel()
+                        served.set()
 
-                urls = await nursery.start(run_server)
-                hint = (
-                    " (token required: open /?token=<token> in a browser)" if config.token else ""
-                )
-                extra = f"; metrics on {urls[0]}/metrics" if metrics is not None else ""
-                if store is not None:
-                    extra += f"; runs on Redis ({store.owner})"
-                print(
-                    f"trioflow: serving on {', '.join(urls)} with the {model.name} model{hint}"
-                    f"{extra}; Ctrl-C to stop",
-                    file=err,
-                    flush=True,
-                )
-                if replay is not None:
+                async with AsyncExitStack() as workers:
+                    if args.workers:
+                        await workers.enter_async_context(_open_workers(args, config, factory, err))
+                    urls = await nursery.start(run_server)
+                    hint = (
+                        " (token required: open /?token=<token> in a browser)"
+                        if config.token
+                        else ""
+                    )
+                    extra = f"; metrics on {urls[0]}/metrics" if metrics is not None else ""
+                    if store is not None:
+                        extra += f"; runs on Redis ({store.owner})"
+                    if args.workers is not None:
+                        extra += f"; runs queued for workers ({args.workers} in this process)"
                     print(
-                        f"trioflow: replaying {args.replay} as run {replay.run_id}: "
-                        f"{urls[0]}/runs/{replay.run_id}/events",
+                        f"trioflow: serving on {', '.join(urls)} with the {model.name} model"
+                        f"{hint}{extra}; Ctrl-C to stop",
                         file=err,
                         flush=True,
                     )
+                    if replay is not None:
+                        print(
+                            f"trioflow: replaying {args.replay} as run {replay.run_id}: "
+                            f"{urls[0]}/runs/{replay.run_id}/events",
+                            file=err,
+                            flush=True,
+                        )
+                    notify("READY=1")
+                    await served.wait()
+                    # Leaving the stack drains the in-process workers (bounded).
+                nursery.cancel_scope.cancel()  # stop watching signals
         print("trioflow: stopped", file=err, flush=True)
         return EXIT_OK
+
+
+@asynccontextmanager
+async def _open_workers(
+    args: argparse.Namespace, config: WebConfig, factory: AgentFactory, err: IO[str]
+) -> AsyncIterator[Worker]:
+    """``--workers N``: one :class:`~trioflow.redis.Worker` of concurrency N in this process.
+
+    Its own Redis client (its blocking queue reads take no connection from
+    the node's pool). On leaving, it stops taking runs and lets its runs
+    finish for at most ``--shutdown-timeout`` seconds, then cancels them
+    (``flow.cancelled``); a second signal cancels them at once.
+    """
+    from trioflow.redis import open_worker
+
+    async with open_worker(
+        args.redis,
+        agent_factory=factory,
+        allowed_models=config.allowed_models,
+        concurrency=args.workers,
+        drain="finish",
+        drain_timeout=config.shutdown_timeout,
+        run_timeout=args.timeout or None,
+    ) as worker:
+        print(
+            f"trioflow: worker {worker.name} ready (concurrency {args.workers})",
+            file=err,
+            flush=True,
+        )
+        try:
+            yield worker
+        finally:
+            print("trioflow: draining the workers", file=err, flush=True)
 
 
 def _token(flag: str | None) -> str | None:
@@ -385,6 +458,9 @@ def main(args: argparse.Namespace) -> int:
     """Run ``trioflow serve`` with parsed ``args``; return the exit status."""
     from trioflow.web._config import WebConfig
 
+    if args.workers is not None and args.redis is None:
+        print("trioflow serve: --workers needs --redis (runs are queued in Redis)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         token = _token(args.token)
         config = WebConfig(

@@ -2,9 +2,11 @@
 
 ``trioflow worker --redis URL [--concurrency N] [--lease S] [--heartbeat S]``
 ``[--drain finish|handback] [--drain-timeout S] [--name NAME] [--model ...] [--pace X]``
-``[--timeout S] [--max-iterations N]`` takes runs off the work queue
+``[--allow-model MODEL ...] [--timeout S] [--max-iterations N]`` takes runs off the work queue
 (:func:`trioflow.redis.submit`) and runs them with the demo agent on
-``--model``, at most ``--concurrency`` at once, each under a lease it renews
+``--model`` (or the model a request names, when ``--allow-model`` names it:
+give the workers the serve nodes' list; the request's ``system``,
+``max_tokens`` and ``temperature`` apply as on a node), at most ``--concurrency`` at once, each under a lease it renews
 every ``--heartbeat`` seconds; it also reaps the runs of lost workers (see
 :func:`trioflow.redis.open_worker`). Once ready it writes one line on
 standard error: ``trioflow: worker NAME ready ...``.
@@ -37,6 +39,7 @@ import trio
 
 from trioflow._util import collapse_single_group
 from trioflow.cli._common import (
+    add_allow_model_option,
     add_model_option,
     add_pace_option,
     add_timeout_option,
@@ -96,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", default=None, help="the worker's name (default: host:pid)")
     add_model_option(parser, settings, env_in_help=False)
+    add_allow_model_option(parser)
     add_pace_option(parser)
     add_timeout_option(parser, settings, default=900.0)
     parser.add_argument(
@@ -147,6 +151,7 @@ async def _work(args: argparse.Namespace, err: IO[str]) -> int:
                 async with open_worker(
                     args.redis,
                     agent_factory=default_agent_factory(model, max_iterations=args.max_iterations),
+                    allowed_models=args.allow_model,
                     concurrency=args.concurrency,
                     lease=args.lease,
                     heartbeat=args.heartbeat,

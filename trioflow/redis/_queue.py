@@ -33,6 +33,10 @@ QUEUE_GROUP = "workers"
 _RETRY_FIELD = "max_attempts"
 """The member of a submitted request that is the run's retry policy (not a RunRequest field)."""
 
+_SOURCE_FIELD = "source"
+"""The member of a submitted request naming where it came from (``"http"``, ``"ws"``): the
+run's ``metadata["source"]`` (not a RunRequest field)."""
+
 _SUBMIT_SCRIPT = (
     _CREATE_SCRIPT.removesuffix("return 1\n")
     + """
@@ -138,7 +142,8 @@ def _text(value: object) -> str:
 def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     """A submitted request as a :class:`~trioflow.web.RunRequest`, and its ``max_attempts``.
 
-    ``max_attempts`` is 1 unless the request gives it.
+    ``max_attempts`` is 1 unless the request gives it; a ``source`` member
+    (a string: where the request came from) is accepted and left to the caller.
 
     Raises:
         ValueError: not a valid ``POST /runs`` body, or ``max_attempts`` is not an int >= 1.
@@ -148,7 +153,11 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     attempts = request.get(_RETRY_FIELD, 1)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise ValueError(f"{_RETRY_FIELD} must be an integer >= 1, not {attempts!r}")
-    return RunRequest.parse(request, ignore=frozenset({_RETRY_FIELD})), attempts
+    source = request.get(_SOURCE_FIELD, "queue")
+    if not isinstance(source, str):
+        raise ValueError(f"{_SOURCE_FIELD} must be a string, not {source!r}")
+    parsed = RunRequest.parse(request, ignore=frozenset({_RETRY_FIELD, _SOURCE_FIELD}))
+    return parsed, attempts
 
 
 async def submit(
@@ -168,9 +177,12 @@ async def submit(
     Args:
         store: the runs' store.
         request: the JSON of a ``POST /runs`` body (:class:`trioflow.web.RunRequest`:
-            ``task``, ``timeout``, ``max_iterations``, ``on_disconnect``), and
-            optionally ``max_attempts`` (default 1): how many times the run
-            may be started when its worker is lost (see :func:`~trioflow.redis.reap`).
+            ``task``, ``timeout``, ``max_iterations``, ``on_disconnect``,
+            ``model``, ``system``, ``max_tokens``, ``temperature``,
+            ``metadata``), optionally ``max_attempts`` (default 1): how many
+            times the run may be started when its worker is lost (see
+            :func:`~trioflow.redis.reap`), and ``source`` (default
+            ``"queue"``): the run's ``metadata["source"]``.
         run_id: the run's id; a new one (:func:`~trioflow.redis.new_run_id`) by default.
         capacity: the most events its history retains.
 

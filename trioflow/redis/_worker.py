@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -108,8 +108,14 @@ class Worker:
       and never took for ``lease`` seconds (``XAUTOCLAIM``);
     * claims each run (a new epoch: any earlier writer is fenced) and runs
       it on a :class:`~trioflow.StreamingFlowExecutor` whose history is the
-      run's Redis stream, with the agent ``agent_factory(request)`` makes
-      for its :class:`~trioflow.web.RunRequest`;
+      run's Redis stream, with the agent built from its
+      :class:`~trioflow.web.RunRequest` as the web server builds it
+      (:func:`~trioflow.web.open_request_agent`: ``agent_factory(request)``,
+      the request's ``system`` and model options, and the model it names
+      if ``allowed_models`` holds it, opened for the run); the run's
+      metadata is the request's ``metadata``, its ``source``, and
+      ``worker`` and ``attempt``. A request that cannot be run (invalid,
+      a model not allowed or unavailable) ends ``flow.failed``;
     * renews the lease of each of its runs every ``heartbeat`` seconds (one
       script for all), carrying the epoch: a run whose epoch moved (another
       process presumed this worker lost) is *fenced*: cancelled locally,
@@ -132,6 +138,9 @@ class Worker:
         store: where runs are kept.
         agent_factory: makes the agent of a run from its request; the web
             server's default (the demo agent) if ``None``.
+        allowed_models: the models a request may name (``"model"``), as
+            :attr:`WebConfig.allowed_models <trioflow.web.WebConfig.allowed_models>`
+            of the serve nodes that queue the runs.
         concurrency: the most runs executed at once.
         lease: seconds a run's lease lasts from each heartbeat: a worker
             silent for that long is presumed lost.
@@ -152,6 +161,7 @@ class Worker:
         store: RedisRunStore,
         *,
         agent_factory: AgentFactory | None = None,
+        allowed_models: Sequence[str] = (),
         concurrency: int = 4,
         lease: float = 5.0,
         heartbeat: float = 1.0,
@@ -171,6 +181,7 @@ class Worker:
             raise ValueError(f"drain is 'finish' or 'handback', not {drain!r}")
         self.store = store
         self.agent_factory = agent_factory
+        self.allowed_models = tuple(allowed_models)
         self.concurrency = concurrency
         self.lease = lease
         self.heartbeat = heartbeat
@@ -395,23 +406,35 @@ class Worker:
     async def _run(
         self, executor: StreamingFlowExecutor, active: _Active, attempt: int, reason: str, mode: str
     ) -> None:
+        from trioflow.models import ModelError
+        from trioflow.web._runs import default_agent, open_request_agent
+
         run_id = active.run_id
         try:
             record = await self.store.get(run_id)
             request, _ = parse_request(record.request)
-            agent = self._agent(request)
         except (KeyError, ValueError, TypeError) as exc:
             await self._refuse(active, exc)
             return
+        metadata = {
+            **(request.metadata or {}),
+            "source": record.request.get("source", "queue"),
+            "worker": self.name,
+            "attempt": attempt,
+        }
+        factory = self.agent_factory or default_agent
         try:
-            async with trio.open_nursery() as nursery:
+            async with (
+                open_request_agent(factory, request, self.allowed_models) as agent,
+                trio.open_nursery() as nursery,
+            ):
                 run = await executor.start(
                     agent,
                     request.task,
                     timeout=request.timeout or self.run_timeout,
                     max_iterations=request.max_iterations,
                     run_id=run_id,
-                    metadata={"worker": self.name, "attempt": attempt},
+                    metadata=metadata,
                     on_disconnect=request.on_disconnect,
                     nursery=nursery,
                 )
@@ -427,19 +450,17 @@ class Worker:
                         run.cancel(CancelReason.SHUTDOWN)
         except Fenced:
             active.fenced = True
+        except (ValueError, ModelError, ImportError) as exc:
+            if active.run is not None:
+                raise
+            await self._refuse(active, exc)  # no agent for it: a model not allowed or unavailable
+            return
         except Exception as exc:
             _log.exception("run %s: the worker could not run it", run_id)
             if active.run is None:  # never started: nothing of it was written, end it here
                 await self._refuse(active, exc)
                 return
         self._count(active)
-
-    def _agent(self, request: Any) -> Agent:
-        if self.agent_factory is not None:
-            return self.agent_factory(request)
-        from trioflow.web._runs import default_agent
-
-        return default_agent(request)
 
     async def _refuse(self, active: _Active, error: Exception) -> None:
         """End a run that cannot be started (a bad request, no agent) with ``flow.failed``."""
@@ -574,6 +595,7 @@ async def open_worker(
     store_or_url: RedisRunStore | str,
     *,
     agent_factory: AgentFactory | None = None,
+    allowed_models: Sequence[str] = (),
     concurrency: int = 4,
     lease: float = 5.0,
     heartbeat: float = 1.0,
@@ -607,6 +629,7 @@ async def open_worker(
         return Worker(
             store,
             agent_factory=agent_factory,
+            allowed_models=allowed_models,
             concurrency=concurrency,
             lease=lease,
             heartbeat=heartbeat,

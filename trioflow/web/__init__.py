@@ -55,7 +55,14 @@ if TYPE_CHECKING:
     from trioflow.web._config import TOKEN_ENV, WebConfig
     from trioflow.web._defaults import agent_factory, open_metrics
     from trioflow.web._errors import ApiError
-    from trioflow.web._runs import AgentFactory, OnDisconnect, RunRequest
+    from trioflow.web._runs import (
+        AgentFactory,
+        ModelNotAllowed,
+        OnDisconnect,
+        RunRequest,
+        open_request_agent,
+        request_agent,
+    )
     from trioflow.web._server import serve
     from trioflow.web._sse import ERROR_EVENT, RENAMED_EVENTS
 
@@ -65,8 +72,11 @@ _SOURCES = {
     "TOKEN_ENV": "_config",
     "AgentFactory": "_runs",
     "ApiError": "_errors",
+    "ModelNotAllowed": "_runs",
     "OnDisconnect": "_runs",
     "RunRequest": "_runs",
+    "open_request_agent": "_runs",
+    "request_agent": "_runs",
     "WebConfig": "_config",
     "agent_factory": "_defaults",
     "create_app": "_app",
@@ -80,12 +90,15 @@ __all__ = [
     "TOKEN_ENV",
     "AgentFactory",
     "ApiError",
+    "ModelNotAllowed",
     "OnDisconnect",
     "RunRequest",
     "WebConfig",
     "agent_factory",
     "create_app",
     "open_metrics",
+    "open_request_agent",
+    "request_agent",
     "serve",
 ]
 

@@ -422,6 +422,7 @@ def create_app(
     config: WebConfig | None = None,
     metrics: MetricsRenderer | None = None,
     store: RedisRunStore | None = None,
+    enqueue: bool = False,
 ) -> Starlette:
     """Make the ASGI application serving ``executor``'s runs.
 
@@ -449,19 +450,30 @@ def create_app(
             tail); ``404`` only when the store has no such run. The executor
             must keep its runs there (``history_store=store.history_factory()``,
             ``run_ids=new_run_id``). Event streams then go through the
-            application rather than straight to the socket. A multiplexed
-            ``/ws`` ``resume`` finds a run of another process once this node
-            has looked it up (``GET /runs``, ``GET /runs/{id}``).
+            application rather than straight to the socket (the direct
+            socket writes need no store lookup; with one, ``GET
+            /runs/{id}/events`` and ``/runs/{id}/ws`` go through the ASGI
+            path). The multiplexed ``/ws`` looks a run up in the store for
+            ``resume``, ``cancel`` and ``decide``.
+        enqueue: with a ``store``, queue the runs started here
+            (:func:`~trioflow.redis.submit`) for workers
+            (:func:`~trioflow.redis.open_worker`, ``trioflow worker``)
+            instead of executing them on ``executor``; each is served as a
+            :class:`~trioflow.redis.RemoteRun`. The workers build its agent
+            from the request by the same rule (:func:`~trioflow.web.open_request_agent`),
+            so they must allow the same models. A thread's runs are still
+            executed on ``executor``.
 
     Raises:
-        ValueError: a ``store`` with an executor that does not write to it.
+        ValueError: a ``store`` with an executor that does not write to it,
+            or ``enqueue`` without a ``store``.
 
     Returns:
         A Starlette application; ``app.state.trioflow`` is its
         :class:`~trioflow.web._runs.RunHub`.
     """
     config = config or WebConfig()
-    hub = RunHub(executor, agent, config, store=store)
+    hub = RunHub(executor, agent, config, store=store, enqueue=enqueue)
     routes: list[BaseRoute] = [
         Route("/", page, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -48,12 +48,15 @@ P = TypeVar("P")
 
 __all__ = [
     "AgentFactory",
+    "ModelNotAllowed",
     "OnDisconnect",
     "RunHub",
     "RunRequest",
     "Watch",
     "default_agent",
     "on_disconnect",
+    "open_request_agent",
+    "request_agent",
     "resume_point",
 ]
 
@@ -101,6 +104,21 @@ class RunRequest:
     """The model's sampling temperature (0 to 2)."""
     metadata: Mapping[str, Any] | None = None
     """The client's own metadata: kept as the run's and echoed on its ``flow.started``."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as the JSON object :meth:`parse` reads back (members left unset omitted).
+
+        What :func:`~trioflow.redis.submit` queues for a worker.
+        """
+        out: dict[str, Any] = {"task": self.task}
+        for field in dataclasses.fields(self)[1:]:
+            value = getattr(self, field.name)
+            if field.name == "on_disconnect":
+                if value is not OnDisconnect.CONTINUE:
+                    out[field.name] = value.value
+            elif value is not None:
+                out[field.name] = dict(value) if field.name == "metadata" else value
+        return out
 
     @property
     def options(self) -> ModelOptions | None:
@@ -252,6 +270,68 @@ def default_agent(request: RunRequest) -> Agent:
     return demo.default_agent()
 
 
+class ModelNotAllowed(ValueError):
+    """A request names a model the server does not allow (:attr:`WebConfig.allowed_models`)."""
+
+    def __init__(self, model: str, allowed: Sequence[str]) -> None:
+        self.model = model
+        self.allowed = tuple(allowed)
+        names = ", ".join(self.allowed) or "none"
+        super().__init__(f"this server does not run model {model!r} on request (allowed: {names})")
+
+
+def request_agent(
+    factory: AgentFactory, request: RunRequest, allowed_models: Sequence[str] = ()
+) -> Agent:
+    """The agent of ``request``'s run, its model not yet opened: the one rule of the server and its workers.
+
+    Checks that the model the request names (if any) is in ``allowed_models``,
+    calls ``factory(request)``, then applies the request's ``system`` and
+    model options (``max_tokens``, ``temperature``) with
+    :meth:`~trioflow.Agent.replace`. A model the request names is opened by
+    :func:`open_request_agent`, for the run's lifetime.
+
+    Raises:
+        ModelNotAllowed: (a :exc:`ValueError`) the request names a model not allowed.
+        ValueError: the factory rejects the request.
+    """
+    if request.model is not None and request.model not in allowed_models:
+        raise ModelNotAllowed(request.model, allowed_models)
+    agent = factory(request)
+    if request.system is not None or request.options is not None:
+        agent = agent.replace(system=request.system, options=request.options)
+    return agent
+
+
+@asynccontextmanager
+async def _with_model(agent: Agent, model: str | None) -> AsyncIterator[Agent]:
+    """``agent``, or with ``model`` opened for the block in place of its own."""
+    if model is None:
+        await trio.lowlevel.checkpoint()
+        yield agent
+        return
+    async with open_model(model) as opened:
+        yield agent.replace(model=opened)
+
+
+@asynccontextmanager
+async def open_request_agent(
+    factory: AgentFactory, request: RunRequest, allowed_models: Sequence[str] = ()
+) -> AsyncIterator[Agent]:
+    """:func:`request_agent`, with the model the request names opened for the block (a run's lifetime).
+
+    What a worker (:class:`~trioflow.redis.Worker`) runs a queued request
+    with; the web server builds the agents it executes by the same two steps.
+
+    Raises:
+        ModelNotAllowed, ValueError: as :func:`request_agent`.
+        ModelError, ImportError: the named model cannot be opened (no API
+            key, its SDK not installed).
+    """
+    async with _with_model(request_agent(factory, request, allowed_models), request.model) as agent:
+        yield agent
+
+
 class Watch:
     """One connection watching one run, from :meth:`RunHub.attach` to :meth:`release`."""
 
@@ -295,9 +375,16 @@ class RunHub:
             (:class:`~trioflow.redis.NodeTail`, open while the lifespan
             runs), and honours cancel requests from other nodes for its own
             runs (:func:`~trioflow.redis.listen_for_cancels`).
+        enqueue: with a store, put the runs it starts on the work queue
+            (:func:`~trioflow.redis.submit`) for workers to execute
+            (:func:`~trioflow.redis.open_worker`, ``trioflow worker``)
+            instead of executing them here, and serve each as a
+            :class:`~trioflow.redis.RemoteRun`. A thread's runs are still
+            executed here (a conversation lives in this process).
 
     Raises:
-        ValueError: a ``store`` with an executor that does not keep its runs there.
+        ValueError: a ``store`` with an executor that does not keep its runs
+            there, or ``enqueue`` without a store.
     """
 
     def __init__(
@@ -307,7 +394,10 @@ class RunHub:
         config: WebConfig,
         *,
         store: RedisRunStore | None = None,
+        enqueue: bool = False,
     ) -> None:
+        if enqueue and store is None:
+            raise ValueError("enqueue needs a store: runs are queued in Redis")
         if store is not None and executor.history_store is None:
             raise ValueError(
                 "a server on Redis executes runs into Redis: StreamingFlowExecutor("
@@ -317,6 +407,8 @@ class RunHub:
         self.config = config
         self.store = store
         """The Redis store of runs, or ``None`` (this process's runs only)."""
+        self.enqueue = enqueue
+        """Whether the runs it starts are queued for workers rather than executed here."""
         self.tail: NodeTail | None = None
         """The node's live tail while the lifespan runs on a store, else ``None``."""
         self._remote: collections.OrderedDict[str, RemoteRun] = collections.OrderedDict()
@@ -484,33 +576,30 @@ class RunHub:
                 f"{self.config.max_running} runs are going already; try again when one ends",
                 headers={"Retry-After": "1"},
             )
-        if request.model is not None and request.model not in self.config.allowed_models:
-            allowed = ", ".join(self.config.allowed_models) or "none"
-            raise ApiError(
-                400,
-                "model_not_allowed",
-                f"this server does not run model {request.model!r} on request (allowed: {allowed})",
-                allowed=list(self.config.allowed_models),
-            )
         try:
-            agent = self._factory(request)
+            agent = request_agent(self._factory, request, self.config.allowed_models)
+        except ModelNotAllowed as exc:
+            raise ApiError(
+                400, "model_not_allowed", str(exc), allowed=list(self.config.allowed_models)
+            ) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
-        if request.system is not None or request.options is not None:
-            agent = agent.replace(system=request.system, options=request.options)
         return await self._launch(agent, request, source=source, thread=thread)
 
     async def _launch(
         self, agent: Agent, request: RunRequest, *, source: str, thread: Thread | None
     ) -> RunHandle:
-        """The one place a run is started: executed here, on the hub's executor.
+        """The one place a run is started: executed here, or queued for a worker.
 
         With a store, the executor writes the run's events to Redis, so
-        every node serves it. A node that only enqueues runs for workers
-        (``trioflow serve --redis URL --workers 0``, to come) replaces this
-        function: enqueue, then return the run's
-        :class:`~trioflow.redis.RemoteRun`.
+        every node serves it. A hub that enqueues (``trioflow serve --redis
+        URL --workers N``) submits the request instead (a thread's runs
+        excepted) and returns the run's :class:`~trioflow.redis.RemoteRun`:
+        the worker builds its agent from the request by the same rule
+        (:func:`open_request_agent`).
         """
+        if self.enqueue and thread is None:
+            return await self._submit(request, source)
         metadata = {**(request.metadata or {}), "source": source}
         try:
             if request.model is not None:
@@ -534,6 +623,27 @@ class RunHub:
         except RuntimeError as exc:
             raise ApiError(503, "not_ready", f"the server cannot start runs: {exc}") from None
 
+    async def _submit(self, request: RunRequest, source: str) -> RunHandle:
+        """Queue ``request`` (its ``source`` kept) and return its :class:`~trioflow.redis.RemoteRun`.
+
+        Raises:
+            ApiError: ``503`` ``not_ready`` before the server is up, or
+                ``store_unavailable`` when Redis fails.
+        """
+        from trioflow.redis import RemoteRun, submit
+
+        assert self.store is not None
+        if self.tail is None:
+            raise ApiError(503, "not_ready", "the server is not up; try again")
+        body = {**request.to_json(), "source": source}
+        try:
+            run_id = await submit(self.store, body)
+            remote = RemoteRun(self.store, self.tail, await self.store.get(run_id))
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+        self._cache(remote)
+        return remote
+
     async def _start_with_model(
         self,
         request: RunRequest,
@@ -555,9 +665,9 @@ class RunHub:
         async def own(*, task_status: trio.TaskStatus[RunHandle]) -> None:
             assert request.model is not None
             try:
-                async with open_model(request.model) as model:
+                async with _with_model(agent, request.model) as with_model:
                     run = await self.executor.start(
-                        agent.replace(model=model),
+                        with_model,
                         request.task,
                         timeout=request.timeout,
                         max_iterations=request.max_iterations,

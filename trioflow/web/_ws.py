@@ -532,6 +532,20 @@ async def follow_run(transport: Transport, hub: RunHub, run: RunHandle, after: i
     await conn.serve(handle, run, after)
 
 
+async def _resolved(hub: RunHub, message: Mapping[str, Any]) -> RunHandle:
+    """The run ``message`` names, looked up in the store first (:meth:`RunHub.resolve`).
+
+    A run of the store that this node has never served is found too.
+
+    Raises:
+        ApiError: ``400`` without a run id, ``404`` for no such run, ``503``
+            when the store fails.
+    """
+    run_id = _run_id(message)
+    await hub.resolve(run_id)
+    return hub.get(run_id)
+
+
 async def follow_runs(transport: Transport, hub: RunHub) -> None:
     """Serve ``/ws`` over ``transport``: start runs and follow any number of them."""
     conn = _Connection(transport, hub, per_run=False)
@@ -566,13 +580,13 @@ async def follow_runs(transport: Transport, hub: RunHub) -> None:
         elif action == "cancel":
             _only(message, {"run_id", "mode"})
             hub.cancel(
-                hub.get(_run_id(message)), mode=cancel_mode(message.get("mode", "immediate"))
+                await _resolved(hub, message), mode=cancel_mode(message.get("mode", "immediate"))
             )
         elif action == "decide":
-            await _decide(conn, hub, hub.get(_run_id(message)), message)
+            await _decide(conn, hub, await _resolved(hub, message), message)
         elif action == "resume":
             _only(message, {"run_id", "after"})
-            run = hub.get(_run_id(message))
+            run = await _resolved(hub, message)
             after = _after(message, run, 0)
             conn.check_capacity(run.run_id)
             await conn.follow(run, after)
