@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import coredis.exceptions
 
 from trioflow.redis._store import _CREATE_SCRIPT, new_run_id
+from trioflow.requests import RunRequest
 
 if TYPE_CHECKING:
     from trioflow.redis._store import RedisRunStore
-    from trioflow.web import RunRequest
 
 __all__ = ["QUEUE_GROUP", "submit"]
 
@@ -140,7 +140,7 @@ def _text(value: object) -> str:
 
 
 def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
-    """A submitted request as a :class:`~trioflow.web.RunRequest`, and its ``max_attempts``.
+    """A submitted request as a :class:`~trioflow.requests.RunRequest`, and its ``max_attempts``.
 
     ``max_attempts`` is 1 unless the request gives it; a ``source`` member
     (a string: where the request came from) is accepted and left to the caller.
@@ -148,8 +148,6 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     Raises:
         ValueError: not a valid ``POST /runs`` body, or ``max_attempts`` is not an int >= 1.
     """
-    from trioflow.web._runs import RunRequest  # the web stack, when a run is submitted or taken
-
     attempts = request.get(_RETRY_FIELD, 1)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
         raise ValueError(f"{_RETRY_FIELD} must be an integer >= 1, not {attempts!r}")

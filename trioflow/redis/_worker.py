@@ -407,7 +407,7 @@ class Worker:
         self, executor: StreamingFlowExecutor, active: _Active, attempt: int, reason: str, mode: str
     ) -> None:
         from trioflow.models import ModelError
-        from trioflow.web._runs import default_agent, open_request_agent
+        from trioflow.requests import default_agent, open_request_agent
 
         run_id = active.run_id
         try:
