@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import IO
@@ -38,11 +40,13 @@ __all__ = [
     "at_least_one",
     "non_negative_float",
     "non_negative_int",
+    "notify",
     "playback_speed",
     "port",
     "positive_float",
     "print_warnings",
     "seconds",
+    "stop_on_signals",
     "watch_signals",
 ]
 
@@ -266,3 +270,43 @@ async def watch_signals(
                 raise KeyboardInterrupt
             else:
                 on_again(signum)
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (``READY=1``, ...) to systemd's ``$NOTIFY_SOCKET``; False if unset or unreachable.
+
+    The ``sd_notify`` protocol: one datagram on a Unix socket, whose address
+    starts with ``@`` for the abstract namespace.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError:
+        return False
+    return True
+
+
+def stop_on_signals(nursery: trio.Nursery, stop: trio.Event, err: IO[str], *, doing: str) -> None:
+    """Watch SIGINT/SIGTERM in ``nursery``: the first sets ``stop``, a second cancels ``nursery``.
+
+    The first signal prints ``trioflow: <doing> (again to stop at once)`` on
+    ``err`` and tells systemd ``STOPPING=1`` (:func:`notify`); every later one
+    prints ``trioflow: stopping at once`` and cancels ``nursery`` (the work
+    in it ends at once).
+    """
+
+    def first(signum: int) -> None:
+        print(f"trioflow: {doing} (again to stop at once)", file=err, flush=True)
+        notify("STOPPING=1")
+        stop.set()
+
+    def again(signum: int) -> None:
+        print("trioflow: stopping at once", file=err, flush=True)
+        nursery.cancel_scope.cancel()
+
+    nursery.start_soon(watch_signals, first, again)

@@ -71,7 +71,7 @@ cancelling them (``flow.cancelled``); a second signal cancels them at once.
 
 Under systemd (``Type=notify``), the server tells the service manager
 ``READY=1`` once it listens (and its workers are ready) and ``STOPPING=1``
-when a graceful shutdown begins, as :func:`trioflow.cli._worker.notify`
+when a graceful shutdown begins, as :func:`trioflow.cli._common.notify`
 does for ``trioflow worker``.
 """
 
@@ -98,14 +98,14 @@ from trioflow.cli._common import (
     add_timeout_option,
     at_least_one,
     non_negative_int,
+    notify,
     playback_speed,
     port,
     positive_float,
     print_warnings,
-    watch_signals,
+    stop_on_signals,
 )
 from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from trioflow.cli._worker import notify
 from trioflow.executor import StreamingFlowExecutor
 from trioflow.models import ModelError, open_model
 from trioflow.recording import RecordingError, ReplayRun, empty_recording, start_replay
@@ -356,16 +356,7 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
                         return EXIT_FAILED
                     hub_of(app).add_replay(replay)
 
-                def shut_down(signum: int) -> None:
-                    print("trioflow: shutting down (again to stop at once)", file=err, flush=True)
-                    notify("STOPPING=1")
-                    stop.set()
-
-                def stop_at_once(signum: int) -> None:
-                    print("trioflow: stopping at once", file=err, flush=True)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_signals, shut_down, stop_at_once)
+                stop_on_signals(nursery, stop, err, doing="shutting down")
 
                 async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
                     try:

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import socket
 import sys
 from typing import IO
 
@@ -44,14 +42,15 @@ from trioflow.cli._common import (
     add_pace_option,
     add_timeout_option,
     at_least_one,
+    notify,
     positive_float,
-    watch_signals,
+    stop_on_signals,
 )
 from trioflow.cli._console import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from trioflow.models import ModelError, open_model
 from trioflow.settings import Settings
 
-__all__ = ["HELP", "add_arguments", "main", "notify"]
+__all__ = ["HELP", "add_arguments", "main"]
 
 HELP = "execute the runs queued in Redis (a long-running worker process)"
 """The subcommand's one-line help."""
@@ -110,25 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def notify(state: str) -> bool:
-    """Send ``state`` (``READY=1``, ...) to systemd's ``$NOTIFY_SOCKET``; False if unset or unreachable.
-
-    The ``sd_notify`` protocol: one datagram on a Unix socket, whose address
-    starts with ``@`` for the abstract namespace.
-    """
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError:
-        return False
-    return True
-
-
 async def _work(args: argparse.Namespace, err: IO[str]) -> int:
     from trioflow.demo import default_agent_factory
     from trioflow.redis import open_worker
@@ -137,17 +117,7 @@ async def _work(args: argparse.Namespace, err: IO[str]) -> int:
         stop = trio.Event()
         with collapse_single_group():
             async with trio.open_nursery() as nursery:
-
-                def shut_down(signum: int) -> None:
-                    print("trioflow: draining (again to stop at once)", file=err, flush=True)
-                    notify("STOPPING=1")
-                    stop.set()
-
-                def stop_at_once(signum: int) -> None:
-                    print("trioflow: stopping at once", file=err, flush=True)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_signals, shut_down, stop_at_once)
+                stop_on_signals(nursery, stop, err, doing="draining")
                 async with open_worker(
                     args.redis,
                     agent_factory=default_agent_factory(model, max_iterations=args.max_iterations),
