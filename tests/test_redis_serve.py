@@ -370,3 +370,56 @@ def test_importing_trioflow_and_its_web_server_loads_no_redis_client() -> None:
         timeout=60,
     )
     assert out.stdout.strip() == "False"
+
+
+async def test_on_disconnect_cancel_counts_the_watchers_of_every_node(
+    redis_url: str, nursery: trio.Nursery, open_sse: OpenSSE
+) -> None:
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, talker(5000, pace=200))
+        b = await start_node(nursery, redis_url)
+        run_id = await start_run(a.url, on_disconnect="cancel")
+        local = a.hub.executor.get_run(run_id)
+        async with open_sse(b.url, f"/runs/{run_id}/events") as on_b:
+            async with open_sse(a.url, f"/runs/{run_id}/events") as on_a:
+                assert await on_a.next() is not None
+                await a.hub.wait_watchers(run_id, 1)
+            await a.hub.wait_watchers(run_id, 0)  # A's last client left; B's watches on
+            seen = 0
+            while seen < 100:  # the run goes on: 0.5 s of tokens after A's client left
+                frame = await on_b.next()
+                assert frame is not None and frame.event != "flow.cancelled"
+                seen += frame.event == "token.received"
+            assert not local.done
+        result = await local.wait()  # B's client left too: nobody watches it anywhere
+    assert (result.status, result.reason) == ("cancelled", "client disconnected")
+    assert b.hub.watch_counts is not None
+    assert await b.hub.watch_counts.total(run_id) == 0
+
+
+async def test_the_watchers_of_a_node_that_is_gone_stop_counting(redis_url: str) -> None:
+    from trioflow.redis import WatcherCounts
+
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client, trio.open_nursery() as nursery:
+            store = RedisRunStore(client)
+            here, there = WatcherCounts(store, "here"), WatcherCounts(store, "there")
+            await nursery.start(here.run)
+            await nursery.start(there.run)
+            here.set("run_x", 2)
+            there.set("run_x", 1)
+            await here.total("run_x")  # each writes its own count first
+            assert await there.total("run_x") == 3
+            assert await here.total("run_x") == 3
+            # A node that crashed: a count of its own in the hash, its alive key gone.
+            await client.hset(store.keys.watchers("run_x"), {"crashed": "5"})
+            assert await here.total("run_x") == 3
+            assert await client.hget(store.keys.watchers("run_x"), "crashed") is None
+            there.set("run_x", 0)
+            assert await there.total("run_x") == 2  # its own 0 written first
+            nursery.cancel_scope.cancel()  # both stop: their alive keys go
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            assert await WatcherCounts(store, "third").total("run_x") == 0
+    with pytest.raises(ValueError, match="alive_ttl"):
+        WatcherCounts(store, "n", alive_ttl=0)

@@ -60,6 +60,7 @@ from trioflow.redis._tail import (
     TailStatistics,
     open_node_tail,
 )
+from trioflow.redis._watchers import WatcherCounts
 from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
     "RunFeed",
     "RunRecord",
     "TailStatistics",
+    "WatcherCounts",
     "Worker",
     "WorkerStatistics",
     "check_eviction_policy",

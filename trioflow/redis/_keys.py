@@ -14,6 +14,9 @@ With the default prefix ``trioflow``:
 * ``trioflow:node:<node_id>:wake``: a stream of one serve node's own, short
   (``MAXLEN ~ 16``, a 1 h TTL): written to wake the node's blocking tail read
   when the set of runs it follows changes (:class:`~trioflow.redis.NodeTail`);
+* ``trioflow:run:{<run_id>}:watchers``: a hash, how many connections of
+  each serve node watch the run; ``trioflow:node:<node_id>:alive``: a key
+  each live node renews (:class:`~trioflow.redis.WatcherCounts`);
 * ``trioflow:cancel``: the pub/sub channel of cancel requests
   (:func:`~trioflow.redis.request_cancel`; the durable marker is the
   ``cancel_reason``/``cancel_mode`` fields of the run's record).
@@ -59,6 +62,14 @@ class Keys:
     def leases(self) -> str:
         """The sorted set of running runs, scored by when their lease lapses (Redis time)."""
         return f"{self.prefix}:leases"
+
+    def watchers(self, run_id: str) -> str:
+        """The hash of ``run_id``'s watchers: one field per serve node, its count."""
+        return f"{self.prefix}:run:{{{run_id}}}:watchers"
+
+    def node_alive(self, node_id: str) -> str:
+        """The key a live serve node ``node_id`` renews (its watchers count while it lives)."""
+        return f"{self.prefix}:node:{node_id}:alive"
 
     def node_wake(self, node_id: str) -> str:
         """The stream that wakes node ``node_id``'s blocking tail read."""

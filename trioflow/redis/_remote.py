@@ -94,8 +94,11 @@ class RemoteRun:
 
     @property
     def on_disconnect(self) -> OnDisconnect:
-        """Always ``continue``: watchers of one run on several nodes are not counted together yet."""
-        return OnDisconnect.CONTINUE
+        """The run's request's ``on_disconnect`` (watchers counted across nodes: :class:`~trioflow.redis.WatcherCounts`)."""
+        try:
+            return OnDisconnect(self.record.request.get("on_disconnect", OnDisconnect.CONTINUE))
+        except ValueError:
+            return OnDisconnect.CONTINUE
 
     @asynccontextmanager
     async def subscribe(

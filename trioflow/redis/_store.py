@@ -392,6 +392,7 @@ class RedisRunStore:
                 "agent": run.agent.name,
                 "timeout": run.timeout,
                 "max_iterations": run.max_iterations,
+                "on_disconnect": str(run.on_disconnect),
                 "metadata": run.metadata,
             }
             await self.create(run.run_id, request=request, capacity=capacity)

@@ -13,6 +13,7 @@ The hub knows nothing of HTTP framing: transports (``sse``, ``ws``) call it.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,8 +41,10 @@ from trioflow.web._errors import ApiError
 
 if TYPE_CHECKING:
     from trioflow.recording import ReplayRun
-    from trioflow.redis import NodeTail, RedisRunStore, RemoteRun
+    from trioflow.redis import NodeTail, RedisRunStore, RemoteRun, WatcherCounts
     from trioflow.web._fanout import EventFanout
+
+_log = logging.getLogger("trioflow.web")
 
 _REMOTE_CACHE = 4096
 """The most runs executed elsewhere a hub keeps handles of (least recently used out first)."""
@@ -146,6 +149,8 @@ class RunHub:
         """Whether the runs it starts are queued for workers rather than executed here."""
         self.tail: NodeTail | None = None
         """The node's live tail while the lifespan runs on a store, else ``None``."""
+        self.watch_counts: WatcherCounts | None = None
+        """This node's share of the runs' watchers in Redis (with a store, while the lifespan runs)."""
         self._remote: collections.OrderedDict[str, RemoteRun] = collections.OrderedDict()
         if agent is None:
             self._factory: AgentFactory = default_agent
@@ -197,7 +202,12 @@ class RunHub:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if self.store is not None:
+                    from trioflow.redis import WatcherCounts
+
+                    assert self.tail is not None
+                    self.watch_counts = WatcherCounts(self.store, self.tail.node_id)
                     await nursery.start(self._listen_for_cancels, listener)
+                    await nursery.start(self.watch_counts.run)
                 try:
                     yield
                 finally:
@@ -209,7 +219,9 @@ class RunHub:
                         replay.cancel(CancelReason.SERVER_SHUTDOWN)
                     if self.tail is not None:
                         self.tail.close()
+                    nursery.cancel_scope.cancel()  # the watcher counts' writer
             self.tail = None
+            self.watch_counts = None
 
     async def _listen_for_cancels(
         self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
@@ -690,8 +702,10 @@ class RunHub:
 
     def attach(self, run: RunHandle) -> Watch:
         """Count one more connection watching ``run``; release the returned :class:`Watch`."""
-        self._watchers[run.run_id] = self._watchers.get(run.run_id, 0) + 1
+        count = self._watchers[run.run_id] = self._watchers.get(run.run_id, 0) + 1
         self._changed()
+        if self.watch_counts is not None:
+            self.watch_counts.set(run.run_id, count)
         return Watch(self, run)
 
     def watchers(self, run_id: str) -> int:
@@ -714,11 +728,28 @@ class RunHub:
     def _detach(self, run: RunHandle, *, disconnected: bool) -> None:
         left = self._watchers.get(run.run_id, 1) - 1
         self._changed()
+        if self.watch_counts is not None:
+            self.watch_counts.set(run.run_id, max(left, 0))
         if left > 0:
             self._watchers[run.run_id] = left
             return
         self._watchers.pop(run.run_id, None)
-        if disconnected and not run.done and run.on_disconnect is OnDisconnect.CANCEL:
+        if not (disconnected and not run.done and run.on_disconnect is OnDisconnect.CANCEL):
+            return
+        if self.watch_counts is None or self._nursery is None:
+            run.cancel(CancelReason.CLIENT_DISCONNECTED)
+        else:  # other nodes' clients may watch it still: count them all first
+            self._nursery.start_soon(self._cancel_if_unwatched, run)
+
+    async def _cancel_if_unwatched(self, run: RunHandle) -> None:
+        """Cancel ``run`` (``client disconnected``) if no node's connection watches it any more."""
+        assert self.watch_counts is not None
+        try:
+            total = await self.watch_counts.total(run.run_id)
+        except Exception as exc:  # Redis failed: the run goes on (as on_disconnect: continue)
+            _log.warning("cannot count the watchers of %s (%s); not cancelling it", run.run_id, exc)
+            return
+        if total == 0 and not self._watchers.get(run.run_id) and not run.done:
             run.cancel(CancelReason.CLIENT_DISCONNECTED)
 
 
