@@ -364,7 +364,9 @@ async def test_a_history_whose_redis_is_gone_fails_after_the_retry_policy_backof
         retry_policy=coredis.retry.NoRetryPolicy(),
     )
     retry = RetryPolicy(attempts=4, base_delay=1.0, jitter=0.0, retry_on=(Exception,))
-    history = RedisHistory(client, Keys(), "run_x", capacity=8, last_seq=0, epoch=1, retry=retry)
+    history = RedisHistory(
+        client, Keys(), "run_x", capacity=8, last_seq=0, epoch=1, retry=retry, flush_interval=0.025
+    )
     async with client:
         start = trio.current_time()
         with (
