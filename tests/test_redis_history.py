@@ -266,12 +266,19 @@ def script_calls(redis_server: RedisServer) -> int:
     return total
 
 
+@asynccontextmanager
+async def shared_store(url: str) -> AsyncIterator[RedisRunStore]:
+    """A store on one client: the histories it opens share one writer."""
+    async with open_redis(url) as client:
+        yield RedisRunStore(client, retention=60)
+
+
 async def test_a_hundred_runs_of_one_client_are_written_by_one_call_per_round_trip(
     redis_url: str, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(30):
-        async with open_redis(redis_url) as client:
-            store = RedisRunStore(client, retention=60)
+        async with shared_store(redis_url) as store:
+            client = store.client
             histories: list[RedisHistory] = []
             closing = [trio.Event() for _ in range(100)]
 
@@ -322,8 +329,7 @@ async def test_a_fenced_run_writes_nothing_and_the_other_runs_of_its_call_are_wr
     redis_url: str, redis_server: RedisServer
 ) -> None:
     with trio.fail_after(20):
-        async with open_redis(redis_url) as client:
-            store = RedisRunStore(client, retention=60)
+        async with shared_store(redis_url) as store:
             a, b = [(await store.create()).run_id for _ in range(2)]
             epoch_a, epoch_b = await store.claim(a), await store.claim(b)
             caught: list[Fenced] = []
@@ -349,7 +355,7 @@ async def test_a_fenced_run_writes_nothing_and_the_other_runs_of_its_call_are_wr
             assert (caught[0].epoch, caught[0].current) == (1, 2)
             assert history_a.statistics().state == "failed"
             assert (await store.get(a)).last_seq == 0
-            assert await client.xlen(store.keys.events(a)) == 0
+            assert await store.client.xlen(store.keys.events(a)) == 0
             assert (await store.get(b)).last_seq == 5
             assert list(await (await store.history(b)).read(0)) == events(1, 5, b)
 
@@ -360,8 +366,8 @@ async def test_a_call_that_fails_is_retried_once_for_every_run_and_nothing_is_wr
     retry = RetryPolicy(attempts=10, base_delay=0.6, jitter=0.0, retry_on=(Exception,))
     options = {"retry": retry, "write_timeout": 0.3}
     with trio.fail_after(30):
-        async with open_redis(redis_aof_server.url) as client:
-            store = RedisRunStore(client, retention=60)
+        async with shared_store(redis_aof_server.url) as store:
+            client = store.client
             async with contextlib.AsyncExitStack() as stack:
                 histories = []
                 for _ in range(5):
