@@ -178,7 +178,8 @@ class RedisHistoryStatistics:
     written_seq: int
     """The newest seq Redis has confirmed."""
     writes: int
-    """Batches written (one script call each)."""
+    """Batches written: the writer's calls that wrote some of this history's events
+    (one call carries the batches of every history of the client)."""
     retries: int
     """Failed write attempts that were retried."""
     state: str
