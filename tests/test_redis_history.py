@@ -360,6 +360,26 @@ async def test_a_fenced_run_writes_nothing_and_the_other_runs_of_its_call_are_wr
             assert list(await (await store.history(b)).read(0)) == events(1, 5, b)
 
 
+async def test_an_error_redis_raises_writing_one_run_fails_that_run_only(redis_url: str) -> None:
+    with trio.fail_after(20):
+        async with shared_store(redis_url) as store:
+            good, bad = [(await store.create()).run_id for _ in range(2)]
+            epochs = {good: await store.claim(good), bad: await store.claim(bad)}
+            await store.client.set(store.keys.events(bad), "not a stream")
+            with pytest.raises(trio.BrokenResourceError, match="Redis refused") as caught:
+                async with store.open_history(good, epoch=epochs[good]) as history:
+                    async with store.open_history(bad, epoch=epochs[bad]) as broken:
+                        history.extend(events(1, 3, good))
+                        broken.extend(events(1, 3, bad))
+                        await history.flush()  # the same call: written all the same
+                        await trio.sleep_forever()  # cancelled by the failure
+            assert isinstance(caught.value.__cause__, coredis.exceptions.WrongTypeError)
+            assert history.statistics().written_seq == 3
+            assert broken.statistics().state == "failed"
+            assert (await store.get(good)).last_seq == 3
+            assert (await store.get(bad)).last_seq == 0
+
+
 async def test_a_call_that_fails_is_retried_once_for_every_run_and_nothing_is_written_twice(
     redis_aof_server: RedisServer,
 ) -> None:
