@@ -380,6 +380,27 @@ async def test_an_error_redis_raises_writing_one_run_fails_that_run_only(redis_u
             assert (await store.get(bad)).last_seq == 0
 
 
+async def test_a_block_cancelled_from_outside_still_writes_what_it_buffered(
+    redis_url: str,
+) -> None:
+    async def cancelled_with_events_buffered(store: RedisRunStore) -> None:
+        run_id = (await store.create()).run_id
+        epoch = await store.claim(run_id)
+        with trio.CancelScope() as scope:
+            async with store.open_history(run_id, epoch=epoch, flush_interval=60.0) as h:
+                h.extend(events(1, 5, run_id))
+                scope.cancel()  # its task is cancelled at once
+                await trio.sleep_forever()
+        assert (await store.get(run_id)).last_seq == 5  # nothing was lost
+        assert h.statistics().state == "closed"
+
+    with trio.fail_after(20):
+        async with shared_store(redis_url) as store:
+            await cancelled_with_events_buffered(store)  # its drain ran the writer itself
+        async with writer(redis_url, flush_interval=60.0) as (store, _):
+            await cancelled_with_events_buffered(store)  # the other history's task wrote it
+
+
 async def test_a_call_that_fails_is_retried_once_for_every_run_and_nothing_is_written_twice(
     redis_aof_server: RedisServer,
 ) -> None:

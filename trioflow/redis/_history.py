@@ -451,8 +451,10 @@ class RedisHistory:
         """Wait until every event appended so far is written to Redis.
 
         Asks the writer to write at once rather than wait for a full batch
-        or the interval (not before a retry's backoff has passed). If
-        cancelled, the events are still written behind.
+        or the interval (not before a retry's backoff has passed). While no
+        task runs the client's writer (see the class), the caller runs it
+        until its events are written. If cancelled, the events are still
+        written behind.
 
         Raises:
             Fenced: the writer was fenced off (the run was claimed again).
@@ -462,8 +464,12 @@ class RedisHistory:
         target = self._last_seq
         while self._written_seq < target:
             self._check()
-            progress = self._progress
             self._flush_now = True
+            writer = self._writer
+            if writer is not None and writer._leader is None and self in writer._histories:
+                await writer._lead(self, until=target)  # no task runs the writer: this one does
+                continue
+            progress = self._progress
             self._wake()
             await progress.wait()
         await trio.lowlevel.checkpoint()
@@ -634,7 +640,11 @@ class RedisHistory:
         )
 
     async def _drain(self, within: float) -> bool:
-        """Flush what is buffered within ``within`` seconds (shielded); True if all was written."""
+        """Flush what is buffered within ``within`` seconds (shielded); True if all was written.
+
+        If no task runs the writer (this block's task was cancelled, and no
+        other history's task leads), :meth:`flush` runs it meanwhile.
+        """
         with trio.CancelScope(shield=True), trio.move_on_after(within):
             try:
                 await self.flush()
@@ -645,6 +655,8 @@ class RedisHistory:
     def _close(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
+        if self._writer is not None:
+            self._writer.leave(self)
         self._wake(state=True)  # its task leaves the writer
         self._advance()
 
@@ -729,26 +741,30 @@ class _Writer:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """``history``'s task: see :meth:`RedisHistory._flusher`."""
-        self._histories[history] = None
-        try:
-            task_status.started()
-            while True:
-                if history._error is not None:
-                    raise history._error()
-                if history._state is not _State.OPEN:
-                    return
-                if self._leader is None:
-                    await self._lead(history)
-                else:
-                    await self._changed.wait()
-        finally:
-            del self._histories[history]
+        self._histories[history] = None  # until it closes (its block may drain it later)
+        task_status.started()
+        while True:
+            if history._error is not None:
+                raise history._error()
+            if history._state is not _State.OPEN:
+                return
+            if self._leader is None:
+                await self._lead(history)
+            else:
+                await self._changed.wait()
 
-    async def _lead(self, own: RedisHistory) -> None:
-        """Write every history's waiting events, call after call, while ``own`` is open."""
+    def leave(self, history: RedisHistory) -> None:
+        """``history`` closed: the writer forgets it."""
+        self._histories.pop(history, None)
+
+    async def _lead(self, own: RedisHistory, *, until: float = math.inf) -> None:
+        """Write every history's waiting events, call after call, while ``own`` is open.
+
+        A draining history leads only until it has written seq ``until``.
+        """
         self._leader = own
         try:
-            while own._state is _State.OPEN:
+            while own._state is _State.OPEN and own._written_seq < until:
                 now = trio.current_time()
                 due = min((history._due(now) for history in self._histories), default=math.inf)
                 if due > now:
@@ -760,6 +776,8 @@ class _Writer:
         finally:
             self._leader = None
             self.wake(state=True)  # another history's task takes over
+            for history in self._histories:
+                history._advance()  # ... or a flush() waiting for progress
 
     async def _call(self, started: float) -> None:
         """One script call carrying the waiting batch of every history not in a backoff.
