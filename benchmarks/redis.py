@@ -16,8 +16,9 @@ about 150 bytes; each scenario writes into a new run):
 * ``history``: :class:`trioflow.redis.RedisHistory`: ``append`` per event
   and a checkpoint per event (as ``await bus.emit`` does), then ``await
   history.flush()``; timed until Redis has confirmed the last event. The
-  flusher writes behind in batches (every 25 ms or 64 events, one script
-  call each).
+  process's writer writes behind in batches (one script call per round
+  trip, carrying every run's waiting batch; a call goes 2 ms after an event
+  or at once for 64 events, and at most one is in flight).
 * ``bus-memory`` and ``bus-redis``: ``await bus.emit(...)`` per event on a
   bus with a MemoryHistory and with a RedisHistory (timed until the last
   event is written, for Redis): what the Redis path costs a run's emitter.

@@ -3,6 +3,7 @@ MemoryHistory's), batching, fencing, the seq check, the TTL, and a Redis restart
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -254,6 +255,191 @@ async def test_appends_made_at_once_are_written_by_one_script_call(
             assert evalsha_calls() - before == 1  # the batch, not 500 commands
 
 
+def script_calls(redis_server: RedisServer) -> int:
+    """Script calls Redis has run, ``EVALSHA`` and ``EVAL``, but for failed ones (a first
+    ``EVALSHA`` fails with ``NOSCRIPT`` and is sent again as ``EVAL``)."""
+    total = 0
+    for name in ("evalsha", "eval"):
+        raw = redis_server.info("commandstats").get(f"cmdstat_{name}", "calls=0")
+        fields = dict(field.split("=") for field in raw.split(","))
+        total += int(fields["calls"]) - int(fields.get("failed_calls", 0))
+    return total
+
+
+@asynccontextmanager
+async def shared_store(url: str) -> AsyncIterator[RedisRunStore]:
+    """A store on one client: the histories it opens share one writer."""
+    async with open_redis(url) as client:
+        yield RedisRunStore(client, retention=60)
+
+
+async def test_a_hundred_runs_of_one_client_are_written_by_one_call_per_round_trip(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    with trio.fail_after(30):
+        async with shared_store(redis_url) as store:
+            client = store.client
+            histories: list[RedisHistory] = []
+            closing = [trio.Event() for _ in range(100)]
+
+            async def run(i: int, *, task_status: trio.TaskStatus[RedisHistory]) -> None:
+                run_id = (await store.create()).run_id
+                epoch = await store.claim(run_id)
+                async with store.open_history(run_id, epoch=epoch, flush_interval=0.05) as h:
+                    task_status.started(h)
+                    await closing[i].wait()
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    histories.append(await nursery.start(run, i))
+                before = script_calls(redis_server)
+                for h in histories:  # every run appends at once
+                    h.extend(events(1, 3, h.run_id))
+                await histories[-1].flush()
+                assert script_calls(redis_server) - before == 1  # one call for 100 runs
+                assert [h.statistics().written_seq for h in histories] == [3] * 100
+                # A steady stream: 20 rounds of one event per run, 10 ms apart.
+                before = script_calls(redis_server)
+                start = trio.current_time()
+                for seq in range(4, 24):
+                    for h in histories:
+                        h.append(events(seq, seq, h.run_id)[0])
+                    await trio.sleep(0.01)
+                await histories[-1].flush()
+                elapsed = trio.current_time() - start
+                calls = script_calls(redis_server) - before
+                assert calls <= elapsed / 0.05 + 25  # O(1) per interval (or per round), not O(runs)
+                assert calls < 20 * 100 / 10
+                # The first run's task leads the writer; when its block ends, another takes over.
+                closing[0].set()
+                for h in histories[1:]:
+                    h.extend(events(24, 25, h.run_id))
+                await histories[-1].flush()
+                for h in histories[1:]:
+                    assert h.statistics().written_seq == 25
+                for event in closing:
+                    event.set()
+            for h in histories:
+                record = await store.get(h.run_id)
+                assert record.last_seq == h.last_seq
+                assert await client.xlen(store.keys.events(h.run_id)) == h.last_seq
+
+
+async def test_a_fenced_run_writes_nothing_and_the_other_runs_of_its_call_are_written(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    with trio.fail_after(20):
+        async with shared_store(redis_url) as store:
+            a, b = [(await store.create()).run_id for _ in range(2)]
+            epoch_a, epoch_b = await store.claim(a), await store.claim(b)
+            caught: list[Fenced] = []
+
+            async def run_a(*, task_status: trio.TaskStatus[RedisHistory]) -> None:
+                with pytest.raises(Fenced) as fenced:
+                    async with store.open_history(a, epoch=epoch_a, flush_interval=60) as h:
+                        task_status.started(h)
+                        await trio.sleep_forever()  # cancelled by the fence
+                caught.append(fenced.value)
+
+            async with trio.open_nursery() as nursery:
+                history_a = await nursery.start(run_a)  # its task joined first: it leads
+                async with store.open_history(b, epoch=epoch_b, flush_interval=60) as history_b:
+                    await store.claim(a)  # a is taken over: its writer is fenced
+                    before = script_calls(redis_server)
+                    history_a.extend(events(1, 3, a))
+                    history_b.extend(events(1, 3, b))
+                    await history_b.flush()  # one call carries both batches
+                    assert script_calls(redis_server) - before == 1
+                    history_b.extend(events(4, 5, b))
+                    await history_b.flush()  # written by b's task now: a's left the writer
+            assert (caught[0].epoch, caught[0].current) == (1, 2)
+            assert history_a.statistics().state == "failed"
+            assert (await store.get(a)).last_seq == 0
+            assert await store.client.xlen(store.keys.events(a)) == 0
+            assert (await store.get(b)).last_seq == 5
+            assert list(await (await store.history(b)).read(0)) == events(1, 5, b)
+
+
+async def test_an_error_redis_raises_writing_one_run_fails_that_run_only(redis_url: str) -> None:
+    with trio.fail_after(20):
+        async with shared_store(redis_url) as store:
+            good, bad = [(await store.create()).run_id for _ in range(2)]
+            epochs = {good: await store.claim(good), bad: await store.claim(bad)}
+            await store.client.set(store.keys.events(bad), "not a stream")
+            with pytest.raises(trio.BrokenResourceError, match="Redis refused") as caught:
+                async with store.open_history(good, epoch=epochs[good]) as history:
+                    async with store.open_history(bad, epoch=epochs[bad]) as broken:
+                        history.extend(events(1, 3, good))
+                        broken.extend(events(1, 3, bad))
+                        await history.flush()  # the same call: written all the same
+                        await trio.sleep_forever()  # cancelled by the failure
+            assert isinstance(caught.value.__cause__, coredis.exceptions.WrongTypeError)
+            assert history.statistics().written_seq == 3
+            assert broken.statistics().state == "failed"
+            assert (await store.get(good)).last_seq == 3
+            assert (await store.get(bad)).last_seq == 0
+
+
+async def test_a_block_cancelled_from_outside_still_writes_what_it_buffered(
+    redis_url: str,
+) -> None:
+    async def cancelled_with_events_buffered(store: RedisRunStore) -> None:
+        run_id = (await store.create()).run_id
+        epoch = await store.claim(run_id)
+        with trio.CancelScope() as scope:
+            async with store.open_history(run_id, epoch=epoch, flush_interval=60.0) as h:
+                h.extend(events(1, 5, run_id))
+                scope.cancel()  # its task is cancelled at once
+                await trio.sleep_forever()
+        assert (await store.get(run_id)).last_seq == 5  # nothing was lost
+        assert h.statistics().state == "closed"
+
+    with trio.fail_after(20):
+        async with shared_store(redis_url) as store:
+            await cancelled_with_events_buffered(store)  # its drain ran the writer itself
+        async with writer(redis_url, flush_interval=60.0) as (store, _):
+            await cancelled_with_events_buffered(store)  # the other history's task wrote it
+
+
+async def test_a_call_that_fails_is_retried_once_for_every_run_and_nothing_is_written_twice(
+    redis_aof_server: RedisServer,
+) -> None:
+    retry = RetryPolicy(attempts=10, base_delay=0.6, jitter=0.0, retry_on=(Exception,))
+    options = {"retry": retry, "write_timeout": 0.3}
+    with trio.fail_after(30):
+        async with shared_store(redis_aof_server.url) as store:
+            client = store.client
+            async with contextlib.AsyncExitStack() as stack:
+                histories = []
+                for _ in range(5):
+                    run_id = (await store.create()).run_id
+                    epoch = await store.claim(run_id)
+                    histories.append(
+                        await stack.enter_async_context(
+                            store.open_history(run_id, epoch=epoch, **options)  # type: ignore[arg-type]
+                        )
+                    )
+                for h in histories:
+                    h.extend(events(1, 10, h.run_id))
+                await histories[0].flush()
+                redis_aof_server.pause()  # the call is sent, never answered: it times out
+                try:
+                    for h in histories:
+                        h.extend(events(11, 20, h.run_id))
+                    await trio.sleep(0.45)  # the call failed at 0.3 s; its retry goes at 0.9 s
+                    assert [h.statistics().retries for h in histories] == [1] * 5
+                finally:
+                    redis_aof_server.resume()  # Redis now applies the abandoned call
+                for h in histories:
+                    await h.flush()
+                # The retry found every batch written (the script's SEQ answer), once.
+                assert [h.statistics().retries for h in histories] == [1] * 5
+                for h in histories:
+                    ids = [e.identifier for e in await client.xrange(store.keys.events(h.run_id))]
+                    assert ids == [f"{seq}-0".encode() for seq in range(1, 21)]
+                    assert list(await h.read(0)) == events(1, 20, h.run_id)
+
+
 async def test_a_full_batch_is_written_at_once_and_a_partial_one_after_the_interval(
     redis_url: str,
 ) -> None:
@@ -364,7 +550,9 @@ async def test_a_history_whose_redis_is_gone_fails_after_the_retry_policy_backof
         retry_policy=coredis.retry.NoRetryPolicy(),
     )
     retry = RetryPolicy(attempts=4, base_delay=1.0, jitter=0.0, retry_on=(Exception,))
-    history = RedisHistory(client, Keys(), "run_x", capacity=8, last_seq=0, epoch=1, retry=retry)
+    history = RedisHistory(
+        client, Keys(), "run_x", capacity=8, last_seq=0, epoch=1, retry=retry, flush_interval=0.025
+    )
     async with client:
         start = trio.current_time()
         with (

@@ -43,6 +43,7 @@ from trioflow.redis._client import (
     redis_client,
 )
 from trioflow.redis._history import (
+    APPEND_RUNS_SCRIPT,
     APPEND_SCRIPT,
     DEFAULT_RETRY,
     RedisHistory,
@@ -64,6 +65,7 @@ from trioflow.redis._watchers import WatcherCounts
 from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
 __all__ = [
+    "APPEND_RUNS_SCRIPT",
     "APPEND_SCRIPT",
     "DEFAULT_RECONNECT",
     "DEFAULT_RETRY",

@@ -19,10 +19,12 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import coredis.exceptions
+import coredis.parser
 import trio
 
 from trioflow.events import TERMINAL_TYPES, EventType, FlowEvent
@@ -35,37 +37,90 @@ if TYPE_CHECKING:
 
     from trioflow.redis._keys import Keys
 
-__all__ = ["APPEND_SCRIPT", "DEFAULT_RETRY", "RedisHistory", "RedisHistoryStatistics"]
+__all__ = [
+    "APPEND_RUNS_SCRIPT",
+    "APPEND_SCRIPT",
+    "DEFAULT_RETRY",
+    "RedisHistory",
+    "RedisHistoryStatistics",
+]
 
 _log = logging.getLogger("trioflow.redis")
 
-APPEND_SCRIPT = """
+_APPEND_RUN = """
+-- Append one run's batch: the fence, the seq check, the XADDs, the TTL.
+-- Returns the new last seq, or a refusal: 'NORUN', 'FENCED <epoch>', 'SEQ <last seq>'.
+local function append_run(run, events, epoch, first, capacity, now, ttl, final, argv, from, to)
+  local current = redis.call('HGET', run, 'epoch')
+  if not current then return 'NORUN' end
+  if current ~= epoch then return 'FENCED ' .. current end
+  local last = tonumber(redis.call('HGET', run, 'last_seq') or '0')
+  if first ~= last + 1 then return 'SEQ ' .. last end
+  if capacity ~= '0' then
+    for i = from, to do
+      redis.call('XADD', events, 'MAXLEN', '~', capacity,
+                 string.format('%d-0', first + i - from), 'e', argv[i])
+    end
+  end
+  last = first + to - from
+  redis.call('HSET', run, 'last_seq', last, 'updated_at', now)
+  if final ~= '' then redis.call('HSET', run, 'status', final) end
+  if ttl ~= '0' then
+    redis.call('EXPIRE', run, ttl)
+    redis.call('EXPIRE', events, ttl)
+  end
+  return last
+end
+"""
+
+APPEND_SCRIPT = (
+    _APPEND_RUN
+    + """
 -- KEYS[1]: the run's record (hash), KEYS[2]: its events (stream)
 -- ARGV[1]: the writer's epoch, ARGV[2]: the batch's first seq, ARGV[3]: the capacity,
 -- ARGV[4]: now, ARGV[5]: TTL in seconds (0: none), ARGV[6]: final status ('': none),
 -- ARGV[7..]: the events' JSON, in seq order
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then return redis.error_reply('NORUN') end
-if epoch ~= ARGV[1] then return redis.error_reply('FENCED ' .. epoch) end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0')
-local first = tonumber(ARGV[2])
-if first ~= last + 1 then return redis.error_reply('SEQ ' .. last) end
-if ARGV[3] ~= '0' then
-  for i = 7, #ARGV do
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3],
-               string.format('%d-0', first + i - 7), 'e', ARGV[i])
-  end
-end
-last = first + #ARGV - 7
-redis.call('HSET', KEYS[1], 'last_seq', last, 'updated_at', ARGV[4])
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[6]) end
-if ARGV[5] ~= '0' then
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-end
-return last
+local reply = append_run(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4],
+                         ARGV[5], ARGV[6], ARGV, 7, #ARGV)
+if type(reply) == 'string' then return redis.error_reply(reply) end
+return reply
 """
-"""The script that writes one batch: the fence, the seq check, the ``XADD`` s, the TTL."""
+)
+"""The script that writes one run's batch: the fence, the seq check, the ``XADD`` s, the TTL.
+
+A refusal is an error reply: ``NORUN``, ``FENCED <epoch>`` (the run's
+current epoch), ``SEQ <last seq>`` (the batch does not follow it)."""
+
+APPEND_RUNS_SCRIPT = (
+    _APPEND_RUN
+    + """
+-- KEYS: each run's record and events, in pairs. ARGV[1]: now; then for each run:
+-- its writer's epoch, the batch's first seq, the capacity, the TTL (0: none),
+-- the final status ('': none), the batch's length n, then its n events' JSON.
+local replies = {}
+local at = 2
+for k = 1, #KEYS, 2 do
+  local from = at + 6
+  local to = from + tonumber(ARGV[at + 5]) - 1
+  local ok, reply = pcall(append_run, KEYS[k], KEYS[k + 1], ARGV[at], tonumber(ARGV[at + 1]),
+                          ARGV[at + 2], ARGV[1], ARGV[at + 3], ARGV[at + 4], ARGV, from, to)
+  if not ok then
+    if type(reply) == 'table' then reply = reply.err end
+    reply = tostring(reply)
+  end
+  replies[#replies + 1] = reply
+  at = to + 1
+end
+return replies
+"""
+)
+"""The script that writes several runs' batches in one call (what the shared writer sends).
+
+Each run is fenced and seq-checked on its own, exactly as by
+:data:`APPEND_SCRIPT`: one reply per run, in order, its new last seq or its
+refusal as a string (``NORUN``, ``FENCED <epoch>``, ``SEQ <last seq>``, or
+the error Redis raised while writing that run, such as ``WRONGTYPE ...``),
+so that a refused run neither writes anything nor stops the others."""
 
 DEFAULT_RETRY = RetryPolicy(
     attempts=20,
@@ -101,6 +156,9 @@ _PAGE = 512
 _MAX_CHUNK = 1024
 """The most events one script call writes (a script blocks Redis while it runs)."""
 
+DEFAULT_FLUSH_INTERVAL = 0.002
+"""The default ``flush_interval``: 2 ms (see :class:`RedisHistory` and :doc:`/concepts/redis`)."""
+
 
 class _State(enum.Enum):
     READ_ONLY = "read-only"
@@ -120,7 +178,8 @@ class RedisHistoryStatistics:
     written_seq: int
     """The newest seq Redis has confirmed."""
     writes: int
-    """Batches written (one script call each)."""
+    """Batches written: the writer's calls that wrote some of this history's events
+    (one call carries the batches of every history of the client)."""
     retries: int
     """Failed write attempts that were retried."""
     state: str
@@ -136,14 +195,23 @@ class RedisHistory:
     :meth:`~trioflow.redis.RedisRunStore.history`.
 
     **Appending** (:meth:`append`, :meth:`extend`) is synchronous and O(1):
-    the event goes to a buffer, and a flusher task writes the buffer behind
-    as soon as ``batch_size`` events wait or ``flush_interval`` seconds after
-    the first one, whichever comes first, each batch through one atomic
-    script (:data:`APPEND_SCRIPT`). The batch holding the run's terminal
-    event sets the run's status and puts the retention TTL on its keys.
+    the event goes to a buffer, which the process's writer writes behind.
+    There is one writer per client, shared by every history written through
+    it: one task at a time (the task of one of the histories'
+    ``open_history`` blocks, handed over to another when that block ends)
+    sends, in **one** script call (:data:`APPEND_RUNS_SCRIPT`), the waiting
+    batch of every history, each batch fenced and seq-checked on its own.
+    A call goes once some history's batch is due: ``batch_size`` events
+    wait, a :meth:`flush` asks, or its oldest waiting event has waited
+    ``flush_interval`` seconds (2 ms by default); at most one call is in
+    flight, so under load the events appended during one call go together
+    in the next. The batch holding the run's terminal event sets the run's
+    status and puts the retention TTL on its keys.
 
     **When Redis fails** (an error, or no answer within ``write_timeout``
-    seconds), a batch is retried with the store's
+    seconds; for a call carrying several histories' batches, the shortest
+    of their timeouts, and every batch in it counts as failed), a batch is
+    retried with the store's
     :class:`~trioflow.RetryPolicy` (by default :data:`DEFAULT_RETRY`: backoff
     from 0.05 to 2 s, about 30 s in all); events appended meanwhile wait in
     the buffer, and reads serve them from there. The buffer is bounded by
@@ -186,7 +254,7 @@ class RedisHistory:
         epoch: int | None,
         retention: float | None = 3600.0,
         batch_size: int = 64,
-        flush_interval: float = 0.025,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_buffer: int = 65536,
         retry: RetryPolicy = DEFAULT_RETRY,
         write_timeout: float = 10.0,
@@ -216,14 +284,15 @@ class RedisHistory:
         self._write_timeout = write_timeout
         self._state = _State.READ_ONLY if epoch is None else _State.OPEN
         self._pending: collections.deque[FlowEvent] = collections.deque()
-        self._wake = trio.Event()
+        self._since = 0.0  # when the oldest waiting event started to wait (Trio time)
+        self._retry_at = -math.inf  # no write before then (Trio time): a retry's backoff
+        self._attempt = 0  # failed attempts at the oldest waiting events
         self._progress = trio.Event()
-        self._failed = trio.Event()
         self._error: Callable[[], BaseException] | None = None
         self._flush_now = False
         self._writes = 0
         self._retries = 0
-        self._script = client.register_script(APPEND_SCRIPT)
+        self._writer = _Writer.of(client) if epoch is not None else None
 
     def __repr__(self) -> str:
         return (
@@ -279,7 +348,9 @@ class RedisHistory:
         self._last_seq = event.seq
         n = len(pending)
         if n == 1 or n == self._batch:
-            self._wake.set()  # the first event starts the interval; a full batch goes now
+            if n == 1:
+                self._since = trio.current_time()  # the first event starts the interval
+            self._wake()  # ... and a full batch goes now
         elif n > self._max_buffer:
             self._fail(
                 lambda: trio.BrokenResourceError(
@@ -379,8 +450,11 @@ class RedisHistory:
     async def flush(self) -> None:
         """Wait until every event appended so far is written to Redis.
 
-        Asks the flusher to write at once rather than wait for a full batch
-        or the interval. If cancelled, the events are still written behind.
+        Asks the writer to write at once rather than wait for a full batch
+        or the interval (not before a retry's backoff has passed). While no
+        task runs the client's writer (see the class), the caller runs it
+        until its events are written. If cancelled, the events are still
+        written behind.
 
         Raises:
             Fenced: the writer was fenced off (the run was claimed again).
@@ -390,9 +464,13 @@ class RedisHistory:
         target = self._last_seq
         while self._written_seq < target:
             self._check()
-            progress = self._progress
             self._flush_now = True
-            self._wake.set()
+            writer = self._writer
+            if writer is not None and writer._leader is None and self in writer._histories:
+                await writer._lead(self, until=target)  # no task runs the writer: this one does
+                continue
+            progress = self._progress
+            self._wake()
             await progress.wait()
         await trio.lowlevel.checkpoint()
 
@@ -404,18 +482,21 @@ class RedisHistory:
                 f"the history of run {self.run_id} is {self._state.value}"
             )
 
+    def _wake(self, *, state: bool = False) -> None:
+        """Tell the writer that events wait (or a flush asks).
+
+        ``state``: the history failed or closed (its task is woken too).
+        """
+        if self._writer is not None:
+            self._writer.wake(state=state)
+
     def _fail(self, error: Callable[[], BaseException]) -> None:
-        """Stop writing for good; the flusher raises ``error()``."""
+        """Stop writing for good; the history's task (:meth:`_flusher`) raises ``error()``."""
         if self._state is _State.OPEN:
             self._state = _State.FAILED
             self._error = error
-            self._failed.set()
-            self._wake.set()
+            self._wake(state=True)
             self._advance()
-
-    def _stopped(self) -> bool:
-        """Whether the history failed (and writes nothing more)."""
-        return self._error is not None
 
     def _advance(self) -> None:
         """Wake whoever waits for written progress (or for a failure)."""
@@ -425,56 +506,36 @@ class RedisHistory:
     async def _flusher(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Write the buffer behind, batch by batch, until cancelled or failed.
+        """The task of the history's ``open_history`` block, started with ``nursery.start``.
 
-        A batch goes as soon as ``batch_size`` events wait (or a :meth:`flush`
-        asks); else when the oldest waiting event has waited
-        ``flush_interval``: the interval starts at the first event appended
-        to an empty buffer, or, for events appended during a write, when
-        that write started.
+        While it runs, the history is one of its writer's (the client's); it
+        raises the history's error when the history fails (which cancels
+        the block), and returns once the history is closed. Whenever no
+        other history's task does, it runs the writer for all of them (see
+        the class).
+
+        Raises:
+            Fenced, trio.BrokenResourceError: the history failed.
         """
-        task_status.started()
-        pending = self._pending
-        deadline = math.inf
-        while True:
-            if self._error is not None:
-                raise self._error()
-            if not pending:
-                self._wake = trio.Event()
-                await self._wake.wait()
-                deadline = trio.current_time() + self._interval
-                continue
-            if len(pending) < self._batch and not self._flush_now:
-                self._wake = trio.Event()
-                with trio.move_on_at(deadline):
-                    await self._wake.wait()
-                if (
-                    len(pending) < self._batch
-                    and not self._flush_now
-                    and trio.current_time() < deadline
-                ):
-                    continue
-            started = trio.current_time()
-            await self._write_next()
-            deadline = started + self._interval
+        if self._writer is None:
+            raise trio.ClosedResourceError(f"the history of run {self.run_id} is read-only")
+        await self._writer.serve(self, task_status=task_status)
 
-    async def _write_next(self) -> None:
-        """Write the oldest waiting events (at most ``_MAX_CHUNK``) as one batch."""
-        pending = self._pending
-        batch = list(itertools.islice(pending, 0, _MAX_CHUNK))
-        await self._write(batch)
-        if self._stopped():  # failed meanwhile: the batch was not written
-            return
-        for _ in batch:
-            pending.popleft()
-        self._written_seq = batch[-1].seq
-        self._writes += 1
-        if not pending:
-            self._flush_now = False
-        self._advance()
+    def _due(self, now: float) -> float:
+        """When the writer should write this history's waiting events (``inf``: nothing waits)."""
+        if not self._pending or self._error is not None:
+            return math.inf
+        if self._flush_now or len(self._pending) >= self._batch:
+            return max(now, self._retry_at)
+        return max(self._since + self._interval, self._retry_at)
 
-    async def _write(self, batch: list[FlowEvent]) -> None:
-        """Write ``batch`` with retries; on a refusal or an error not to retry, :meth:`_fail`."""
+    def _take(self, room: int) -> tuple[list[FlowEvent], list[str | int]] | None:
+        """The oldest waiting events (at most ``room``) and their script arguments.
+
+        ``None`` if one of them cannot be encoded: the history then fails,
+        and none of them is written.
+        """
+        batch = list(itertools.islice(self._pending, 0, room))
         final = ""
         for event in batch:
             status = _FINAL_STATUS.get(event.type)
@@ -484,68 +545,53 @@ class RedisHistory:
             payloads = [event.to_json() for event in batch]
         except ValueError as exc:  # NaN or infinity in an event's data: JSON has no such number
             self._fail(functools.partial(_broken, self.run_id, exc, "an event cannot be encoded"))
-            return
-        args: list[str | int] = [
+            return None
+        header: list[str | int] = [
             str(self._epoch),
             batch[0].seq,
             self._capacity,
-            repr(time.time()),
             self._ttl if final else 0,
             final,
-            *payloads,
+            len(batch),
         ]
-        keys = [self._run_key, self._events_key]
-        retry = 0
-        while True:
-            try:
-                # A Redis that stopped answering (paused, partitioned) is retried too.
-                with trio.fail_after(self._write_timeout):
-                    await self._script(keys, args)
-                return
-            except coredis.exceptions.ResponseError as exc:
-                if self._refused(exc, batch):
-                    return
-                error: Exception = exc
-            except Exception as exc:
-                if not self._retry.should_retry(exc):
-                    self._fail(functools.partial(_broken, self.run_id, exc, "writing failed"))
-                    return
-                error = exc
-            retry += 1
-            if retry >= self._retry.attempts:
-                self._fail(functools.partial(_broken, self.run_id, error))
-                return
-            self._retries += 1
-            delay = self._retry.next_delay(retry)
-            _log.warning(
-                "run %s: writing events %d-%d to Redis failed (%s); retry %d in %.2f s",
-                self.run_id,
-                batch[0].seq,
-                batch[-1].seq,
-                error,
-                retry,
-                delay,
-            )
-            with trio.move_on_after(delay):
-                await self._failed.wait()
-            if self._error is not None:
-                return
+        return batch, [*header, *payloads]
 
-    def _refused(self, exc: coredis.exceptions.ResponseError, batch: list[FlowEvent]) -> bool:
-        """Handle an error reply: True if handled (written, or failed for good), False to retry."""
-        if isinstance(exc, _TRANSIENT_ERRORS):
-            return False
-        code, _, value = str(exc).partition(" ")
+    def _written(self, seq: int, started: float) -> None:
+        """Redis has confirmed the events up to ``seq``: drop them from the buffer."""
+        pending = self._pending
+        while pending and pending[0].seq <= seq:
+            pending.popleft()
+        self._written_seq = seq
+        self._writes += 1
+        self._attempt = 0
+        self._retry_at = -math.inf
+        if pending:
+            self._since = started  # appended during the call: they waited since it started
+        else:
+            self._flush_now = False
+        self._advance()
+
+    def _answered(self, batch: list[FlowEvent], reply: object, started: float) -> None:
+        """Handle this history's reply to a call that carried ``batch``."""
+        if self._error is not None:
+            return  # failed meanwhile: it writes nothing more
+        if isinstance(reply, int):
+            self._written(reply, started)
+            return
+        text = reply.decode() if isinstance(reply, bytes) else str(reply)
+        code, _, value = text.partition(" ")
         epoch = self._epoch
         assert epoch is not None
         if code == "FENCED":
             current = int(value)
             self._fail(lambda: Fenced(self.run_id, epoch, current))
-            return True
-        if code == "SEQ":
+        elif code == "SEQ":
             stored = int(value)
-            if stored >= batch[-1].seq:
-                return True  # an earlier attempt was applied; its reply was lost
+            if batch[0].seq <= stored <= self._last_seq:
+                # An earlier attempt (whose reply was lost) wrote up to there: the epoch
+                # matched, so only this writer can have written those seqs.
+                self._written(stored, started)
+                return
             self._fail(
                 lambda: trio.BrokenResourceError(
                     f"run {self.run_id}: Redis holds events up to seq {stored}, but seq "
@@ -553,22 +599,52 @@ class RedisHistory:
                     "without persistence?); the history stopped writing"
                 )
             )
-            return True
-        if code == "NORUN":
+        elif code == "NORUN":
             self._fail(
                 lambda: trio.BrokenResourceError(
                     f"run {self.run_id}: its record is gone from Redis (expired, evicted or "
                     "flushed); the history stopped writing"
                 )
             )
-            return True
-        if code in _TRANSIENT_CODES:
-            return False
-        self._fail(functools.partial(_broken, self.run_id, exc, "Redis refused the write"))
-        return True
+        else:  # an error Redis raised while writing this run's batch
+            self._failed_with(_response_error(text), batch)
+
+    def _failed_with(self, error: Exception, batch: list[FlowEvent]) -> None:
+        """A call carrying ``batch`` failed with ``error``: retry after a backoff, or fail."""
+        if self._error is not None:
+            return
+        if isinstance(error, coredis.exceptions.ResponseError):
+            if not _transient(error):
+                self._fail(
+                    functools.partial(_broken, self.run_id, error, "Redis refused the write")
+                )
+                return
+        elif not self._retry.should_retry(error):
+            self._fail(functools.partial(_broken, self.run_id, error, "writing failed"))
+            return
+        self._attempt += 1
+        if self._attempt >= self._retry.attempts:
+            self._fail(functools.partial(_broken, self.run_id, error))
+            return
+        self._retries += 1
+        delay = self._retry.next_delay(self._attempt)
+        self._retry_at = trio.current_time() + delay
+        _log.warning(
+            "run %s: writing events %d-%d to Redis failed (%s); retry %d in %.2f s",
+            self.run_id,
+            batch[0].seq,
+            batch[-1].seq,
+            error,
+            self._attempt,
+            delay,
+        )
 
     async def _drain(self, within: float) -> bool:
-        """Flush what is buffered within ``within`` seconds (shielded); True if all was written."""
+        """Flush what is buffered within ``within`` seconds (shielded); True if all was written.
+
+        If no task runs the writer (this block's task was cancelled, and no
+        other history's task leads), :meth:`flush` runs it meanwhile.
+        """
         with trio.CancelScope(shield=True), trio.move_on_after(within):
             try:
                 await self.flush()
@@ -579,6 +655,9 @@ class RedisHistory:
     def _close(self) -> None:
         if self._state is _State.OPEN:
             self._state = _State.CLOSED
+        if self._writer is not None:
+            self._writer.leave(self)
+        self._wake(state=True)  # its task leaves the writer
         self._advance()
 
 
@@ -591,3 +670,155 @@ def _broken(
     )
     broken.__cause__ = error
     return broken
+
+
+def _response_error(text: str) -> coredis.exceptions.ResponseError:
+    """The exception coredis would raise for the error reply ``text`` (``WRONGTYPE ...``)."""
+    code = text.partition(" ")[0]
+    cls = coredis.parser.Parser.EXCEPTION_CLASSES.get(code)
+    if isinstance(cls, type) and issubclass(cls, coredis.exceptions.ResponseError):
+        return cls(text)
+    return coredis.exceptions.ResponseError(text)
+
+
+def _transient(error: coredis.exceptions.ResponseError) -> bool:
+    """Whether an error reply is worth retrying (Redis full, busy, read-only, ...)."""
+    if isinstance(error, _TRANSIENT_ERRORS):
+        return True
+    return str(error).partition(" ")[0] in _TRANSIENT_CODES
+
+
+class _Writer:
+    """What writes behind every :class:`RedisHistory` of one client: one call per round trip.
+
+    Histories join with :meth:`serve` (their ``open_history`` block's
+    task) and leave when it ends. The writer has no task of its own: one
+    of the serving tasks at a time *leads* (runs :meth:`_lead`, the write
+    loop for every history), the others wait; when the leader's history
+    closes or fails, it finishes the call in flight and another serving
+    task takes over. A leader cancelled mid-call (its block was cancelled)
+    leaves the batches of that call in their buffers: the next leader sends
+    them again, and the script's ``SEQ`` answer recognises what the
+    abandoned call wrote.
+    """
+
+    _by_client: ClassVar[weakref.WeakKeyDictionary[coredis.Redis[bytes], _Writer]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._script = client.register_script(APPEND_RUNS_SCRIPT)
+        self._histories: dict[RedisHistory, None] = {}  # an ordered set
+        self._wake = trio.Event()
+        self._changed = trio.Event()
+        self._leader: RedisHistory | None = None
+        self.calls = 0
+        """Script calls sent (round trips), failed ones included."""
+
+    @classmethod
+    def of(cls, client: coredis.Redis[bytes]) -> _Writer:
+        """The writer of ``client``'s histories (made on first use)."""
+        writer = cls._by_client.get(client)
+        if writer is None:
+            writer = cls._by_client[client] = cls(client)
+        return writer
+
+    def wake(self, *, state: bool = False) -> None:
+        """Events wait: the leader looks again.
+
+        ``state``: a history failed or closed, or the leader left: every
+        serving task looks too (rare: not on every append).
+        """
+        self._wake.set()
+        if state:
+            changed, self._changed = self._changed, trio.Event()
+            changed.set()
+
+    async def serve(
+        self,
+        history: RedisHistory,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """``history``'s task: see :meth:`RedisHistory._flusher`."""
+        self._histories[history] = None  # until it closes (its block may drain it later)
+        task_status.started()
+        while True:
+            if history._error is not None:
+                raise history._error()
+            if history._state is not _State.OPEN:
+                return
+            if self._leader is None:
+                await self._lead(history)
+            else:
+                await self._changed.wait()
+
+    def leave(self, history: RedisHistory) -> None:
+        """``history`` closed: the writer forgets it."""
+        self._histories.pop(history, None)
+
+    async def _lead(self, own: RedisHistory, *, until: float = math.inf) -> None:
+        """Write every history's waiting events, call after call, while ``own`` is open.
+
+        A draining history leads only until it has written seq ``until``.
+        """
+        self._leader = own
+        try:
+            while own._state is _State.OPEN and own._written_seq < until:
+                now = trio.current_time()
+                due = min((history._due(now) for history in self._histories), default=math.inf)
+                if due > now:
+                    self._wake = trio.Event()
+                    with trio.move_on_at(due):
+                        await self._wake.wait()
+                    continue
+                await self._call(now)
+        finally:
+            self._leader = None
+            self.wake(state=True)  # another history's task takes over
+            for history in self._histories:
+                history._advance()  # ... or a flush() waiting for progress
+
+    async def _call(self, started: float) -> None:
+        """One script call carrying the waiting batch of every history not in a backoff.
+
+        The oldest waiting batches go first; one call carries at most
+        ``_MAX_CHUNK`` events (the rest go in the next call, at once).
+        """
+        ready = [
+            history
+            for history in self._histories
+            if history._pending and history._error is None and history._retry_at <= started
+        ]
+        ready.sort(key=lambda history: history._since)
+        room = _MAX_CHUNK
+        keys: list[str] = []
+        args: list[str | int] = [repr(time.time())]
+        sent: list[tuple[RedisHistory, list[FlowEvent]]] = []
+        timeout = math.inf
+        for history in ready:
+            if not room:
+                break
+            taken = history._take(room)
+            if taken is None:
+                continue
+            batch, arguments = taken
+            keys += (history._run_key, history._events_key)
+            args += arguments
+            sent.append((history, batch))
+            room -= len(batch)
+            timeout = min(timeout, history._write_timeout)
+        if not sent:
+            return
+        self.calls += 1
+        try:
+            # A Redis that stopped answering (paused, partitioned) is retried too.
+            with trio.fail_after(timeout):
+                replies: object = await self._script(keys, args)
+        except Exception as exc:  # the call failed: every batch in it did
+            for history, batch in sent:
+                history._failed_with(exc, batch)
+            return
+        assert isinstance(replies, list)
+        for (history, batch), reply in zip(sent, replies, strict=True):
+            history._answered(batch, reply, started)

@@ -22,9 +22,10 @@ With the default prefix ``trioflow``:
   ``cancel_reason``/``cancel_mode`` fields of the run's record).
 
 The braces are a hash tag: both keys of one run live in the same Redis
-Cluster slot, so the append script, which touches both, is cluster-safe.
-The queue and the leases are shared by every run: the scripts of the work
-queue touch them with a run's keys, and so want one Redis (not a cluster).
+Cluster slot, so the one-run append script, which touches both, is
+cluster-safe. The writer's script carries several runs' batches, and the
+queue and the leases are shared by every run (the scripts of the work
+queue touch them with a run's keys): trioflow wants one Redis, not a cluster.
 """
 
 from __future__ import annotations

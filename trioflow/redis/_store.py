@@ -19,7 +19,7 @@ from trioflow._frozen import freeze_data
 from trioflow._util import collapse_single_group
 from trioflow.handle import RunStatus
 from trioflow.history import Fenced
-from trioflow.redis._history import DEFAULT_RETRY, RedisHistory
+from trioflow.redis._history import DEFAULT_FLUSH_INTERVAL, DEFAULT_RETRY, RedisHistory
 from trioflow.redis._keys import Keys
 from trioflow.supervise import RetryPolicy
 
@@ -299,7 +299,7 @@ class RedisRunStore:
         *,
         epoch: int,
         batch_size: int = 64,
-        flush_interval: float = 0.025,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_buffer: int = 65536,
         retry: RetryPolicy = DEFAULT_RETRY,
         write_timeout: float = 10.0,
@@ -307,9 +307,13 @@ class RedisRunStore:
     ) -> AsyncIterator[RedisHistory]:
         """The run's history to write, under ``epoch``, for the ``async with`` block.
 
-        The block owns the history's flusher task (started with
-        ``nursery.start``). On exit, what is still buffered is written
-        (shielded, within ``close_timeout`` seconds) and the history closes.
+        The block owns the history's task (started with ``nursery.start``),
+        which makes the history one of the client's shared writer's and, while
+        no other block's task does, runs that writer for every history of the
+        client (see :class:`RedisHistory`). On exit, what is still buffered is
+        written (shielded, within ``close_timeout`` seconds) and the history
+        closes; if the task is writing other runs' batches then, it finishes
+        that call (within ``close_timeout`` again) and hands the writer over.
         If the history fails (fenced, or Redis lost: see
         :class:`RedisHistory`), the block is cancelled and the error raised
         out of it.
@@ -319,7 +323,7 @@ class RedisRunStore:
             epoch: the epoch :meth:`claim` returned.
             batch_size: write as soon as this many events wait.
             flush_interval: write at the latest this many seconds after an
-                event was appended.
+                event was appended (2 ms by default: see :doc:`/concepts/redis`).
             max_buffer: the most events that may wait to be written (while
                 Redis is slow or away); past it the history fails.
             retry: how a failed write is retried.
@@ -370,8 +374,12 @@ class RedisRunStore:
                             )
                         )
                     history._close()
-                    if history._error is None or closing_failed:
-                        nursery.cancel_scope.cancel()  # the flusher may wait on Redis still
+                    if closing_failed:
+                        nursery.cancel_scope.cancel()  # the task may wait on Redis still
+                    elif history._error is None:
+                        # The task leaves once the call it may have in flight for other
+                        # runs returns (bounded: a call abandoned is sent again by the next).
+                        nursery.cancel_scope.deadline = trio.current_time() + close_timeout
         if closing_failed and history._error is not None:
             raise history._error()
 
