@@ -135,7 +135,8 @@ async def test_a_late_joiner_gets_byte_identical_frames_encoded_once(
         encoded += 1
         return encode(event)
 
-    monkeypatch.setattr(sse, "SSE", dataclasses.replace(sse.SSE, event=counting))
+    counted = dataclasses.replace(sse.SSE, event=counting)
+    monkeypatch.setattr(sse, "SSE_FORMAT", dataclasses.replace(sse.SSE_FORMAT, encoding=counted))
     server = await start_web_server(agent=talker(words=40, pace=400))
     run_id = await start_run(server)
     run = server.executor.get_run(run_id)

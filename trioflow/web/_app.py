@@ -17,7 +17,8 @@
 ``GET /runs/{id}/approvals``                 the run's tool calls waiting for a decision
 ``POST /runs/{id}/approvals/{call_id}``      ``{"decision": "approve" | "deny" | "edit",
                             "reason"?, "input"?}`` → ``200`` (:mod:`trioflow.approvals`)
-``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`)
+``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`);
+                            ``/events.ndjson``: as newline-delimited JSON (:mod:`trioflow.web._ndjson`)
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
                             was given (``404`` otherwise); it needs the token like every
@@ -55,6 +56,7 @@ from trioflow.threads import ThreadLimitReached
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
+from trioflow.web._ndjson import run_ndjson
 from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
 from trioflow.web._ws import run_socket, socket
@@ -486,6 +488,7 @@ def create_app(
         Route("/runs/{run_id}/approvals/{call_id}", _resolving(decide_approval), methods=["POST"]),
         Route("/runs/{run_id}/cancel", _resolving(cancel_run), methods=["POST"]),
         Route("/runs/{run_id}/events", _resolving(run_events), methods=["GET"], name="run_events"),
+        Route("/runs/{run_id}/events.ndjson", _resolving(run_ndjson), methods=["GET"]),
         WebSocketRoute("/runs/{run_id}/ws", _resolving(run_socket), name="run_socket"),
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),

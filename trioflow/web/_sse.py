@@ -70,10 +70,12 @@ One decision, two transports
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.datastructures import QueryParams
@@ -107,8 +109,10 @@ __all__ = [
     "KEEPALIVE",
     "RENAMED_EVENTS",
     "SSE",
+    "SSE_FORMAT",
     "EventOutput",
     "EventStreamResponse",
+    "StreamFormat",
     "encode_error",
     "encode_event",
     "event_name",
@@ -258,10 +262,13 @@ class EventOutput(StreamOutput[bytes, bytes]):
         raise NotImplementedError
 
 
-async def stream_events(hub: RunHub, run: Run, after: int, out: EventOutput) -> None:
+async def stream_events(
+    hub: RunHub, run: Run, after: int, out: EventOutput, fmt: StreamFormat | None = None
+) -> None:
     """Stream ``run``'s events after ``after`` to ``out`` until the terminal event, an eviction, or the client leaving.
 
-    The connection counts as one of the run's watchers meanwhile (and is
+    ``fmt`` is the wire format (:data:`SSE_FORMAT` by default). The
+    connection counts as one of the run's watchers meanwhile (and is
     tracked for the hub's drain).
     """
     watch = hub.attach(run)
@@ -281,7 +288,7 @@ async def stream_events(hub: RunHub, run: Run, after: int, out: EventOutput) -> 
                             nursery.cancel_scope.cancel()
 
                     nursery.start_soon(wait_disconnect)
-                    await _respond(hub, run, after, out)
+                    await _respond(hub, run, after, out, fmt or SSE_FORMAT)
                     nursery.cancel_scope.cancel()
     finally:
         watch.release(disconnected=disconnected or out.broken)
@@ -293,19 +300,36 @@ def _retry_field(seconds: float) -> bytes:
     return encode(retry=max(1, math.ceil(seconds * 1000))).encode("ascii")
 
 
-async def _respond(hub: RunHub, run: Run, after: int, out: EventOutput) -> None:
-    out.head = _retry_field(hub.config.retry)
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamFormat:
+    """A wire format of a run's event stream: its encoding, headers, first bytes and error frame."""
+
+    encoding: Encoding[bytes, bytes]
+    """How each event is framed (encoded once per run, shared by every connection)."""
+    headers: tuple[tuple[bytes, bytes], ...]
+    """The response's headers (``content-type`` among them)."""
+    head: Callable[[RunHub], bytes]
+    """The bytes sent first (SSE: the ``retry:`` field)."""
+    error: Callable[[str, str, dict[str, Any]], bytes]
+    """A stream error's frame (code, message, details)."""
+
+
+def _sse_error(code: str, message: str, details: dict[str, Any]) -> bytes:
+    return encode_error(code, message, **details).encode("ascii")
+
+
+SSE_FORMAT = StreamFormat(SSE, HEADERS, lambda hub: _retry_field(hub.config.retry), _sse_error)
+"""Server-Sent Events (:data:`SSE`, ``retry:`` first, errors as ``trioflow.error`` frames)."""
+
+
+async def _respond(hub: RunHub, run: Run, after: int, out: EventOutput, fmt: StreamFormat) -> None:
+    out.head = fmt.head(hub)
     try:
-        await stream_run(hub, run, after, out, SSE)
+        await stream_run(hub, run, after, out, fmt.encoding)
     except HistoryExpired as exc:
         await out.start()
-        error = encode_error(
-            HISTORY_EXPIRED,
-            str(exc),
-            requested=exc.requested,
-            first_available=exc.first_available,
-        )
-        await out.finish([error.encode("ascii")])
+        details = {"requested": exc.requested, "first_available": exc.first_available}
+        await out.finish([fmt.error(HISTORY_EXPIRED, str(exc), details)])
 
 
 # -- the ASGI response -----------------------------------------------------------------
@@ -318,12 +342,15 @@ def _body(data: bytes, *, more: bool = True) -> Message:
 class _AsgiOutput(EventOutput):
     """The ASGI ``send`` (any server, and :func:`~trioflow.web.serve` with middleware or TLS)."""
 
-    def __init__(self, send: Send, receive: Receive) -> None:
+    def __init__(
+        self, send: Send, receive: Receive, headers: tuple[tuple[bytes, bytes], ...] = HEADERS
+    ) -> None:
         self._send = send
         self._receive = receive
+        self._headers = list(headers)
 
     async def start(self) -> None:
-        await self._send({"type": "http.response.start", "status": 200, "headers": list(HEADERS)})
+        await self._send({"type": "http.response.start", "status": 200, "headers": self._headers})
 
     async def write(self, data: bytes) -> None:
         await self._send(_body(data))
@@ -356,14 +383,16 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, hub: RunHub, run: Run, after: int) -> None:
+    def __init__(self, hub: RunHub, run: Run, after: int, fmt: StreamFormat | None = None) -> None:
         self.hub = hub
         self.run = run
         self.after = after
+        self.fmt = fmt or SSE_FORMAT
         self.status_code = 200
         self.background = None
-        self.raw_headers = list(HEADERS)
+        self.raw_headers = list(self.fmt.headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Stream until the terminal event, an eviction, or the client leaving."""
-        await stream_events(self.hub, self.run, self.after, _AsgiOutput(send, receive))
+        output = _AsgiOutput(send, receive, self.fmt.headers)
+        await stream_events(self.hub, self.run, self.after, output, self.fmt)
