@@ -272,6 +272,15 @@ class TurnResult:
     """The model's stop reason."""
 
 
+def _ask_json(schema: Mapping[str, Any]) -> str:
+    """What the model is told when its answer must be JSON matching ``schema``."""
+    text = json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    return (
+        "Give your final answer as a single JSON value and nothing else (no prose, no "
+        f"code fence), matching this JSON Schema: {text}"
+    )
+
+
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.S)
 
 
@@ -384,6 +393,7 @@ class Agent:
         self.options = options
         self.output_schema = output_schema
         self._validator = None if output_schema is None else _schema_validator(output_schema)
+        self._ask_json = None if output_schema is None else _ask_json(output_schema)
 
     def replace(
         self,
@@ -405,22 +415,19 @@ class Agent:
             approval=self.approval,
             approval_timeout=self.approval_timeout,
             options=options if options is not None else self.options,
-            output_schema=self.output_schema,
         )
+        # The same tools, and the schema checked once (not again per run).
         copy.tools = self.tools
+        copy.output_schema, copy._validator = self.output_schema, self._validator
+        copy._ask_json = self._ask_json
         return copy
 
     @property
     def instructions(self) -> str | None:
         """The system prompt the model gets: :attr:`system`, and the answer's schema if there is one."""
-        if self.output_schema is None:
+        if self._ask_json is None:
             return self.system
-        schema = json.dumps(self.output_schema, ensure_ascii=False, sort_keys=True)
-        ask = (
-            "Give your final answer as a single JSON value and nothing else (no prose, no "
-            f"code fence), matching this JSON Schema: {schema}"
-        )
-        return ask if not self.system else f"{self.system}\n\n{ask}"
+        return self._ask_json if not self.system else f"{self.system}\n\n{self._ask_json}"
 
     def __repr__(self) -> str:
         return (

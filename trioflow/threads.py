@@ -132,6 +132,11 @@ class Thread:
         return tuple(self._messages)
 
     @property
+    def message_count(self) -> int:
+        """How many messages it holds (without copying them)."""
+        return len(self._messages)
+
+    @property
     def runs(self) -> tuple[str, ...]:
         """The ids of its runs, oldest first."""
         return tuple(self._runs)
@@ -161,7 +166,7 @@ class Thread:
         """
         if self._running is not None:
             raise ThreadBusy(self.thread_id, self._running)
-        if len(self._messages) + 1 > self.max_messages:
+        if self.message_count + 1 > self.max_messages:
             raise ThreadFull(self.thread_id, self.max_messages)
 
     def begin(self, run_id: str) -> tuple[Message, ...]:

@@ -319,7 +319,7 @@ async def threads(request: Request) -> Response:
             {
                 "thread_id": t.thread_id,
                 "created_at": t.created_at,
-                "messages": len(t.messages),
+                "messages": t.message_count,
                 "runs": len(t.runs),
                 "running": t.running,
             }

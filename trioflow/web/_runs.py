@@ -351,16 +351,7 @@ class RunHub:
         try:
             if request.model is not None:
                 return await self._start_with_model(request, agent, metadata, thread)
-            return await self.executor.start(
-                agent,
-                request.task,
-                timeout=request.timeout,
-                max_iterations=request.max_iterations,
-                metadata=metadata,
-                on_disconnect=request.on_disconnect,
-                nursery=self._nursery,
-                thread=thread,
-            )
+            return await self._execute(agent, request, metadata, thread, self._nursery)
         except ThreadBusy as exc:
             raise ApiError(409, "thread_busy", str(exc), run_id=exc.run_id) from None
         except ThreadFull as exc:
@@ -391,6 +382,26 @@ class RunHub:
         self._cache(remote)
         return remote
 
+    async def _execute(
+        self,
+        agent: Agent,
+        request: RunRequest,
+        metadata: dict[str, Any],
+        thread: Thread | None,
+        nursery: trio.Nursery | None,
+    ) -> RunHandle:
+        """``request``'s run on the hub's executor, with ``agent`` (the request's limits and policy)."""
+        return await self.executor.start(
+            agent,
+            request.task,
+            timeout=request.timeout,
+            max_iterations=request.max_iterations,
+            metadata=metadata,
+            on_disconnect=request.on_disconnect,
+            nursery=nursery,
+            thread=thread,
+        )
+
     async def _start_with_model(
         self,
         request: RunRequest,
@@ -413,16 +424,7 @@ class RunHub:
             assert request.model is not None
             try:
                 async with with_model(agent, request.model) as agent_with_model:
-                    run = await self.executor.start(
-                        agent_with_model,
-                        request.task,
-                        timeout=request.timeout,
-                        max_iterations=request.max_iterations,
-                        metadata=metadata,
-                        on_disconnect=request.on_disconnect,
-                        nursery=nursery,
-                        thread=thread,
-                    )
+                    run = await self._execute(agent_with_model, request, metadata, thread, nursery)
                     task_status.started(run)
                     await run.wait()
             except (ModelError, ImportError) as exc:  # only opening the model raises these
