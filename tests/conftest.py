@@ -917,3 +917,76 @@ async def cli_process(
             process.kill()
             with trio.CancelScope(shield=True):
                 await process.wait()
+
+
+# -- the real JavaScript clients (Node) ----------------------------------------------------------
+
+JS_DIR = __import__("pathlib").Path(__file__).parent / "js"
+"""``tests/js``: ``package.json`` and the committed ``package-lock.json`` of the JavaScript
+client libraries the protocol tests run (``@ag-ui/client``, ``ai``), and their scripts."""
+
+
+def _install_js_clients() -> None:
+    """``npm ci`` into ``tests/js/node_modules`` unless it already holds this lockfile.
+
+    A stamp (the lockfile's SHA-256) marks a finished install; a file lock makes
+    the xdist workers of one session install once.
+    """
+    import hashlib
+    import subprocess
+
+    import filelock
+
+    lock = JS_DIR / "package-lock.json"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()
+    stamp = JS_DIR / "node_modules" / ".trioflow-lock-sha256"
+    with filelock.FileLock(str(JS_DIR / ".npm-ci.lock"), timeout=300):
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS_DIR,
+            capture_output=True,
+            text=True,
+            timeout=280,
+            check=False,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"npm ci in {JS_DIR} failed:\n{done.stderr[-4000:]}", pytrace=False)
+        stamp.write_text(digest)
+
+
+@pytest.fixture(scope="session")
+def js_clients() -> Path:
+    """``tests/js`` with its ``node_modules`` installed (``npm ci`` from the lockfile, once).
+
+    Skips (or fails, when ``TRIOFLOW_REQUIRE`` names ``node``) without ``node`` and ``npm``.
+    """
+    found = which("node") is not None and which("npm") is not None
+    require("node", found, "install Node.js 18+ with npm")
+    _install_js_clients()
+    return JS_DIR
+
+
+async def run_node(js_dir: Path, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``node tests/js/<script> *args`` without blocking Trio; fail on a non-zero exit.
+
+    Bound it with the caller's ``trio.fail_after``.
+
+    The script's standard output is the test's evidence (scripts print JSON);
+    its standard error is in the failure message.
+    """
+    import subprocess
+
+    done = await trio.run_process(
+        ["node", str(js_dir / script), *args],
+        cwd=js_dir,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    out = done.stdout.decode()
+    err = done.stderr.decode()
+    if done.returncode != 0:
+        pytest.fail(f"node {script} exited {done.returncode}:\n{err[-4000:]}\n{out[-2000:]}")
+    return subprocess.CompletedProcess(done.args, done.returncode, out, err)
