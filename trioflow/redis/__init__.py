@@ -19,7 +19,10 @@ are on the :doc:`/concepts/redis` page.
   the queue, runs them under a heartbeated lease, honours cancels, drains.
 * :func:`reap`: ends (``flow.failed``, ``worker_lost``) or re-queues the runs
   whose worker was lost; :func:`request_cancel`: cancel a run from any process;
-  :func:`listen_for_cancels`: honour it where a serve node executes its runs.
+  :func:`listen_for_cancels`: honour it (and decisions) where a serve node
+  executes its runs.
+* :func:`request_decision`: approve, deny or edit a waiting tool call of a
+  run executed by any process; :func:`apply_decision`: take it where the call waits.
 * :class:`NodeTail` (:func:`open_node_tail`): a process's live tail, one
   blocking ``XREAD`` feeding every locally watched run; :class:`RemoteRun`
   (:func:`open_remote_run`): a :class:`~trioflow.handle.RunHandle` of a run
@@ -35,6 +38,7 @@ A :class:`~trioflow.StreamingFlowExecutor` keeps its runs here with
 """
 
 from trioflow.history import Fenced
+from trioflow.redis._approvals import apply_decision, request_decision
 from trioflow.redis._cancel import listen_for_cancels
 from trioflow.redis._client import (
     EVICTING_POLICY_WARNING,
@@ -86,6 +90,7 @@ __all__ = [
     "WatcherCounts",
     "Worker",
     "WorkerStatistics",
+    "apply_decision",
     "check_eviction_policy",
     "listen_for_cancels",
     "new_run_id",
@@ -96,5 +101,6 @@ __all__ = [
     "reap",
     "redis_client",
     "request_cancel",
+    "request_decision",
     "submit",
 ]

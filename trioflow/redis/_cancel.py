@@ -1,4 +1,4 @@
-"""Honouring cancel requests where a serve node executes its runs: :func:`listen_for_cancels`.
+"""Honouring cancel requests and approval decisions where a serve node executes its runs: :func:`listen_for_cancels`.
 
 A cancel request (:func:`~trioflow.redis.request_cancel`) is two writes: a
 durable marker, the ``cancel_reason`` and ``cancel_mode`` fields of the
@@ -21,6 +21,7 @@ import coredis.exceptions
 import trio
 
 from trioflow.handle import CancelMode, CancelReason
+from trioflow.redis._approvals import apply_decision, apply_decision_markers
 
 if TYPE_CHECKING:
     from trioflow.executor import StreamingFlowExecutor
@@ -36,6 +37,8 @@ def _apply(executor: StreamingFlowExecutor, message: Mapping[str, Any]) -> bool:
     run = executor.runs.get(str(message.get("run_id", "")))
     if run is None or run.done:
         return False
+    if "call_id" in message:  # a decision (trioflow.redis._approvals)
+        return apply_decision(run, message)
     try:
         mode = CancelMode(message.get("mode", CancelMode.IMMEDIATE))
     except ValueError:
@@ -50,7 +53,7 @@ async def listen_for_cancels(
     check_interval: float = 1.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Honour :func:`request_cancel` for ``executor``'s runs, until cancelled.
+    """Honour :func:`request_cancel` and :func:`request_decision` for ``executor``'s runs, until cancelled.
 
     The minimal listener of a process that executes runs (``trioflow serve
     --redis`` runs one beside its executor): it subscribes to
@@ -58,7 +61,9 @@ async def listen_for_cancels(
     run a message names; every ``check_interval`` seconds it also reads the
     ``cancel`` marker of each of the executor's unfinished runs (one
     pipelined round trip), which catches a message lost while the
-    subscription was reconnecting. Messages for runs of other processes
+    subscription was reconnecting. Approval decisions come the same two
+    ways: on :attr:`~trioflow.redis.Keys.decision_channel`, and as the
+    ``decision:<call_id>`` markers of the calls waiting here. Messages for runs of other processes
     are ignored. Start it with ``nursery.start``: it reports started once
     subscribed. Redis errors are logged and retried (coredis reconnects
     the subscription with backoff).
@@ -68,9 +73,9 @@ async def listen_for_cancels(
     """
     if not check_interval > 0:
         raise ValueError(f"check_interval must be > 0 seconds, not {check_interval!r}")
-    channel = store.keys.cancel_channel
+    channels = [store.keys.cancel_channel, store.keys.decision_channel]
     async with (
-        store.client.pubsub(channels=[channel], ignore_subscribe_messages=True) as pubsub,
+        store.client.pubsub(channels=channels, ignore_subscribe_messages=True) as pubsub,
         trio.open_nursery() as nursery,
     ):
         nursery.start_soon(_check_markers, store, executor, check_interval)
@@ -97,15 +102,18 @@ async def _check_markers(
     """Every ``interval`` s, the ``cancel`` markers of the executor's unfinished runs."""
     while True:
         await trio.sleep(interval)
-        ids = [rid for rid, run in executor.runs.items() if not run.done]
-        if not ids:
+        runs = [run for run in executor.runs.values() if not run.done]
+        if not runs:
             continue
+        ids = [run.run_id for run in runs]
         try:
             async with store.client.pipeline(transaction=False) as pipe:
                 requests = [
                     pipe.hmget(store.keys.run(rid), ["cancel_reason", "cancel_mode"]) for rid in ids
                 ]
             markers = [await request for request in requests]
+            for run in runs:
+                await apply_decision_markers(store, run)
         except (coredis.exceptions.RedisError, OSError) as exc:
             _log.warning("reading cancel markers failed (%s); retrying", exc)
             continue

@@ -48,7 +48,7 @@ __all__ = [
 _log = logging.getLogger("trioflow.redis")
 
 _APPEND_RUN = """
--- Append one run's batch: the fence, the seq check, the XADDs, the TTL.
+-- Append one run's batch: the fence, the seq check, the XADDs, the approvals index, the TTL.
 -- Returns the new last seq, or a refusal: 'NORUN', 'FENCED <epoch>', 'SEQ <last seq>'.
 local function append_run(run, events, epoch, first, capacity, now, ttl, final, argv, from, to)
   local current = redis.call('HGET', run, 'epoch')
@@ -56,10 +56,29 @@ local function append_run(run, events, epoch, first, capacity, now, ttl, final, 
   if current ~= epoch then return 'FENCED ' .. current end
   local last = tonumber(redis.call('HGET', run, 'last_seq') or '0')
   if first ~= last + 1 then return 'SEQ ' .. last end
-  if capacity ~= '0' then
-    for i = from, to do
+  for i = from, to do
+    local e = argv[i]
+    if capacity ~= '0' then
       redis.call('XADD', events, 'MAXLEN', '~', capacity,
-                 string.format('%d-0', first + i - from), 'e', argv[i])
+                 string.format('%d-0', first + i - from), 'e', e)
+    end
+    -- The approvals index in the record: the first "type" key is the event's own
+    -- (before it come only the numeric id and the escaped run id).
+    local at = string.find(e, '"type":"tool.', 1, true)
+    if at and at == string.find(e, '"type":"', 1, true) then
+      local kind = string.sub(e, at + 13, at + 31)
+      local asked = string.sub(kind, 1, 18) == 'approval_required"'
+      if asked or string.sub(kind, 1, 9) == 'approved"' or string.sub(kind, 1, 7) == 'denied"' then
+        local ok, event = pcall(cjson.decode, e)
+        local call = ok and type(event.data) == 'table' and event.data.call_id
+        if type(call) == 'string' then
+          if asked then
+            redis.call('HSET', run, 'approval:' .. call, e)
+          else
+            redis.call('HSETNX', run, 'decision:' .. call, e)
+          end
+        end
+      end
     end
   end
   last = first + to - from
@@ -87,6 +106,12 @@ return reply
 """
 )
 """The script that writes one run's batch: the fence, the seq check, the ``XADD`` s, the TTL.
+
+It also keeps the run's approvals index in its record: a
+``tool.approval_required`` event is stored in field ``approval:<call_id>``
+and a ``tool.approved``/``tool.denied`` one closes it in ``decision:<call_id>``
+(unless a decision is there already), in the same step as the event
+becomes visible, so anyone who saw the event finds the call in the record.
 
 A refusal is an error reply: ``NORUN``, ``FENCED <epoch>`` (the run's
 current epoch), ``SEQ <last seq>`` (the batch does not follow it)."""

@@ -19,7 +19,11 @@ With the default prefix ``trioflow``:
   each live node renews (:class:`~trioflow.redis.WatcherCounts`);
 * ``trioflow:cancel``: the pub/sub channel of cancel requests
   (:func:`~trioflow.redis.request_cancel`; the durable marker is the
-  ``cancel_reason``/``cancel_mode`` fields of the run's record).
+  ``cancel_reason``/``cancel_mode`` fields of the run's record);
+* ``trioflow:decisions``: the pub/sub channel of approval decisions
+  (:func:`~trioflow.redis.request_decision`; the durable marker is the
+  ``decision:<call_id>`` field of the run's record, whose ``approval:<call_id>``
+  fields index the calls that asked).
 
 The braces are a hash tag: both keys of one run live in the same Redis
 Cluster slot, so the one-run append script, which touches both, is
@@ -80,3 +84,8 @@ class Keys:
     def cancel_channel(self) -> str:
         """The pub/sub channel of cancel requests (JSON: ``run_id``, ``reason``, ``mode``)."""
         return f"{self.prefix}:cancel"
+
+    @property
+    def decision_channel(self) -> str:
+        """The pub/sub channel of approval decisions (JSON: ``run_id``, ``call_id``, ``decision``, ...)."""
+        return f"{self.prefix}:decisions"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from trioflow.bus import EventFilter, Overflow, Subscription
 from trioflow.events import FlowEvent
 from trioflow.figures import COUNT_KEYS
 from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle, RunStatus
+from trioflow.redis._approvals import request_decision
 from trioflow.redis._history import _FINAL_STATUS
 from trioflow.redis._reaper import request_cancel
 
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from trioflow.redis._tail import NodeTail, RunFeed
 
 __all__ = ["RemoteRun", "open_remote_run"]
+
+_log = logging.getLogger("trioflow.redis")
 
 
 class RemoteRun:
@@ -33,9 +37,9 @@ class RemoteRun:
     stream from ``after`` then follows it live through the node's
     :class:`~trioflow.redis.NodeTail` (one read per batch for all the local
     watchers), ending after the terminal event. :meth:`cancel` goes through
-    :func:`~trioflow.redis.request_cancel`. Approvals across processes are
-    not supported yet: :meth:`pending_approvals` is empty and :meth:`decide`
-    refuses.
+    :func:`~trioflow.redis.request_cancel`; approvals through the record's
+    index and :func:`~trioflow.redis.request_decision`
+    (:meth:`pending_approvals`, :meth:`send_decision`).
     """
 
     def __init__(self, store: RedisRunStore, tail: NodeTail, record: RunRecord) -> None:
@@ -164,8 +168,28 @@ class RemoteRun:
         return True
 
     def pending_approvals(self) -> list[PendingApproval]:
-        """None known: approvals of a run executed elsewhere are not served yet."""
-        return []
+        """The run's calls waiting for a decision, from its record as last read (:meth:`refresh`)."""
+        if self.done:
+            return []
+        return self.record.pending_approvals()
+
+    def _check_decision(
+        self,
+        call_id: str,
+        decision: ApprovalDecision | str,
+        input: Mapping[str, Any] | None,
+        reason: str | None,
+    ) -> PendingApproval:
+        for pending in self.pending_approvals():
+            if pending.call_id == call_id:
+                break
+        else:
+            raise ApprovalError(call_id, decided=call_id in self.record.decided or self.done)
+        pending.decision = ApprovalDecision(decision)
+        pending.reason = reason
+        if input is not None:
+            pending.input = dict(input)
+        return pending
 
     def decide(
         self,
@@ -175,12 +199,55 @@ class RemoteRun:
         reason: str | None = None,
         input: Mapping[str, Any] | None = None,
     ) -> PendingApproval:
-        """Refused: deciding a run's tool call from another process is not supported yet.
+        """Send a decision on a waiting call to the process executing the run, in the background.
+
+        Checked against the record as last read; the decision is then
+        written in the tail's nursery (:func:`~trioflow.redis.request_decision`),
+        and a conflicting decision taken meanwhile on another node wins
+        (logged). :meth:`send_decision` waits for that answer instead. The
+        edit's ``input`` is checked against the tool's schema where the call runs.
 
         Raises:
-            ApprovalError: always.
+            ~trioflow.approvals.ApprovalError: no call ``call_id`` waits, as far as the record says.
+            ValueError: as :func:`~trioflow.redis.request_decision`.
+            RuntimeError: the node's tail is not open.
         """
-        raise ApprovalError(call_id, decided=False)
+        _check_arguments(decision, reason, input)
+        pending = self._check_decision(call_id, decision, input, reason)
+        self.tail.spawn(
+            _send_logged(self.store, self.run_id, call_id, decision, reason, input),
+            name=f"decide {self.run_id} {call_id}",
+        )
+        return pending
+
+    async def send_decision(
+        self,
+        call_id: str,
+        decision: ApprovalDecision | str,
+        *,
+        reason: str | None = None,
+        input: Mapping[str, Any] | None = None,
+    ) -> PendingApproval:
+        """Take a decision on a waiting call, wherever the run executes; return the call, decided.
+
+        One script checks and writes it (:func:`~trioflow.redis.request_decision`):
+        of two nodes deciding at once exactly one succeeds. The edit's
+        ``input`` should be checked against the tool's schema first (the web
+        server does); it is checked again where the call runs.
+
+        Raises:
+            ~trioflow.approvals.ApprovalError: no call ``call_id`` waits
+                (``decided``: it was decided, timed out, or the run ended).
+            ValueError: as :func:`~trioflow.redis.request_decision`.
+            KeyError: the run's keys are gone (expired).
+            coredis.exceptions.RedisError: Redis failed.
+        """
+        _check_arguments(decision, reason, input)
+        pending = self._check_decision(call_id, decision, input, reason)
+        await request_decision(
+            self.store, self.run_id, call_id, decision, reason=reason, input=input
+        )
+        return pending
 
     async def wait(self) -> None:
         """Wait until the run has ended (its terminal event reached this node).
@@ -223,9 +290,36 @@ class RemoteRun:
             "output": "",
             "result": None if terminal is None else dict(terminal.data),
             "on_disconnect": str(self.on_disconnect),
-            "approvals": [],
+            "approvals": [p.to_dict() for p in self.pending_approvals()],
             "metadata": metadata,
         }
+
+
+def _check_arguments(
+    decision: ApprovalDecision | str, reason: str | None, input: Mapping[str, Any] | None
+) -> None:
+    """The checks of :meth:`trioflow.approvals.Approvals.decide` that need no call (ValueError)."""
+    decision = ApprovalDecision(decision)
+    if decision is ApprovalDecision.EDIT and input is None:
+        raise ValueError("an edit needs the new 'input'")
+    if decision is not ApprovalDecision.EDIT and input is not None:
+        raise ValueError(f"'input' goes with an edit, not with {decision.value!r}")
+    if reason is not None and decision is not ApprovalDecision.DENY:
+        raise ValueError(f"'reason' goes with a denial, not with {decision.value!r}")
+
+
+async def _send_logged(
+    store: RedisRunStore,
+    run_id: str,
+    call_id: str,
+    decision: ApprovalDecision | str,
+    reason: str | None,
+    input: Mapping[str, Any] | None,
+) -> None:
+    try:
+        await request_decision(store, run_id, call_id, decision, reason=reason, input=input)
+    except (ApprovalError, KeyError) as exc:
+        _log.warning("run %s: decision on %s not taken: %s", run_id, call_id, exc)
 
 
 if TYPE_CHECKING:

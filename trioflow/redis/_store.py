@@ -17,6 +17,7 @@ import trio
 
 from trioflow._frozen import freeze_data
 from trioflow._util import collapse_single_group
+from trioflow.approvals import PendingApproval
 from trioflow.handle import RunStatus
 from trioflow.history import Fenced
 from trioflow.redis._history import DEFAULT_FLUSH_INTERVAL, DEFAULT_RETRY, RedisHistory
@@ -92,6 +93,26 @@ class RunRecord:
     cancel: Mapping[str, Any] | None = None
     """The cancel request on the run (:func:`~trioflow.redis.request_cancel`):
     ``reason`` and ``mode``; ``None`` while nobody asked."""
+    approvals: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """The data of every ``tool.approval_required`` event of the run, by call id."""
+    decided: frozenset[str] = frozenset()
+    """The call ids decided (by a person on any node, by the run, or by a timeout)."""
+
+    def pending_approvals(self) -> list[PendingApproval]:
+        """The calls waiting for a decision: asked, not decided, the run not finished."""
+        if self.status.finished:
+            return []
+        return [
+            PendingApproval(
+                call_id,
+                str(data.get("tool", "")),
+                dict(data.get("input") or {}),
+                int(data.get("iteration", 0)),
+                data.get("timeout"),
+            )
+            for call_id, data in self.approvals.items()
+            if call_id not in self.decided
+        ]
 
     @classmethod
     def _from_hash(cls, fields: Mapping[bytes, bytes]) -> RunRecord:
@@ -110,6 +131,14 @@ class RunRecord:
             created_at=float(text("created_at")),
             updated_at=float(text("updated_at")),
             cancel=_cancel_marker(fields.get(b"cancel_reason"), fields.get(b"cancel_mode")),
+            approvals={
+                name[9:].decode(): freeze_data(json.loads(value).get("data") or {})
+                for name, value in fields.items()
+                if name.startswith(b"approval:")
+            },
+            decided=frozenset(
+                name[9:].decode() for name in fields if name.startswith(b"decision:")
+            ),
         )
 
 

@@ -17,6 +17,7 @@ from trioflow._util import collapse_single_group
 from trioflow.executor import StreamingFlowExecutor, open_executor
 from trioflow.handle import CancelReason, RunStatus
 from trioflow.history import Fenced
+from trioflow.redis._approvals import apply_decision, apply_decision_markers
 from trioflow.redis._client import open_redis
 from trioflow.redis._queue import (
     _HANDBACK_SCRIPT,
@@ -543,6 +544,13 @@ class Worker:
                         self._fence(active, int(text))
                 elif text:
                     self._cancel(active, text, _text(mode))
+            for active in actives:  # decisions whose message was lost (rare: waiting calls only)
+                if active.run is not None and not active.fenced:
+                    try:
+                        await apply_decision_markers(self.store, active.run)
+                    except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+                        _log.warning("worker %s: reading decisions failed (%s)", self.name, exc)
+                        break
 
     def _cancel(self, active: _Active, reason: str, mode: str) -> None:
         if active.run is None:
@@ -553,18 +561,22 @@ class Worker:
             active.run.cancel(reason)
 
     async def _listen_cancels(self, *, task_status: trio.TaskStatus[None]) -> None:
-        channel = self.store.keys.cancel_channel
+        keys = self.store.keys
         started = False
         while True:
             try:
                 async with self.store.client.pubsub(
-                    channels=[channel], ignore_subscribe_messages=True
+                    channels=[keys.cancel_channel, keys.decision_channel],
+                    ignore_subscribe_messages=True,
                 ) as messages:
                     if not started:
                         started = True
                         task_status.started()
                     async for message in messages:
-                        self._on_cancel_message(message.get("data"))
+                        if _text(message.get("channel")) == keys.decision_channel:
+                            self._on_decision_message(message.get("data"))
+                        else:
+                            self._on_cancel_message(message.get("data"))
             except _REDIS_DOWN as exc:
                 if not started:
                     raise
@@ -579,6 +591,16 @@ class Worker:
                 self._cancel(active, str(message["reason"]), str(message["mode"]))
         except (TypeError, ValueError, KeyError):
             _log.warning("worker %s: a malformed cancel message: %r", self.name, data)
+
+    def _on_decision_message(self, data: object) -> None:
+        try:
+            message = json.loads(data)  # type: ignore[arg-type]
+            active = self._active.get(message["run_id"])
+        except (TypeError, ValueError, KeyError):
+            _log.warning("worker %s: a malformed decision message: %r", self.name, data)
+            return
+        if active is not None and active.run is not None and not active.fenced:
+            apply_decision(active.run, message)
 
     async def _reaper(self) -> None:
         assert self.reap_interval is not None

@@ -392,7 +392,7 @@ async def decide_approval(request: Request) -> Response:
     run = hub.get(request.path_params["run_id"])
     call_id = request.path_params["call_id"]
     body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
-    decided = hub.decide(run, call_id, body)
+    decided = await hub.decide(run, call_id, body)
     return JSONResponse(
         {"run_id": run.run_id, "call_id": call_id, "decision": str(decided.decision)}
     )

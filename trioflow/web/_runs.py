@@ -575,10 +575,14 @@ class RunHub:
             )
         run.cancel(reason, mode=mode)
 
-    def decide(self, run: RunHandle, call_id: str, body: object) -> PendingApproval:
+    async def decide(self, run: RunHandle, call_id: str, body: object) -> PendingApproval:
         """Take the decision in ``body`` (``{"decision", "reason"?, "input"?}``) on ``run``'s waiting call ``call_id``.
 
         The one reading of a decision for HTTP and the WebSocket protocol.
+        A run executed by another process (with Redis) gets it through
+        :meth:`RemoteRun.send_decision <trioflow.redis.RemoteRun.send_decision>`,
+        an edit checked first against the tool's schema of the agent this
+        server would build for the run's request.
 
         Raises:
             ApiError: ``400`` ``invalid_request`` (a body that is not that
@@ -601,6 +605,9 @@ class RunHub:
         if edited is not None and not isinstance(edited, Mapping):
             raise ApiError(400, "invalid_request", "'input' must be an object")
         try:
+            if self.store is not None and not self._is_local(run.run_id):
+                return await self._decide_remote(run, call_id, body["decision"], reason, edited)
+            await trio.lowlevel.checkpoint()
             return run.decide(call_id, body["decision"], reason=reason, input=edited)
         except ApprovalError as exc:
             if exc.decided:
@@ -610,6 +617,33 @@ class RunHub:
             raise ApiError(400, "invalid_input", str(exc), call_id=call_id) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
+
+    async def _decide_remote(
+        self,
+        run: RunHandle,
+        call_id: str,
+        decision: object,
+        reason: str | None,
+        edited: Mapping[str, Any] | None,
+    ) -> PendingApproval:
+        from trioflow.redis import RemoteRun
+        from trioflow.redis._queue import parse_request
+
+        assert isinstance(run, RemoteRun)
+        if edited is not None:
+            asked = run.record.approvals.get(call_id)
+            if asked is not None:  # unknown calls are refused by send_decision
+                request, _ = parse_request(run.record.request)
+                agent = request_agent(self._factory, request, self.config.allowed_models)
+                for tool in agent.tools:
+                    if tool.name == asked.get("tool"):
+                        tool.validate(edited)
+        return await run.send_decision(
+            call_id,
+            str(decision),
+            reason=reason,
+            input=edited,
+        )
 
     def thread(self, thread_id: str) -> Thread:
         """The conversation ``thread_id``.

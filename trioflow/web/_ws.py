@@ -494,7 +494,7 @@ async def _decide(
     if not isinstance(call_id, str):
         raise ApiError(400, "invalid_message", "'call_id' must be the id of a waiting tool call")
     body = {k: message[k] for k in ("decision", "reason", "input") if k in message}
-    decided = hub.decide(run, call_id, body)
+    decided = await hub.decide(run, call_id, body)
     frame: dict[str, Any] = {
         "type": "decided",
         "run_id": run.run_id,
