@@ -423,3 +423,30 @@ async def test_a_worker_rides_out_a_redis_restart_with_aof_and_its_run_completes
             assert_gapless(events)
             assert events[-1].type == "flow.completed"
             assert worker.statistics().completed == 1
+
+
+async def test_the_runs_of_a_worker_given_the_metrics_bus_are_counted(redis_url: str) -> None:
+    """``serve --workers N --metrics``: the in-process worker's runs reach ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trioflow.redis import open_node_tail, open_remote_run, submit
+    from trioflow.web._defaults import open_metrics
+
+    with trio.fail_after(20):
+        async with (
+            open_metrics() as (bus, render),
+            open_redis(redis_url) as client,
+        ):
+            store = RedisRunStore(client)
+            async with (
+                open_node_tail(store) as tail,
+                open_worker(store, bus=bus, reap_interval=None) as worker,
+            ):
+                run_id = await submit(store, {"task": "What is 25 * 4?"})
+                await (await open_remote_run(store, tail, run_id)).wait()
+                assert worker.statistics().completed == 1
+            await trio.testing.wait_all_tasks_blocked()
+            body, _ = render()
+            found = {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
+            runs = {s.labels["status"]: s.value for s in found["trioflow_runs"]}
+            assert runs == {"completed": 1.0}, run_id

@@ -366,7 +366,9 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
 
                 async with AsyncExitStack() as workers:
                     if args.workers:
-                        await workers.enter_async_context(_open_workers(args, config, factory, err))
+                        await workers.enter_async_context(
+                            _open_workers(args, config, factory, err, bus)
+                        )
                     urls = await nursery.start(run_server)
                     hint = (
                         " (token required: open /?token=<token> in a browser)"
@@ -401,14 +403,19 @@ async def _serve(args: argparse.Namespace, config: WebConfig, err: IO[str]) -> i
 
 @asynccontextmanager
 async def _open_workers(
-    args: argparse.Namespace, config: WebConfig, factory: AgentFactory, err: IO[str]
+    args: argparse.Namespace,
+    config: WebConfig,
+    factory: AgentFactory,
+    err: IO[str],
+    bus: EventBus | None,
 ) -> AsyncIterator[Worker]:
     """``--workers N``: one :class:`~trioflow.redis.Worker` of concurrency N in this process.
 
     Its own Redis client (its blocking queue reads take no connection from
     the node's pool). On leaving, it stops taking runs and lets its runs
     finish for at most ``--shutdown-timeout`` seconds, then cancels them
-    (``flow.cancelled``); a second signal cancels them at once.
+    (``flow.cancelled``); a second signal cancels them at once. Its runs'
+    events are also emitted on ``bus`` (``--metrics``: ``/metrics`` counts them).
     """
     from trioflow.redis import open_worker
 
@@ -420,6 +427,7 @@ async def _open_workers(
         drain="finish",
         drain_timeout=config.shutdown_timeout,
         run_timeout=args.timeout or None,
+        bus=bus,
     ) as worker:
         print(
             f"trioflow: worker {worker.name} ready (concurrency {args.workers})",

@@ -34,6 +34,7 @@ from trioflow.redis._store import RedisRunStore
 
 if TYPE_CHECKING:
     from trioflow.agent import Agent
+    from trioflow.bus import EventBus
     from trioflow.executor import Run
     from trioflow.redis._history import RedisHistory
 
@@ -151,6 +152,11 @@ class Worker:
         reap_interval: seconds between two reaps (``None``: this worker does not reap).
         run_timeout: the time limit of a run whose request sets none (``None``: none).
         name: the worker's consumer name and owner (the store's ``owner`` by default).
+        bus: a shared bus every event of the worker's runs is also emitted
+            on (see :class:`~trioflow.StreamingFlowExecutor`): the one a
+            :class:`~trioflow.telemetry.Telemetry` listens to, so that its
+            metrics count these runs too (``trioflow serve --workers N
+            --metrics``). None by default.
 
     Raises:
         ValueError: ``concurrency`` < 1, ``heartbeat`` not below ``lease``, a
@@ -171,6 +177,7 @@ class Worker:
         reap_interval: float | None = 1.0,
         run_timeout: float | None = None,
         name: str | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, not {concurrency}")
@@ -191,6 +198,7 @@ class Worker:
         self.reap_interval = reap_interval
         self.run_timeout = run_timeout
         self.name = name or store.owner
+        self.bus = bus
         self._state = _State.STARTING
         self._active: dict[str, _Active] = {}
         self._slots = trio.Semaphore(concurrency)
@@ -236,7 +244,9 @@ class Worker:
         await ensure_group(self.store)
         with collapse_single_group():
             async with (
-                open_executor(history_store=self._open_history, retention=0) as executor,
+                open_executor(
+                    bus=self.bus, history_store=self._open_history, retention=0
+                ) as executor,
                 trio.open_nursery() as services,
             ):
                 await services.start(self._listen_cancels)
@@ -626,6 +636,7 @@ async def open_worker(
     reap_interval: float | None = 1.0,
     run_timeout: float | None = None,
     name: str | None = None,
+    bus: EventBus | None = None,
 ) -> AsyncIterator[Worker]:
     """A :class:`Worker` serving in the background for the ``async with`` block.
 
@@ -660,6 +671,7 @@ async def open_worker(
             reap_interval=reap_interval,
             run_timeout=run_timeout,
             name=name,
+            bus=bus,
         )
 
     async with AsyncExitStack() as stack:
