@@ -46,7 +46,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Self
 
@@ -205,6 +205,10 @@ class Run:
         self.thread: Thread | None = None
         """The :class:`~trioflow.threads.Thread` the run continues, or ``None``."""
         self._history: tuple[Message, ...] = ()
+        self.conversation: tuple[Message, ...] | None = None
+        """Once the run has ended: the whole conversation of a run that got
+        its answer (the messages it continued, its task, every turn and tool
+        result, the answer), else ``None``. What a thread keeps of the run."""
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self._status.value} task={self.task[:40]!r}>"
@@ -555,6 +559,7 @@ class Run:
         finally:
             outcome = self._classify(result, error)
             terminal = self._finish(outcome, trio.current_time() - start)
+            self.conversation = result.messages if result is not None else None
             if self.thread is not None:  # a completed run continues the conversation
                 self.thread.end(self.run_id, result.messages if result is not None else None)
             with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
@@ -1156,6 +1161,7 @@ class StreamingFlowExecutor:
         on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         nursery: trio.Nursery | None = None,
         thread: Thread | None = None,
+        messages: Sequence[Message] = (),
     ) -> Run:
         """Start a run in the background and return its handle once it is running.
 
@@ -1170,11 +1176,16 @@ class StreamingFlowExecutor:
         first, and the run's messages become the thread's when it completes.
         The run's ``metadata`` gets the ``thread_id``.
 
+        ``messages`` is the conversation the run continues when it is kept
+        elsewhere (a :class:`~trioflow.redis.RedisThreads` thread, which its
+        caller begins and ends): the model sees it before ``task``; the
+        run's :attr:`Run.conversation` is what to keep once it has ended.
+
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
-            ValueError: empty task, bad ``timeout`` or ``max_iterations``, or a
+            ValueError: empty task, bad ``timeout`` or ``max_iterations``, a
                 duplicate ``run_id`` (in this executor, or in the
-                ``history_store``).
+                ``history_store``), or both ``thread`` and ``messages``.
             ~trioflow.threads.ThreadBusy: a run of ``thread`` is going.
             ~trioflow.threads.ThreadFull: ``thread`` holds its limit of messages.
             Exception: whatever the ``history_store`` raises while opening the
@@ -1187,10 +1198,13 @@ class StreamingFlowExecutor:
                 "StreamingFlowExecutor.start needs a nursery: pass nursery=... or use "
                 "'async with open_executor() as executor:'"
             )
+        if thread is not None and messages:
+            raise ValueError("give a thread or the messages a run continues, not both")
         if thread is not None:
             thread.check_start()
             metadata = {**(metadata or {}), "thread_id": thread.thread_id}
         run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata, on_disconnect)
+        run._history = tuple(messages)
         if thread is not None:
             run.thread = thread
             run._history = thread.begin(run.run_id)

@@ -20,6 +20,8 @@ are on the :doc:`/concepts/redis` page.
 * :func:`reap`: ends (``flow.failed``, ``worker_lost``) or re-queues the runs
   whose worker was lost; :func:`request_cancel`: cancel a run from any process;
   :func:`listen_for_cancels`: honour it where a serve node executes its runs.
+* :class:`RedisThreads`: conversations (:mod:`trioflow.threads`) every
+  node and worker shares, begun and ended atomically, bounded.
 * :class:`NodeTail` (:func:`open_node_tail`): a process's live tail, one
   blocking ``XREAD`` feeding every locally watched run; :class:`RemoteRun`
   (:func:`open_remote_run`): a :class:`~trioflow.handle.RunHandle` of a run
@@ -61,6 +63,7 @@ from trioflow.redis._tail import (
     TailStatistics,
     open_node_tail,
 )
+from trioflow.redis._threads import STARTING_GRACE, RedisThreads
 from trioflow.redis._watchers import WatcherCounts
 from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
@@ -72,6 +75,7 @@ __all__ = [
     "EVICTING_POLICY_WARNING",
     "HANDED_BACK",
     "QUEUE_GROUP",
+    "STARTING_GRACE",
     "WORKER_LOST",
     "Fenced",
     "Keys",
@@ -79,6 +83,7 @@ __all__ = [
     "RedisHistory",
     "RedisHistoryStatistics",
     "RedisRunStore",
+    "RedisThreads",
     "RemoteRun",
     "RunFeed",
     "RunRecord",

@@ -30,10 +30,13 @@ from trioflow.redis._queue import (
 )
 from trioflow.redis._reaper import end_run, reap
 from trioflow.redis._store import RedisRunStore
+from trioflow.redis._threads import RedisThreads
+from trioflow.threads import ThreadBusy, ThreadFull, ThreadNotFound
 
 if TYPE_CHECKING:
     from trioflow.agent import Agent
     from trioflow.executor import Run
+    from trioflow.models._base import Message
     from trioflow.redis._history import RedisHistory
 
 __all__ = ["HANDED_BACK", "Worker", "WorkerStatistics", "open_worker"]
@@ -204,6 +207,8 @@ class Worker:
         self._take = client.register_script(_TAKE_SCRIPT)
         self._beat = client.register_script(_HEARTBEAT_SCRIPT)
         self._handback = client.register_script(_HANDBACK_SCRIPT)
+        self.threads = RedisThreads(store)
+        """The threads a run may continue (``thread_id`` in its request)."""
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self._state.value} running={len(self._active)}>"
@@ -422,6 +427,18 @@ class Worker:
             "worker": self.name,
             "attempt": attempt,
         }
+        thread_id = record.request.get("thread_id") or None
+        prior: tuple[Message, ...] = ()
+        if thread_id is not None:  # begun by its submitter: read the conversation it continues
+            metadata["thread_id"] = thread_id
+            try:
+                prior = await self.threads.begin(thread_id, run_id)
+            except (ThreadNotFound, ThreadBusy, ThreadFull) as exc:
+                await self._refuse(active, exc)
+                return
+            except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+                await self._refuse(active, exc)
+                return
         factory = self.agent_factory or default_agent
         try:
             async with (
@@ -437,6 +454,7 @@ class Worker:
                     metadata=metadata,
                     on_disconnect=request.on_disconnect,
                     nursery=nursery,
+                    messages=prior,
                 )
                 active.run = run
                 if active.fenced:
@@ -460,7 +478,32 @@ class Worker:
             if active.run is None:  # never started: nothing of it was written, end it here
                 await self._refuse(active, exc)
                 return
+        if thread_id is not None:
+            await self._end_thread(active, thread_id)
         self._count(active)
+
+    async def _end_thread(self, active: _Active, thread_id: str) -> None:
+        """End the run's thread once its terminal event is written, under the run's epoch.
+
+        The messages are added only if the run completed and this worker
+        still holds its epoch (the script checks the run's record): a
+        fenced or handed-back run leaves the thread to the run's next holder
+        or to the reaper's terminal event.
+        """
+        run = active.run
+        if run is None or active.fenced or active.handed_back:
+            return
+        completed = run.result is not None and run.result.status is RunStatus.COMPLETED
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.lease):
+                await self.threads.end(
+                    thread_id,
+                    active.run_id,
+                    run.conversation if completed else None,
+                    epoch=active.epoch,
+                )
+        except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+            _log.warning("run %s: could not end its thread %s (%s)", active.run_id, thread_id, exc)
 
     async def _refuse(self, active: _Active, error: Exception) -> None:
         """End a run that cannot be started (a bad request, no agent) with ``flow.failed``."""

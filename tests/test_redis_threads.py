@@ -1,0 +1,179 @@
+"""Threads (conversations) in Redis, against a real redis-server: RedisThreads' atomic begin
+and fenced end, and over HTTP on two ``serve()`` nodes sharing one Redis with a worker
+executing the runs: a conversation posted alternately to both, busy/full/unknown across
+nodes, a fenced run leaving the thread untouched, and messages surviving a node restart."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+from conftest import WebServer, http_client
+
+from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.models import Message
+from trioflow.threads import ThreadBusy, ThreadFull, ThreadLimitReached, ThreadNotFound
+
+pytest.importorskip("coredis")
+
+from trioflow.redis import (
+    RedisRunStore,
+    RedisThreads,
+    new_run_id,
+    open_redis,
+    open_worker,
+    reap,
+)
+from trioflow.redis._reaper import end_run
+from trioflow.web import WebConfig, create_app, serve
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from starlette.applications import Starlette
+
+
+def said(messages: Any) -> list[tuple[str, str]]:
+    return [(m.role, m.text) for m in messages]
+
+
+def texts(thread_view: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(role, text)`` of each message of a ``GET /threads/{id}`` body."""
+    return [
+        (m["role"], "".join(b.get("text", "") for b in m["content"]))
+        for m in thread_view["messages"]
+    ]
+
+
+async def start_node(
+    nursery: trio.Nursery,
+    redis_url: str,
+    agent: Callable[[Any], Agent],
+    *,
+    enqueue: bool = True,
+    **config: Any,
+) -> WebServer:
+    """A serve node on ``redis_url`` (queueing its runs for workers unless ``enqueue=False``)."""
+    stop, stopped = trio.Event(), trio.Event()
+    made: list[tuple[StreamingFlowExecutor, Starlette, WebConfig]] = []
+
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            async with open_redis(redis_url) as client:
+                store = RedisRunStore(client)
+                executor = StreamingFlowExecutor(
+                    history_store=store.history_factory(flush_interval=0.005), run_ids=new_run_id
+                )
+                web = WebConfig(port=0, **config)
+                app = create_app(executor, agent=agent, config=web, store=store, enqueue=enqueue)
+                made.append((executor, app, web))
+                await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
+        finally:
+            stopped.set()
+
+    urls: list[str] = await nursery.start(run)
+    executor, app, web = made[0]
+    return WebServer(urls[0], "ws" + urls[0][4:], executor, app, web, stop, stopped)
+
+
+async def new_thread(node: WebServer, **body: Any) -> str:
+    async with http_client(node) as http:
+        created = await http.post("/threads", json=body)
+    assert created.status_code == 201, created.text
+    return str(created.json()["thread_id"])
+
+
+async def post_message(node: WebServer, thread_id: str, message: str) -> Any:
+    async with http_client(node) as http:
+        return await http.post(f"/threads/{thread_id}/runs", json={"message": message})
+
+
+async def finished(node: WebServer, run_id: str) -> dict[str, Any]:
+    """``GET /runs/{id}`` on ``node`` once the run has ended (polled)."""
+    async with http_client(node) as http:
+        while True:
+            view: dict[str, Any] = (await http.get(f"/runs/{run_id}")).json()
+            if view.get("status") in ("completed", "failed", "cancelled"):
+                return view
+            await trio.sleep(0.02)
+
+
+async def thread_view(node: WebServer, thread_id: str) -> dict[str, Any]:
+    async with http_client(node) as http:
+        response = await http.get(f"/threads/{thread_id}")
+    assert response.status_code == 200, response.text
+    view: dict[str, Any] = response.json()
+    return view
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+async def test_begin_is_atomic_end_is_fenced_and_limits_hold(redis_url: str) -> None:
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            threads = RedisThreads(store, max_threads=2, max_messages=3)
+            thread = await threads.create_thread({"user": "ann"})
+            assert (await threads.get_thread(thread.thread_id)).metadata == {"user": "ann"}
+            with pytest.raises(ThreadNotFound):
+                await threads.get_thread("thread_nope")
+            with pytest.raises(ThreadNotFound):
+                await threads.begin("thread_nope", "run_x")
+
+            run = (await store.create(new_run_id())).run_id
+            assert await threads.begin(thread.thread_id, run) == ()
+            assert await threads.begin(thread.thread_id, run) == ()  # the same run again: fine
+            other = (await store.create(new_run_id())).run_id
+            with pytest.raises(ThreadBusy) as busy:
+                await threads.begin(thread.thread_id, other)
+            assert busy.value.run_id == run
+            epoch = await store.claim(run)
+            turn = (Message.user("hi"), Message("assistant", ()))
+            # a zombie (an older epoch) adds nothing and leaves the run holding the thread
+            assert not await threads.end(thread.thread_id, run, turn, epoch=epoch - 1)
+            await end_run(store, run, epoch=epoch, type="flow.completed", data={})
+            assert await threads.end(thread.thread_id, run, turn, epoch=epoch)
+            view = await threads.get_thread(thread.thread_id)
+            assert said(view.messages) == [("user", "hi"), ("assistant", "")]
+            assert view.runs == (run,) and view.running is None
+
+            # a limit of 3: with 2 held, a run may start; with 4, none
+            third = (await store.create(new_run_id())).run_id
+            assert len(await threads.begin(thread.thread_id, third)) == 2
+            assert await threads.end(thread.thread_id, third, [*turn, *turn], epoch=None)
+            with pytest.raises(ThreadFull) as full:
+                await threads.begin(thread.thread_id, other)
+            assert full.value.limit == 3
+
+            # a running run whose record is terminal (reaped) no longer blocks its thread
+            second = await threads.create_thread()
+            lost = (await store.create(new_run_id())).run_id
+            await threads.begin(second.thread_id, lost)
+            lost_epoch = await store.claim(lost)
+            with pytest.raises(ThreadBusy):
+                await threads.begin(second.thread_id, other)
+            await end_run(store, lost, epoch=lost_epoch, type="flow.failed", data={})
+            assert (await threads.get_thread(second.thread_id)).running is None
+            assert await threads.begin(second.thread_id, other) == ()
+
+
+async def test_the_oldest_idle_thread_makes_room_else_the_limit_is_reached(
+    redis_url: str,
+) -> None:
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            threads = RedisThreads(store, max_threads=2)
+            first = await threads.create_thread()
+            second = await threads.create_thread()
+            await threads.begin(second.thread_id, (await store.create()).run_id)
+            third = await threads.create_thread()  # the first, idle, is forgotten
+            listed = [t.thread_id for t in await threads.list_threads()]
+            assert listed == [second.thread_id, third.thread_id]
+            with pytest.raises(ThreadNotFound):
+                await threads.get_thread(first.thread_id)
+            await threads.begin(third.thread_id, (await store.create()).run_id)
+            with pytest.raises(ThreadLimitReached):
+                await threads.create_thread()
