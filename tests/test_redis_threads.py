@@ -133,8 +133,8 @@ async def test_begin_is_atomic_end_is_fenced_and_limits_hold(redis_url: str) -> 
             turn = (Message.user("hi"), Message("assistant", ()))
             # a zombie (an older epoch) adds nothing and leaves the run holding the thread
             assert not await threads.end(thread.thread_id, run, turn, epoch=epoch - 1)
+            assert await threads.end(thread.thread_id, run, turn, epoch=epoch)  # the holder
             await end_run(store, run, epoch=epoch, type="flow.completed", data={})
-            assert await threads.end(thread.thread_id, run, turn, epoch=epoch)
             view = await threads.get_thread(thread.thread_id)
             assert said(view.messages) == [("user", "hi"), ("assistant", "")]
             assert view.runs == (run,) and view.running is None
@@ -156,6 +156,9 @@ async def test_begin_is_atomic_end_is_fenced_and_limits_hold(redis_url: str) -> 
                 await threads.begin(second.thread_id, other)
             await end_run(store, lost, epoch=lost_epoch, type="flow.failed", data={})
             assert (await threads.get_thread(second.thread_id)).running is None
+            # its worker, ending it after the reaper did, adds nothing
+            assert await threads.end(second.thread_id, lost, turn, epoch=lost_epoch)
+            assert (await threads.get_thread(second.thread_id)).messages == ()
             assert await threads.begin(second.thread_id, other) == ()
 
 
@@ -177,3 +180,158 @@ async def test_the_oldest_idle_thread_makes_room_else_the_limit_is_reached(
             await threads.begin(third.thread_id, (await store.create()).run_id)
             with pytest.raises(ThreadLimitReached):
                 await threads.create_thread()
+
+
+# -- over HTTP, two nodes and a worker ----------------------------------------------------------
+
+
+def node_agent(request: Any) -> Agent:
+    """The nodes' own agent: never used for a queued run (the worker builds its own)."""
+    return Agent(ScriptedModel([Turn("from the node")]))
+
+
+async def test_a_conversation_posted_alternately_to_two_nodes_runs_on_a_worker(
+    redis_url: str, nursery: trio.Nursery
+) -> None:
+    model = ScriptedModel([Turn("hello ann"), Turn("you are ann"), Turn("bye ann")])
+    agent = Agent(model)
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, node_agent)
+        b = await start_node(nursery, redis_url, node_agent)
+        async with (
+            open_redis(redis_url) as client,
+            open_worker(
+                RedisRunStore(client), agent_factory=lambda r: agent, reap_interval=None, name="w1"
+            ),
+        ):
+            thread_id = await new_thread(a, metadata={"user": "ann"})
+            runs = []
+            for node, other, message in ((a, b, "I am ann"), (b, a, "who am I?"), (a, b, "bye")):
+                response = await post_message(node, thread_id, message)
+                assert response.status_code == 201, response.text
+                assert response.json()["thread_id"] == thread_id
+                run_id = response.json()["run_id"]
+                view = await finished(other, run_id)  # the terminal event: the thread is free
+                assert view["status"] == "completed"
+                assert view["metadata"]["thread_id"] == thread_id
+                assert view["metadata"]["owner"] == "w1"
+                runs.append(run_id)
+    assert said(model.calls[2]) == [
+        ("user", "I am ann"),
+        ("assistant", "hello ann"),
+        ("user", "who am I?"),
+        ("assistant", "you are ann"),
+        ("user", "bye"),
+    ]
+    with trio.fail_after(10):
+        view = await thread_view(b, thread_id)
+        assert texts(view)[-1] == ("assistant", "bye ann") and len(view["messages"]) == 6
+        assert view["runs"] == runs and view["running"] is None
+        assert view["metadata"] == {"user": "ann"}
+        async with http_client(a) as http:
+            listed = (await http.get("/threads")).json()["threads"]
+        assert [(t["thread_id"], t["messages"], t["runs"]) for t in listed] == [(thread_id, 6, 3)]
+
+
+async def test_busy_full_and_unknown_threads_across_nodes(
+    redis_url: str, nursery: trio.Nursery
+) -> None:
+    slow = Agent(ScriptedModel([Turn(" ".join(["w"] * 400))] * 2, pace=200))
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, node_agent, max_thread_messages=2)
+        b = await start_node(nursery, redis_url, node_agent, max_thread_messages=2)
+        async with (
+            open_redis(redis_url) as client,
+            open_worker(RedisRunStore(client), agent_factory=lambda r: slow, reap_interval=None),
+        ):
+            thread_id = await new_thread(a)
+            first = await post_message(a, thread_id, "talk")
+            assert first.status_code == 201
+            busy = await post_message(b, thread_id, "and more")
+            assert busy.status_code == 409
+            assert busy.json()["error"]["code"] == "thread_busy"
+            assert busy.json()["error"]["run_id"] == first.json()["run_id"]
+            assert (await thread_view(b, thread_id))["running"] == first.json()["run_id"]
+            await finished(b, first.json()["run_id"])
+            full = await post_message(b, thread_id, "once more")  # 2 messages: the limit
+            assert full.status_code == 409
+            assert full.json()["error"]["code"] == "thread_full"
+            assert full.json()["error"]["limit"] == 2
+            for node in (a, b):
+                async with http_client(node) as http:
+                    missing = await http.get("/threads/thread_nope")
+                    assert missing.status_code == 404
+                    assert missing.json()["error"]["code"] == "thread_not_found"
+                    posted = await http.post("/threads/thread_nope/runs", json={"message": "hi"})
+                    assert posted.status_code == 404
+
+
+async def test_a_fenced_run_leaves_the_thread_untouched_and_usable(
+    redis_url: str, nursery: trio.Nursery
+) -> None:
+    model = ScriptedModel(
+        [Turn("hello ann"), Turn(" ".join(["w"] * 2000)), Turn("you are ann")], pace=200
+    )
+    agent = Agent(model)
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, node_agent)
+        b = await start_node(nursery, redis_url, node_agent)
+        async with (
+            open_redis(redis_url) as client,
+            open_worker(
+                RedisRunStore(client), agent_factory=lambda r: agent, reap_interval=None
+            ) as worker,
+        ):
+            store = RedisRunStore(client)
+            thread_id = await new_thread(a)
+            first = (await post_message(a, thread_id, "I am ann")).json()["run_id"]
+            await finished(b, first)
+            doomed = (await post_message(b, thread_id, "talk on")).json()["run_id"]
+            while (await store.get(doomed)).last_seq < 20:
+                await trio.sleep(0.02)
+            # its worker is presumed lost: its lease lapses, a reaper fences and ends the run
+            await client.zadd(store.keys.leases, {doomed: 0})
+            assert await reap(store) == {doomed: "failed"}
+            view = await finished(a, doomed)
+            assert view["status"] == "failed"
+            while worker.statistics().fenced < 1:  # the zombie hears it at its next heartbeat
+                await trio.sleep(0.05)
+            thread = await thread_view(a, thread_id)
+            assert texts(thread) == [("user", "I am ann"), ("assistant", "hello ann")]
+            assert thread["running"] is None and thread["runs"] == [first, doomed]
+            last = await post_message(a, thread_id, "who am I?")  # the thread is usable
+            assert last.status_code == 201, last.text
+            assert (await finished(b, last.json()["run_id"]))["status"] == "completed"
+    assert said(model.calls[-1]) == [
+        ("user", "I am ann"),
+        ("assistant", "hello ann"),
+        ("user", "who am I?"),
+    ]
+    with trio.fail_after(10):
+        assert len((await thread_view(b, thread_id))["messages"]) == 4
+
+
+async def test_messages_survive_a_node_restart_and_runs_executed_on_the_node(
+    redis_url: str, nursery: trio.Nursery
+) -> None:
+    model = ScriptedModel([Turn("hello ann"), Turn("you are ann")])
+    agent = Agent(model)
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, lambda r: agent, enqueue=False)
+        thread_id = await new_thread(a)
+        run_id = (await post_message(a, thread_id, "I am ann")).json()["run_id"]
+        assert (await finished(a, run_id))["status"] == "completed"
+        assert len((await thread_view(a, thread_id))["messages"]) == 2
+        a.stop.set()
+        await a.stopped.wait()
+        again = await start_node(nursery, redis_url, lambda r: agent, enqueue=False)
+        view = await thread_view(again, thread_id)
+        assert texts(view) == [("user", "I am ann"), ("assistant", "hello ann")]
+        run_id = (await post_message(again, thread_id, "who am I?")).json()["run_id"]
+        assert (await finished(again, run_id))["status"] == "completed"
+        assert len((await thread_view(again, thread_id))["messages"]) == 4
+    assert said(model.calls[1])[:3] == [
+        ("user", "I am ann"),
+        ("assistant", "hello ann"),
+        ("user", "who am I?"),
+    ]

@@ -209,6 +209,7 @@ class Run:
         """Once the run has ended: the whole conversation of a run that got
         its answer (the messages it continued, its task, every turn and tool
         result, the answer), else ``None``. What a thread keeps of the run."""
+        self._on_end: Callable[[Run], Awaitable[object]] | None = None
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self._status.value} task={self.task[:40]!r}>"
@@ -562,6 +563,12 @@ class Run:
             self.conversation = result.messages if result is not None else None
             if self.thread is not None:  # a completed run continues the conversation
                 self.thread.end(self.run_id, result.messages if result is not None else None)
+            if self._on_end is not None:  # before the terminal event: its watchers see it done
+                with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
+                    try:
+                        await self._on_end(self)
+                    except Exception:
+                        _log.exception("run %s: its on_end callback failed", self.run_id)
             with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
                 try:
                     await emit(*terminal)  # exactly one terminal event, also when cancelled
@@ -1162,6 +1169,7 @@ class StreamingFlowExecutor:
         nursery: trio.Nursery | None = None,
         thread: Thread | None = None,
         messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[object]] | None = None,
     ) -> Run:
         """Start a run in the background and return its handle once it is running.
 
@@ -1180,6 +1188,12 @@ class StreamingFlowExecutor:
         elsewhere (a :class:`~trioflow.redis.RedisThreads` thread, which its
         caller begins and ends): the model sees it before ``task``; the
         run's :attr:`Run.conversation` is what to keep once it has ended.
+        ``on_end`` is awaited with the run once its outcome is known
+        (:attr:`Run.result` and :attr:`Run.conversation` set), before its
+        terminal event is emitted, shielded from cancellation, for at most
+        5 seconds; what it raises is logged. Such a thread is ended there,
+        so a client that saw the terminal event can post the thread's next
+        message at once.
 
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
@@ -1205,6 +1219,7 @@ class StreamingFlowExecutor:
             metadata = {**(metadata or {}), "thread_id": thread.thread_id}
         run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata, on_disconnect)
         run._history = tuple(messages)
+        run._on_end = on_end
         if thread is not None:
             run.thread = thread
             run._history = thread.begin(run.run_id)

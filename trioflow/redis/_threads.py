@@ -119,7 +119,7 @@ local append = #ARGV > 5
 if ARGV[2] ~= '' then
   local r = redis.call('HMGET', KEYS[4], 'epoch', 'status')
   if r[1] ~= ARGV[2] then return -1 end  -- fenced: someone else holds the run now
-  if r[2] ~= 'completed' then append = false end
+  if r[2] ~= 'running' then append = false end  -- ended meanwhile (by a reaper)
 end
 if append and redis.call('LLEN', KEYS[2]) == tonumber(ARGV[3]) then
   for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
@@ -160,8 +160,8 @@ class RedisThreads:
       reaper after its worker was lost, say), or has had no record for
       :data:`STARTING_GRACE` seconds, no longer blocks it;
     * :meth:`end` adds a run's messages only if the run completed and, with
-      ``epoch``, only if the caller still holds the run's fencing epoch and
-      the run's record says ``completed``: a fenced worker adds nothing;
+      ``epoch``, only if the caller still holds the run's fencing epoch: a
+      fenced worker adds nothing;
     * at most ``max_threads`` threads are retained (making one more forgets
       the oldest with no run going; :exc:`~trioflow.threads.ThreadLimitReached`
       when every one has), each of at most ``max_messages`` messages (fixed
@@ -381,10 +381,11 @@ class RedisThreads:
         """Record the end of run ``run_id``, atomically: ``messages``, the whole conversation it completed, or ``None``.
 
         Nothing happens unless ``run_id`` is the thread's running run. With
-        ``epoch`` (a worker ending the run it claimed), nothing happens
-        either unless the run's record still has that epoch (a fenced worker
-        adds nothing), and the messages are added only if the record says
-        ``completed``. The messages added are those past the ones the
+        ``epoch`` (a worker ending the run it claimed, before writing its
+        terminal event), nothing happens either unless the run's record
+        still has that epoch (a fenced worker adds nothing), and the
+        messages are added only if the record is still ``running`` (not
+        ended by a reaper meanwhile). The messages added are those past the ones the
         thread held (the conversation's new turns), and only if the thread
         still holds as many as before.
 

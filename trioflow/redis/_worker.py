@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -455,6 +455,7 @@ class Worker:
                     on_disconnect=request.on_disconnect,
                     nursery=nursery,
                     messages=prior,
+                    on_end=None if thread_id is None else self._thread_ender(active, thread_id),
                 )
                 active.run = run
                 if active.fenced:
@@ -478,32 +479,29 @@ class Worker:
             if active.run is None:  # never started: nothing of it was written, end it here
                 await self._refuse(active, exc)
                 return
-        if thread_id is not None:
-            await self._end_thread(active, thread_id)
         self._count(active)
 
-    async def _end_thread(self, active: _Active, thread_id: str) -> None:
-        """End the run's thread once its terminal event is written, under the run's epoch.
+    def _thread_ender(self, active: _Active, thread_id: str) -> Callable[[Run], Awaitable[bool]]:
+        """The run's ``on_end``: end its thread under the run's epoch, before its terminal event.
 
         The messages are added only if the run completed and this worker
         still holds its epoch (the script checks the run's record): a
         fenced or handed-back run leaves the thread to the run's next holder
-        or to the reaper's terminal event.
+        or to the reaper's terminal event (after which the thread is free).
         """
-        run = active.run
-        if run is None or active.fenced or active.handed_back:
-            return
-        completed = run.result is not None and run.result.status is RunStatus.COMPLETED
-        try:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.lease):
-                await self.threads.end(
-                    thread_id,
-                    active.run_id,
-                    run.conversation if completed else None,
-                    epoch=active.epoch,
-                )
-        except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
-            _log.warning("run %s: could not end its thread %s (%s)", active.run_id, thread_id, exc)
+
+        async def end(run: Run) -> bool:
+            if active.fenced or active.handed_back:
+                return False
+            completed = run.result is not None and run.result.status is RunStatus.COMPLETED
+            return await self.threads.end(
+                thread_id,
+                active.run_id,
+                run.conversation if completed else None,
+                epoch=active.epoch,
+            )
+
+        return end
 
     async def _refuse(self, active: _Active, error: Exception) -> None:
         """End a run that cannot be started (a bad request, no agent) with ``flow.failed``."""

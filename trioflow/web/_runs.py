@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +22,7 @@ import trio
 
 from trioflow.agent import Agent
 from trioflow.approvals import ApprovalError, PendingApproval
-from trioflow.executor import StreamingFlowExecutor
+from trioflow.executor import Run, StreamingFlowExecutor
 from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle, RunStatus
 from trioflow.models import ModelError
 from trioflow.requests import (
@@ -423,10 +423,17 @@ class RunHub:
                 run = await self._submit(request, source, run_id=run_id, thread_id=thread_id)
             else:
                 metadata = {**(request.metadata or {}), "source": source, "thread_id": thread_id}
+                ender = self._thread_ender(thread_id)
                 try:
                     if request.model is not None:
                         run = await self._start_with_model(
-                            request, agent, metadata, None, run_id=run_id, messages=prior
+                            request,
+                            agent,
+                            metadata,
+                            None,
+                            run_id=run_id,
+                            messages=prior,
+                            on_end=ender,
                         )
                     else:
                         run = await self._execute(
@@ -437,6 +444,7 @@ class RunHub:
                             self._nursery,
                             run_id=run_id,
                             messages=prior,
+                            on_end=ender,
                         )
                 except ValueError as exc:
                     raise ApiError(400, "invalid_request", str(exc)) from None
@@ -444,9 +452,6 @@ class RunHub:
                     raise ApiError(
                         503, "not_ready", f"the server cannot start runs: {exc}"
                     ) from None
-                if self._nursery is None:
-                    raise ApiError(503, "not_ready", "the server is not up; try again")
-                self._nursery.start_soon(self._end_thread, thread_id, run)
             started = True
             return run
         finally:
@@ -457,20 +462,16 @@ class RunHub:
                     except Exception as exc:
                         _log.warning("thread %s: could not end run %s (%s)", thread_id, run_id, exc)
 
-    async def _end_thread(self, thread_id: str, run: RunHandle) -> None:
-        """End ``thread_id`` once ``run`` (executed here) is over: its messages if it completed."""
-        try:
-            await run.wait()
-        finally:
-            conversation = getattr(run, "conversation", None)
-            completed = run.done and run.status is RunStatus.COMPLETED
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                try:
-                    await self.threads.end(
-                        thread_id, run.run_id, conversation if completed else None
-                    )
-                except Exception as exc:
-                    _log.warning("thread %s: could not end run %s (%s)", thread_id, run.run_id, exc)
+    def _thread_ender(self, thread_id: str) -> Callable[[Run], Awaitable[bool]]:
+        """A run's ``on_end`` (executed here): end ``thread_id`` with its messages if it completed."""
+
+        async def end(run: Run) -> bool:
+            completed = run.result is not None and run.result.status is RunStatus.COMPLETED
+            return await self.threads.end(
+                thread_id, run.run_id, run.conversation if completed else None
+            )
+
+        return end
 
     async def _submit(
         self,
@@ -512,6 +513,7 @@ class RunHub:
         *,
         run_id: str | None = None,
         messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[bool]] | None = None,
     ) -> RunHandle:
         """``request``'s run on the hub's executor, with ``agent`` (the request's limits and policy)."""
         return await self.executor.start(
@@ -525,6 +527,7 @@ class RunHub:
             thread=thread,
             run_id=run_id,
             messages=messages,
+            on_end=on_end,
         )
 
     async def _start_with_model(
@@ -536,6 +539,7 @@ class RunHub:
         *,
         run_id: str | None = None,
         messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[bool]] | None = None,
     ) -> RunHandle:
         """Start ``request``'s run with the model it names, opened for the run and closed after it.
 
@@ -560,6 +564,7 @@ class RunHub:
                         nursery,
                         run_id=run_id,
                         messages=messages,
+                        on_end=on_end,
                     )
                     task_status.started(run)
                     await run.wait()
