@@ -287,14 +287,14 @@ async def test_a_fenced_run_leaves_the_thread_untouched_and_usable(
             first = (await post_message(a, thread_id, "I am ann")).json()["run_id"]
             await finished(b, first)
             doomed = (await post_message(b, thread_id, "talk on")).json()["run_id"]
-            while (await store.get(doomed)).last_seq < 20:
+            while (await store.get(doomed)).last_seq < 20:  # noqa: ASYNC110 - Redis, no event
                 await trio.sleep(0.02)
             # its worker is presumed lost: its lease lapses, a reaper fences and ends the run
             await client.zadd(store.keys.leases, {doomed: 0})
             assert await reap(store) == {doomed: "failed"}
             view = await finished(a, doomed)
             assert view["status"] == "failed"
-            while worker.statistics().fenced < 1:  # the zombie hears it at its next heartbeat
+            while worker.statistics().fenced < 1:  # noqa: ASYNC110 - at its next heartbeat
                 await trio.sleep(0.05)
             thread = await thread_view(a, thread_id)
             assert texts(thread) == [("user", "I am ann"), ("assistant", "hello ann")]
