@@ -5,12 +5,19 @@ nodes, a fenced run leaving the thread untouched, and messages surviving a node 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 import trio
-from conftest import WebServer, http_client
+from conftest import WebServer, http_client, send, until_terminal
 
+import trioflow
 from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
 from trioflow.models import Message
 from trioflow.threads import ThreadBusy, ThreadFull, ThreadLimitReached, ThreadNotFound
@@ -31,6 +38,7 @@ from trioflow.web import WebConfig, create_app, serve
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from conftest import OpenWS
     from starlette.applications import Starlette
 
 
@@ -75,6 +83,14 @@ async def start_node(
     urls: list[str] = await nursery.start(run)
     executor, app, web = made[0]
     return WebServer(urls[0], "ws" + urls[0][4:], executor, app, web, stop, stopped)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def new_thread(node: WebServer, **body: Any) -> str:
@@ -191,9 +207,11 @@ def node_agent(request: Any) -> Agent:
 
 
 async def test_a_conversation_posted_alternately_to_two_nodes_runs_on_a_worker(
-    redis_url: str, nursery: trio.Nursery
+    redis_url: str, nursery: trio.Nursery, open_ws: OpenWS
 ) -> None:
-    model = ScriptedModel([Turn("hello ann"), Turn("you are ann"), Turn("bye ann")])
+    model = ScriptedModel(
+        [Turn("hello ann"), Turn("you are ann"), Turn("bye ann"), Turn("still ann")]
+    )
     agent = Agent(model)
     with trio.fail_after(30):
         a = await start_node(nursery, redis_url, node_agent)
@@ -216,6 +234,13 @@ async def test_a_conversation_posted_alternately_to_two_nodes_runs_on_a_worker(
                 assert view["metadata"]["thread_id"] == thread_id
                 assert view["metadata"]["owner"] == "w1"
                 runs.append(run_id)
+            async with open_ws(f"{b.ws_url}/ws") as socket:  # and a fourth over /ws
+                await send(socket, {"action": "message", "thread_id": thread_id, "message": "?"})
+                frames = await until_terminal(socket)
+            assert frames[0]["type"] == "accepted" and frames[0]["thread_id"] == thread_id
+            assert frames[-1]["type"] == "flow.completed"
+            runs.append(frames[0]["run_id"])
+    assert said(model.calls[3])[-2:] == [("assistant", "bye ann"), ("user", "?")]
     assert said(model.calls[2]) == [
         ("user", "I am ann"),
         ("assistant", "hello ann"),
@@ -225,12 +250,17 @@ async def test_a_conversation_posted_alternately_to_two_nodes_runs_on_a_worker(
     ]
     with trio.fail_after(10):
         view = await thread_view(b, thread_id)
-        assert texts(view)[-1] == ("assistant", "bye ann") and len(view["messages"]) == 6
+        assert texts(view)[-3:] == [
+            ("assistant", "bye ann"),
+            ("user", "?"),
+            ("assistant", "still ann"),
+        ]
+        assert len(view["messages"]) == 8
         assert view["runs"] == runs and view["running"] is None
         assert view["metadata"] == {"user": "ann"}
         async with http_client(a) as http:
             listed = (await http.get("/threads")).json()["threads"]
-        assert [(t["thread_id"], t["messages"], t["runs"]) for t in listed] == [(thread_id, 6, 3)]
+        assert [(t["thread_id"], t["messages"], t["runs"]) for t in listed] == [(thread_id, 8, 4)]
 
 
 async def test_busy_full_and_unknown_threads_across_nodes(
@@ -335,3 +365,87 @@ async def test_messages_survive_a_node_restart_and_runs_executed_on_the_node(
         ("assistant", "hello ann"),
         ("user", "who am I?"),
     ]
+
+
+# -- real processes ----------------------------------------------------------------------------
+
+
+def _spawn(redis_url: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m trioflow serve --redis URL --workers 1 --port PORT``, its stderr to ``log``."""
+    command = [sys.executable, "-m", "trioflow", "serve", "--redis", redis_url]
+    with log.open("ab") as err:
+        return subprocess.Popen(
+            [*command, "--workers", "1", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _healthy(url: str) -> None:
+    async with http_client(url) as http:
+        while True:
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass  # not listening yet
+            await trio.sleep(0.05)
+
+
+async def test_a_conversation_across_two_trioflow_serve_processes_survives_their_restart(
+    redis_url: str, tmp_path: Path
+) -> None:
+    root = str(Path(trioflow.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    ports = [_free_port(), _free_port()]
+    logs = [tmp_path / f"node{port}.log" for port in ports]
+    procs = [_spawn(redis_url, port, env, log) for port, log in zip(ports, logs, strict=True)]
+    a, b = (f"http://127.0.0.1:{port}" for port in ports)
+    messages = ["What is 25 * 4?", "What is 2 + 3?", "What is 7 * 6?"]
+    try:
+        with trio.fail_after(60):
+            for url in (a, b):
+                await _healthy(url)
+            async with http_client(a) as http:
+                thread_id = (await http.post("/threads")).json()["thread_id"]
+            runs = []
+            for node, other, message in zip((a, b, a), (b, a, b), messages, strict=True):
+                async with http_client(node) as http:
+                    posted = await http.post(
+                        f"/threads/{thread_id}/runs", json={"message": message}
+                    )
+                assert posted.status_code == 201, posted.text
+                runs.append(posted.json()["run_id"])
+                async with http_client(other) as http:
+                    while (await http.get(f"/runs/{runs[-1]}")).json()["status"] != "completed":  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+            for proc in procs:  # every node restarts
+                _stop(proc)
+            procs = [
+                _spawn(redis_url, port, env, log) for port, log in zip(ports, logs, strict=True)
+            ]
+            for url in (a, b):
+                await _healthy(url)
+            async with http_client(b) as http:
+                view = (await http.get(f"/threads/{thread_id}")).json()
+    finally:
+        for proc in procs:
+            _stop(proc)
+    assert view["runs"] == runs and view["running"] is None
+    users = [
+        m for m in view["messages"] if m["role"] == "user" and m["content"][0]["type"] == "text"
+    ]
+    assert [m["content"][0]["text"] for m in users] == messages
+    assert view["messages"][-1]["role"] == "assistant"
+    text = "".join(log.read_text() for log in logs)
+    assert "Traceback" not in text, text
