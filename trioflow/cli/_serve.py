@@ -62,7 +62,8 @@ node queue the runs it starts (``POST /runs``, a ``/ws`` ``start``;
 from Redis like any other process's run, a thread's runs too. With
 ``--redis`` the threads (``/threads``) are kept in Redis
 (:class:`trioflow.redis.RedisThreads`): every node serves them, a
-thread's next run may be posted to any node, and they survive a restart. With ``N`` >= 1 the process also runs a worker
+thread's next run may be posted to any node, and they survive a restart.
+With ``N`` >= 1 the process also runs a worker
 (:func:`trioflow.redis.open_worker`) executing at most ``N`` queued runs at
 once, with the same model, ``--allow-model`` list, ``--max-iterations`` and
 ``--timeout`` as the node; with ``0``, separate ``trioflow worker``

@@ -406,8 +406,6 @@ class RedisThreads:
             self._ttl,
             *new,
         ]
-        if messages is not None and not new:  # completed with nothing new: still an append
-            args = args[:5]
         reply: object = await self._end(
             [
                 keys.thread(thread_id),
