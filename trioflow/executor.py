@@ -46,7 +46,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Self
 
@@ -205,6 +205,11 @@ class Run:
         self.thread: Thread | None = None
         """The :class:`~trioflow.threads.Thread` the run continues, or ``None``."""
         self._history: tuple[Message, ...] = ()
+        self.conversation: tuple[Message, ...] | None = None
+        """Once the run has ended: the whole conversation of a run that got
+        its answer (the messages it continued, its task, every turn and tool
+        result, the answer), else ``None``. What a thread keeps of the run."""
+        self._on_end: Callable[[Run], Awaitable[object]] | None = None
 
     def __repr__(self) -> str:
         return f"<Run {self.run_id} {self._status.value} task={self.task[:40]!r}>"
@@ -555,8 +560,15 @@ class Run:
         finally:
             outcome = self._classify(result, error)
             terminal = self._finish(outcome, trio.current_time() - start)
+            self.conversation = result.messages if result is not None else None
             if self.thread is not None:  # a completed run continues the conversation
                 self.thread.end(self.run_id, result.messages if result is not None else None)
+            if self._on_end is not None:  # before the terminal event: its watchers see it done
+                with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
+                    try:
+                        await self._on_end(self)
+                    except Exception:
+                        _log.exception("run %s: its on_end callback failed", self.run_id)
             with trio.CancelScope(shield=True), trio.move_on_after(_TERMINAL_TIMEOUT):
                 try:
                     await emit(*terminal)  # exactly one terminal event, also when cancelled
@@ -1156,6 +1168,8 @@ class StreamingFlowExecutor:
         on_disconnect: OnDisconnect = OnDisconnect.CONTINUE,
         nursery: trio.Nursery | None = None,
         thread: Thread | None = None,
+        messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[object]] | None = None,
     ) -> Run:
         """Start a run in the background and return its handle once it is running.
 
@@ -1170,11 +1184,22 @@ class StreamingFlowExecutor:
         first, and the run's messages become the thread's when it completes.
         The run's ``metadata`` gets the ``thread_id``.
 
+        ``messages`` is the conversation the run continues when it is kept
+        elsewhere (a :class:`~trioflow.redis.RedisThreads` thread, which its
+        caller begins and ends): the model sees it before ``task``; the
+        run's :attr:`Run.conversation` is what to keep once it has ended.
+        ``on_end`` is awaited with the run once its outcome is known
+        (:attr:`Run.result` and :attr:`Run.conversation` set), before its
+        terminal event is emitted, shielded from cancellation, for at most
+        5 seconds; what it raises is logged. Such a thread is ended there,
+        so a client that saw the terminal event can post the thread's next
+        message at once.
+
         Raises:
             RuntimeError: no ``nursery`` was given and the executor is not open.
-            ValueError: empty task, bad ``timeout`` or ``max_iterations``, or a
+            ValueError: empty task, bad ``timeout`` or ``max_iterations``, a
                 duplicate ``run_id`` (in this executor, or in the
-                ``history_store``).
+                ``history_store``), or both ``thread`` and ``messages``.
             ~trioflow.threads.ThreadBusy: a run of ``thread`` is going.
             ~trioflow.threads.ThreadFull: ``thread`` holds its limit of messages.
             Exception: whatever the ``history_store`` raises while opening the
@@ -1187,10 +1212,14 @@ class StreamingFlowExecutor:
                 "StreamingFlowExecutor.start needs a nursery: pass nursery=... or use "
                 "'async with open_executor() as executor:'"
             )
+        if thread is not None and messages:
+            raise ValueError("give a thread or the messages a run continues, not both")
         if thread is not None:
             thread.check_start()
             metadata = {**(metadata or {}), "thread_id": thread.thread_id}
         run = self._make_run(agent, task, timeout, max_iterations, run_id, metadata, on_disconnect)
+        run._history = tuple(messages)
+        run._on_end = on_end
         if thread is not None:
             run.thread = thread
             run._history = thread.begin(run.run_id)

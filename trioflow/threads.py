@@ -18,21 +18,34 @@ so far, then the new message:
   at most ``max_threads`` threads, forgetting the oldest idle one to make
   room (:exc:`ThreadLimitReached` when every one is running).
 
-:class:`Threads` keeps them in memory; the Redis backend keeps them behind
-the same methods.
+:class:`Threads` keeps them in memory; :class:`~trioflow.redis.RedisThreads`
+keeps them in Redis, where every serve node and worker shares them. Both are
+a :class:`ThreadStore`, the one seam the web server uses: in memory by
+default, in Redis when the server runs on the Redis backend.
 """
 
 from __future__ import annotations
 
+import builtins
 import collections
 import os
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
+
+import trio
 
 from trioflow.models._base import Message
 
-__all__ = ["Thread", "ThreadBusy", "ThreadFull", "ThreadLimitReached", "ThreadNotFound", "Threads"]
+__all__ = [
+    "Thread",
+    "ThreadBusy",
+    "ThreadFull",
+    "ThreadLimitReached",
+    "ThreadNotFound",
+    "ThreadStore",
+    "Threads",
+]
 
 
 class ThreadNotFound(LookupError):
@@ -95,10 +108,13 @@ class Thread:
     """One conversation: its messages, its runs, its metadata.
 
     Made by :meth:`Threads.create`. Read it freely; its messages change only
-    when one of its runs completes.
+    when one of its runs completes. A thread of a
+    :class:`~trioflow.redis.RedisThreads` is a snapshot read from Redis
+    (:meth:`ThreadStore.get_thread`): it does not change.
     """
 
     __slots__ = (
+        "_count",
         "_messages",
         "_running",
         "_runs",
@@ -122,6 +138,33 @@ class Thread:
         self._messages: list[Message] = []
         self._runs: list[str] = []
         self._running: str | None = None
+        self._count: int | None = None
+
+    @classmethod
+    def snapshot(
+        cls,
+        thread_id: str,
+        *,
+        created_at: float,
+        max_messages: int,
+        metadata: Mapping[str, Any],
+        messages: Sequence[Message],
+        runs: Sequence[str],
+        running: str | None,
+        message_count: int | None = None,
+    ) -> Thread:
+        """A thread as a store read it (:class:`~trioflow.redis.RedisThreads`): a copy, not live.
+
+        ``message_count``: how many messages it holds when ``messages`` were
+        not read (a listing); by default, ``len(messages)``.
+        """
+        thread = cls(thread_id, max_messages=max_messages, metadata=metadata)
+        thread.created_at = created_at
+        thread._messages = list(messages)
+        thread._runs = list(runs)
+        thread._running = running
+        thread._count = message_count
+        return thread
 
     def __repr__(self) -> str:
         return f"<Thread {self.thread_id} messages={len(self._messages)} runs={len(self._runs)}>"
@@ -134,7 +177,7 @@ class Thread:
     @property
     def message_count(self) -> int:
         """How many messages it holds (without copying them)."""
-        return len(self._messages)
+        return len(self._messages) if self._count is None else self._count
 
     @property
     def runs(self) -> tuple[str, ...]:
@@ -194,6 +237,69 @@ class Thread:
         self._running = None
         if messages is not None:
             self._messages = list(messages)
+
+
+class ThreadStore(Protocol):
+    """Where threads are kept: :class:`Threads` (memory) or :class:`~trioflow.redis.RedisThreads`.
+
+    The seam of the web server (``RunHub.threads``): it creates, reads and
+    lists threads, and a run on a thread :meth:`begin` s it before it starts
+    and :meth:`end` s it once over. Both implementations raise the same
+    errors for the same cases.
+    """
+
+    max_threads: int
+    """The most threads retained."""
+    max_messages: int
+    """The most messages a new thread holds."""
+
+    async def create_thread(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+        """A new, empty thread (the oldest idle one is forgotten when the store is full).
+
+        Raises:
+            ThreadLimitReached: every retained thread has a run going.
+        """
+        ...
+
+    async def get_thread(self, thread_id: str) -> Thread:
+        """The thread ``thread_id``.
+
+        Raises:
+            ThreadNotFound: no retained thread has that id.
+        """
+        ...
+
+    async def list_threads(self) -> list[Thread]:
+        """The retained threads, oldest first (their messages counted, not necessarily read)."""
+        ...
+
+    async def begin(self, thread_id: str, run_id: str) -> tuple[Message, ...]:
+        """Make ``run_id`` the thread's running run; the conversation it continues.
+
+        Raises:
+            ThreadNotFound: no retained thread has that id.
+            ThreadBusy: another run of the thread is going.
+            ThreadFull: one more message would pass the thread's limit.
+        """
+        ...
+
+    async def end(
+        self,
+        thread_id: str,
+        run_id: str,
+        messages: Sequence[Message] | None,
+        *,
+        epoch: int | None = None,
+    ) -> bool:
+        """Record the end of run ``run_id``: ``messages``, the whole conversation it completed, or ``None``.
+
+        Nothing happens unless ``run_id`` is the thread's running run (and,
+        with ``epoch``, holds that fencing epoch of the Redis run store).
+
+        Returns:
+            Whether the thread was ended by this call.
+        """
+        ...
 
 
 def _new_id() -> str:
@@ -256,3 +362,60 @@ class Threads:
     def list(self) -> list[Thread]:
         """The retained threads, oldest first."""
         return list(self._threads.values())
+
+    # -- the ThreadStore protocol ----------------------------------------------------
+
+    async def create_thread(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+        """:meth:`create`, as a :class:`ThreadStore`.
+
+        Raises:
+            ThreadLimitReached: every retained thread has a run going.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.create(metadata)
+
+    async def get_thread(self, thread_id: str) -> Thread:
+        """:meth:`get`, as a :class:`ThreadStore`: the live thread.
+
+        Raises:
+            ThreadNotFound: no retained thread has that id.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.get(thread_id)
+
+    async def list_threads(self) -> builtins.list[Thread]:
+        """:meth:`list`, as a :class:`ThreadStore`."""
+        await trio.lowlevel.checkpoint()
+        return self.list()
+
+    async def begin(self, thread_id: str, run_id: str) -> tuple[Message, ...]:
+        """:meth:`Thread.begin` of thread ``thread_id``.
+
+        Raises:
+            ThreadNotFound: no retained thread has that id.
+            ThreadBusy: a run of the thread is going.
+            ThreadFull: one more message would pass its limit.
+        """
+        await trio.lowlevel.checkpoint()
+        return self.get(thread_id).begin(run_id)
+
+    async def end(
+        self,
+        thread_id: str,
+        run_id: str,
+        messages: Sequence[Message] | None,
+        *,
+        epoch: int | None = None,
+    ) -> bool:
+        """:meth:`Thread.end` of thread ``thread_id`` (``epoch`` is ignored: nothing is fenced in memory).
+
+        Returns:
+            Whether ``run_id`` was the thread's running run (a thread
+            forgotten meanwhile: ``False``).
+        """
+        await trio.lowlevel.checkpoint()
+        thread = self._threads.get(thread_id)
+        if thread is None or thread.running != run_id:
+            return False
+        thread.end(run_id, messages)
+        return True

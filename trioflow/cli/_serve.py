@@ -59,8 +59,11 @@ URL is checked at start-up (unreachable: exit status 1).
 ``--workers N`` (with ``--redis`` only; exit status 2 otherwise) makes the
 node queue the runs it starts (``POST /runs``, a ``/ws`` ``start``;
 :func:`trioflow.redis.submit`) instead of executing them, and serve each
-from Redis like any other process's run; a thread's runs are still executed
-here. With ``N`` >= 1 the process also runs a worker
+from Redis like any other process's run, a thread's runs too. With
+``--redis`` the threads (``/threads``) are kept in Redis
+(:class:`trioflow.redis.RedisThreads`): every node serves them, a
+thread's next run may be posted to any node, and they survive a restart.
+With ``N`` >= 1 the process also runs a worker
 (:func:`trioflow.redis.open_worker`) executing at most ``N`` queued runs at
 once, with the same model, ``--allow-model`` list, ``--max-iterations`` and
 ``--timeout`` as the node; with ``0``, separate ``trioflow worker``

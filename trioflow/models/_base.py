@@ -168,6 +168,34 @@ class Message:
         """The Anthropic Messages API shape of this message."""
         return {"role": self.role, "content": [_block_dict(b) for b in self.content]}
 
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Message:
+        """The message of a :meth:`to_dict` mapping (a thread's message read back from Redis).
+
+        Raises:
+            ValueError: ``obj`` is not the shape :meth:`to_dict` makes.
+        """
+        try:
+            role = obj["role"]
+            if role not in ("user", "assistant"):
+                raise ValueError(f"a message's role is 'user' or 'assistant', not {role!r}")
+            return cls(role, tuple(_block_of(b) for b in obj["content"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a message: {exc}") from None
+
+
+def _block_of(obj: Mapping[str, Any]) -> ContentBlock:
+    kind = obj["type"]
+    if kind == "text":
+        return TextBlock(str(obj["text"]))
+    if kind == "tool_use":
+        return ToolUseBlock(str(obj["id"]), str(obj["name"]), dict(obj["input"]))
+    if kind == "tool_result":
+        return ToolResultBlock(
+            str(obj["tool_use_id"]), str(obj["content"]), bool(obj.get("is_error", False))
+        )
+    raise ValueError(f"unknown content block type {kind!r}")
+
 
 def _block_dict(block: ContentBlock) -> dict[str, Any]:
     if isinstance(block, TextBlock):

@@ -23,6 +23,8 @@ are on the :doc:`/concepts/redis` page.
   executes its runs.
 * :func:`request_decision`: approve, deny or edit a waiting tool call of a
   run executed by any process; :func:`apply_decision`: take it where the call waits.
+* :class:`RedisThreads`: conversations (:mod:`trioflow.threads`) every
+  node and worker shares, begun and ended atomically, bounded.
 * :class:`NodeTail` (:func:`open_node_tail`): a process's live tail, one
   blocking ``XREAD`` feeding every locally watched run; :class:`RemoteRun`
   (:func:`open_remote_run`): a :class:`~trioflow.handle.RunHandle` of a run
@@ -65,6 +67,7 @@ from trioflow.redis._tail import (
     TailStatistics,
     open_node_tail,
 )
+from trioflow.redis._threads import STARTING_GRACE, RedisThreads
 from trioflow.redis._watchers import WatcherCounts
 from trioflow.redis._worker import HANDED_BACK, Worker, WorkerStatistics, open_worker
 
@@ -76,6 +79,7 @@ __all__ = [
     "EVICTING_POLICY_WARNING",
     "HANDED_BACK",
     "QUEUE_GROUP",
+    "STARTING_GRACE",
     "WORKER_LOST",
     "Fenced",
     "Keys",
@@ -83,6 +87,7 @@ __all__ = [
     "RedisHistory",
     "RedisHistoryStatistics",
     "RedisRunStore",
+    "RedisThreads",
     "RemoteRun",
     "RunFeed",
     "RunRecord",

@@ -17,6 +17,13 @@ With the default prefix ``trioflow``:
 * ``trioflow:run:{<run_id>}:watchers``: a hash, how many connections of
   each serve node watch the run; ``trioflow:node:<node_id>:alive``: a key
   each live node renews (:class:`~trioflow.redis.WatcherCounts`);
+* ``trioflow:thread:{<thread_id>}``: a hash, a conversation's record
+  (``thread_id``, ``created_at``, ``metadata``, ``max_messages``, ``running``:
+  the id of its run going or empty, ``running_since``, ``updated_at``);
+  ``trioflow:thread:{<thread_id>}:messages``: a list, its messages as JSON,
+  oldest first; ``trioflow:thread:{<thread_id>}:runs``: a list, its run ids;
+  ``trioflow:threads``: a sorted set, every thread id scored by its creation
+  time (:class:`~trioflow.redis.RedisThreads`);
 * ``trioflow:cancel``: the pub/sub channel of cancel requests
   (:func:`~trioflow.redis.request_cancel`; the durable marker is the
   ``cancel_reason``/``cancel_mode`` fields of the run's record);
@@ -79,6 +86,23 @@ class Keys:
     def node_wake(self, node_id: str) -> str:
         """The stream that wakes node ``node_id``'s blocking tail read."""
         return f"{self.prefix}:node:{node_id}:wake"
+
+    def thread(self, thread_id: str) -> str:
+        """The hash of ``thread_id``'s record."""
+        return f"{self.prefix}:thread:{{{thread_id}}}"
+
+    def thread_messages(self, thread_id: str) -> str:
+        """The list of ``thread_id``'s messages (JSON), oldest first."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:messages"
+
+    def thread_runs(self, thread_id: str) -> str:
+        """The list of ``thread_id``'s run ids, oldest first."""
+        return f"{self.prefix}:thread:{{{thread_id}}}:runs"
+
+    @property
+    def threads(self) -> str:
+        """The sorted set of every thread id, scored by creation time."""
+        return f"{self.prefix}:threads"
 
     @property
     def cancel_channel(self) -> str:

@@ -37,6 +37,10 @@ _SOURCE_FIELD = "source"
 """The member of a submitted request naming where it came from (``"http"``, ``"ws"``): the
 run's ``metadata["source"]`` (not a RunRequest field)."""
 
+_THREAD_FIELD = "thread_id"
+"""The member of a submitted request naming the thread the run continues
+(:class:`~trioflow.redis.RedisThreads`; begun by the submitter, not a RunRequest field)."""
+
 _SUBMIT_SCRIPT = (
     _CREATE_SCRIPT.removesuffix("return 1\n")
     + """
@@ -143,7 +147,8 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     """A submitted request as a :class:`~trioflow.requests.RunRequest`, and its ``max_attempts``.
 
     ``max_attempts`` is 1 unless the request gives it; a ``source`` member
-    (a string: where the request came from) is accepted and left to the caller.
+    (a string: where the request came from) and a ``thread_id`` (a string:
+    the thread the run continues) are accepted and left to the caller.
 
     Raises:
         ValueError: not a valid ``POST /runs`` body, or ``max_attempts`` is not an int >= 1.
@@ -154,7 +159,12 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     source = request.get(_SOURCE_FIELD, "queue")
     if not isinstance(source, str):
         raise ValueError(f"{_SOURCE_FIELD} must be a string, not {source!r}")
-    parsed = RunRequest.parse(request, ignore=frozenset({_RETRY_FIELD, _SOURCE_FIELD}))
+    thread_id = request.get(_THREAD_FIELD, "")
+    if not isinstance(thread_id, str):
+        raise ValueError(f"{_THREAD_FIELD} must be a string, not {thread_id!r}")
+    parsed = RunRequest.parse(
+        request, ignore=frozenset({_RETRY_FIELD, _SOURCE_FIELD, _THREAD_FIELD})
+    )
     return parsed, attempts
 
 
@@ -179,8 +189,12 @@ async def submit(
             ``model``, ``system``, ``max_tokens``, ``temperature``,
             ``metadata``), optionally ``max_attempts`` (default 1): how many
             times the run may be started when its worker is lost (see
-            :func:`~trioflow.redis.reap`), and ``source`` (default
-            ``"queue"``): the run's ``metadata["source"]``.
+            :func:`~trioflow.redis.reap`), ``source`` (default
+            ``"queue"``): the run's ``metadata["source"]``, and
+            ``thread_id``: the thread the run continues, which the caller
+            has begun with ``run_id`` (:meth:`RedisThreads.begin
+            <trioflow.redis.RedisThreads.begin>`); the worker reads its
+            messages and ends it.
         run_id: the run's id; a new one (:func:`~trioflow.redis.new_run_id`) by default.
         capacity: the most events its history retains.
 

@@ -269,13 +269,16 @@ class RemoteRun:
         ``progress``, ``counts`` and ``output`` are not kept in the record:
         empty (zero counts) for a run executed elsewhere; ``result`` is the
         data of the terminal event when this node saw it; ``metadata`` is
-        the run's, plus ``node: "remote"`` and the ``owner`` executing it.
+        the run's (with its ``thread_id`` if it continues a thread), plus
+        ``node: "remote"`` and the ``owner`` executing it.
         """
         record = self.record
         request = record.request
         status = self.status  # notes what a feed saw
         terminal = self._terminal
         metadata = dict(request.get("metadata") or {})
+        if request.get("thread_id"):  # a queued run of a thread
+            metadata["thread_id"] = request["thread_id"]
         metadata.update(node="remote", owner=record.owner, attempt=record.attempt)
         return {
             "run_id": record.run_id,

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,11 +31,14 @@ from trioflow.redis._queue import (
 )
 from trioflow.redis._reaper import end_run, reap
 from trioflow.redis._store import RedisRunStore
+from trioflow.redis._threads import RedisThreads
+from trioflow.threads import ThreadBusy, ThreadFull, ThreadNotFound
 
 if TYPE_CHECKING:
     from trioflow.agent import Agent
     from trioflow.bus import EventBus
     from trioflow.executor import Run
+    from trioflow.models._base import Message
     from trioflow.redis._history import RedisHistory
 
 __all__ = ["HANDED_BACK", "Worker", "WorkerStatistics", "open_worker"]
@@ -213,6 +216,8 @@ class Worker:
         self._take = client.register_script(_TAKE_SCRIPT)
         self._beat = client.register_script(_HEARTBEAT_SCRIPT)
         self._handback = client.register_script(_HANDBACK_SCRIPT)
+        self.threads = RedisThreads(store)
+        """The threads a run may continue (``thread_id`` in its request)."""
 
     def __repr__(self) -> str:
         return f"<Worker {self.name} {self._state.value} running={len(self._active)}>"
@@ -433,6 +438,18 @@ class Worker:
             "worker": self.name,
             "attempt": attempt,
         }
+        thread_id = record.request.get("thread_id") or None
+        prior: tuple[Message, ...] = ()
+        if thread_id is not None:  # begun by its submitter: read the conversation it continues
+            metadata["thread_id"] = thread_id
+            try:
+                prior = await self.threads.begin(thread_id, run_id)
+            except (ThreadNotFound, ThreadBusy, ThreadFull) as exc:
+                await self._refuse(active, exc)
+                return
+            except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+                await self._refuse(active, exc)
+                return
         factory = self.agent_factory or default_agent
         try:
             async with (
@@ -448,6 +465,8 @@ class Worker:
                     metadata=metadata,
                     on_disconnect=request.on_disconnect,
                     nursery=nursery,
+                    messages=prior,
+                    on_end=None if thread_id is None else self._thread_ender(active, thread_id),
                 )
                 active.run = run
                 if active.fenced:
@@ -472,6 +491,28 @@ class Worker:
                 await self._refuse(active, exc)
                 return
         self._count(active)
+
+    def _thread_ender(self, active: _Active, thread_id: str) -> Callable[[Run], Awaitable[bool]]:
+        """The run's ``on_end``: end its thread under the run's epoch, before its terminal event.
+
+        The messages are added only if the run completed and this worker
+        still holds its epoch (the script checks the run's record): a
+        fenced or handed-back run leaves the thread to the run's next holder
+        or to the reaper's terminal event (after which the thread is free).
+        """
+
+        async def end(run: Run) -> bool:
+            if active.fenced or active.handed_back:
+                return False
+            completed = run.result is not None and run.result.status is RunStatus.COMPLETED
+            return await self.threads.end(
+                thread_id,
+                active.run_id,
+                run.conversation if completed else None,
+                epoch=active.epoch,
+            )
+
+        return end
 
     async def _refuse(self, active: _Active, error: Exception) -> None:
         """End a run that cannot be started (a bad request, no agent) with ``flow.failed``."""

@@ -52,7 +52,6 @@ from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
-from trioflow.threads import ThreadLimitReached
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
@@ -323,7 +322,7 @@ async def threads(request: Request) -> Response:
                 "runs": len(t.runs),
                 "running": t.running,
             }
-            for t in hub.threads.list()
+            for t in await hub.list_threads()
         ]
         return JSONResponse({"threads": listing})
     metadata: dict[str, Any] | None = None
@@ -335,10 +334,7 @@ async def threads(request: Request) -> Response:
         if given is not None and not isinstance(given, dict):
             raise ApiError(400, "invalid_request", "'metadata' must be an object")
         metadata = given
-    try:
-        thread = hub.threads.create(metadata)
-    except ThreadLimitReached as exc:
-        raise ApiError(429, "too_many_threads", str(exc), headers={"Retry-After": "1"}) from None
+    thread = await hub.create_thread(metadata)
     url = str(request.url_for("thread", thread_id=thread.thread_id))
     return JSONResponse(
         {"thread_id": thread.thread_id, "url": url}, status_code=201, headers={"Location": url}
@@ -348,14 +344,14 @@ async def threads(request: Request) -> Response:
 async def get_thread(request: Request) -> Response:
     """``GET /threads/{thread_id}``: its messages, runs and the run going."""
     return JSONResponse(
-        _json_safe(_hub(request).thread(request.path_params["thread_id"]).to_dict())
+        _json_safe((await _hub(request).thread(request.path_params["thread_id"])).to_dict())
     )
 
 
 async def thread_runs(request: Request) -> Response:
     """``POST /threads/{thread_id}/runs``: the conversation's next run, answered as ``POST /runs``."""
     hub = _hub(request)
-    thread = hub.thread(request.path_params["thread_id"])
+    thread = await hub.thread(request.path_params["thread_id"])
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
     try:
@@ -463,8 +459,9 @@ def create_app(
             instead of executing them on ``executor``; each is served as a
             :class:`~trioflow.redis.RemoteRun`. The workers build its agent
             from the request by the same rule (:func:`~trioflow.web.open_request_agent`),
-            so they must allow the same models. A thread's runs are still
-            executed on ``executor``.
+            so they must allow the same models. A thread's runs are queued
+            too: with a ``store`` the threads are kept in Redis
+            (:class:`~trioflow.redis.RedisThreads`), served from any node.
 
     Raises:
         ValueError: a ``store`` with an executor that does not write to it,

@@ -125,6 +125,11 @@ class WebConfig:
     max_thread_messages: int = 1000
     """The most messages a thread holds; a run that would pass it is ``409``
     ``thread_full``."""
+    thread_retention: float | None = None
+    """With the Redis backend: seconds an idle thread is kept after its last
+    activity (made, a run begun or ended), as a TTL on its keys; ``None``
+    (the default): kept until :attr:`max_threads` makes room. In memory,
+    threads last as long as the process."""
     shutdown_timeout: float = 10.0
     """Seconds a graceful shutdown may take, from its start: runs are
     cancelled and streams deliver their terminal event meanwhile; then every
@@ -212,6 +217,8 @@ class WebConfig:
         _count("max_runs_per_socket", self.max_runs_per_socket)
         _count("max_threads", self.max_threads)
         _count("max_thread_messages", self.max_thread_messages)
+        if self.thread_retention is not None:
+            _positive("thread_retention", self.thread_retention)
         _positive("shutdown_timeout", self.shutdown_timeout)
         _positive("write_timeout", self.write_timeout)
         _positive("header_timeout", self.header_timeout)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,8 +22,8 @@ import trio
 
 from trioflow.agent import Agent
 from trioflow.approvals import ApprovalError, PendingApproval
-from trioflow.executor import StreamingFlowExecutor
-from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle
+from trioflow.executor import Run, StreamingFlowExecutor
+from trioflow.handle import CancelMode, CancelReason, OnDisconnect, RunHandle, RunStatus
 from trioflow.models import ModelError
 from trioflow.requests import (
     AgentFactory,
@@ -34,12 +34,21 @@ from trioflow.requests import (
     request_agent,
     with_model,
 )
-from trioflow.threads import Thread, ThreadBusy, ThreadFull, ThreadNotFound, Threads
+from trioflow.threads import (
+    Thread,
+    ThreadBusy,
+    ThreadFull,
+    ThreadLimitReached,
+    ThreadNotFound,
+    Threads,
+    ThreadStore,
+)
 from trioflow.tools import ToolInputError
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import ApiError
 
 if TYPE_CHECKING:
+    from trioflow.models._base import Message
     from trioflow.recording import ReplayRun
     from trioflow.redis import NodeTail, RedisRunStore, RemoteRun, WatcherCounts
     from trioflow.web._fanout import EventFanout
@@ -117,8 +126,10 @@ class RunHub:
             (:func:`~trioflow.redis.submit`) for workers to execute
             (:func:`~trioflow.redis.open_worker`, ``trioflow worker``)
             instead of executing them here, and serve each as a
-            :class:`~trioflow.redis.RemoteRun`. A thread's runs are still
-            executed here (a conversation lives in this process).
+            :class:`~trioflow.redis.RemoteRun`. A thread's runs too: with
+            a store, the threads are kept in Redis
+            (:class:`~trioflow.redis.RedisThreads`), so any node serves them
+            and the worker that takes a thread's run reads its messages.
 
     Raises:
         ValueError: a ``store`` with an executor that does not keep its runs
@@ -168,10 +179,24 @@ class RunHub:
         self._idle.set()
         self._replays: dict[str, ReplayRun] = {}
         self._fanouts: dict[tuple[str, str], EventFanout[Any, Any]] = {}
-        self.threads = Threads(
-            max_threads=config.max_threads, max_messages=config.max_thread_messages
-        )
-        """The server's conversations (:mod:`trioflow.threads`)."""
+        self.threads: ThreadStore
+        """The server's conversations (:mod:`trioflow.threads`): in memory
+        (:class:`~trioflow.threads.Threads`), or with a store in Redis
+        (:class:`~trioflow.redis.RedisThreads`), bounded by
+        :attr:`WebConfig.max_threads` and :attr:`WebConfig.max_thread_messages`."""
+        if store is None:
+            self.threads = Threads(
+                max_threads=config.max_threads, max_messages=config.max_thread_messages
+            )
+        else:
+            from trioflow.redis import RedisThreads
+
+            self.threads = RedisThreads(
+                store,
+                max_threads=config.max_threads,
+                max_messages=config.max_thread_messages,
+                retention=config.thread_retention,
+            )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -341,11 +366,14 @@ class RunHub:
         With a store, the executor writes the run's events to Redis, so
         every node serves it. A hub that enqueues (``trioflow serve --redis
         URL --workers N``) submits the request instead (a thread's runs
-        excepted) and returns the run's :class:`~trioflow.redis.RemoteRun`:
-        the worker builds its agent from the request by the same rule
-        (:func:`open_request_agent`).
+        and returns the run's :class:`~trioflow.redis.RemoteRun`: the worker
+        builds its agent from the request by the same rule
+        (:func:`open_request_agent`). A thread's run on a store begins the
+        thread in Redis first (:meth:`_launch_on_thread`).
         """
-        if self.enqueue and thread is None:
+        if thread is not None and self.store is not None:
+            return await self._launch_on_thread(agent, request, source, thread.thread_id)
+        if self.enqueue:
             return await self._submit(request, source)
         metadata = {**(request.metadata or {}), "source": source}
         try:
@@ -361,7 +389,98 @@ class RunHub:
         except RuntimeError as exc:
             raise ApiError(503, "not_ready", f"the server cannot start runs: {exc}") from None
 
-    async def _submit(self, request: RunRequest, source: str) -> RunHandle:
+    async def _launch_on_thread(
+        self, agent: Agent, request: RunRequest, source: str, thread_id: str
+    ) -> RunHandle:
+        """Begin thread ``thread_id`` in Redis with a new run id, then queue or execute the run.
+
+        Begun before the run exists, atomically (``409`` on any node while
+        another run of the thread goes). A queued run's worker reads the
+        thread's messages and ends it; a run executed here is ended by this
+        node once it is over. If the run cannot be started, the thread is
+        ended at once, its messages untouched.
+
+        Raises:
+            ApiError: ``404`` ``thread_not_found``, ``409`` ``thread_busy`` or
+                ``thread_full``, ``503`` when Redis fails, and as :meth:`_launch`.
+        """
+        from trioflow.redis import new_run_id
+
+        run_id = new_run_id()
+        try:
+            prior = await self.threads.begin(thread_id, run_id)
+        except ThreadNotFound as exc:
+            raise ApiError(404, "thread_not_found", str(exc)) from None
+        except ThreadBusy as exc:
+            raise ApiError(409, "thread_busy", str(exc), run_id=exc.run_id) from None
+        except ThreadFull as exc:
+            raise ApiError(409, "thread_full", str(exc), limit=exc.limit) from None
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+        started = False
+        try:
+            if self.enqueue:
+                run = await self._submit(request, source, run_id=run_id, thread_id=thread_id)
+            else:
+                metadata = {**(request.metadata or {}), "source": source, "thread_id": thread_id}
+                ender = self._thread_ender(thread_id)
+                try:
+                    if request.model is not None:
+                        run = await self._start_with_model(
+                            request,
+                            agent,
+                            metadata,
+                            None,
+                            run_id=run_id,
+                            messages=prior,
+                            on_end=ender,
+                        )
+                    else:
+                        run = await self._execute(
+                            agent,
+                            request,
+                            metadata,
+                            None,
+                            self._nursery,
+                            run_id=run_id,
+                            messages=prior,
+                            on_end=ender,
+                        )
+                except ValueError as exc:
+                    raise ApiError(400, "invalid_request", str(exc)) from None
+                except RuntimeError as exc:
+                    raise ApiError(
+                        503, "not_ready", f"the server cannot start runs: {exc}"
+                    ) from None
+            started = True
+            return run
+        finally:
+            if not started:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.threads.end(thread_id, run_id, None)
+                    except Exception as exc:
+                        _log.warning("thread %s: could not end run %s (%s)", thread_id, run_id, exc)
+
+    def _thread_ender(self, thread_id: str) -> Callable[[Run], Awaitable[bool]]:
+        """A run's ``on_end`` (executed here): end ``thread_id`` with its messages if it completed."""
+
+        async def end(run: Run) -> bool:
+            completed = run.result is not None and run.result.status is RunStatus.COMPLETED
+            return await self.threads.end(
+                thread_id, run.run_id, run.conversation if completed else None
+            )
+
+        return end
+
+    async def _submit(
+        self,
+        request: RunRequest,
+        source: str,
+        *,
+        run_id: str | None = None,
+        thread_id: str | None = None,
+    ) -> RunHandle:
         """Queue ``request`` (its ``source`` kept) and return its :class:`~trioflow.redis.RemoteRun`.
 
         Raises:
@@ -374,8 +493,10 @@ class RunHub:
         if self.tail is None:
             raise ApiError(503, "not_ready", "the server is not up; try again")
         body = {**request.to_json(), "source": source}
+        if thread_id is not None:
+            body["thread_id"] = thread_id
         try:
-            run_id = await submit(self.store, body)
+            run_id = await submit(self.store, body, run_id=run_id)
             remote = RemoteRun(self.store, self.tail, await self.store.get(run_id))
         except Exception as exc:
             raise _store_unavailable(exc) from None
@@ -389,6 +510,10 @@ class RunHub:
         metadata: dict[str, Any],
         thread: Thread | None,
         nursery: trio.Nursery | None,
+        *,
+        run_id: str | None = None,
+        messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[bool]] | None = None,
     ) -> RunHandle:
         """``request``'s run on the hub's executor, with ``agent`` (the request's limits and policy)."""
         return await self.executor.start(
@@ -400,6 +525,9 @@ class RunHub:
             on_disconnect=request.on_disconnect,
             nursery=nursery,
             thread=thread,
+            run_id=run_id,
+            messages=messages,
+            on_end=on_end,
         )
 
     async def _start_with_model(
@@ -408,6 +536,10 @@ class RunHub:
         agent: Agent,
         metadata: dict[str, Any],
         thread: Thread | None,
+        *,
+        run_id: str | None = None,
+        messages: Sequence[Message] = (),
+        on_end: Callable[[Run], Awaitable[bool]] | None = None,
     ) -> RunHandle:
         """Start ``request``'s run with the model it names, opened for the run and closed after it.
 
@@ -424,7 +556,16 @@ class RunHub:
             assert request.model is not None
             try:
                 async with with_model(agent, request.model) as agent_with_model:
-                    run = await self._execute(agent_with_model, request, metadata, thread, nursery)
+                    run = await self._execute(
+                        agent_with_model,
+                        request,
+                        metadata,
+                        thread,
+                        nursery,
+                        run_id=run_id,
+                        messages=messages,
+                        on_end=on_end,
+                    )
                     task_status.started(run)
                     await run.wait()
             except (ModelError, ImportError) as exc:  # only opening the model raises these
@@ -645,16 +786,45 @@ class RunHub:
             input=edited,
         )
 
-    def thread(self, thread_id: str) -> Thread:
-        """The conversation ``thread_id``.
+    async def thread(self, thread_id: str) -> Thread:
+        """The conversation ``thread_id`` (with a store, as Redis holds it now).
 
         Raises:
-            ApiError: ``404`` ``thread_not_found``.
+            ApiError: ``404`` ``thread_not_found``, ``503`` ``store_unavailable``.
         """
         try:
-            return self.threads.get(thread_id)
+            return await self.threads.get_thread(thread_id)
         except ThreadNotFound as exc:
             raise ApiError(404, "thread_not_found", str(exc)) from None
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+
+    async def create_thread(self, metadata: Mapping[str, Any] | None) -> Thread:
+        """A new conversation (``POST /threads``).
+
+        Raises:
+            ApiError: ``429`` ``too_many_threads`` when every retained thread
+                has a run going, ``503`` ``store_unavailable``.
+        """
+        try:
+            return await self.threads.create_thread(metadata)
+        except ThreadLimitReached as exc:
+            raise ApiError(
+                429, "too_many_threads", str(exc), headers={"Retry-After": "1"}
+            ) from None
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
+
+    async def list_threads(self) -> list[Thread]:
+        """The retained conversations, oldest first (``GET /threads``).
+
+        Raises:
+            ApiError: ``503`` ``store_unavailable``.
+        """
+        try:
+            return await self.threads.list_threads()
+        except Exception as exc:
+            raise _store_unavailable(exc) from None
 
     async def fanout(
         self,

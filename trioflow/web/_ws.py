@@ -559,7 +559,7 @@ async def follow_runs(transport: Transport, hub: RunHub) -> None:
                 thread_id = message.get("thread_id")
                 if not isinstance(thread_id, str):
                     raise ApiError(400, "invalid_message", "'thread_id' must be a thread's id")
-                thread = hub.thread(thread_id)
+                thread = await hub.thread(thread_id)
             elif "thread_id" in message:
                 _only(message, set())  # names the unknown member
             try:
