@@ -295,6 +295,7 @@ def test_the_mapping_of_a_run_with_a_tool_call() -> None:
         "type": "RUN_STARTED",
         "threadId": "thread-1",
         "runId": "run-1",
+        "metadata": {"trioflow": {"runId": events[0].run_id}},
         "timestamp": 0,
     }
     assert items[-1]["type"] == "RUN_FINISHED" and items[-1]["result"] == "25 * 4 = 100."
@@ -543,6 +544,37 @@ async def test_a_client_leaving_cancels_a_run_that_asked_for_it(
         (run,) = server.executor.runs.values()
         await run.wait()
     assert run.status == "cancelled"
+
+
+async def test_an_approval_is_a_custom_interrupt_decided_over_http(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(agent=lambda request: default_agent(approval=lambda call: True))
+    items: list[dict[str, Any]] = []
+    with trio.fail_after(10):
+        async with (
+            http_client(server) as http,
+            http.stream("POST", "/agui", json=agui_input()) as response,
+        ):
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                items.append(validate(json.loads(line[6:])).model_dump(by_alias=True))
+                if items[-1]["type"] == "CUSTOM" and items[-1]["name"] == "tool.approval_required":
+                    value = items[-1]["value"]
+                    decided = await http.post(value["decide"], json={"decision": "approve"})
+                    assert decided.status_code == 200, decided.text
+    verify = Verifier()
+    for item in items:
+        verify(item)
+    kinds = [(item["type"], item.get("name")) for item in items]
+    asked = kinds.index(("CUSTOM", "tool.approval_required"))
+    assert kinds.index(("CUSTOM", "tool.approved")) > asked
+    assert kinds.index(("TOOL_CALL_START", None)) > asked
+    interrupt = items[asked]["value"]["interrupt"]
+    assert interrupt["toolCallId"] == items[asked]["value"]["call_id"] == interrupt["id"]
+    assert items[0]["metadata"]["trioflow"]["runId"] in items[asked]["value"]["decide"]
+    assert items[-1]["type"] == "RUN_FINISHED" and items[-1]["result"] == "25 * 4 = 100."
 
 
 # -- the real client: @ag-ui/client ---------------------------------------------------------

@@ -206,7 +206,8 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
     A pure function of ``event`` and ``ids``: each event of a run is encoded
     once. The mapping (the table of :doc:`/howto/agui`):
 
-    * ``flow.started`` → ``RUN_STARTED``; ``flow.completed`` → ``RUN_FINISHED``
+    * ``flow.started`` → ``RUN_STARTED`` (its ``metadata.trioflow.runId``:
+      the trioflow run id); ``flow.completed`` → ``RUN_FINISHED``
       (``result``: the ``structured`` answer, else the ``output`` text;
       ``usage``); ``flow.failed`` → ``RUN_ERROR`` (``code``: the failure's
       ``reason``, else the error's type); ``flow.cancelled`` → ``RUN_ERROR``
@@ -226,7 +227,8 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
       any other as JSON); ``tool.failed`` → ``TOOL_CALL_RESULT`` whose
       content is the error;
     * ``tool.approval_required`` → ``CUSTOM`` whose ``value`` is the event's
-      data plus ``interrupt``, an AG-UI ``Interrupt`` object (``id`` and
+      data plus ``decide`` (the path to ``POST`` the decision to) and
+      ``interrupt``, an AG-UI ``Interrupt`` object (``id`` and
       ``toolCallId``: the call id, ``reason`` ``"tool_approval"``,
       ``responseSchema``: what ``POST /runs/{id}/approvals/{call_id}``
       takes) — not a ``RUN_FINISHED`` interrupt outcome (see the how-to);
@@ -241,7 +243,14 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
     kind = event.type
     out: list[dict[str, Any]]
     if kind == EventType.FLOW_STARTED:
-        out = [{"type": "RUN_STARTED", "threadId": ids.thread_id, "runId": ids.run_id}]
+        out = [
+            {
+                "type": "RUN_STARTED",
+                "threadId": ids.thread_id,
+                "runId": ids.run_id,
+                "metadata": {"trioflow": {"runId": event.run_id}},
+            }
+        ]
     elif kind == EventType.FLOW_COMPLETED:
         finished: dict[str, Any] = {
             "type": "RUN_FINISHED",
@@ -334,7 +343,8 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
             "toolCallId": call_id,
             "responseSchema": _APPROVAL_SCHEMA,
         }
-        out = [_custom(event, {**data, "interrupt": interrupt})]
+        decide = f"/runs/{event.run_id}/approvals/{call_id}"
+        out = [_custom(event, {**data, "decide": decide, "interrupt": interrupt})]
     elif kind == EventType.ADD_MESSAGE:
         out = []
     else:
