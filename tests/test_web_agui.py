@@ -26,7 +26,7 @@ from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Tur
 from trioflow.demo import default_agent
 from trioflow.models import ModelError
 from trioflow.tools import ToolContext, ToolError, tool
-from trioflow.web._agui import AguiIds, agui_events, parse_run_input
+from trioflow.web._agui import AguiIds, agui_encoding, agui_events, parse_run_input
 from trioflow.web._agui import _frames as agui_frames
 
 if TYPE_CHECKING:
@@ -180,12 +180,18 @@ turns = st.builds(
 
 
 async def run_events(agent: Agent, task: str, cancel_at: int | None) -> list[FlowEvent]:
+    """The run's events; a "person" approves the calls that ask, but denies empty texts."""
     async with StreamingFlowExecutor() as executor:
         run = await executor.start(agent, task, metadata={"agui_run_id": "r"})
         events: list[FlowEvent] = []
         async with run.subscribe(after=0) as sub:
             async for event in sub:
                 events.append(event)
+                if event.type == "tool.approval_required":
+                    if event.data["input"].get("text"):
+                        run.approve(event.data["call_id"])
+                    else:
+                        run.deny(event.data["call_id"], "nothing to say")
                 if cancel_at is not None and event.seq == cancel_at:
                     run.cancel()
         return events
@@ -209,6 +215,7 @@ def test_every_frame_of_generated_runs_validates_and_keeps_the_order(
         ScriptedModel(script),
         tools=[echo, slow, boom],
         max_iterations=max_iterations,
+        approval=lambda call: call.name == "echo",
     )
     events = trio.run(run_events, agent, "go", cancel_at)
     items = check_run(events)
@@ -326,6 +333,20 @@ def test_approvals_failures_and_cancellation_map_to_custom_and_run_error() -> No
     (item,) = agui_events(cancelled, IDS)
     assert (item["type"], item["code"]) == ("RUN_ERROR", "cancelled")
     assert agui_events(FlowEvent("add_message", {"role": "user"}, 1.0, 2), IDS) == []
+
+
+def test_stream_errors_and_keepalives() -> None:
+    encoding = agui_encoding(IDS)
+    ((frame_id, item),) = split_frames(encoding.evicted("run_1", 41).decode("ascii"))
+    assert frame_id is None and item is not None
+    validate(item)
+    assert (item["type"], item["code"], item["rawEvent"]["last_seq"]) == (
+        "RUN_ERROR",
+        "evicted",
+        41,
+    )
+    assert encoding.keepalive is not None and encoding.keepalive.startswith(b":")
+    assert split_frames(encoding.keepalive.decode("ascii")) == [(None, None)]
 
 
 # -- RunAgentInput ------------------------------------------------------------------------
@@ -580,23 +601,34 @@ async def test_an_approval_is_a_custom_interrupt_decided_over_http(
 # -- the real client: @ag-ui/client ---------------------------------------------------------
 
 
-async def test_http_agent_drives_a_complete_run(
+async def test_http_agent_drives_a_complete_run_and_the_next_turn(
     js_clients: Path, start_web_server: StartWebServer
 ) -> None:
-    server = await start_web_server(agent=lambda request: default_agent())
+    models: list[ScriptedModel] = []
+
+    def make(request: Any) -> Agent:
+        # The first run: the calculator; the second: an answer that needs no tool.
+        models.append(ScriptedModel(None if not models else [Turn("You asked 25 * 4.")]))
+        return default_agent(models[-1])
+
+    server = await start_web_server(agent=make)
     with trio.fail_after(60):
-        done = await run_node(js_clients, "agui_run.mjs", server.url)
+        done = await run_node(
+            js_clients, "agui_run.mjs", server.url, "What is 25 * 4?", "What did I ask?"
+        )
     out = json.loads(done.stdout)
-    assert out["error"] is None
-    kinds = [event["type"] for event in out["events"]]
+    first, second = out["runs"]
+    assert first["error"] is None and second["error"] is None
+    kinds = [event["type"] for event in first["events"]]
     assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED"
-    assert (out["events"][0]["threadId"], out["events"][0]["runId"]) == (
+    assert (first["events"][0]["threadId"], first["events"][0]["runId"]) == (
         "thread-agui-test",
-        "run-agui-test",
+        "run-agui-test-1",
     )
-    assert out["result"] == "25 * 4 = 100."
+    assert first["result"] == "25 * 4 = 100."
     messages = out["messages"]
-    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    roles = ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert [m["role"] for m in messages] == roles
     (call,) = messages[1]["toolCalls"]
     assert call["function"]["name"] == "calculator"
     assert json.loads(call["function"]["arguments"]) == {
@@ -606,9 +638,38 @@ async def test_http_agent_drives_a_complete_run(
     assert messages[1]["content"] == "Let me calculate that."
     assert (messages[2]["toolCallId"], messages[2]["content"]) == (call["id"], "100")
     assert messages[3]["content"] == "25 * 4 = 100."
-    assert [m["id"] for m in out["newMessages"]] == [m["id"] for m in messages[1:]]
-    (run,) = server.executor.runs.values()
-    assert run.status == "completed"
+    assert [m["id"] for m in first["newMessages"]] == [m["id"] for m in messages[1:4]]
+    # The next turn: the client sent the conversation, in its own shape; the model saw it all.
+    assert second["result"] == messages[5]["content"] == "You asked 25 * 4."
+    assert [m.to_dict() for m in models[1].calls[0]] == [
+        {"role": "user", "content": [{"type": "text", "text": "What is 25 * 4?"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me calculate that."},
+                {
+                    "type": "tool_use",
+                    "id": call["id"],
+                    "name": "calculator",
+                    "input": {"operation": "evaluate", "expression": "25 * 4"},
+                },
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": call["id"],
+                    "content": "100",
+                    "is_error": False,
+                }
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": "25 * 4 = 100."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What did I ask?"}]},
+    ]
+    assert [run.status for run in server.executor.runs.values()] == ["completed", "completed"]
 
 
 async def test_a_dropped_connection_resumes_with_the_clients_parser(

@@ -117,11 +117,7 @@ def agui_ids(run: Run) -> AguiIds:
     else the run id; ``runId`` is ``metadata["agui_run_id"]``, else the run
     id. Raises nothing.
     """
-    metadata: Mapping[str, Any] = {}
-    try:
-        metadata = run.to_dict().get("metadata") or {}
-    except Exception:  # a run that cannot describe itself still streams  # pragma: no cover
-        metadata = {}
+    metadata: Mapping[str, Any] = run.to_dict().get("metadata") or {}
     thread_id = metadata.get("thread_id")
     agui_run_id = metadata.get("agui_run_id")
     return AguiIds(
@@ -385,7 +381,8 @@ def agui_encoding(ids: AguiIds) -> Encoding[bytes, bytes]:
     """The ``"agui"`` :class:`~trioflow.web._streams.Encoding` of a run whose AG-UI ids are ``ids``.
 
     Every encoding of one run is the same (its ids never change), so the
-    run's frame cache and fan-out, keyed by the name, are shared.
+    run's frame cache and fan-out, keyed by the name, are shared. Raises
+    nothing.
     """
     return Encoding(
         name="agui",
@@ -397,7 +394,11 @@ def agui_encoding(ids: AguiIds) -> Encoding[bytes, bytes]:
 
 
 def agui_format(run: Run) -> StreamFormat:
-    """The AG-UI :class:`~trioflow.web._sse.StreamFormat` of ``run``: its frames, headers, errors."""
+    """The AG-UI :class:`~trioflow.web._sse.StreamFormat` of ``run``: its frames, headers, errors.
+
+    Nothing is sent first; a stream error is a ``RUN_ERROR`` frame with its
+    ``code`` and no ``id:`` (the error's details in ``rawEvent``). Raises nothing.
+    """
     return StreamFormat(agui_encoding(agui_ids(run)), AGUI_HEADERS, lambda hub: b"", _error_frame)
 
 
