@@ -39,6 +39,7 @@ Encoded once
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import json
@@ -337,7 +338,7 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
             "reason": "tool_approval",
             "message": f"approve the call of {data.get('tool')!s}?",
             "toolCallId": call_id,
-            "responseSchema": _APPROVAL_SCHEMA,
+            "responseSchema": copy.deepcopy(_APPROVAL_SCHEMA),
         }
         decide = f"/runs/{event.run_id}/approvals/{call_id}"
         out = [_custom(event, {**data, "decide": decide, "interrupt": interrupt})]
