@@ -18,7 +18,9 @@
 ``POST /runs/{id}/approvals/{call_id}``      ``{"decision": "approve" | "deny" | "edit",
                             "reason"?, "input"?}`` → ``200`` (:mod:`trioflow.approvals`)
 ``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`);
-                            ``/events.ndjson``: as newline-delimited JSON (:mod:`trioflow.web._ndjson`)
+                            ``/events.ndjson``: as newline-delimited JSON (:mod:`trioflow.web._ndjson`);
+                            ``/events.agui``: as AG-UI events (:mod:`trioflow.web._agui`)
+``POST /agui``              an AG-UI ``RunAgentInput`` → the run's AG-UI event stream
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
                             was given (``404`` otherwise); it needs the token like every
@@ -52,6 +54,7 @@ from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
+from trioflow.web._agui import run_agui, start_agui
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
@@ -486,6 +489,8 @@ def create_app(
         Route("/runs/{run_id}/cancel", _resolving(cancel_run), methods=["POST"]),
         Route("/runs/{run_id}/events", _resolving(run_events), methods=["GET"], name="run_events"),
         Route("/runs/{run_id}/events.ndjson", _resolving(run_ndjson), methods=["GET"]),
+        Route("/runs/{run_id}/events.agui", _resolving(run_agui), methods=["GET"]),
+        Route("/agui", start_agui, methods=["POST"], name="agui"),
         WebSocketRoute("/runs/{run_id}/ws", _resolving(run_socket), name="run_socket"),
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),
