@@ -580,3 +580,33 @@ async def test_a_reader_resumes_with_last_event_id_mid_text(
     text, (tool,) = assistant_parts(message)
     assert text == "Let me calculate that.The result is 100."
     assert message["id"] == run_id and tool["state"] == "output-available"
+
+
+async def test_a_long_history_is_413_with_the_way_out(start_web_server: StartWebServer) -> None:
+    server = await start_web_server(max_body=1024)
+    body = chat_body("hi")
+    body["messages"] = [*body["messages"]] * 40
+    async with http_client(server) as http:
+        response = await http.post("/vercel/chat", json=body)
+    error = assert_error(response, 413, "payload_too_large")
+    assert "prepareSendMessagesRequest" in str(error["message"])
+
+
+async def test_a_client_leaving_follows_the_runs_on_disconnect(
+    start_web_server: StartWebServer,
+) -> None:
+    server = await start_web_server(agent=chat_agent(pace=5))
+    runs = []
+    for chat_id, policy in (("stays", "continue"), ("goes", "cancel")):
+        body = chat_body("What is 25 * 4?", chat_id, on_disconnect=policy)
+        async with http_client(server) as http, http.stream("POST", "/vercel/chat", json=body) as response:
+            run_id = response.headers["x-trioflow-run-id"]  # the client leaves at once
+        runs.append(server.executor.get_run(run_id))
+    stays, goes = runs
+    with trio.fail_after(10):
+        await goes.wait()
+        await stays.wait()
+    assert str(stays.status) == "completed"
+    assert str(goes.status) == "cancelled"
+    last = server.executor.get_run(goes.run_id)
+    assert last.last_seq > 0

@@ -591,7 +591,17 @@ async def vercel_chat(request: Request) -> Response:
     hub = _hub(request)
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
-    body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+    try:
+        body = await read_json(request, hub.config.max_body, body_timeout=hub.config.body_timeout)
+    except ApiError as exc:
+        if exc.status != 413:
+            raise
+        raise ApiError(
+            413,
+            exc.code,
+            f"{exc.message}: send only the new message (the transport's "
+            "prepareSendMessagesRequest); the chat's thread holds the rest",
+        ) from None
     chat_id, run_request = parse_chat(body)
     try:
         thread = chat_threads(hub).find_or_create(chat_id)
