@@ -599,7 +599,10 @@ async def test_a_client_leaving_follows_the_runs_on_disconnect(
     runs = []
     for chat_id, policy in (("stays", "continue"), ("goes", "cancel")):
         body = chat_body("What is 25 * 4?", chat_id, on_disconnect=policy)
-        async with http_client(server) as http, http.stream("POST", "/vercel/chat", json=body) as response:
+        async with (
+            http_client(server) as http,
+            http.stream("POST", "/vercel/chat", json=body) as response,
+        ):
             run_id = response.headers["x-trioflow-run-id"]  # the client leaves at once
         runs.append(server.executor.get_run(run_id))
     stays, goes = runs
