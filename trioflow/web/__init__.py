@@ -21,7 +21,9 @@
 
 The modules, one concept each: :mod:`~trioflow.web._app` (the application
 and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
-framing and its error events), :mod:`~trioflow.web._fanout` (one run's
+framing and its error events), :mod:`~trioflow.web._ndjson` and
+:mod:`~trioflow.web._vercel` (the same runs as NDJSON and as the Vercel AI
+SDK's UI message stream, with ``useChat``'s chat endpoints), :mod:`~trioflow.web._fanout` (one run's
 events encoded once and written to every watching connection),
 :mod:`~trioflow.web._streams` (what event streams and WebSockets share: a
 run's frames cached, the catch-up, the join to the fan-out),
