@@ -116,8 +116,11 @@ _json_values = st.recursive(
 )
 
 
+ENDINGS = ("completed", "failed", "model-failed", "cancelled by client", "timeout")
+
+
 @st.composite
-def generated_run(draw: st.DrawFn) -> tuple[list[FlowEvent], dict[str, Any]]:
+def generated_run(draw: st.DrawFn, ending: str) -> tuple[list[FlowEvent], dict[str, Any]]:
     """A run's events in the agent's order, and what its UI message must end up holding."""
     run_id = "run_" + draw(st.text(alphabet="0123456789abcdef", min_size=4, max_size=8))
     events: list[tuple[str, dict[str, Any]]] = []
@@ -135,9 +138,6 @@ def generated_run(draw: st.DrawFn) -> tuple[list[FlowEvent], dict[str, Any]]:
             texts.append(events[-1][1]["chunk"])
 
     add("flow.started", task="t", metadata=draw(st.sampled_from([{}, {"thread_id": "thread_1"}])))
-    ending = draw(
-        st.sampled_from(["completed", "failed", "model-failed", "cancelled by client", "timeout"])
-    )
     iterations = draw(st.integers(1, 3))
     mid_run = ending in ("model-failed", "timeout") and draw(st.booleans())
     for n in range(1, iterations + 1):
@@ -225,14 +225,11 @@ def body_of(events: Sequence[FlowEvent]) -> str:
 
 @pytest.fixture(scope="module")
 def generated() -> list[tuple[list[FlowEvent], dict[str, Any]]]:
-    """Generated runs, each checked here (ids, order, resume); all then go to Node in one call."""
+    """Generated runs of every ending, each checked here (ids, order, purity); all then go to
+    Node in one call."""
     out: list[tuple[list[FlowEvent], dict[str, Any]]] = []
 
-    @settings(
-        max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
-    @given(generated_run())
-    def collect(run: tuple[list[FlowEvent], dict[str, Any]]) -> None:
+    def check(run: tuple[list[FlowEvent], dict[str, Any]]) -> None:
         events, _ = run
         body = body_of(events)
         assert body.isascii()
@@ -247,16 +244,24 @@ def generated() -> list[tuple[list[FlowEvent], dict[str, Any]]]:
         assert body_of(events) == body
         out.append(run)
 
-    collect()
+    for ending in ENDINGS:
+
+        @settings(
+            max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(generated_run(ending))
+        def collect(run: tuple[list[FlowEvent], dict[str, Any]]) -> None:
+            check(run)
+
+        collect()
     return out
 
 
 def test_generated_runs_keep_the_id_and_order_rules(
     generated: list[tuple[list[FlowEvent], dict[str, Any]]],
 ) -> None:
-    assert len(generated) >= 50
-    endings = {expected["ending"] for _, expected in generated}
-    assert endings == {"completed", "failed", "model-failed", "cancelled by client", "timeout"}
+    assert len(generated) >= 100
+    assert {expected["ending"] for _, expected in generated} == set(ENDINGS)
 
 
 def test_a_resume_after_any_event_has_no_gap_and_no_duplicate(
@@ -509,7 +514,7 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]
 
 
 async def test_use_chat_drives_a_conversation_with_tools(
-    start_web_server: StartWebServer, js_clients: Path
+    start_web_server: StartWebServer, js_clients: Path, server_log: pytest.LogCaptureFixture
 ) -> None:
     server = await start_web_server(agent=chat_agent())
     api = f"{server.url}/vercel/chat"
@@ -540,10 +545,11 @@ async def test_use_chat_drives_a_conversation_with_tools(
     (thread,) = server.hub.threads.list()
     assert thread.metadata == {"chat_id": "chat-a"} and len(thread.runs) == 2
     assert first["id"] == thread.runs[0]
+    assert_no_traceback(server_log)
 
 
 async def test_use_chat_resumes_after_a_dropped_connection(
-    start_web_server: StartWebServer, js_clients: Path
+    start_web_server: StartWebServer, js_clients: Path, server_log: pytest.LogCaptureFixture
 ) -> None:
     server = await start_web_server(agent=chat_agent(pace=10))
     api = f"{server.url}/vercel/chat"
@@ -559,6 +565,7 @@ async def test_use_chat_resumes_after_a_dropped_connection(
     # once the run is over there is nothing to resume
     again = await node_json(js_clients, "resume", api, "chat-b")
     assert again["messages"] == [] and again["status"] == "ready"
+    assert_no_traceback(server_log)
 
 
 async def test_a_reader_resumes_with_last_event_id_mid_text(
@@ -613,3 +620,54 @@ async def test_a_client_leaving_follows_the_runs_on_disconnect(
     assert str(goes.status) == "cancelled"
     last = server.executor.get_run(goes.run_id)
     assert last.last_seq > 0
+
+
+@pytest.mark.parametrize("decision", ["approve", "deny"])
+async def test_use_chat_shows_an_approval_and_its_outcome(
+    start_web_server: StartWebServer,
+    js_clients: Path,
+    server_log: pytest.LogCaptureFixture,
+    decision: str,
+) -> None:
+    def make(request: Any) -> Agent:
+        model = ScriptedModel(itertools.repeat(remembering))
+        return Agent(model, tools=[calculator], approval=lambda call: True)
+
+    server = await start_web_server(agent=make)
+    decided: list[str] = []
+
+    async def decide() -> None:
+        with trio.fail_after(30):
+            while True:
+                threads = server.hub.threads.list()
+                run_id = threads[0].running if threads else None
+                pending = server.executor.get_run(run_id).pending_approvals() if run_id else []
+                if pending:
+                    break
+                await trio.sleep(0.02)
+        call_id = pending[0].call_id
+        async with http_client(server) as http:
+            body = {"decision": decision, **({"reason": "no"} if decision == "deny" else {})}
+            response = await http.post(f"/runs/{run_id}/approvals/{call_id}", json=body)
+        assert response.status_code == 200, response.text
+        decided.append(call_id)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(decide)
+        out = await node_json(
+            js_clients, "chat", f"{server.url}/vercel/chat", "chat-d", "What is 25 * 4?"
+        )
+    assert out["status"] == "ready" and out["errors"] == []
+    _, answer = out["messages"]
+    text, (tool,) = assistant_parts(answer)
+    assert tool["toolCallId"] == decided[0]
+    assert tool["approval"] == {"id": decided[0]}  # the tool-approval-request reached the part
+    if decision == "approve":
+        assert tool["state"] == "output-available" and "100" in json.dumps(tool["output"])
+        approved = [p for p in answer["parts"] if p["type"] == "data-tool-approved"]
+        assert [p["id"] for p in approved] == decided
+        assert text.endswith("The result is 100.")
+    else:
+        assert tool["state"] == "output-denied"
+        assert "denied" in text
+    assert_no_traceback(server_log)
