@@ -335,6 +335,16 @@ def test_the_mapping_of_single_events() -> None:
     frame = VERCEL.event(done)
     assert frame.endswith(b"id: 3\ndata: [DONE]\n\n")
     assert json.loads(frame.split(b"\n\n")[0][len(b"data: ") :])["finishReason"] == "length"
+    # a client that fell behind: an error chunk that says where to resume, then [DONE]
+    ((seq, (error, end)),) = groups(VERCEL.evicted("run_1", 7).decode())
+    assert seq is None  # no id: it is not an event
+    assert (error["type"], error["code"], error["last_seq"], end) == (
+        "error",
+        "evicted",
+        7,
+        "[DONE]",
+    )
+    assert "Last-Event-ID: 7" in error["errorText"]
 
 
 # -- the server --------------------------------------------------------------------------
