@@ -215,3 +215,12 @@ async def test_thread_errors_over_http(start_web_server: StartWebServer) -> None
             await full_server.executor.get_run(done.json()["run_id"]).wait()
         full = await http.post(f"/threads/{thread_id}/runs", json={"message": "more"})
     assert (full.status_code, full.json()["error"]["code"]) == (409, "thread_full")
+
+
+async def test_a_thread_of_a_given_id_is_made_once() -> None:
+    threads = Threads(max_threads=2)
+    made = await threads.create_thread({"chat_id": "c"}, thread_id="chat_1")
+    again = await threads.create_thread({"chat_id": "other"}, thread_id="chat_1")
+    assert again is made and made.thread_id == "chat_1"
+    assert made.to_dict()["metadata"] == {"chat_id": "c"}
+    assert len(threads) == 1

@@ -5,6 +5,7 @@ has no gap and no duplicate, a bad ``RunAgentInput`` is a 400; and the real ``@a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trioflow import Agent, FlowEvent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow.approvals import ApprovalError
 from trioflow.demo import default_agent
 from trioflow.models import ModelError
 from trioflow.tools import ToolContext, ToolError, tool
@@ -187,11 +189,13 @@ async def run_events(agent: Agent, task: str, cancel_at: int | None) -> list[Flo
         async with run.subscribe(after=0) as sub:
             async for event in sub:
                 events.append(event)
-                if event.type == "tool.approval_required":
-                    if event.data["input"].get("text"):
-                        run.approve(event.data["call_id"])
-                    else:
-                        run.deny(event.data["call_id"], "nothing to say")
+                if event.type == "tool.approval_required" and not run.done:
+                    # A cancel may have withdrawn the call already (decided: refused).
+                    with contextlib.suppress(ApprovalError):
+                        if event.data["input"].get("text"):
+                            run.approve(event.data["call_id"])
+                        else:
+                            run.deny(event.data["call_id"], "nothing to say")
                 if cancel_at is not None and event.seq == cancel_at:
                     run.cancel()
         return events
@@ -397,7 +401,7 @@ def test_a_conversation_becomes_the_task_the_history_and_the_system_prompt() -> 
     assert parsed.request.task == "And 3 + 3?"
     assert parsed.request.system == "Be brief."
     assert parsed.request.max_iterations == 3 and parsed.request.on_disconnect == "cancel"
-    assert parsed.request.metadata == {"agui_run_id": "r-1"}
+    assert parsed.request.metadata == {"agui_thread_id": "t-1", "agui_run_id": "r-1"}
     assert [m.to_dict() for m in parsed.history] == [
         {"role": "user", "content": [{"type": "text", "text": "What is 2 + 2?"}]},
         {
@@ -502,7 +506,9 @@ async def test_post_agui_answers_with_the_runs_stream_and_feeds_the_history(
     assert (items[0]["threadId"], items[0]["runId"]) == ("t-1", "r-1")
     assert (items[-1]["threadId"], items[-1]["runId"]) == ("t-1", "r-1")
     (run,) = server.executor.runs.values()
-    assert run.metadata == {"app": "x", "agui_run_id": "r-1", "source": "agui", "thread_id": "t-1"}
+    assert run.metadata == {
+        "app": "x", "agui_thread_id": "t-1", "agui_run_id": "r-1", "source": "agui"
+    }  # fmt: skip
     assert [m.text for m in models[0].calls[0]] == ["Hello", "Hi.", "What is 25 * 4?"]
     assert not server.hub.threads.list()  # the client's conversation, not a server thread
 

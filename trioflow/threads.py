@@ -253,8 +253,13 @@ class ThreadStore(Protocol):
     max_messages: int
     """The most messages a new thread holds."""
 
-    async def create_thread(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+    async def create_thread(
+        self, metadata: Mapping[str, Any] | None = None, *, thread_id: str | None = None
+    ) -> Thread:
         """A new, empty thread (the oldest idle one is forgotten when the store is full).
+
+        With ``thread_id``: that thread, made (with ``metadata``) only if no
+        retained thread has that id, in one step (two callers racing get one thread).
 
         Raises:
             ThreadLimitReached: every retained thread has a run going.
@@ -331,20 +336,26 @@ class Threads:
     def __len__(self) -> int:
         return len(self._threads)
 
-    def create(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+    def create(
+        self, metadata: Mapping[str, Any] | None = None, *, thread_id: str | None = None
+    ) -> Thread:
         """A new, empty thread (the oldest idle one is forgotten when the store is full).
+
+        With ``thread_id``: that thread, made only if no retained thread has that id.
 
         Raises:
             ThreadLimitReached: every retained thread has a run going.
         """
+        if thread_id is not None and thread_id in self._threads:
+            return self._threads[thread_id]
         if len(self._threads) >= self.max_threads:
-            for thread_id, old in self._threads.items():
+            for old_id, old in self._threads.items():
                 if old.running is None:
-                    del self._threads[thread_id]
+                    del self._threads[old_id]
                     break
             else:
                 raise ThreadLimitReached(self.max_threads)
-        thread = Thread(_new_id(), max_messages=self.max_messages, metadata=metadata)
+        thread = Thread(thread_id or _new_id(), max_messages=self.max_messages, metadata=metadata)
         self._threads[thread.thread_id] = thread
         return thread
 
@@ -365,14 +376,16 @@ class Threads:
 
     # -- the ThreadStore protocol ----------------------------------------------------
 
-    async def create_thread(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+    async def create_thread(
+        self, metadata: Mapping[str, Any] | None = None, *, thread_id: str | None = None
+    ) -> Thread:
         """:meth:`create`, as a :class:`ThreadStore`.
 
         Raises:
             ThreadLimitReached: every retained thread has a run going.
         """
         await trio.lowlevel.checkpoint()
-        return self.create(metadata)
+        return self.create(metadata, thread_id=thread_id)
 
     async def get_thread(self, thread_id: str) -> Thread:
         """:meth:`get`, as a :class:`ThreadStore`: the live thread.

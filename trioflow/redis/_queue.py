@@ -38,6 +38,7 @@ _SOURCE_FIELD = "source"
 run's ``metadata["source"]`` (not a RunRequest field)."""
 
 _THREAD_FIELD = "thread_id"
+_MESSAGES_FIELD = "messages"
 """The member of a submitted request naming the thread the run continues
 (:class:`~trioflow.redis.RedisThreads`; begun by the submitter, not a RunRequest field)."""
 
@@ -147,8 +148,10 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     """A submitted request as a :class:`~trioflow.requests.RunRequest`, and its ``max_attempts``.
 
     ``max_attempts`` is 1 unless the request gives it; a ``source`` member
-    (a string: where the request came from) and a ``thread_id`` (a string:
-    the thread the run continues) are accepted and left to the caller.
+    (a string: where the request came from), a ``thread_id`` (a string:
+    the thread the run continues) and ``messages`` (a list: the conversation
+    the run continues without a thread, as :meth:`Message.to_dict
+    <trioflow.models.Message.to_dict>` makes each) are accepted and left to the caller.
 
     Raises:
         ValueError: not a valid ``POST /runs`` body, or ``max_attempts`` is not an int >= 1.
@@ -162,8 +165,11 @@ def parse_request(request: Mapping[str, Any]) -> tuple[RunRequest, int]:
     thread_id = request.get(_THREAD_FIELD, "")
     if not isinstance(thread_id, str):
         raise ValueError(f"{_THREAD_FIELD} must be a string, not {thread_id!r}")
+    messages = request.get(_MESSAGES_FIELD, [])
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"{_MESSAGES_FIELD} must be a list, not {messages!r}")
     parsed = RunRequest.parse(
-        request, ignore=frozenset({_RETRY_FIELD, _SOURCE_FIELD, _THREAD_FIELD})
+        request, ignore=frozenset({_RETRY_FIELD, _SOURCE_FIELD, _THREAD_FIELD, _MESSAGES_FIELD})
     )
     return parsed, attempts
 

@@ -58,7 +58,9 @@ _CREATE_SCRIPT = (
     _TERMINAL_LUA
     + """
 -- KEYS[1]: the thread's record, KEYS[2]: the threads index
--- ARGV: id, now, metadata, max_messages, max_threads, run prefix, thread prefix, grace, retention
+-- ARGV: id, now, metadata, max_messages, max_threads, run prefix, thread prefix, grace, retention,
+-- '1' to make it only if absent (returns 0 when it exists)
+if ARGV[10] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local now, grace = tonumber(ARGV[2]), tonumber(ARGV[8])
 local count = redis.call('ZCARD', KEYS[2])
 if count >= tonumber(ARGV[5]) then
@@ -214,18 +216,24 @@ class RedisThreads:
     def _ttl(self) -> str | int:
         return "" if self.retention is None else max(1, round(self.retention))
 
-    async def create_thread(self, metadata: Mapping[str, Any] | None = None) -> Thread:
+    async def create_thread(
+        self, metadata: Mapping[str, Any] | None = None, *, thread_id: str | None = None
+    ) -> Thread:
         """A new, empty thread (the oldest idle one is forgotten when ``max_threads`` are retained).
+
+        With ``thread_id``: that thread, made only if Redis holds no thread
+        of that id (one script: racing nodes get the same thread).
 
         Raises:
             ThreadLimitReached: every retained thread has a run going.
             coredis.exceptions.RedisError: Redis failed.
         """
-        thread_id = _new_id()
+        only_if_absent = thread_id is not None
+        thread_id = thread_id or _new_id()
         now = time.time()
         body = json.dumps(dict(metadata or {}), separators=(",", ":"), default=str)
         try:
-            await self._create(
+            made: object = await self._create(
                 [self.keys.thread(thread_id), self.keys.threads],
                 [
                     thread_id,
@@ -237,12 +245,15 @@ class RedisThreads:
                     f"{self.keys.prefix}:thread:",
                     STARTING_GRACE,
                     self._ttl,
+                    "1" if only_if_absent else "0",
                 ],
             )
         except coredis.exceptions.ResponseError as exc:
             if str(exc).startswith("TFLIMIT"):
                 raise ThreadLimitReached(self.max_threads) from None
             raise
+        if made == 0:
+            return await self.get_thread(thread_id)
         return Thread.snapshot(
             thread_id,
             created_at=now,

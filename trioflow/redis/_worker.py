@@ -17,6 +17,7 @@ from trioflow._util import collapse_single_group
 from trioflow.executor import StreamingFlowExecutor, open_executor
 from trioflow.handle import CancelReason, RunStatus
 from trioflow.history import Fenced
+from trioflow.models._base import Message
 from trioflow.redis._approvals import apply_decision, apply_decision_markers
 from trioflow.redis._client import open_redis
 from trioflow.redis._queue import (
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from trioflow.agent import Agent
     from trioflow.bus import EventBus
     from trioflow.executor import Run
-    from trioflow.models._base import Message
     from trioflow.redis._history import RedisHistory
 
 __all__ = ["HANDED_BACK", "Worker", "WorkerStatistics", "open_worker"]
@@ -448,6 +448,12 @@ class Worker:
                 await self._refuse(active, exc)
                 return
             except (*_REDIS_DOWN, coredis.exceptions.RedisError) as exc:
+                await self._refuse(active, exc)
+                return
+        elif record.request.get("messages"):  # the conversation its client sent (AG-UI)
+            try:
+                prior = tuple(Message.from_dict(m) for m in record.request["messages"])
+            except (ValueError, TypeError, KeyError) as exc:
                 await self._refuse(active, exc)
                 return
         factory = self.agent_factory or default_agent

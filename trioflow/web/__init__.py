@@ -23,7 +23,8 @@ The modules, one concept each: :mod:`~trioflow.web._app` (the application
 and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
 framing and its error events), :mod:`~trioflow.web._ndjson` and
 :mod:`~trioflow.web._agui` (the same events as NDJSON and as AG-UI,
-:doc:`/howto/agui`), :mod:`~trioflow.web._fanout` (one run's
+:doc:`/howto/agui`), :mod:`~trioflow.web._vercel` (as the Vercel AI SDK's UI
+message stream, with ``useChat``'s chat endpoints), :mod:`~trioflow.web._fanout` (one run's
 events encoded once and written to every watching connection),
 :mod:`~trioflow.web._streams` (what event streams and WebSockets share: a
 run's frames cached, the catch-up, the join to the fan-out),

@@ -21,7 +21,7 @@ resuming with ``Last-Event-ID`` never gets half a group. A stream error
 
 Ids
     AG-UI's ``threadId`` and ``runId`` are the client's: ``POST /agui``
-    keeps them with the run (its ``metadata``: ``thread_id`` is the
+    keeps them with the run (its ``metadata``: ``agui_thread_id`` is the
     ``threadId``, ``agui_run_id`` the ``runId``) and ``RUN_STARTED``,
     ``RUN_FINISHED`` carry them. A run started some other way has
     ``runId`` = its trioflow run id, and ``threadId`` = its thread's id, or
@@ -56,7 +56,6 @@ from trioflow.models._base import ContentBlock, Message, TextBlock, ToolResultBl
 from trioflow.protocol import EVICTED
 from trioflow.requests import RunRequest
 from trioflow.sse import encode
-from trioflow.threads import Thread
 from trioflow.web._errors import ApiError
 from trioflow.web._sse import EventStreamResponse, StreamFormat, event_stream_answer
 from trioflow.web._streams import Encoding
@@ -113,13 +112,13 @@ class AguiIds:
 def agui_ids(run: Run) -> AguiIds:
     """The AG-UI ids of ``run``: the client's for a run ``POST /agui`` started, else trioflow's.
 
-    ``threadId`` is the run's ``metadata["thread_id"]`` (the AG-UI
-    ``threadId`` of a ``POST /agui`` run, the thread of a thread's run),
+    ``threadId`` is the run's ``metadata["agui_thread_id"]`` (the AG-UI
+    ``threadId`` of a ``POST /agui`` run), else ``metadata["thread_id"]`` (the thread of a thread's run),
     else the run id; ``runId`` is ``metadata["agui_run_id"]``, else the run
     id. Raises nothing.
     """
     metadata: Mapping[str, Any] = run.to_dict().get("metadata") or {}
-    thread_id = metadata.get("thread_id")
+    thread_id = metadata.get("agui_thread_id") or metadata.get("thread_id")
     agui_run_id = metadata.get("agui_run_id")
     return AguiIds(
         thread_id if isinstance(thread_id, str) and thread_id else run.run_id,
@@ -650,7 +649,7 @@ def parse_run_input(obj: object) -> AguiInput:
     body: dict[str, Any] = {
         **options,
         "task": task,
-        "metadata": {**(metadata or {}), "agui_run_id": run_id},
+        "metadata": {**(metadata or {}), "agui_thread_id": thread_id, "agui_run_id": run_id},
     }
     if system:
         body["system"] = "\n\n".join(system)
@@ -684,20 +683,17 @@ async def start_agui(request: Request) -> Response:
         parsed = parse_run_input(body)
     except ValueError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from None
-    # The conversation is the client's (it sends it whole with every run): a
-    # thread of this run alone, not one of the server's threads.
-    thread = Thread(parsed.thread_id, max_messages=hub.config.max_thread_messages)
-    if len(parsed.history) + 1 > thread.max_messages:
+    # The conversation is the client's (it sends it whole with every run): it
+    # goes with the run (to its worker, when queued), in no thread of the server.
+    if len(parsed.history) + 1 > hub.config.max_thread_messages:
+        limit = hub.config.max_thread_messages
         raise ApiError(
             409,
             "thread_full",
-            f"the conversation has more than the {thread.max_messages} messages a thread holds",
-            limit=thread.max_messages,
+            f"the conversation has more than the {limit} messages a thread holds",
+            limit=limit,
         )
-    seed = f"{parsed.run_id}:history"
-    thread.begin(seed)
-    thread.end(seed, parsed.history)
-    run = await hub.start(parsed.request, source="agui", thread=thread)
+    run = await hub.start(parsed.request, source="agui", messages=parsed.history)
     return EventStreamResponse(hub, run, 0, fmt=agui_format(run))
 
 

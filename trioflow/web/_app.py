@@ -21,6 +21,10 @@
                             ``/events.ndjson``: as newline-delimited JSON (:mod:`trioflow.web._ndjson`);
                             ``/events.agui``: as AG-UI events (:mod:`trioflow.web._agui`)
 ``POST /agui``              an AG-UI ``RunAgentInput`` → the run's AG-UI event stream
+                            ``/events.vercel``: as a Vercel AI SDK UI message stream
+``POST /vercel/chat``       ``useChat``'s default transport: a chat (a thread)'s next run,
+                            answered with its UI message stream; ``GET
+                            /vercel/chat/{id}/stream`` resumes it (:mod:`trioflow.web._vercel`)
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
                             was given (``404`` otherwise); it needs the token like every
@@ -61,6 +65,7 @@ from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
 from trioflow.web._ndjson import run_ndjson
 from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
+from trioflow.web._vercel import CHAT_PATH, run_vercel, vercel_chat, vercel_chat_stream
 from trioflow.web._ws import run_socket, socket
 
 if TYPE_CHECKING:
@@ -491,6 +496,9 @@ def create_app(
         Route("/runs/{run_id}/events.ndjson", _resolving(run_ndjson), methods=["GET"]),
         Route("/runs/{run_id}/events.agui", _resolving(run_agui), methods=["GET"]),
         Route("/agui", start_agui, methods=["POST"], name="agui"),
+        Route("/runs/{run_id}/events.vercel", _resolving(run_vercel), methods=["GET"]),
+        Route(CHAT_PATH, vercel_chat, methods=["POST"], name="vercel_chat"),
+        Route(CHAT_PATH + "/{chat_id}/stream", vercel_chat_stream, methods=["GET"]),
         WebSocketRoute("/runs/{run_id}/ws", _resolving(run_socket), name="run_socket"),
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),

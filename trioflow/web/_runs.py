@@ -321,7 +321,12 @@ class RunHub:
         return sum(1 for run in self.executor.runs.values() if not run.done)
 
     async def start(
-        self, request: RunRequest, *, source: str, thread: Thread | None = None
+        self,
+        request: RunRequest,
+        *,
+        source: str,
+        thread: Thread | None = None,
+        messages: Sequence[Message] = (),
     ) -> RunHandle:
         """Start a run for ``request`` and return it once it is running.
 
@@ -332,6 +337,9 @@ class RunHub:
                 the run's :attr:`~trioflow.handle.RunHandle.on_disconnect`.
             thread: the conversation the run continues (``request.task`` is
                 its next message).
+            messages: without a thread, the conversation the run continues
+                as the client sends it (AG-UI's ``RunAgentInput``): the model
+                sees them first; they travel with a queued run to its worker.
 
         Raises:
             ApiError: ``503`` while shutting down or before the server is up,
@@ -356,10 +364,18 @@ class RunHub:
             ) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_request", str(exc)) from None
-        return await self._launch(agent, request, source=source, thread=thread)
+        if thread is not None and messages:
+            raise ApiError(400, "invalid_request", "a thread's run continues the thread's messages")
+        return await self._launch(agent, request, source=source, thread=thread, messages=messages)
 
     async def _launch(
-        self, agent: Agent, request: RunRequest, *, source: str, thread: Thread | None
+        self,
+        agent: Agent,
+        request: RunRequest,
+        *,
+        source: str,
+        thread: Thread | None,
+        messages: Sequence[Message] = (),
     ) -> RunHandle:
         """The one place a run is started: executed here, or queued for a worker.
 
@@ -374,12 +390,16 @@ class RunHub:
         if thread is not None and self.store is not None:
             return await self._launch_on_thread(agent, request, source, thread.thread_id)
         if self.enqueue:
-            return await self._submit(request, source)
+            return await self._submit(request, source, messages=messages)
         metadata = {**(request.metadata or {}), "source": source}
         try:
             if request.model is not None:
-                return await self._start_with_model(request, agent, metadata, thread)
-            return await self._execute(agent, request, metadata, thread, self._nursery)
+                return await self._start_with_model(
+                    request, agent, metadata, thread, messages=messages
+                )
+            return await self._execute(
+                agent, request, metadata, thread, self._nursery, messages=messages
+            )
         except ThreadBusy as exc:
             raise ApiError(409, "thread_busy", str(exc), run_id=exc.run_id) from None
         except ThreadFull as exc:
@@ -480,8 +500,9 @@ class RunHub:
         *,
         run_id: str | None = None,
         thread_id: str | None = None,
+        messages: Sequence[Message] = (),
     ) -> RunHandle:
-        """Queue ``request`` (its ``source`` kept) and return its :class:`~trioflow.redis.RemoteRun`.
+        """Queue ``request`` (its ``source``, ``thread_id`` and ``messages`` kept) and return its :class:`~trioflow.redis.RemoteRun`.
 
         Raises:
             ApiError: ``503`` ``not_ready`` before the server is up, or
@@ -495,6 +516,8 @@ class RunHub:
         body = {**request.to_json(), "source": source}
         if thread_id is not None:
             body["thread_id"] = thread_id
+        if messages:
+            body["messages"] = [message.to_dict() for message in messages]
         try:
             run_id = await submit(self.store, body, run_id=run_id)
             remote = RemoteRun(self.store, self.tail, await self.store.get(run_id))
