@@ -90,7 +90,10 @@ async def test_a_run_queued_on_node_a_streams_gapless_from_node_b_and_survives_a
                 system="Be brief.",
                 max_tokens=64,
             )
-            assert created.json()["status"] == "pending"  # queued: a worker executes it
+            assert created.json()["status"] in (
+                "pending",
+                "running",
+            )  # queued: a worker executes it
             run_id = created.json()["run_id"]
             async with open_sse(b.url(), f"/runs/{run_id}/events") as stream:
                 frames = await stream.events()

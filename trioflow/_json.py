@@ -69,8 +69,9 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH, unicode: bool = True
             ``RecursionError``), or (with ``unicode``) holds a lone surrogate.
     """
     try:
-        if isinstance(text, (bytes, bytearray, memoryview)):
-            text = bytes(text).decode("utf-8")
+        decoded = not isinstance(text, str)
+        if not isinstance(text, str):
+            text = bytes(text).decode("utf-8")  # valid UTF-8: no raw lone surrogate
         value = json.loads(text, parse_constant=_reject_constant)
     except InvalidJSON:
         raise
@@ -78,5 +79,22 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH, unicode: bool = True
         raise InvalidJSON(f"nested deeper than {max_depth} levels") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidJSON(str(exc)) from None
-    _check(value, max_depth, unicode)
+    # The walk only when the text could fail it (scans at C speed; most
+    # documents, such as an event's JSON, need none): a lone surrogate comes
+    # from a \u escape (or, in a str, raw), and nesting needs brackets.
+    if (unicode and ("\\u" in text or (not decoded and not _encodable(text)))) or (
+        text.count("[") + text.count("{") > max_depth
+    ):
+        _check(value, max_depth, unicode)
     return value
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (holds no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -181,6 +181,9 @@ _PAGE = 512
 _MAX_CHUNK = 1024
 """The most events one script call writes (a script blocks Redis while it runs)."""
 
+_MAX_IN_FLIGHT = 4
+"""The most script calls a writer has out at once (a history has at most one batch out)."""
+
 DEFAULT_FLUSH_INTERVAL = 0.002
 """The default ``flush_interval``: 2 ms (see :class:`RedisHistory` and :doc:`/concepts/redis`)."""
 
@@ -315,6 +318,7 @@ class RedisHistory:
         self._progress = trio.Event()
         self._error: Callable[[], BaseException] | None = None
         self._flush_now = False
+        self._in_flight = False  # a call carrying a batch of this history is out
         self._writes = 0
         self._retries = 0
         self._writer = _Writer.of(client) if epoch is not None else None
@@ -548,7 +552,7 @@ class RedisHistory:
 
     def _due(self, now: float) -> float:
         """When the writer should write this history's waiting events (``inf``: nothing waits)."""
-        if not self._pending or self._error is not None:
+        if not self._pending or self._error is not None or self._in_flight:
             return math.inf
         if self._flush_now or len(self._pending) >= self._batch:
             return max(now, self._retry_at)
@@ -737,6 +741,7 @@ class _Writer:
         self._wake = trio.Event()
         self._changed = trio.Event()
         self._leader: RedisHistory | None = None
+        self._in_flight = 0  # calls out
         self.calls = 0
         """Script calls sent (round trips), failed ones included."""
 
@@ -785,35 +790,51 @@ class _Writer:
     async def _lead(self, own: RedisHistory, *, until: float = math.inf) -> None:
         """Write every history's waiting events, call after call, while ``own`` is open.
 
-        A draining history leads only until it has written seq ``until``.
+        Up to :data:`_MAX_IN_FLIGHT` calls are out at once, each carrying
+        the batches of histories that have none out (a history's batches
+        go one at a time, in order). A draining history leads only until it
+        has written seq ``until``; the calls out then end first.
         """
         self._leader = own
         try:
-            while own._state is _State.OPEN and own._written_seq < until:
-                now = trio.current_time()
-                due = min((history._due(now) for history in self._histories), default=math.inf)
-                if due > now:
-                    self._wake = trio.Event()
-                    with trio.move_on_at(due):
-                        await self._wake.wait()
-                    continue
-                await self._call(now)
+            async with trio.open_nursery() as calls:
+                while own._state is _State.OPEN and own._written_seq < until:
+                    now = trio.current_time()
+                    due = math.inf
+                    if self._in_flight < _MAX_IN_FLIGHT:
+                        due = min((h._due(now) for h in self._histories), default=math.inf)
+                    if due > now:
+                        self._wake = trio.Event()
+                        with trio.move_on_at(due):
+                            await self._wake.wait()
+                        continue
+                    taken = self._gather(now)
+                    if taken is not None:
+                        self._in_flight += 1
+                        calls.start_soon(self._call, now, *taken)
         finally:
             self._leader = None
             self.wake(state=True)  # another history's task takes over
             for history in self._histories:
                 history._advance()  # ... or a flush() waiting for progress
 
-    async def _call(self, started: float) -> None:
-        """One script call carrying the waiting batch of every history not in a backoff.
+    def _gather(
+        self, started: float
+    ) -> (
+        tuple[list[str], list[str | int], list[tuple[RedisHistory, list[FlowEvent]]], float] | None
+    ):
+        """The next call: the waiting batch of every history with none out (oldest first).
 
-        The oldest waiting batches go first; one call carries at most
-        ``_MAX_CHUNK`` events (the rest go in the next call, at once).
+        One call carries at most ``_MAX_CHUNK`` events (the rest go in the
+        next call, at once). The histories taken are marked as out.
         """
         ready = [
             history
             for history in self._histories
-            if history._pending and history._error is None and history._retry_at <= started
+            if history._pending
+            and history._error is None
+            and not history._in_flight
+            and history._retry_at <= started
         ]
         ready.sort(key=lambda history: history._since)
         room = _MAX_CHUNK
@@ -831,19 +852,39 @@ class _Writer:
             keys += (history._run_key, history._events_key)
             args += arguments
             sent.append((history, batch))
+            history._in_flight = True
             room -= len(batch)
             timeout = min(timeout, history._write_timeout)
         if not sent:
-            return
+            return None
+        return keys, args, sent, timeout
+
+    async def _call(
+        self,
+        started: float,
+        keys: list[str],
+        args: list[str | int],
+        sent: list[tuple[RedisHistory, list[FlowEvent]]],
+        limit: float,
+    ) -> None:
+        """One script call carrying the batches ``sent`` (made by :meth:`_gather`), within ``limit`` s."""
         self.calls += 1
         try:
-            # A Redis that stopped answering (paused, partitioned) is retried too.
-            with trio.fail_after(timeout):
-                replies: object = await self._script(keys, args)
-        except Exception as exc:  # the call failed: every batch in it did
-            for history, batch in sent:
-                history._failed_with(exc, batch)
-            return
-        assert isinstance(replies, list)
-        for (history, batch), reply in zip(sent, replies, strict=True):
-            history._answered(batch, reply, started)
+            try:
+                # A Redis that stopped answering (paused, partitioned) is retried too.
+                with trio.fail_after(limit):
+                    replies: object = await self._script(keys, args)
+            except Exception as exc:  # the call failed: every batch in it did
+                for history, batch in sent:
+                    history._in_flight = False
+                    history._failed_with(exc, batch)
+                return
+            assert isinstance(replies, list)
+            for (history, batch), reply in zip(sent, replies, strict=True):
+                history._in_flight = False
+                history._answered(batch, reply, started)
+        finally:
+            for history, _ in sent:
+                history._in_flight = False
+            self._in_flight -= 1
+            self._wake.set()  # the leader looks again: a call may go
