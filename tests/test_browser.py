@@ -387,3 +387,35 @@ async def test_approve_and_deny_buttons_decide_on_tool_calls(
     runs = list(server.executor.runs.values())
     assert [r.status for r in runs] == [RunStatus.COMPLETED, RunStatus.COMPLETED]
     assert runs[0].result is not None and "100" in runs[0].result.output
+
+
+async def test_the_event_log_shows_the_raw_stream_in_any_format(
+    start_web_server: StartWebServer, browse: Browse[Any]
+) -> None:
+    server = await start_web_server(agent=calculator_agent(pace=0), token="s3cret-token-1")
+
+    def script(page: Page) -> dict[str, str]:
+        run_task(page)
+        expect_calculator_run_done(page)
+        shown: dict[str, str] = {}
+        for fmt, last in (
+            ("agui", '"type":"RUN_FINISHED"'),
+            ("vercel", "data: [DONE]"),
+            ("ndjson", '"type":"flow.completed"'),
+            ("sse", "event: flow.completed"),
+        ):
+            page.select_option("#log-format", fmt)
+            expect(page.locator("#raw")).to_be_visible()
+            expect(page.locator("#log")).to_be_hidden()
+            expect(page.locator("#raw")).to_contain_text(last)
+            shown[fmt] = page.locator("#raw").text_content() or ""
+        page.select_option("#log-format", "")
+        expect(page.locator("#raw")).to_be_hidden()
+        expect(page.locator("#log")).to_be_visible()
+        return shown
+
+    shown = await browse(f"{server.url}/?token=s3cret-token-1", script)
+    assert '"type":"RUN_STARTED"' in shown["agui"]
+    assert '"type":"tool-output-available"' in shown["vercel"]
+    assert shown["ndjson"].splitlines()[0].startswith('{"id":1,')
+    assert shown["sse"].startswith("retry:")

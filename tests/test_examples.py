@@ -147,6 +147,18 @@ EXAMPLES: dict[str, list[str]] = {
         "tool.completed: 42",
         "flow.cancelled: 'the user said stop'",
     ],
+    "11_ndjson.py": [
+        "server listening on http://127.0.0.1:",
+        "POST /runs -> 201: run run_",
+        "-> application/x-ndjson",
+        "flow.started",
+        "tool.completed",
+        "flow.completed",
+        "lines; the last is the terminal event",
+        "no gap, no duplicate: True",
+        "curl -sN",
+        "server stopped",
+    ],
     "09_agui.py": [
         "server listening on http://127.0.0.1:",
         "POST /agui -> 200 text/event-stream",

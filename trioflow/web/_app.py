@@ -19,9 +19,10 @@
                             "reason"?, "input"?}`` → ``200`` (:mod:`trioflow.approvals`)
 ``GET /runs/{id}/events``   the run's events as Server-Sent Events (:mod:`trioflow.web._sse`);
                             ``/events.ndjson``: as newline-delimited JSON (:mod:`trioflow.web._ndjson`);
-                            ``/events.agui``: as AG-UI events (:mod:`trioflow.web._agui`)
+                            ``/events.agui``: as AG-UI events (:mod:`trioflow.web._agui`);
+                            ``/events.vercel``: as a Vercel AI SDK UI message stream;
+                            or ``?format=`` / ``Accept`` (:mod:`trioflow.web._formats`)
 ``POST /agui``              an AG-UI ``RunAgentInput`` → the run's AG-UI event stream
-                            ``/events.vercel``: as a Vercel AI SDK UI message stream
 ``POST /vercel/chat``       ``useChat``'s default transport: a chat (a thread)'s next run,
                             answered with its UI message stream; ``GET
                             /vercel/chat/{id}/stream`` resumes it (:mod:`trioflow.web._vercel`)
@@ -62,6 +63,7 @@ from trioflow.web._agui import run_agui, start_agui
 from trioflow.web._auth import AccessControl, AccessPolicy
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
+from trioflow.web._formats import choose_format
 from trioflow.web._ndjson import run_ndjson
 from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
@@ -403,13 +405,31 @@ async def decide_approval(request: Request) -> Response:
 
 
 async def run_events(request: Request) -> Response:
-    """``GET /runs/{run_id}/events``: Server-Sent Events from ``Last-Event-ID`` / ``?after=``."""
+    """``GET /runs/{run_id}/events``: Server-Sent Events from ``Last-Event-ID`` / ``?after=``.
+
+    In another wire format when ``?format=`` or ``Accept`` asks for one
+    (:func:`~trioflow.web._formats.choose_format`).
+
+    Raises:
+        ApiError: ``400`` ``invalid_format``, and as the format's endpoint.
+    """
+    fmt = choose_format(request.scope.get("query_string", b""), request.scope["headers"])
+    if fmt != "sse":
+        return await _FORMAT_ENDPOINTS[fmt](request)
     hub = _hub(request)
     # The access rules were applied by the middleware (AccessControl).
     answer = event_stream_answer(hub, None, request.scope, request.path_params["run_id"])
     if isinstance(answer, Response):
         return answer
     return EventStreamResponse(hub, *answer)
+
+
+_FORMAT_ENDPOINTS: dict[str, Callable[[Request], Awaitable[Response]]] = {
+    "ndjson": run_ndjson,
+    "agui": run_agui,
+    "vercel": run_vercel,
+}
+"""The endpoint of each format but trioflow's SSE (the run was resolved already)."""
 
 
 def _metrics_endpoint(render: MetricsRenderer) -> Callable[[Request], Any]:

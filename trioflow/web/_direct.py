@@ -45,6 +45,7 @@ from starlette.responses import Response
 
 from trioflow.web._errors import ApiError, error_response
 from trioflow.web._fanout import chunk
+from trioflow.web._formats import choose_format
 from trioflow.web._sse import EVENTS_PATH, HEADERS, EventOutput, event_stream_answer, stream_events
 
 if TYPE_CHECKING:
@@ -155,7 +156,8 @@ def stream_target(request: RequestHead) -> tuple[str, bytes, bytes] | None:
     """``(run_id, path, query)`` when ``request`` is an event stream this module serves, else ``None``.
 
     A ``GET /runs/{id}/events`` in HTTP/1.1 without a body and without
-    ``Upgrade``; anything else goes to Hypercorn.
+    ``Upgrade``, in trioflow's SSE format (:func:`~trioflow.web._formats.choose_format`);
+    anything else goes to Hypercorn.
     """
     if request.method != b"GET" or request.http_version != b"1.1":
         return None
@@ -167,6 +169,11 @@ def stream_target(request: RequestHead) -> tuple[str, bytes, bytes] | None:
             return None
         if name == b"content-length" and value.strip() != b"0":
             return None
+    try:  # another format than trioflow's SSE (or a bad one): the application answers
+        if choose_format(query, request.headers) != "sse":
+            return None
+    except ApiError:
+        return None
     try:
         path = unquote(raw.decode("ascii"))
     except UnicodeDecodeError:
