@@ -11,9 +11,10 @@ it would fail every later encoding of the value, far from its source).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "InvalidJSON", "loads"]
+__all__ = ["MAX_DEPTH", "InvalidJSON", "json_type", "loads"]
 
 MAX_DEPTH = 64
 """The deepest nesting of arrays and objects :func:`loads` accepts by default."""
@@ -98,3 +99,20 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def json_type(value: object) -> str:
+    """What JSON calls ``value``'s type, for error messages: ``"an object"``, ``"null"``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__

@@ -21,6 +21,7 @@ from typing import Any, TypeAlias
 import trio
 
 from trioflow import demo
+from trioflow._json import json_type
 from trioflow.agent import Agent
 from trioflow.handle import OnDisconnect
 from trioflow.models import ModelOptions, open_model
@@ -122,7 +123,7 @@ class RunRequest:
                 the message names the member and says what is expected.
         """
         if not isinstance(obj, Mapping):
-            raise ValueError(f"expected a JSON object, not {_json_type(obj)}")
+            raise ValueError(f"expected a JSON object, not {json_type(obj)}")
         fields = _FIELDS - {"task"} | {task_field}
         unknown = sorted(set(obj) - fields - ignore)
         if unknown:
@@ -134,16 +135,14 @@ class RunRequest:
         if task is None:
             raise ValueError(f"'{task_field}' is required: the text to ask the agent")
         if not isinstance(task, str):
-            raise ValueError(f"'{task_field}' must be a string, not {_json_type(task)}")
+            raise ValueError(f"'{task_field}' must be a string, not {json_type(task)}")
         if not task.strip():
             raise ValueError(f"'{task_field}' must not be empty")
         _check_unicode(task_field, task)
         timeout = obj.get("timeout")
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise ValueError(
-                    f"'timeout' must be a number of seconds, not {_json_type(timeout)}"
-                )
+                raise ValueError(f"'timeout' must be a number of seconds, not {json_type(timeout)}")
             if not (timeout > 0 and math.isfinite(timeout)):
                 raise ValueError(f"'timeout' must be a positive number of seconds, not {timeout}")
             timeout = float(timeout)
@@ -151,7 +150,7 @@ class RunRequest:
         if max_iterations is not None:
             if isinstance(max_iterations, bool) or not isinstance(max_iterations, int):
                 raise ValueError(
-                    f"'max_iterations' must be an integer, not {_json_type(max_iterations)}"
+                    f"'max_iterations' must be an integer, not {json_type(max_iterations)}"
                 )
             if max_iterations < 1:
                 raise ValueError(f"'max_iterations' must be at least 1, not {max_iterations}")
@@ -170,7 +169,7 @@ class RunRequest:
         system = obj.get("system")
         if system is not None:
             if not isinstance(system, str):
-                raise ValueError(f"'system' must be a string, not {_json_type(system)}")
+                raise ValueError(f"'system' must be a string, not {json_type(system)}")
             _check_unicode("system", system)
         max_tokens = obj.get("max_tokens")
         if max_tokens is not None and (
@@ -187,7 +186,7 @@ class RunRequest:
         metadata = obj.get("metadata")
         if metadata is not None:
             if not isinstance(metadata, Mapping):
-                raise ValueError(f"'metadata' must be an object, not {_json_type(metadata)}")
+                raise ValueError(f"'metadata' must be an object, not {json_type(metadata)}")
             reserved = sorted(_RESERVED_METADATA & set(metadata))
             if reserved:
                 raise ValueError(
@@ -215,22 +214,6 @@ def _check_unicode(name: str, value: str) -> None:
             raise ValueError(
                 f"{name} is not valid Unicode: it holds a lone surrogate (such as \\ud800)"
             ) from None
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
 
 
 AgentFactory: TypeAlias = Callable[[RunRequest], Agent]

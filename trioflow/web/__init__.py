@@ -20,8 +20,10 @@
     trio.run(main)
 
 The modules, one concept each: :mod:`~trioflow.web._app` (the application
-and its HTTP endpoints), :mod:`~trioflow.web._sse` (the event stream, its
-framing and its error events), :mod:`~trioflow.web._ndjson` and
+and its HTTP endpoints), :mod:`~trioflow.web._body` (a request's JSON body
+read within its limits), :mod:`~trioflow.web._sse` (the event stream, its
+framing and its error events), :mod:`~trioflow.web._formats` (which wire
+format a request gets: ``?format=``, ``Accept``), :mod:`~trioflow.web._ndjson` and
 :mod:`~trioflow.web._agui` (the same events as NDJSON and as AG-UI,
 :doc:`/howto/agui`), :mod:`~trioflow.web._vercel` (as the Vercel AI SDK's UI
 message stream, with ``useChat``'s chat endpoints), :mod:`~trioflow.web._fanout` (one run's

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -50,12 +49,14 @@ from typing import TYPE_CHECKING, Any, cast
 from starlette.requests import Request
 from starlette.responses import Response
 
-from trioflow.events import EventType, FlowEvent
+from trioflow._json import json_type
+from trioflow.events import EventType, FlowEvent, _json_default
 from trioflow.handle import RunHandle as Run
 from trioflow.models._base import ContentBlock, Message, TextBlock, ToolResultBlock, ToolUseBlock
 from trioflow.protocol import EVICTED
 from trioflow.requests import RunRequest
 from trioflow.sse import encode
+from trioflow.web._body import read_json
 from trioflow.web._errors import ApiError
 from trioflow.web._sse import EventStreamResponse, StreamFormat, event_stream_answer
 from trioflow.web._streams import Encoding
@@ -131,18 +132,6 @@ def _message_id(event: FlowEvent, iteration: object) -> str:
 
 
 # -- the mapping ------------------------------------------------------------------------
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    return str(value)
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=False)
@@ -447,26 +436,10 @@ _REQUEST_OPTIONS = frozenset(
 )
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__  # pragma: no cover
-
-
 def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{where}.{key} must be a non-empty string, not {_kind(value)}")
+        raise ValueError(f"{where}.{key} must be a non-empty string, not {json_type(value)}")
     return value
 
 
@@ -496,12 +469,12 @@ def _tool_uses(calls: object, where: str) -> list[ContentBlock]:
     if calls is None:
         return []
     if not isinstance(calls, list):
-        raise ValueError(f"{where}.toolCalls must be an array, not {_kind(calls)}")
+        raise ValueError(f"{where}.toolCalls must be an array, not {json_type(calls)}")
     blocks: list[ContentBlock] = []
     for i, call in enumerate(calls):
         at = f"{where}.toolCalls[{i}]"
         if not isinstance(call, Mapping):
-            raise ValueError(f"{at} must be an object, not {_kind(call)}")
+            raise ValueError(f"{at} must be an object, not {json_type(call)}")
         function = call.get("function")
         if not isinstance(function, Mapping):
             raise ValueError(f"{at}.function must be an object ({{'name', 'arguments'}})")
@@ -525,7 +498,7 @@ def _tool_uses(calls: object, where: str) -> list[ContentBlock]:
 def _conversation(messages: object) -> tuple[list[Message], list[str], str]:
     """The trioflow messages before the last user message, the system texts, and the task."""
     if not isinstance(messages, list):
-        raise ValueError(f"'messages' must be an array, not {_kind(messages)}")
+        raise ValueError(f"'messages' must be an array, not {json_type(messages)}")
     turns: list[Message] = []
     system: list[str] = []
 
@@ -546,7 +519,7 @@ def _conversation(messages: object) -> tuple[list[Message], list[str], str]:
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):
-            raise ValueError(f"{where} must be an object, not {_kind(message)}")
+            raise ValueError(f"{where} must be an object, not {json_type(message)}")
         _string(message, "id", where)
         role = message.get("role")
         if role in ("system", "developer"):
@@ -607,7 +580,7 @@ def parse_run_input(obj: object) -> AguiInput:
         ValueError: the input is not of that shape; the message names the member at fault.
     """
     if not isinstance(obj, Mapping):
-        raise ValueError(f"expected a RunAgentInput JSON object, not {_kind(obj)}")
+        raise ValueError(f"expected a RunAgentInput JSON object, not {json_type(obj)}")
     unknown = sorted(set(obj) - _INPUT_FIELDS)
     if unknown:
         raise ValueError(
@@ -621,7 +594,7 @@ def parse_run_input(obj: object) -> AguiInput:
             raise ValueError(f"RunAgentInput.{key} may have at most 200 characters")
     for key in ("tools", "context"):
         if obj.get(key) is not None and not isinstance(obj[key], list):
-            raise ValueError(f"'{key}' must be an array, not {_kind(obj[key])}")
+            raise ValueError(f"'{key}' must be an array, not {json_type(obj[key])}")
     if obj.get("resume"):
         raise ValueError(
             "'resume' is not supported: decide a tool call waiting for approval with "
@@ -632,7 +605,7 @@ def parse_run_input(obj: object) -> AguiInput:
     if isinstance(props, Mapping) and props.get("trioflow") is not None:
         given = props["trioflow"]
         if not isinstance(given, Mapping):
-            raise ValueError(f"'forwardedProps.trioflow' must be an object, not {_kind(given)}")
+            raise ValueError(f"'forwardedProps.trioflow' must be an object, not {json_type(given)}")
         bad = sorted(set(given) - _REQUEST_OPTIONS)
         if bad:
             raise ValueError(
@@ -644,7 +617,7 @@ def parse_run_input(obj: object) -> AguiInput:
     metadata = options.get("metadata")
     if metadata is not None and not isinstance(metadata, Mapping):
         raise ValueError(
-            f"'forwardedProps.trioflow.metadata' must be an object, not {_kind(metadata)}"
+            f"'forwardedProps.trioflow.metadata' must be an object, not {json_type(metadata)}"
         )
     body: dict[str, Any] = {
         **options,
@@ -673,8 +646,6 @@ async def start_agui(request: Request) -> Response:
             ``415``, ``413``, ``400`` ``invalid_json``, ``429``, ``503``, ``409``
             ``thread_full`` (more earlier messages than a thread holds).
     """
-    from trioflow.web._app import read_json  # the app imports this module
-
     hub = _hub(request)
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")

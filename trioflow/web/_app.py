@@ -44,23 +44,21 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
-import trio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from trioflow._json import InvalidJSON, loads
 from trioflow.agent import Agent
 from trioflow.executor import RunStatus, StreamingFlowExecutor
 from trioflow.handle import CancelMode, RunHandle
 from trioflow.web._agui import run_agui, start_agui
 from trioflow.web._auth import AccessControl, AccessPolicy
+from trioflow.web._body import read_json
 from trioflow.web._config import WebConfig
 from trioflow.web._errors import EXCEPTION_HANDLERS, ApiError
 from trioflow.web._formats import choose_format
@@ -82,7 +80,6 @@ MetricsRenderer: TypeAlias = Callable[[], tuple[bytes, str]]
 (``lambda: (prometheus.render(), prometheus.content_type)`` for a
 :class:`~trioflow.telemetry.PrometheusMetrics`)."""
 
-_JSON_TYPES = ("application/json",)
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _log = logging.getLogger("trioflow.web")
@@ -117,75 +114,6 @@ def hub_of(app: Starlette) -> RunHub:
     if not isinstance(hub, RunHub):
         raise TypeError(f"{app!r} was not made by trioflow.web.create_app")
     return hub
-
-
-async def read_json(request: Request, limit: int, *, body_timeout: float = math.inf) -> object:
-    r"""Read and decode a JSON request body of at most ``limit`` bytes.
-
-    Decodes with :func:`trioflow._json.loads`: nesting is bounded (a deep
-    body is ``invalid_json``, never a ``RecursionError``), ``NaN`` and
-    ``Infinity`` are refused. Strings may hold lone surrogates (``"\ud800"``):
-    the caller validates the strings it keeps and names the member at fault
-    (:meth:`RunRequest.parse <trioflow.web.RunRequest.parse>`).
-
-    ``body_timeout`` bounds the wait for each part of the body (the body-read
-    timeout): a client that stops sending mid-body is answered ``408``.
-
-    Raises:
-        ApiError: ``415`` unless the body is ``application/json``; ``413``
-            when it is larger than ``limit`` (checked against
-            ``Content-Length`` first, then while reading); ``400``
-            (``invalid_json``) when it is empty, not valid UTF-8 JSON, or
-            nested too deep; ``408`` when a part of the body took longer
-            than ``body_timeout``; ``400`` ``client_disconnected`` (logged in
-            one line, no traceback) when the client left mid-body.
-    """
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if media not in _JSON_TYPES and not (
-        media.startswith("application/") and media.endswith("+json")
-    ):
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            f"send the body as JSON with 'Content-Type: application/json' (got {media or 'none'!r})",
-        )
-    too_large = ApiError(
-        413, "payload_too_large", f"the request body may have at most {limit} bytes"
-    )
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    async with aclosing(request.stream()) as chunks:
-        while True:
-            with trio.move_on_after(body_timeout) as waiting:
-                try:
-                    chunk = await anext(chunks)
-                except StopAsyncIteration:
-                    break
-                except ClientDisconnect:
-                    _log.info(
-                        "%s %s: the client left before sending its whole body",
-                        request.method,
-                        request.url.path,
-                    )
-                    raise ApiError(400, "client_disconnected", "the client left mid-body") from None
-            if waiting.cancelled_caught:
-                raise ApiError(
-                    408,
-                    "request_timeout",
-                    f"the request body stopped arriving for {body_timeout:g} s; send it whole",
-                    headers={"Connection": "close"},
-                )
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    if not body.strip():
-        raise ApiError(400, "invalid_json", "the request body is empty; send a JSON object")
-    try:
-        return loads(bytes(body), unicode=False)
-    except InvalidJSON as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
 
 
 def run_links(request: Request, run: RunHandle) -> dict[str, str]:

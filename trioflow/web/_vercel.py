@@ -100,6 +100,7 @@ from starlette.responses import Response
 from trioflow.events import EventType, FlowEvent
 from trioflow.protocol import EVICTED
 from trioflow.threads import Thread, ThreadLimitReached, ThreadNotFound
+from trioflow.web._body import read_json
 from trioflow.web._errors import ApiError
 from trioflow.web._runs import RunRequest
 from trioflow.web._sse import (
@@ -572,8 +573,6 @@ async def vercel_chat(request: Request) -> Response:
             :meth:`RunHub.start <trioflow.web._runs.RunHub.start>`
             (``409`` ``thread_busy``/``thread_full``, ``429``, ``400``).
     """
-    from trioflow.web._app import read_json  # the app imports this module
-
     hub = _hub(request)
     if hub.closing:
         raise ApiError(503, "shutting_down", "the server is shutting down; no new runs")
