@@ -284,3 +284,78 @@ async def test_the_index_takes_approval_events_only(redis_url: str) -> None:
             assert [(p.call_id, p.tool, p.input, p.timeout) for p in pending] == [
                 ("c1", "transfer", {"a": [1]}, None)
             ]
+
+
+async def test_a_new_attempt_forgets_the_calls_of_the_one_before(redis_url: str) -> None:
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            run_id = (await store.create()).run_id
+            epoch = await store.claim(run_id)
+            asked = {"tool": "transfer", "call_id": "c1", "iteration": 1, "input": {}}
+            async with store.open_history(run_id, epoch=epoch) as history:
+                history.extend(
+                    [
+                        FlowEvent("tool.approval_required", {**asked, "timeout": None}, 1.0, 1, run_id),
+                        FlowEvent("tool.approval_required", {**asked, "call_id": "c2", "timeout": None}, 1.0, 2, run_id),
+                        FlowEvent("tool.denied", {"tool": "transfer", "call_id": "c2"}, 1.0, 3, run_id),
+                    ]
+                )  # fmt: skip
+                await history.flush()
+            record = await store.get(run_id)
+            assert set(record.approvals) == {"c1", "c2"} and record.decided == {"c2"}
+            await store.claim(run_id)  # attempt 2: the same call ids may come again
+            record = await store.get(run_id)
+            assert record.approvals == {} and record.decided == frozenset()
+            assert record.attempt == 2
+
+
+async def test_a_call_decided_on_its_own_node_is_decided_for_every_node(
+    redis_url: str, nursery: trio.Nursery
+) -> None:
+    """Node A executes the run and takes a decision: the marker is written first, so node B,
+    deciding the same call a moment later, gets 409 (not a second 200 for another decision)."""
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, bank_factory)
+        b = await start_node(nursery, redis_url, bank_factory)
+        run_id = (await post_run(a.url, "pay ann")).json()["run_id"]
+        run = a.hub.executor.get_run(run_id)
+        async with run.subscribe(after=0) as events:
+            async for event in events:
+                if event.type == "tool.approval_required":
+                    call_id = event.data["call_id"]
+                    break
+        async with http_client(a) as on_a, http_client(b) as on_b:
+            path = f"/runs/{run_id}/approvals/{call_id}"
+            first = await on_a.post(path, json={"decision": "deny", "reason": "no"})
+            second = await on_b.post(path, json={"decision": "approve"})
+        assert first.status_code == 200, first.text
+        assert second.status_code == 409, second.text
+        assert (await run.wait()).status == RunStatus.COMPLETED
+        assert transfers == []
+
+
+async def test_a_per_run_websocket_on_another_node_decides_a_call_asked_after_it_connected(
+    redis_url: str, nursery: trio.Nursery, open_ws: Any
+) -> None:
+    from conftest import receive, send
+
+    with trio.fail_after(30):
+        a = await start_node(nursery, redis_url, bank_factory, enqueue=True)
+        b = await start_node(nursery, redis_url, bank_factory)
+        async with (
+            open_redis(redis_url) as client,
+            open_worker(RedisRunStore(client), agent_factory=bank_factory, reap_interval=None),
+        ):
+            run_id = (await post_run(a.url, "pay ann")).json()["run_id"]
+            async with open_ws(f"{b.ws_url}/runs/{run_id}/ws") as socket:
+                while (frame := await receive(socket)).get("type") != "tool.approval_required":
+                    pass
+                call = frame["data"]["call_id"]
+                await send(socket, {"action": "decide", "call_id": call, "decision": "approve"})
+                while (frame := await receive(socket)).get("type") != "decided":
+                    assert frame.get("type") != "error", frame
+                assert frame["decision"] == "approve"
+                while (frame := await receive(socket)).get("type") != "flow.completed":
+                    pass
+        assert transfers == [(5, "ann")]

@@ -278,3 +278,47 @@ async def test_a_hundred_changes_of_the_followed_runs_do_not_exhaust_the_pool(
                     await client.ping()  # a pooled connection is still to be had
                     await store.get(first.run_id)
             assert tail.statistics().reissues >= 1
+
+
+async def test_a_watcher_leaving_while_the_tails_read_is_out_harms_no_one(
+    redis_url: str,
+) -> None:
+    """The read's events for a run nobody follows any more are dropped, not emitted on its
+    closed bus (which would end the node's tail and every run it follows)."""
+    with trio.fail_after(60):
+        async with open_redis(redis_url) as client, open_redis(redis_url) as writer_client:
+            writer = RedisRunStore(writer_client, owner="w")
+            async with open_node_tail(RedisRunStore(client)) as tail:
+                other = await tail.store.create()  # a run followed throughout
+                other_epoch = await writer.claim(other.run_id)
+                record = await tail.store.create()
+                epoch = await writer.claim(record.run_id)
+                async with (
+                    writer.open_history(record.run_id, epoch=epoch) as history,
+                    writer.open_history(other.run_id, epoch=other_epoch) as other_history,
+                    tail.watch(other.run_id) as followed,
+                ):
+                    seq = 0
+
+                    def put(n: int) -> None:
+                        nonlocal seq
+                        for _ in range(n):
+                            seq += 1
+                            history.append(
+                                FlowEvent("token.received", {"token": "x"}, 0.0, seq, record.run_id)
+                            )
+
+                    for _ in range(200):
+                        async with tail.watch(record.run_id) as feed:
+                            with trio.move_on_after(1):
+                                await feed.reached(seq)
+                            put(3)
+                            await history.flush()
+                        put(3)  # released: the tail's answer may come after the bus closed
+                        await history.flush()
+                    other_history.append(
+                        FlowEvent("token.received", {"token": "y"}, 0.0, 1, other.run_id)
+                    )
+                    await other_history.flush()
+                    await followed.reached(1)  # the tail still serves the other run
+                    assert followed.last_seq == 1

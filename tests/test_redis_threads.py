@@ -449,3 +449,22 @@ async def test_a_conversation_across_two_trioflow_serve_processes_survives_their
     assert view["messages"][-1]["role"] == "assistant"
     text = "".join(log.read_text() for log in logs)
     assert "Traceback" not in text, text
+
+
+async def test_the_retention_made_with_a_thread_holds_for_every_process(redis_url: str) -> None:
+    """A worker's store has no retention of its own: the thread's (fixed when it was made)
+    applies; no TTL while a run goes (a long run does not lose its thread), back at its end."""
+    with trio.fail_after(10):
+        async with open_redis(redis_url) as client:
+            store = RedisRunStore(client)
+            node = RedisThreads(store, retention=60)
+            worker = RedisThreads(store)  # as a worker makes it
+            thread = await node.create_thread()
+            key = store.keys.thread(thread.thread_id)
+            assert 0 < await client.ttl(key) <= 60
+            run = (await store.create(new_run_id())).run_id
+            await worker.begin(thread.thread_id, run)
+            assert await client.ttl(key) == -1  # a run goes: no TTL
+            epoch = await store.claim(run)
+            assert await worker.end(thread.thread_id, run, None, epoch=epoch)
+            assert 0 < await client.ttl(key) <= 60

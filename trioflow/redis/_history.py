@@ -231,9 +231,10 @@ class RedisHistory:
     batch of every history, each batch fenced and seq-checked on its own.
     A call goes once some history's batch is due: ``batch_size`` events
     wait, a :meth:`flush` asks, or its oldest waiting event has waited
-    ``flush_interval`` seconds (2 ms by default); at most one call is in
-    flight, so under load the events appended during one call go together
-    in the next. The batch holding the run's terminal event sets the run's
+    ``flush_interval`` seconds (2 ms by default). Up to 4 calls are out at
+    once, but a history has at most one batch out, so its events land in
+    order and, under load, the events appended during one call go together
+    in its next. The batch holding the run's terminal event sets the run's
     status and puts the retention TTL on its keys.
 
     **When Redis fails** (an error, or no answer within ``write_timeout``
@@ -718,13 +719,13 @@ def _transient(error: coredis.exceptions.ResponseError) -> bool:
 
 
 class _Writer:
-    """What writes behind every :class:`RedisHistory` of one client: one call per round trip.
+    """What writes behind every :class:`RedisHistory` of one client: few calls, each for many runs.
 
     Histories join with :meth:`serve` (their ``open_history`` block's
     task) and leave when it ends. The writer has no task of its own: one
     of the serving tasks at a time *leads* (runs :meth:`_lead`, the write
     loop for every history), the others wait; when the leader's history
-    closes or fails, it finishes the call in flight and another serving
+    closes or fails, it finishes the calls out and another serving
     task takes over. A leader cancelled mid-call (its block was cancelled)
     leaves the batches of that call in their buffers: the next leader sends
     them again, and the script's ``SEQ`` answer recognises what the
@@ -825,8 +826,9 @@ class _Writer:
     ):
         """The next call: the waiting batch of every history with none out (oldest first).
 
-        One call carries at most ``_MAX_CHUNK`` events (the rest go in the
-        next call, at once). The histories taken are marked as out.
+        One call carries at most ``_MAX_CHUNK`` events (a history's rest
+        goes in a later call, once its batch is answered). The histories
+        taken are marked as out.
         """
         ready = [
             history
@@ -879,10 +881,16 @@ class _Writer:
                     history._in_flight = False
                     history._failed_with(exc, batch)
                 return
-            assert isinstance(replies, list)
-            for (history, batch), reply in zip(sent, replies, strict=True):
-                history._in_flight = False
-                history._answered(batch, reply, started)
+            try:
+                if not isinstance(replies, list) or len(replies) != len(sent):
+                    raise coredis.exceptions.ResponseError(f"unexpected reply {replies!r:.200}")
+                for (history, batch), reply in zip(sent, replies, strict=True):
+                    history._in_flight = False
+                    history._answered(batch, reply, started)
+            except Exception as exc:  # a reply not understood: the batches failed, not the writer
+                for history, batch in sent:
+                    history._in_flight = False
+                    history._failed_with(exc, batch)
         finally:
             for history, _ in sent:
                 history._in_flight = False

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import coredis.exceptions
 
-from trioflow.redis._store import _CREATE_SCRIPT, new_run_id
+from trioflow.redis._store import _CREATE_SCRIPT, FORGET_APPROVALS_LUA, new_run_id
 from trioflow.requests import RunRequest
 
 if TYPE_CHECKING:
@@ -79,6 +79,9 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return false end
     + """
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+"""
+    + FORGET_APPROVALS_LUA
+    + """
 redis.call('HSET', KEYS[1], 'owner', ARGV[4], 'status', 'running', 'updated_at', tostring(now))
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[5]), ARGV[1])
 local cancel = redis.call('HMGET', KEYS[1], 'cancel_reason', 'cancel_mode')

@@ -41,7 +41,17 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return 1
 """
 
-_CLAIM_SCRIPT = """
+FORGET_APPROVALS_LUA = """
+-- A new attempt: the calls of the ones before it wait no more (their ids may come again).
+for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local head = string.sub(name, 1, 9)
+  if head == 'approval:' or head == 'decision:' then redis.call('HDEL', KEYS[1], name) end
+end
+"""
+"""Lua: drop the run's approvals index (KEYS[1]: its record) when an attempt begins."""
+
+_CLAIM_SCRIPT = (
+    """
 -- KEYS[1]: the run's record; ARGV: owner, now
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return redis.error_reply('NORUN') end
@@ -50,9 +60,13 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then
 end
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+"""
+    + FORGET_APPROVALS_LUA
+    + """
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'running', 'updated_at', ARGV[2])
 return epoch
 """
+)
 
 
 def new_run_id() -> str:
@@ -132,12 +146,16 @@ class RunRecord:
             updated_at=float(text("updated_at")),
             cancel=_cancel_marker(fields.get(b"cancel_reason"), fields.get(b"cancel_mode")),
             approvals={
-                name[9:].decode(): freeze_data(json.loads(value).get("data") or {})
+                name[9:].decode("utf-8", "surrogateescape"): freeze_data(
+                    json.loads(value.decode("utf-8", "surrogateescape")).get("data") or {}
+                )
                 for name, value in fields.items()
                 if name.startswith(b"approval:")
             },
             decided=frozenset(
-                name[9:].decode() for name in fields if name.startswith(b"decision:")
+                name[9:].decode("utf-8", "surrogateescape")
+                for name in fields
+                if name.startswith(b"decision:")
             ),
         )
 

@@ -163,7 +163,7 @@ class RunFeed:
         """
         self.known_seq = max(self.known_seq, events[-1].seq)
         bus = self.bus
-        if bus is not None and self.live and not self._pending:
+        if bus is not None and self.live and not self._pending and not bus.closed:
             events = events[self._emit_now(bus, events) :]
             if not events:
                 return 0
@@ -188,6 +188,8 @@ class RunFeed:
                 bus.emit_nowait(event)
             except trio.WouldBlock:
                 break
+            except trio.ClosedResourceError:  # the feed ended meanwhile: nobody to tell
+                return len(events)
             taken += 1
             if event.is_terminal():
                 self.terminal = event
@@ -407,6 +409,7 @@ class NodeTail:
         feed._refs -= 1
         if feed._refs <= 0 and self._feeds.get(feed.run_id) is feed:
             del self._feeds[feed.run_id]
+            feed.live = False  # a read already out may still bring its events: dropped
             feed._scope.cancel()
             self._changed()
 
@@ -497,6 +500,8 @@ class NodeTail:
             for key, entries in (reply or {}).items():
                 feed = feeds.get(key)
                 if feed is None or not entries or not feed.live:
+                    continue  # not followed (any more): the last watcher left during the read
+                if self._feeds.get(feed.run_id) is not feed:
                     continue
                 events = [FlowEvent.from_json(entry.field_values[b"e"]) for entry in entries]
                 events = [e for e in events if e.seq > feed.known_seq]

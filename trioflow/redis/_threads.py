@@ -81,7 +81,8 @@ if count >= tonumber(ARGV[5]) then
   if count >= tonumber(ARGV[5]) then return redis.error_reply('TFLIMIT') end
 end
 redis.call('HSET', KEYS[1], 'thread_id', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2],
-           'metadata', ARGV[3], 'max_messages', ARGV[4], 'running', '', 'running_since', '0')
+           'metadata', ARGV[3], 'max_messages', ARGV[4], 'running', '', 'running_since', '0',
+           'retention', ARGV[9])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 touch({KEYS[1]}, ARGV[9])
 return 1
@@ -107,7 +108,12 @@ if f[1] ~= ARGV[1] then  -- the same run beginning again (re-queued) continues a
   redis.call('HSET', KEYS[1], 'running', ARGV[1], 'running_since', ARGV[3], 'updated_at', ARGV[3])
   redis.call('RPUSH', KEYS[3], ARGV[1])
 end
-touch(KEYS, ARGV[5])
+-- No idle TTL while a run goes (a run may outlast it); its end puts the TTL back.
+local retention = ARGV[5]
+if retention == '' then retention = redis.call('HGET', KEYS[1], 'retention') or '' end
+if retention ~= '' then
+  for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
+end
 return redis.call('LRANGE', KEYS[2], 0, -1)
 """
 )
@@ -127,8 +133,10 @@ if append and redis.call('LLEN', KEYS[2]) == tonumber(ARGV[3]) then
   for i = 6, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 end
 redis.call('HSET', KEYS[1], 'running', '', 'running_since', '0', 'updated_at', ARGV[4])
-if ARGV[5] ~= '' then
-  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[5]) end
+local retention = ARGV[5]  -- the caller's, else the one the thread was made with
+if retention == '' then retention = redis.call('HGET', KEYS[1], 'retention') or '' end
+if retention ~= '' then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], retention) end
 end
 return 1
 """

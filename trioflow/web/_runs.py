@@ -436,7 +436,7 @@ class RunHub:
         except ThreadFull as exc:
             raise ApiError(409, "thread_full", str(exc), limit=exc.limit) from None
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
         started = False
         try:
             if self.enqueue:
@@ -522,7 +522,7 @@ class RunHub:
             run_id = await submit(self.store, body, run_id=run_id)
             remote = RemoteRun(self.store, self.tail, await self.store.get(run_id))
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
         self._cache(remote)
         return remote
 
@@ -677,7 +677,7 @@ class RunHub:
         except ApiError:
             raise
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
 
     def _cache(self, remote: RemoteRun) -> None:
         self._remote[remote.run_id] = remote
@@ -703,7 +703,7 @@ class RunHub:
         try:
             records = await self.store.list(limit=_LIST_LIMIT)
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
         listed: list[RunHandle] = list(self._replays.values())
         for record in reversed(records):
             local = self.executor.runs.get(record.run_id)
@@ -771,6 +771,8 @@ class RunHub:
         try:
             if self.store is not None and not self._is_local(run.run_id):
                 return await self._decide_remote(run, call_id, body["decision"], reason, edited)
+            if self.store is not None:
+                return await self._decide_stored(run, call_id, body["decision"], reason, edited)
             await trio.lowlevel.checkpoint()
             return run.decide(call_id, body["decision"], reason=reason, input=edited)
         except ApprovalError as exc:
@@ -794,20 +796,69 @@ class RunHub:
         from trioflow.redis._queue import parse_request
 
         assert isinstance(run, RemoteRun)
-        if edited is not None:
-            asked = run.record.approvals.get(call_id)
-            if asked is not None:  # unknown calls are refused by send_decision
-                request, _ = parse_request(run.record.request)
-                agent = request_agent(self._factory, request, self.config.allowed_models)
-                for tool in agent.tools:
-                    if tool.name == asked.get("tool"):
-                        tool.validate(edited)
-        return await run.send_decision(
-            call_id,
-            str(decision),
-            reason=reason,
-            input=edited,
-        )
+        try:
+            await run.refresh()  # the calls asked since the handle was made
+            if edited is not None:
+                asked = run.record.approvals.get(call_id)
+                if asked is not None:  # unknown calls are refused by send_decision
+                    request, _ = parse_request(run.record.request)
+                    agent = request_agent(self._factory, request, self.config.allowed_models)
+                    for tool in agent.tools:
+                        if tool.name == asked.get("tool"):
+                            tool.validate(edited)
+            return await run.send_decision(call_id, str(decision), reason=reason, input=edited)
+        except KeyError:
+            raise ApiError(404, "run_not_found", f"no run with id {run.run_id!r}") from None
+        except (ApprovalError, ToolInputError, ValueError):
+            raise
+        except Exception as exc:
+            raise store_unavailable(exc) from None
+
+    async def _decide_stored(
+        self,
+        run: RunHandle,
+        call_id: str,
+        decision: object,
+        reason: str | None,
+        edited: Mapping[str, Any] | None,
+    ) -> PendingApproval:
+        """Decide a call of a run executed here, with a store: the durable marker first.
+
+        The marker makes the decision once across nodes (a node deciding
+        the same call through Redis at the same time gets ``409``); the call
+        is then decided here (or already was, by this node's listener
+        hearing the marker's message first: the same decision).
+        """
+        from trioflow.redis import request_decision
+
+        assert self.store is not None
+        pending = next((p for p in run.pending_approvals() if p.call_id == call_id), None)
+        if pending is None:
+            await trio.lowlevel.checkpoint()
+            run.decide(call_id, str(decision), reason=reason, input=edited)  # raises, as it should
+            raise ApprovalError(call_id, decided=True)  # pragma: no cover - decide raised
+        if edited is not None and pending._tool is not None:
+            pending._tool.validate(edited)  # refused before anything is written
+        try:
+            # The client may have seen the call's event here before the writer
+            # sent it to Redis, where the decision script looks for it.
+            bus = getattr(run, "bus", None)
+            flush = getattr(getattr(bus, "history", None), "flush", None)
+            if flush is not None:
+                await flush()
+            await request_decision(
+                self.store, run.run_id, call_id, str(decision), reason=reason, input=edited
+            )
+        except (ApprovalError, ValueError):
+            raise
+        except KeyError:
+            raise ApiError(404, "run_not_found", f"no run with id {run.run_id!r}") from None
+        except Exception as exc:
+            raise store_unavailable(exc) from None
+        try:
+            return run.decide(call_id, str(decision), reason=reason, input=edited)
+        except ApprovalError:
+            return pending  # this node's listener took the marker's decision first
 
     async def thread(self, thread_id: str) -> Thread:
         """The conversation ``thread_id`` (with a store, as Redis holds it now).
@@ -820,7 +871,7 @@ class RunHub:
         except ThreadNotFound as exc:
             raise ApiError(404, "thread_not_found", str(exc)) from None
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
 
     async def create_thread(self, metadata: Mapping[str, Any] | None) -> Thread:
         """A new conversation (``POST /threads``).
@@ -836,7 +887,7 @@ class RunHub:
                 429, "too_many_threads", str(exc), headers={"Retry-After": "1"}
             ) from None
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
 
     async def list_threads(self) -> list[Thread]:
         """The retained conversations, oldest first (``GET /threads``).
@@ -847,7 +898,7 @@ class RunHub:
         try:
             return await self.threads.list_threads()
         except Exception as exc:
-            raise _store_unavailable(exc) from None
+            raise store_unavailable(exc) from None
 
     async def fanout(
         self,
@@ -982,7 +1033,8 @@ class RunHub:
             run.cancel(CancelReason.CLIENT_DISCONNECTED)
 
 
-def _store_unavailable(exc: Exception) -> ApiError:
+def store_unavailable(exc: Exception) -> ApiError:
+    """``503 store_unavailable``: the run store (Redis) failed with ``exc``."""
     return ApiError(
         503,
         "store_unavailable",

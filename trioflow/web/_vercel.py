@@ -102,7 +102,7 @@ from trioflow.protocol import EVICTED
 from trioflow.threads import Thread, ThreadLimitReached, ThreadNotFound
 from trioflow.web._body import read_json
 from trioflow.web._errors import ApiError
-from trioflow.web._runs import RunRequest
+from trioflow.web._runs import RunRequest, store_unavailable
 from trioflow.web._sse import (
     KEEPALIVE,
     EventStreamResponse,
@@ -592,6 +592,8 @@ async def vercel_chat(request: Request) -> Response:
         thread = await chat_threads(hub).find_or_create(chat_id)
     except ThreadLimitReached as exc:
         raise ApiError(429, "too_many_threads", str(exc), headers={"Retry-After": "1"}) from None
+    except Exception as exc:  # the thread store (Redis) failed
+        raise store_unavailable(exc) from None
     run = await hub.start(run_request, source="vercel", thread=thread)
     return EventStreamResponse(hub, run, 0, fmt=_format_for(run.run_id))
 
@@ -607,7 +609,10 @@ async def vercel_chat_stream(request: Request) -> Response:
             ``404`` ``run_not_found`` (the run was forgotten).
     """
     hub = _hub(request)
-    thread = await chat_threads(hub).find(request.path_params["chat_id"])
+    try:
+        thread = await chat_threads(hub).find(request.path_params["chat_id"])
+    except Exception as exc:  # the thread store (Redis) failed
+        raise store_unavailable(exc) from None
     run_id = None if thread is None else thread.running
     if run_id is None and thread is not None and thread.runs:
         resuming = request.headers.get("last-event-id", "").strip() or request.query_params.get(
