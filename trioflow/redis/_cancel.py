@@ -112,8 +112,6 @@ async def _check_markers(
                     pipe.hmget(store.keys.run(rid), ["cancel_reason", "cancel_mode"]) for rid in ids
                 ]
             markers = [await request for request in requests]
-            for run in runs:
-                await apply_decision_markers(store, run)
         except (coredis.exceptions.RedisError, OSError) as exc:
             _log.warning("reading cancel markers failed (%s); retrying", exc)
             continue
@@ -127,3 +125,8 @@ async def _check_markers(
                         "mode": (mode or b"immediate").decode(),
                     },
                 )
+        try:  # the decisions of calls waiting here (one read per run with a call waiting)
+            for run in runs:
+                await apply_decision_markers(store, run)
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            _log.warning("reading decision markers failed (%s); retrying", exc)

@@ -588,13 +588,24 @@ async def vercel_chat(request: Request) -> Response:
             "prepareSendMessagesRequest); the chat's thread holds the rest",
         ) from None
     chat_id, run_request = parse_chat(body)
-    try:
-        thread = await chat_threads(hub).find_or_create(chat_id)
-    except ThreadLimitReached as exc:
-        raise ApiError(429, "too_many_threads", str(exc), headers={"Retry-After": "1"}) from None
-    except Exception as exc:  # the thread store (Redis) failed
-        raise store_unavailable(exc) from None
-    run = await hub.start(run_request, source="vercel", thread=thread)
+    chats = chat_threads(hub)
+    for attempt in (1, 2):
+        try:
+            thread = await chats.find_or_create(chat_id)
+        except ThreadLimitReached as exc:
+            raise ApiError(
+                429, "too_many_threads", str(exc), headers={"Retry-After": "1"}
+            ) from None
+        except Exception as exc:  # the thread store (Redis) failed
+            raise store_unavailable(exc) from None
+        try:
+            run = await hub.start(run_request, source="vercel", thread=thread)
+            break
+        except ApiError as exc:
+            # Another chat's first message made room by forgetting this idle thread
+            # between the two steps: made again, once.
+            if exc.code != "thread_not_found" or attempt == 2:
+                raise
     return EventStreamResponse(hub, run, 0, fmt=_format_for(run.run_id))
 
 
