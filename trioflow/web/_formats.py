@@ -78,5 +78,7 @@ def choose_format(query: bytes | str, headers: Iterable[tuple[bytes, bytes]]) ->
             return asked
     for name, value in headers:
         if name == b"accept":
+            if b"ndjson" not in value.lower():  # the one format an Accept can choose
+                return "sse"
             return _accepted(value.decode("latin-1")) or "sse"
     return "sse"
