@@ -25,7 +25,8 @@
 ``POST /agui``              an AG-UI ``RunAgentInput`` → the run's AG-UI event stream
 ``POST /vercel/chat``       ``useChat``'s default transport: a chat (a thread)'s next run,
                             answered with its UI message stream; ``GET
-                            /vercel/chat/{id}/stream`` resumes it (:mod:`trioflow.web._vercel`)
+                            /vercel/chat/{id}/stream`` resumes it, ``GET
+                            /vercel/chat/{id}/messages`` lists its UI messages (:mod:`trioflow.web._vercel`)
 ``/runs/{id}/ws``, ``/ws``  WebSockets (:mod:`trioflow.web._ws`)
 ``GET /metrics``            Prometheus text metrics, only when ``create_app(metrics=...)``
                             was given (``404`` otherwise); it needs the token like every
@@ -65,7 +66,13 @@ from trioflow.web._formats import choose_format
 from trioflow.web._ndjson import run_ndjson
 from trioflow.web._runs import AgentFactory, RunHub, RunRequest, cancel_mode
 from trioflow.web._sse import EventStreamResponse, event_stream_answer
-from trioflow.web._vercel import CHAT_PATH, run_vercel, vercel_chat, vercel_chat_stream
+from trioflow.web._vercel import (
+    CHAT_PATH,
+    run_vercel,
+    vercel_chat,
+    vercel_chat_messages,
+    vercel_chat_stream,
+)
 from trioflow.web._ws import run_socket, socket
 
 if TYPE_CHECKING:
@@ -447,6 +454,7 @@ def create_app(
         Route("/runs/{run_id}/events.vercel", _resolving(run_vercel), methods=["GET"]),
         Route(CHAT_PATH, vercel_chat, methods=["POST"], name="vercel_chat"),
         Route(CHAT_PATH + "/{chat_id}/stream", vercel_chat_stream, methods=["GET"]),
+        Route(CHAT_PATH + "/{chat_id}/messages", vercel_chat_messages, methods=["GET"]),
         WebSocketRoute("/runs/{run_id}/ws", _resolving(run_socket), name="run_socket"),
         WebSocketRoute("/ws", socket, name="socket"),
         Mount("/static", StaticFiles(directory=config.static_dir, check_dir=False), name="static"),

@@ -95,9 +95,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from trioflow.events import EventType, FlowEvent
+from trioflow.models._base import TextBlock, ToolResultBlock, ToolUseBlock
 from trioflow.protocol import EVICTED
 from trioflow.threads import Thread, ThreadLimitReached, ThreadNotFound
 from trioflow.web._body import read_json
@@ -125,7 +126,9 @@ __all__ = [
     "parse_chat",
     "run_vercel",
     "ui_message_chunks",
+    "ui_messages",
     "vercel_chat",
+    "vercel_chat_messages",
     "vercel_chat_stream",
 ]
 
@@ -653,3 +656,97 @@ async def run_vercel(request: Request) -> Response:
     if isinstance(answer, Response):
         return answer
     return EventStreamResponse(hub, *answer, fmt=_format_for(run_id))
+
+
+# -- a chat's messages, for a page that loads them -------------------------------------------
+
+
+def _output(content: str) -> Any:
+    """A tool result as the stream sent it: the JSON value its text is, else the text."""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content
+
+
+def ui_messages(thread: Thread) -> list[dict[str, Any]]:
+    """The thread's conversation as ``useChat``'s UI messages (the shape ``readUIMessageStream`` builds).
+
+    One UI message per user message (its text part) and one per assistant
+    turn, i.e. the model turns and tool results between two user messages:
+    a ``step-start`` part per model turn, its text (``state: "done"``),
+    its tool calls as ``tool-<name>`` parts with their input and, from the
+    tool results, ``output-available`` (the result as JSON when it is
+    JSON) or ``output-error``. Ids are ``<thread id>-<index>``; what the
+    live stream carried beside (progress and custom ``data-*`` parts) is
+    not kept in a thread. Raises nothing.
+    """
+    out: list[dict[str, Any]] = []
+    assistant: dict[str, Any] | None = None
+    tools: dict[str, dict[str, Any]] = {}
+    for index, message in enumerate(thread.messages):
+        results = [b for b in message.content if isinstance(b, ToolResultBlock)]
+        if message.role == "user" and not results:
+            assistant = None
+            text = "".join(b.text for b in message.content if isinstance(b, TextBlock))
+            out.append(
+                {
+                    "id": f"{thread.thread_id}-{index}",
+                    "role": "user",
+                    "parts": [{"type": "text", "text": text}],
+                }
+            )
+            continue
+        if assistant is None:
+            assistant = {
+                "id": f"{thread.thread_id}-{index}",
+                "role": "assistant",
+                "metadata": {"threadId": thread.thread_id},
+                "parts": [],
+            }
+            out.append(assistant)
+        parts: list[dict[str, Any]] = assistant["parts"]
+        if message.role == "assistant":
+            parts.append({"type": "step-start"})
+        for block in message.content:
+            if isinstance(block, TextBlock) and block.text:
+                parts.append({"type": "text", "text": block.text, "state": "done"})
+            elif isinstance(block, ToolUseBlock):
+                part = {
+                    "type": f"tool-{block.name}",
+                    "toolCallId": block.id,
+                    "state": "input-available",
+                    "input": dict(block.input),
+                    "providerExecuted": True,
+                }
+                tools[block.id] = part
+                parts.append(part)
+            elif isinstance(block, ToolResultBlock):
+                called = tools.get(block.tool_use_id)
+                if called is None:
+                    continue
+                if block.is_error:
+                    called.update(state="output-error", errorText=block.content)
+                else:
+                    called.update(state="output-available", output=_output(block.content))
+    return out
+
+
+async def vercel_chat_messages(request: Request) -> Response:
+    """``GET /vercel/chat/{chat_id}/messages``: the chat's conversation as UI messages.
+
+    For a page that reloads: ``useChat({id, messages})`` starts from them.
+    ``{"id": chat_id, "messages": [...]}`` (:func:`ui_messages`); an
+    unknown chat has none.
+
+    Raises:
+        ApiError: ``503`` ``store_unavailable`` when the thread store fails.
+    """
+    hub = _hub(request)
+    chat_id = request.path_params["chat_id"]
+    try:
+        thread = await chat_threads(hub).find(chat_id)
+    except Exception as exc:  # the thread store (Redis) failed
+        raise store_unavailable(exc) from None
+    messages = [] if thread is None else ui_messages(thread)
+    return JSONResponse({"id": chat_id, "messages": messages})
