@@ -734,6 +734,8 @@ class Agent:
             "input": dict(call.input),
             "timeout": self.approval_timeout,
         }
+        if streamed:
+            asked["streamed"] = True
         # Registered before the announcement goes out: a decision may follow it at once.
         pending = control.approvals.ask(
             call_id=call.id,
@@ -773,7 +775,8 @@ class Agent:
         """Run the calls concurrently; return their results in the model's order.
 
         A call in ``streamed`` (its input was streamed as ``tool.input_delta``
-        events) says so in its ``tool.started`` or ``tool.denied``.
+        events) says so (``streamed: true``) in its ``tool.approval_required``,
+        ``tool.denied`` and ``tool.started``.
         """
         started: StepStartedData = {"step": "tools", "iteration": n, "calls": len(calls)}
         await emit(EventType.STEP_STARTED, started)

@@ -114,7 +114,8 @@ class EventType(enum.StrEnum):
     """A tool call raised or timed out. Data: ``tool``, ``error``, ``call_id``."""
     TOOL_APPROVAL_REQUIRED = "tool.approval_required"
     """A tool call waits for a person's decision (:mod:`trioflow.approvals`).
-    Data: ``tool``, ``call_id``, ``iteration``, ``input``, ``timeout``."""
+    Data: ``tool``, ``call_id``, ``iteration``, ``input``, ``timeout``, and
+    ``streamed`` (true) when ``tool.input_delta`` events streamed its input."""
     TOOL_APPROVED = "tool.approved"
     """A waiting tool call was approved (or edited). Data: ``tool``, ``call_id``,
     ``iteration``, ``input`` (what it runs with), ``edited``."""
@@ -318,6 +319,7 @@ class ToolApprovalRequiredData(TypedDict):
     iteration: int
     input: dict[str, Any]
     timeout: float | None
+    streamed: NotRequired[bool]
 
 
 class ToolApprovedData(TypedDict):

@@ -47,8 +47,9 @@ trioflow event                 chunks
                                each of its ``discarded_tool_calls``:
                                ``tool-input-error`` (before ``data-warning``)
 ``step.completed`` ``model``   ``text-end``
-``tool.approval_required``     ``tool-input-start``, ``tool-input-available``,
-                               ``tool-approval-request`` (``approvalId``: the call id)
+``tool.approval_required``     ``tool-input-start`` (unless ``streamed``),
+                               ``tool-input-available``, ``tool-approval-request``
+                               (``approvalId``: the call id)
 ``tool.approved``              ``data-tool-approved`` (id: the call id)
 ``tool.denied``                ``tool-output-denied``
 ``tool.input_delta``           ``tool-input-start`` on a call's ``first`` delta,
@@ -370,7 +371,8 @@ _MAPPERS: dict[str, _Mapper] = {
     EventType.TOOL_INPUT_DELTA: _tool_input_delta,
     EventType.TOOL_STARTED: _tool_input,
     EventType.TOOL_APPROVAL_REQUIRED: lambda e: [
-        *_tool_input(e)[::2],
+        # tool-input-start (unless the input streamed), tool-input-available
+        *[c for c in _tool_input(e) if c["type"] != "tool-input-delta"],
         {"type": "tool-approval-request", "approvalId": _call(e), "toolCallId": _call(e)},
     ],
     EventType.TOOL_APPROVED: lambda e: [_data(e, part_id=_call(e))],
