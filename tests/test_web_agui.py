@@ -673,14 +673,16 @@ async def test_an_approval_is_a_custom_interrupt_decided_over_http(
 # -- the real client: @ag-ui/client ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("pace", [0, 1000])  # paced: the tool's input streams
 async def test_http_agent_drives_a_complete_run_and_the_next_turn(
-    js_clients: Path, start_web_server: StartWebServer
+    js_clients: Path, start_web_server: StartWebServer, pace: float
 ) -> None:
     models: list[ScriptedModel] = []
 
     def make(request: Any) -> Agent:
         # The first run: the calculator; the second: an answer that needs no tool.
-        models.append(ScriptedModel(None if not models else [Turn("You asked 25 * 4.")]))
+        script = None if not models else [Turn("You asked 25 * 4.")]
+        models.append(ScriptedModel(script, pace=pace))
         return default_agent(models[-1])
 
     server = await start_web_server(agent=make)
@@ -693,6 +695,9 @@ async def test_http_agent_drives_a_complete_run_and_the_next_turn(
     assert first["error"] is None and second["error"] is None
     kinds = [event["type"] for event in first["events"]]
     assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED"
+    # streamed: the call starts inside the assistant's message, its arguments in pieces
+    assert (kinds.index("TOOL_CALL_START") < kinds.index("TEXT_MESSAGE_END")) == bool(pace)
+    assert (kinds.count("TOOL_CALL_ARGS") > 1) == bool(pace)
     assert (first["events"][0]["threadId"], first["events"][0]["runId"]) == (
         "thread-agui-test",
         "run-agui-test-1",

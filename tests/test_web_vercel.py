@@ -606,13 +606,18 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]
     return text, [p for p in parts if p["type"] == "tool-calculator"]
 
 
+@pytest.mark.parametrize("pace", [0, 1000])  # paced: the tool's input streams
 async def test_use_chat_drives_a_conversation_with_tools(
-    start_web_server: StartWebServer, js_clients: Path, server_log: pytest.LogCaptureFixture
+    start_web_server: StartWebServer,
+    js_clients: Path,
+    server_log: pytest.LogCaptureFixture,
+    pace: float,
 ) -> None:
-    server = await start_web_server(agent=chat_agent())
+    server = await start_web_server(agent=chat_agent(pace))
     api = f"{server.url}/vercel/chat"
+    chat_id = f"chat-a{int(pace)}"
     out = await node_json(
-        js_clients, "chat", api, "chat-a", "What is 25 * 4?", "And what did I ask?"
+        js_clients, "chat", api, chat_id, "What is 25 * 4?", "And what did I ask?"
     )
     assert out["status"] == "ready" and out["error"] is None and out["errors"] == []
     user1, first, user2, second = out["messages"]
@@ -636,7 +641,7 @@ async def test_use_chat_drives_a_conversation_with_tools(
     assert first["metadata"]["threadId"] == second["metadata"]["threadId"]
     assert out["finishes"] == [{"finishReason": "stop", "isError": False, "isAbort": False}] * 2
     (thread,) = server.hub.threads.list()
-    assert thread.metadata == {"chat_id": "chat-a"} and len(thread.runs) == 2
+    assert thread.metadata == {"chat_id": chat_id} and len(thread.runs) == 2
     assert first["id"] == thread.runs[0]
     assert_no_traceback(server_log)
 
