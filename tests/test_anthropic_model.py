@@ -46,6 +46,7 @@ from trioflow.models._base import (
     TextBlock,
     TextDelta,
     ToolCall,
+    ToolInputDelta,
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
@@ -96,7 +97,8 @@ async def test_tool_use_with_streamed_json_input_becomes_one_tool_call_per_block
             ],
         )
     )
-    events = await collect(model)
+    streamed = await collect(model)
+    events = [e for e in streamed if not isinstance(e, ToolInputDelta)]
     assert events[:3] == [
         TextDelta("Let me check."),
         ToolCall("toolu_1", "get_weather", weather),
@@ -104,6 +106,18 @@ async def test_tool_use_with_streamed_json_input_becomes_one_tool_call_per_block
     ]
     assert isinstance(events[3], TurnEnd)
     assert events[3].stop_reason == StopReason.TOOL_USE
+    # Each block's input streams as it arrives: a first empty delta at the
+    # block's start (id and name known), then each input_json_delta.
+    text = json.dumps(weather, separators=(",", ":"))
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+    assert streamed[1 : 2 + len(pieces) + 1] == [
+        ToolInputDelta("toolu_1", "get_weather", "", 1, first=True),
+        *(ToolInputDelta("toolu_1", "get_weather", p, 1) for p in pieces),
+        ToolCall("toolu_1", "get_weather", weather),
+    ]
+    second = [e for e in streamed if isinstance(e, ToolInputDelta) and e.id == "toolu_2"]
+    assert second[0].first and second[0].index == 2
+    assert json.loads("".join(d.partial_json for d in second)) == {"tz": "Europe/Paris"}
 
 
 async def test_tool_use_without_input_has_an_empty_input(
@@ -111,7 +125,10 @@ async def test_tool_use_without_input_has_an_empty_input(
 ) -> None:
     anthropic_server.add(StreamedReply(tool_uses=[ToolUse("now", {}, id="toolu_1")]))
     events = await collect(model)
-    assert events[0] == ToolCall("toolu_1", "now", {})
+    assert events[0] == ToolInputDelta("toolu_1", "now", "", 0, first=True)
+    assert next(e for e in events if not isinstance(e, ToolInputDelta)) == ToolCall(
+        "toolu_1", "now", {}
+    )
 
 
 async def test_turn_ends_once_with_stop_reason_and_usage(

@@ -28,6 +28,7 @@ TRIOFLOW_TYPES = {
     "tool.approval_required",
     "tool.approved",
     "tool.denied",
+    "tool.input_delta",
 }
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import openai
 import pytest
@@ -42,6 +42,7 @@ from trioflow.models._base import (
     TextBlock,
     TextDelta,
     ToolCall,
+    ToolInputDelta,
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
@@ -53,6 +54,7 @@ from trioflow.models._openai import (
     DEFAULT_OPENAI_MODEL,
     DEFAULT_OPENAI_RETRY,
     OpenAIModel,
+    _ChunkParser,
     chat_messages,
 )
 from trioflow.supervise import RetryPolicy
@@ -109,13 +111,56 @@ async def test_parallel_tool_calls_split_across_chunks_become_one_call_each(
             completion_tokens=17,
         )
     )
-    events = await collect(openai_model)
+    streamed = await collect(openai_model)
+    events = [e for e in streamed if not isinstance(e, ToolInputDelta)]
     assert events == [
         TextDelta("Let me check."),
         ToolCall("call_1", "get_weather", weather),
         ToolCall("call_2", "get_time", {"tz": "Europe/Paris"}),
         ToolCall("call_3", "now", {}),
         TurnEnd(StopReason.TOOL_USE, Usage(40, 17)),
+    ]
+    # The arguments stream as they arrive, before the calls (complete at the finish_reason).
+    deltas = [e for e in streamed if isinstance(e, ToolInputDelta)]
+    assert streamed.index(events[1]) == 1 + len(deltas)
+    for index, call in enumerate(events[1:4]):
+        assert isinstance(call, ToolCall)
+        mine = [d for d in deltas if d.id == call.id]
+        assert mine[0] == ToolInputDelta(call.id, call.name, "", index, first=True)
+        assert all(d.index == index and d.name == call.name and d.partial_json for d in mine[1:])
+        assert json.loads("".join(d.partial_json for d in mine) or "{}") == call.input
+    if interleave:  # the calls' deltas interleave as their chunks did
+        assert [d.id for d in deltas[:3]] == ["call_1", "call_2", "call_3"]
+
+
+def test_tool_call_fragments_before_the_id_and_name_stream_once_both_are_known() -> None:
+    parser = _ChunkParser(cast("Any", None))
+
+    def chunk(*calls: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {
+            "choices": [{"index": 0, "delta": {"tool_calls": list(calls)}, "finish_reason": finish}]
+        }
+
+    assert parser.handle(chunk({"index": 0, "function": {"arguments": '{"a"'}})) == []
+    assert parser.handle(chunk({"index": 0, "function": {"name": "f"}})) == []
+    assert parser.handle(chunk({"index": 0, "id": "c1", "function": {"arguments": ":1"}})) == [
+        ToolInputDelta("c1", "f", "", 0, first=True),
+        ToolInputDelta("c1", "f", '{"a"', 0),
+        ToolInputDelta("c1", "f", ":1", 0),
+    ]
+    # a later id does not rename a streamed call; a call that never got an id is call_<index>
+    assert parser.handle(
+        chunk(
+            {"index": 0, "id": "other", "function": {"arguments": "}"}},
+            {"index": 1, "function": {"name": "g", "arguments": "{}"}},
+            finish="tool_calls",
+        )
+    ) == [
+        ToolInputDelta("c1", "f", "}", 0),
+        ToolCall("c1", "f", {"a": 1}),
+        ToolInputDelta("call_1", "g", "", 1, first=True),
+        ToolInputDelta("call_1", "g", "{}", 1),
+        ToolCall("call_1", "g", {}),
     ]
 
 
@@ -144,7 +189,7 @@ async def test_tool_calls_with_finish_reason_stop_still_end_in_tool_use(
 ) -> None:
     # Some compatible servers say "stop" after tool calls.
     openai_server.add(ChatReply(tool_calls=[ToolUse("now", id="c")], finish_reason="stop"))
-    events = await collect(openai_model)
+    events = [e for e in await collect(openai_model) if not isinstance(e, ToolInputDelta)]
     assert events[0] == ToolCall("c", "now", {})
     assert isinstance(events[1], TurnEnd)
     assert events[1].stop_reason == StopReason.TOOL_USE

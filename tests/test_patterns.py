@@ -311,8 +311,10 @@ async def test_metrics_of_a_known_scripted_run(autojump_clock):
         result.usage.input_tokens,
         result.usage.output_tokens,
     )
-    assert m.duration == result.duration == 9.0  # one token per second of the MockClock
-    assert m.tokens_per_second == 1.0
+    # one token per second of the MockClock, and as long for each of the 4 deltas of the
+    # calculator's streamed input (a paced ScriptedModel streams tool input: "" and 3 pieces)
+    assert m.duration == result.duration == 13.0
+    assert m.tokens_per_second == 9 / 13
     assert m.time_to_first_token is not None and m.time_to_first_token >= 0
     assert json.loads(json.dumps(m.to_dict()))["tools"] == {"calculator": 1}
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -19,6 +20,7 @@ from trioflow.models._base import (
     TextBlock,
     TextDelta,
     ToolCall,
+    ToolInputDelta,
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
@@ -228,9 +230,33 @@ async def test_pace_spaces_text_deltas_exactly(autojump_clock: trio.testing.Mock
         ("TextDelta", 0.5),
         ("TextDelta", 0.75),
         ("TextDelta", 1.0),
-        ("ToolCall", 1.0),
-        ("TurnEnd", 1.0),
+        # The tool's input streams too, paced: "", "{", "}".
+        ("ToolInputDelta", 1.25),
+        ("ToolInputDelta", 1.5),
+        ("ToolInputDelta", 1.75),
+        ("ToolCall", 1.75),
+        ("TurnEnd", 1.75),
     ]
+
+
+async def test_a_paced_model_streams_tool_input_in_a_few_pieces() -> None:
+    weather = {"city": "Paris", "days": [1, 2, 3], "note": "café"}
+    model = ScriptedModel([Turn("ok", tool_calls=[("w", weather), ("t", {})])], pace=1e6)
+    async with model.stream([Message.user("go")]) as stream:
+        events = [e async for e in stream]
+    deltas = [e for e in events if isinstance(e, ToolInputDelta)]
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [c.input for c in calls] == [weather, {}]
+    for call in calls:
+        mine = [d for d in deltas if d.id == call.id]
+        assert mine[0] == ToolInputDelta(call.id, call.name, "", first=True)
+        assert not any(d.first for d in mine[1:]) and 1 <= len(mine) - 1 <= 3
+        assert json.loads("".join(d.partial_json for d in mine)) == call.input
+        # every delta of a call comes before the call
+        assert max(events.index(d) for d in mine) < events.index(call)
+    # unpaced: no deltas (a complete call, as before)
+    async with ScriptedModel([Turn("ok", tool_calls=[("w", weather)])]).stream([]) as stream:
+        assert not [e async for e in stream if isinstance(e, ToolInputDelta)]
 
 
 async def test_pace_zero_still_checkpoints_per_event() -> None:

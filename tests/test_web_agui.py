@@ -104,7 +104,8 @@ class Verifier:
                 self.ended_texts.add(item["messageId"])
         elif kind == "TOOL_CALL_START":
             assert item["toolCallId"] not in self.calls | self.ended_calls
-            assert item["parentMessageId"] in self.ended_texts  # the iteration's message
+            # the iteration's message; still open when the model streams the call's input
+            assert item["parentMessageId"] in self.texts | self.ended_texts
             self.calls.add(item["toolCallId"])
         elif kind in ("TOOL_CALL_ARGS", "TOOL_CALL_END"):
             assert item["toolCallId"] in self.calls, item
@@ -207,16 +208,17 @@ async def run_events(agent: Agent, task: str, cancel_at: int | None) -> list[Flo
     fail=st.sampled_from([None, "model", "exhausted"]),
     cancel_at=st.none() | st.integers(2, 40),
     max_iterations=st.integers(1, 5),
+    pace=st.sampled_from([0, 1e6]),  # paced: the tools' input streams (tool.input_delta)
 )
 def test_every_frame_of_generated_runs_validates_and_keeps_the_order(
-    script: list[Turn], fail: str | None, cancel_at: int | None, max_iterations: int
+    script: list[Turn], fail: str | None, cancel_at: int | None, max_iterations: int, pace: float
 ) -> None:
     if fail == "model":
         script = [*script, Turn(["half", " a turn"], fail=ModelError("gone"), fail_after=1)]
     elif fail is None:
         script = [*script, Turn("done.")]
     agent = Agent(
-        ScriptedModel(script),
+        ScriptedModel(script, pace=pace),
         tools=[echo, slow, boom],
         max_iterations=max_iterations,
         approval=lambda call: call.name == "echo",
@@ -228,6 +230,21 @@ def test_every_frame_of_generated_runs_validates_and_keeps_the_order(
     for started in (e for e in events if e.type == "tool.started"):
         ids = [item.get("toolCallId") for item in items]
         assert ids.count(started.data["call_id"]) >= 3  # START, ARGS, END (and a RESULT)
+        args = "".join(
+            i["delta"]
+            for i in items
+            if i["type"] == "TOOL_CALL_ARGS" and i["toolCallId"] == started.data["call_id"]
+        )
+        assert json.loads(args) == started.data["input"]
+        assert started.data.get("streamed", False) == bool(pace)
+    for delta in (e for e in events if e.type == "tool.input_delta"):
+        assert pace
+        # streamed during the model step: its call starts in the iteration's open message
+        after = [
+            e for e in events if e.seq > delta.seq and e.type in ("step.completed", "tool.started")
+        ]
+        if after:  # (a cancel may have ended the run first)
+            assert after[0].type == "step.completed" and after[0].data["step"] == "model"
     tokens = "".join(e.data["token"] for e in events if e.type == "token.received")
     assert "".join(i["delta"] for i in items if i["type"] == "TEXT_MESSAGE_CONTENT") == tokens
     if events[-1].type == "flow.completed":
@@ -247,7 +264,7 @@ known = st.sampled_from(
         "token.chunk", "iteration.started", "iteration.completed", "step.started",
         "step.completed", "tool.started", "tool.completed", "tool.failed", "tool.progress",
         "tool.approval_required", "tool.approved", "tool.denied", "add_message", "warning",
-        "progress.update", "trade.executed",
+        "progress.update", "trade.executed", "tool.input_delta",
     ]
 )  # fmt: skip
 
@@ -258,7 +275,8 @@ known = st.sampled_from(
     data=st.dictionaries(
         st.sampled_from(
             ["token", "chunk", "iteration", "step", "call_id", "tool", "input", "result",
-             "error", "reason", "output", "structured", "usage", "x"]
+             "error", "reason", "output", "structured", "usage", "x", "delta", "first",
+             "streamed", "discarded_tool_calls"]
         ),
         json_values,
         max_size=6,
@@ -312,6 +330,54 @@ def test_the_mapping_of_a_run_with_a_tool_call() -> None:
     assert items[-1]["type"] == "RUN_FINISHED" and items[-1]["result"] == "25 * 4 = 100."
     assert items[-1]["usage"] == [{"inputTokens": 15, "outputTokens": 9, "totalTokens": 24}]
     assert {item["name"] for item in items if item["type"] == "CUSTOM"} == {"progress.update"}
+
+
+def test_a_streamed_tool_call_starts_in_the_open_message_and_ends_at_tool_started() -> None:
+    events = trio.run(run_events, default_agent(ScriptedModel(pace=1e6)), "What is 25 * 4?", None)
+    items = check_run(events)
+    kinds = [item["type"] for item in items]
+    start, end = kinds.index("TOOL_CALL_START"), kinds.index("TOOL_CALL_END")
+    message_end = kinds.index("TEXT_MESSAGE_END")
+    # START and the ARGS (the input in pieces) inside the model's message; END at tool.started
+    assert start < message_end < end
+    assert set(kinds[start + 1 : message_end]) == {"TOOL_CALL_ARGS"}
+    assert len(kinds[start + 1 : message_end]) > 1
+    assert items[start]["parentMessageId"] == items[message_end]["messageId"]
+    args = "".join(i["delta"] for i in items[start:message_end] if i["type"] == "TOOL_CALL_ARGS")
+    assert json.loads(args) == {"operation": "evaluate", "expression": "25 * 4"}
+    assert kinds[end + 1] == "TOOL_CALL_RESULT"
+    assert not any(i["type"] == "CUSTOM" and i["name"] == "tool.input_delta" for i in items)
+
+
+def test_streamed_calls_that_never_start_end_at_their_denial_or_the_retry() -> None:
+    base = {"tool": "rm", "call_id": "c1", "iteration": 1}
+    first = FlowEvent("tool.input_delta", {**base, "delta": "", "first": True}, 1.0, 1, "r")
+    piece = FlowEvent("tool.input_delta", {**base, "delta": '{"a"'}, 1.0, 2, "r")
+    assert [i["type"] for i in agui_events(first, IDS)] == ["TOOL_CALL_START"]
+    assert agui_events(piece, IDS) == [
+        {"type": "TOOL_CALL_ARGS", "toolCallId": "c1", "delta": '{"a"', "timestamp": 1000}
+    ]
+    denied = FlowEvent(
+        "tool.denied", {**base, "reason": "no", "timed_out": False, "streamed": True}, 1.0, 3, "r"
+    )
+    assert [i["type"] for i in agui_events(denied, IDS)] == ["TOOL_CALL_END", "CUSTOM"]
+    started = FlowEvent("tool.started", {**base, "input": {"a": 1}, "streamed": True}, 1.0, 4, "r")
+    assert [i["type"] for i in agui_events(started, IDS)] == ["TOOL_CALL_END"]
+    retry = FlowEvent(
+        "warning",
+        {
+            "message": "retry",
+            "discarded_tokens": 0,
+            "iteration": 1,
+            "discarded_tool_calls": [{"call_id": "c1", "tool": "rm"}],
+        },
+        1.0,
+        5,
+        "r",
+    )
+    ended, custom = agui_events(retry, IDS)
+    assert ended["type"] == "TOOL_CALL_END" and ended["toolCallId"] == "c1"
+    assert custom["type"] == "CUSTOM" and custom["name"] == "warning"
 
 
 def test_approvals_failures_and_cancellation_map_to_custom_and_run_error() -> None:
@@ -607,14 +673,16 @@ async def test_an_approval_is_a_custom_interrupt_decided_over_http(
 # -- the real client: @ag-ui/client ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("pace", [0, 1000])  # paced: the tool's input streams
 async def test_http_agent_drives_a_complete_run_and_the_next_turn(
-    js_clients: Path, start_web_server: StartWebServer
+    js_clients: Path, start_web_server: StartWebServer, pace: float
 ) -> None:
     models: list[ScriptedModel] = []
 
     def make(request: Any) -> Agent:
         # The first run: the calculator; the second: an answer that needs no tool.
-        models.append(ScriptedModel(None if not models else [Turn("You asked 25 * 4.")]))
+        script = None if not models else [Turn("You asked 25 * 4.")]
+        models.append(ScriptedModel(script, pace=pace))
         return default_agent(models[-1])
 
     server = await start_web_server(agent=make)
@@ -627,6 +695,9 @@ async def test_http_agent_drives_a_complete_run_and_the_next_turn(
     assert first["error"] is None and second["error"] is None
     kinds = [event["type"] for event in first["events"]]
     assert kinds[0] == "RUN_STARTED" and kinds[-1] == "RUN_FINISHED"
+    # streamed: the call starts inside the assistant's message, its arguments in pieces
+    assert (kinds.index("TOOL_CALL_START") < kinds.index("TEXT_MESSAGE_END")) == bool(pace)
+    assert (kinds.count("TOOL_CALL_ARGS") > 1) == bool(pace)
     assert (first["events"][0]["threadId"], first["events"][0]["runId"]) == (
         "thread-agui-test",
         "run-agui-test-1",

@@ -90,8 +90,12 @@ def check_order(chunks: Sequence[Any]) -> None:
         elif kind == "tool-input-delta":
             assert tools.get(chunk["toolCallId"]) == "input", chunk
         elif kind == "tool-input-available":
-            assert tools.get(chunk["toolCallId"]) == "input", chunk
+            # again after an approval, for a call whose input streamed (no second start)
+            assert tools.get(chunk["toolCallId"]) in ("input", "available"), chunk
             tools[chunk["toolCallId"]] = "available"
+        elif kind == "tool-input-error":
+            assert tools.get(chunk["toolCallId"]) == "input", chunk
+            tools[chunk["toolCallId"]] = "done"
         elif kind in ("tool-approval-request", "tool-output-denied"):
             assert tools.get(chunk["toolCallId"]) == "available", chunk
         elif kind in ("tool-output-available", "tool-output-error"):
@@ -116,6 +120,7 @@ _json_values = st.recursive(
 )
 
 
+VOIDED = "voided by a model retry: the turn streams again"
 ENDINGS = ("completed", "failed", "model-failed", "cancelled by client", "timeout")
 
 
@@ -140,7 +145,29 @@ def generated_run(draw: st.DrawFn, ending: str) -> tuple[list[FlowEvent], dict[s
     add("flow.started", task="t", metadata=draw(st.sampled_from([{}, {"thread_id": "thread_1"}])))
     iterations = draw(st.integers(1, 3))
     mid_run = ending in ("model-failed", "timeout") and draw(st.booleans())
+
+    def stream_input(call_id: str, name: str, given: Any, n: int) -> None:
+        # a model streaming the call's input: a first empty delta, then its JSON in pieces
+        add("tool.input_delta", tool=name, call_id=call_id, iteration=n, delta="", first=True)
+        text = json.dumps(given)
+        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=3)))
+        for a, b in itertools.pairwise([0, *cuts, len(text)]):
+            if text[a:b]:
+                add("tool.input_delta", tool=name, call_id=call_id, iteration=n, delta=text[a:b])
+
     for n in range(1, iterations + 1):
+        last = n == iterations
+        calls = 0 if last else draw(st.integers(0, 2))
+        planned = [
+            (
+                f"toolu_{n}_{c}",
+                draw(st.sampled_from(["calculator", "search", "a.b"])),
+                draw(st.dictionaries(_texts, _json_values, max_size=3)),
+                draw(st.sampled_from(["ok", "fail", "deny", "approve"])),
+                draw(st.booleans()),  # its input streams during the model step
+            )
+            for c in range(calls)
+        ]
         add("iteration.started", iteration=n, max_iterations=5)
         add("step.started", step="model", iteration=n, model="scripted")
         attempts = draw(st.integers(1, 2))
@@ -151,42 +178,54 @@ def generated_run(draw: st.DrawFn, ending: str) -> tuple[list[FlowEvent], dict[s
                 add("token.received", token=token, iteration=n)
             texts[-1] += "".join(tokens)
             if attempt < attempts - 1:
+                voided = []
+                if draw(st.booleans()):  # the failed attempt had streamed a call's input
+                    voided = [{"call_id": f"toolu_{n}_v{attempt}", "tool": "search"}]
+                    stream_input(voided[0]["call_id"], "search", {"q": "x"}, n)
+                    tools[voided[0]["call_id"]] = ("output-error", VOIDED)
                 if tokens:  # the voided text stays a part of its own; the retry starts another
                     texts.append("")
+                more = {"discarded_tool_calls": voided} if voided else {}
                 add("warning", message="retry", attempt=attempt + 1, discarded_tokens=len(tokens),
-                    iteration=n, delay=0.5, kind="overloaded", restarted=True)  # fmt: skip
-        last = n == iterations
+                    iteration=n, delay=0.5, kind="overloaded", restarted=True, **more)  # fmt: skip
         if last and mid_run:
             if ending == "model-failed":
+                if draw(st.booleans()):  # it failed in the middle of a call's input
+                    stream_input(f"toolu_{n}_x", "search", {"q": "half"}, n)
+                    tools[f"toolu_{n}_x"] = ("input-streaming", None)
                 add("iteration.failed", iteration=n, error={"type": "ModelError", "message": "x"})
             break
+        for call_id, name, given_input, _, streamed in planned:
+            if streamed:
+                stream_input(call_id, name, given_input, n)
         add("step.completed", step="model", iteration=n, duration=0.1)
         add("add_message", role="assistant", content="", index=n)
         extras()
-        calls = 0 if last else draw(st.integers(0, 2))
         if calls:
             add("step.started", step="tools", iteration=n, calls=calls)
             per_call: list[list[tuple[str, dict[str, Any]]]] = []
-            for c in range(calls):
-                call_id = f"toolu_{n}_{c}"
-                name = draw(st.sampled_from(["calculator", "search", "a.b"]))
-                given_input = draw(st.dictionaries(_texts, _json_values, max_size=3))
+            for call_id, name, given_input, kind, streamed in planned:
                 base = {"tool": name, "call_id": call_id, "iteration": n}
-                kind = draw(st.sampled_from(["ok", "fail", "deny", "approve"]))
+                flag = {"streamed": True} if streamed else {}
                 mine: list[tuple[str, dict[str, Any]]] = []
                 if kind in ("deny", "approve"):
                     mine.append(
-                        ("tool.approval_required", {**base, "input": given_input, "timeout": None})
+                        (
+                            "tool.approval_required",
+                            {**base, "input": given_input, "timeout": None, **flag},
+                        )
                     )
                 if kind == "deny":
-                    mine.append(("tool.denied", {**base, "reason": "no", "timed_out": False}))
+                    mine.append(
+                        ("tool.denied", {**base, "reason": "no", "timed_out": False, **flag})
+                    )
                     tools[call_id] = ("output-denied", None)
                 else:
                     if kind == "approve":
                         mine.append(
                             ("tool.approved", {**base, "input": given_input, "edited": False})
                         )
-                    mine.append(("tool.started", {**base, "input": given_input}))
+                    mine.append(("tool.started", {**base, "input": given_input, **flag}))
                     mine.append(("tool.progress", {**base, "done": 1, "total": 2, "message": None}))
                     if kind == "fail":
                         error = {"type": "ToolError", "message": "boom"}
@@ -345,6 +384,50 @@ def test_the_mapping_of_single_events() -> None:
         "[DONE]",
     )
     assert "Last-Event-ID: 7" in error["errorText"]
+
+
+def test_streamed_tool_input_maps_to_start_deltas_then_available() -> None:
+    base = {"tool": "calc", "call_id": "c1", "iteration": 1}
+    first = at(1, "tool.input_delta", {**base, "delta": "", "first": True})
+    assert ui_message_chunks(first) == [
+        {
+            "type": "tool-input-start",
+            "toolCallId": "c1",
+            "toolName": "calc",
+            "providerExecuted": True,
+        }
+    ]
+    piece = at(2, "tool.input_delta", {**base, "delta": '{"x"'})
+    assert ui_message_chunks(piece) == [
+        {"type": "tool-input-delta", "toolCallId": "c1", "inputTextDelta": '{"x"'}
+    ]
+    assert ui_message_chunks(at(3, "tool.input_delta", {**base, "delta": ""})) == []
+    started = at(4, "tool.started", {**base, "input": {"x": 1}, "streamed": True})
+    assert ui_message_chunks(started) == [
+        {
+            "type": "tool-input-available",
+            "toolCallId": "c1",
+            "toolName": "calc",
+            "providerExecuted": True,
+            "input": {"x": 1},
+        }
+    ]
+    asked = at(5, "tool.approval_required", {**base, "input": {"x": 1}, "streamed": True})
+    assert [c["type"] for c in ui_message_chunks(asked)] == [
+        "tool-input-available",
+        "tool-approval-request",
+    ]
+    retry = at(
+        6,
+        "warning",
+        {"discarded_tokens": 2, "iteration": 1, "discarded_tool_calls": [base]},
+    )
+    assert [c["type"] for c in ui_message_chunks(retry)] == [
+        "text-end",
+        "tool-input-error",
+        "data-warning",
+        "text-start",
+    ]
 
 
 # -- the server --------------------------------------------------------------------------
@@ -523,13 +606,18 @@ def assistant_parts(message: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]
     return text, [p for p in parts if p["type"] == "tool-calculator"]
 
 
+@pytest.mark.parametrize("pace", [0, 1000])  # paced: the tool's input streams
 async def test_use_chat_drives_a_conversation_with_tools(
-    start_web_server: StartWebServer, js_clients: Path, server_log: pytest.LogCaptureFixture
+    start_web_server: StartWebServer,
+    js_clients: Path,
+    server_log: pytest.LogCaptureFixture,
+    pace: float,
 ) -> None:
-    server = await start_web_server(agent=chat_agent())
+    server = await start_web_server(agent=chat_agent(pace))
     api = f"{server.url}/vercel/chat"
+    chat_id = f"chat-a{int(pace)}"
     out = await node_json(
-        js_clients, "chat", api, "chat-a", "What is 25 * 4?", "And what did I ask?"
+        js_clients, "chat", api, chat_id, "What is 25 * 4?", "And what did I ask?"
     )
     assert out["status"] == "ready" and out["error"] is None and out["errors"] == []
     user1, first, user2, second = out["messages"]
@@ -553,7 +641,7 @@ async def test_use_chat_drives_a_conversation_with_tools(
     assert first["metadata"]["threadId"] == second["metadata"]["threadId"]
     assert out["finishes"] == [{"finishReason": "stop", "isError": False, "isAbort": False}] * 2
     (thread,) = server.hub.threads.list()
-    assert thread.metadata == {"chat_id": "chat-a"} and len(thread.runs) == 2
+    assert thread.metadata == {"chat_id": chat_id} and len(thread.runs) == 2
     assert first["id"] == thread.runs[0]
     assert_no_traceback(server_log)
 

@@ -56,6 +56,7 @@ from trioflow.events import (
     ToolCompletedData,
     ToolDeniedData,
     ToolFailedData,
+    ToolInputDeltaData,
     ToolStartedData,
 )
 from trioflow.models._base import (
@@ -67,6 +68,7 @@ from trioflow.models._base import (
     TextBlock,
     TextDelta,
     ToolCall,
+    ToolInputDelta,
     ToolResultBlock,
     ToolUseBlock,
     TurnEnd,
@@ -270,6 +272,8 @@ class TurnResult:
     """The turn's token usage."""
     stop_reason: str
     """The model's stop reason."""
+    streamed: frozenset[str] = frozenset()
+    """The ids of the calls whose input the model streamed (``tool.input_delta``)."""
 
 
 def _ask_json(schema: Mapping[str, Any]) -> str:
@@ -519,7 +523,9 @@ class Agent:
                 output = turn.text
             await self._add_assistant_message(turn, messages, emit)
             if turn.calls:
-                results = await self._run_tools(n, list(turn.calls), emit, progress, control)
+                results = await self._run_tools(
+                    n, list(turn.calls), emit, progress, control, turn.streamed
+                )
                 await self._add_tool_results(results, messages, emit)
             await self._end_iteration(n, turn, emit, progress)
             if not turn.calls:
@@ -594,11 +600,19 @@ class Agent:
     ) -> TurnResult:
         """One model turn: stream its deltas as tokens, collect its tool calls.
 
+        Each :class:`~trioflow.models.ToolInputDelta` becomes a
+        ``tool.input_delta`` event at once (a call's first one with
+        ``first: true`` and an empty ``delta``, then one per non-empty
+        piece). They are not batched like tokens: each is an ordinary
+        ``emit`` (models send a tool's input in a few dozen pieces at most,
+        not thousands).
+
         On a :class:`~trioflow.models.RetryNotice` the text and tool calls
         collected so far are dropped (the model streams the turn again from
         its start) and the ``warning`` event says how many ``token.received``
         events that voids (``discarded_tokens``), so that consumers who
-        assemble text from tokens can drop them too.
+        assemble text from tokens can drop them too, and which calls'
+        ``tool.input_delta`` events it voids (``discarded_tool_calls``).
 
         Returns:
             The text and tool calls of the attempt that completed, its usage
@@ -621,6 +635,8 @@ class Agent:
             if self.options
             else self.model.stream(messages, tools=specs, system=self.instructions)
         )
+        streamed: dict[str, str] = {}  # call id -> tool, of the calls whose input streams
+        input_delta = EventType.TOOL_INPUT_DELTA
         async with opened as stream:
             async for event in stream:
                 if control._paused:
@@ -631,13 +647,31 @@ class Agent:
                     data = FrozenDict(token=event.text, iteration=n)
                     if token_nowait is None or not token_nowait(data):
                         await emit(token, data)
+                elif type(event) is ToolInputDelta:
+                    if event.first or event.id not in streamed:
+                        streamed[event.id] = event.name
+                        first: ToolInputDeltaData = {
+                            "tool": event.name,
+                            "call_id": event.id,
+                            "iteration": n,
+                            "delta": "",
+                            "first": True,
+                        }
+                        await emit(input_delta, FrozenDict(first))
+                    if event.partial_json:
+                        # A ToolInputDeltaData, read-only and flat like a token's.
+                        piece = FrozenDict(
+                            tool=event.name, call_id=event.id, iteration=n, delta=event.partial_json
+                        )
+                        await emit(input_delta, piece)
                 elif isinstance(event, ToolCall):
                     calls.append(event)
                 elif isinstance(event, RetryNotice):
                     # The failed attempt's deltas are void, restarted or not.
-                    await emit(EventType.WARNING, _retry_warning(event, len(parts), n))
+                    await emit(EventType.WARNING, _retry_warning(event, len(parts), n, streamed))
                     parts.clear()
                     calls.clear()
+                    streamed.clear()
                 elif isinstance(event, TurnEnd):
                     end = event
         if end is None:
@@ -650,7 +684,9 @@ class Agent:
             "usage": end.usage.to_dict(),
         }
         await emit(EventType.STEP_COMPLETED, completed)
-        return TurnResult("".join(parts), tuple(calls), end.usage, str(end.stop_reason))
+        return TurnResult(
+            "".join(parts), tuple(calls), end.usage, str(end.stop_reason), frozenset(streamed)
+        )
 
     def _structured(self, output: str) -> Any:
         """``output`` parsed as JSON and checked against :attr:`output_schema`.
@@ -682,7 +718,13 @@ class Agent:
         return value
 
     async def _ask_approval(
-        self, tool: Tool, call: ToolCall, n: int, emit: Emit, control: RunControl
+        self,
+        tool: Tool,
+        call: ToolCall,
+        n: int,
+        emit: Emit,
+        control: RunControl,
+        streamed: bool = False,
     ) -> PendingApproval:
         """Announce the call, wait for its decision, announce the decision; return it."""
         asked: ToolApprovalRequiredData = {
@@ -692,6 +734,8 @@ class Agent:
             "input": dict(call.input),
             "timeout": self.approval_timeout,
         }
+        if streamed:
+            asked["streamed"] = True
         # Registered before the announcement goes out: a decision may follow it at once.
         pending = control.approvals.ask(
             call_id=call.id,
@@ -707,7 +751,7 @@ class Agent:
             raise
         decided = await control.approvals.wait(pending)
         if decided.decision is ApprovalDecision.DENY:
-            await _announce_denial(decided, emit)
+            await _announce_denial(decided, emit, streamed)
         else:
             approved: ToolApprovedData = {
                 "tool": call.name,
@@ -726,8 +770,14 @@ class Agent:
         emit: Emit,
         progress: FlowProgress,
         control: RunControl,
+        streamed: frozenset[str] = frozenset(),
     ) -> list[ToolResultBlock]:
-        """Run the calls concurrently; return their results in the model's order."""
+        """Run the calls concurrently; return their results in the model's order.
+
+        A call in ``streamed`` (its input was streamed as ``tool.input_delta``
+        events) says so (``streamed: true``) in its ``tool.approval_required``,
+        ``tool.denied`` and ``tool.started``.
+        """
         started: StepStartedData = {"step": "tools", "iteration": n, "calls": len(calls)}
         await emit(EventType.STEP_STARTED, started)
         progress.start_step("tools")
@@ -742,7 +792,9 @@ class Agent:
             if asking is not None and (
                 asking.requires_approval or (self.approval is not None and self.approval(call))
             ):
-                decided = await self._ask_approval(asking, call, n, emit, control)
+                decided = await self._ask_approval(
+                    asking, call, n, emit, control, call.id in streamed
+                )
                 if decided.decision is ApprovalDecision.DENY:
                     text = f"the user denied this call: {decided.reason or 'no reason given'}"
                     results[i] = ToolResultBlock(call.id, text, is_error=True)
@@ -754,6 +806,8 @@ class Agent:
                 "iteration": n,
                 "input": dict(input),
             }
+            if call.id in streamed:
+                started["streamed"] = True
             await emit(EventType.TOOL_STARTED, started)
             start = trio.current_time()
             try:
@@ -799,7 +853,7 @@ class Agent:
         return [r for r in results if r is not None]
 
 
-async def _announce_denial(pending: PendingApproval, emit: Emit) -> None:
+async def _announce_denial(pending: PendingApproval, emit: Emit, streamed: bool) -> None:
     denied: ToolDeniedData = {
         "tool": pending.tool,
         "call_id": pending.call_id,
@@ -807,12 +861,16 @@ async def _announce_denial(pending: PendingApproval, emit: Emit) -> None:
         "reason": pending.reason,
         "timed_out": pending.timed_out,
     }
+    if streamed:
+        denied["streamed"] = True
     await emit(EventType.TOOL_DENIED, denied)
 
 
-def _retry_warning(notice: RetryNotice, discarded: int, n: int) -> ModelRetryData:
-    """The ``warning`` of a model retry that voids the ``discarded`` tokens before it."""
-    return {
+def _retry_warning(
+    notice: RetryNotice, discarded: int, n: int, streamed: Mapping[str, str]
+) -> ModelRetryData:
+    """The ``warning`` of a model retry that voids the ``discarded`` tokens and ``streamed`` calls."""
+    warning: ModelRetryData = {
         "message": f"model request failed ({notice.error}); retry "
         f"{notice.attempt} in {notice.delay:.3g} s",
         "attempt": notice.attempt,
@@ -822,6 +880,11 @@ def _retry_warning(notice: RetryNotice, discarded: int, n: int) -> ModelRetryDat
         "discarded_tokens": discarded,
         "iteration": n,
     }
+    if streamed:
+        warning["discarded_tool_calls"] = [
+            {"call_id": call_id, "tool": tool} for call_id, tool in streamed.items()
+        ]
+    return warning
 
 
 def _jsonable(value: Any) -> Any:

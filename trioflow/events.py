@@ -60,6 +60,7 @@ __all__ = [
     "ToolCompletedData",
     "ToolDeniedData",
     "ToolFailedData",
+    "ToolInputDeltaData",
     "ToolProgressData",
     "ToolStartedData",
     "check_event_types",
@@ -98,21 +99,30 @@ class EventType(enum.StrEnum):
     """An iteration ended. Data: ``iteration``, ``usage``, ``stop_reason``."""
     ITERATION_FAILED = "iteration.failed"
     """An iteration failed. Data: ``iteration``, ``error``."""
+    TOOL_INPUT_DELTA = "tool.input_delta"
+    """A piece of a tool call's input JSON, as the model streamed it (during
+    the ``model`` step, before the call's ``tool.started``). Data: ``tool``,
+    ``call_id``, ``iteration``, ``delta``, and ``first`` (true, with an empty
+    ``delta``) on a call's first one. A call's deltas concatenate to its
+    input's JSON text; only a model that streams tool input emits them."""
     TOOL_STARTED = "tool.started"
-    """A tool call began. Data: ``tool``, ``input``, ``call_id``."""
+    """A tool call began. Data: ``tool``, ``input``, ``call_id``, and
+    ``streamed`` (true) when ``tool.input_delta`` events streamed its input."""
     TOOL_COMPLETED = "tool.completed"
     """A tool call returned. Data: ``tool``, ``result``, ``call_id``, ``duration``."""
     TOOL_FAILED = "tool.failed"
     """A tool call raised or timed out. Data: ``tool``, ``error``, ``call_id``."""
     TOOL_APPROVAL_REQUIRED = "tool.approval_required"
     """A tool call waits for a person's decision (:mod:`trioflow.approvals`).
-    Data: ``tool``, ``call_id``, ``iteration``, ``input``, ``timeout``."""
+    Data: ``tool``, ``call_id``, ``iteration``, ``input``, ``timeout``, and
+    ``streamed`` (true) when ``tool.input_delta`` events streamed its input."""
     TOOL_APPROVED = "tool.approved"
     """A waiting tool call was approved (or edited). Data: ``tool``, ``call_id``,
     ``iteration``, ``input`` (what it runs with), ``edited``."""
     TOOL_DENIED = "tool.denied"
     """A waiting tool call was denied, or nobody decided in time. Data: ``tool``,
-    ``call_id``, ``iteration``, ``reason``, ``timed_out``."""
+    ``call_id``, ``iteration``, ``reason``, ``timed_out``, and ``streamed``
+    (true) when ``tool.input_delta`` events streamed its input."""
     TOOL_PROGRESS = "tool.progress"
     """A tool reported how far along it is (:meth:`trioflow.ToolContext.progress`).
     Data: ``tool``, ``call_id``, ``iteration``, ``done``, ``total``, ``message``."""
@@ -257,13 +267,28 @@ class AddMessageData(TypedDict):
     index: int
 
 
+class ToolInputDeltaData(TypedDict):
+    """``tool.input_delta``: the next piece of call ``call_id``'s input JSON.
+
+    ``first`` (only present, and true, on a call's first delta, whose
+    ``delta`` is ``""``) says the call's id and tool are now known.
+    """
+
+    tool: str
+    call_id: str
+    iteration: int
+    delta: str
+    first: NotRequired[bool]
+
+
 class ToolStartedData(TypedDict):
-    """``tool.started``."""
+    """``tool.started``; ``streamed`` (true) when ``tool.input_delta`` events streamed the input."""
 
     tool: str
     call_id: str
     iteration: int
     input: dict[str, Any]
+    streamed: NotRequired[bool]
 
 
 class ToolCompletedData(TypedDict):
@@ -294,6 +319,7 @@ class ToolApprovalRequiredData(TypedDict):
     iteration: int
     input: dict[str, Any]
     timeout: float | None
+    streamed: NotRequired[bool]
 
 
 class ToolApprovedData(TypedDict):
@@ -314,6 +340,7 @@ class ToolDeniedData(TypedDict):
     iteration: int
     reason: str | None
     timed_out: bool
+    streamed: NotRequired[bool]
 
 
 class ToolProgressData(TypedDict):
@@ -328,7 +355,13 @@ class ToolProgressData(TypedDict):
 
 
 class ModelRetryData(TypedDict):
-    """The ``warning`` of a model retry: ``discarded_tokens`` tokens before it are void."""
+    """The ``warning`` of a model retry: ``discarded_tokens`` tokens before it are void.
+
+    ``discarded_tool_calls`` (present when there are some) lists the calls
+    (``{"call_id", "tool"}``) whose ``tool.input_delta`` events before it
+    are void: the retried attempt streams its calls again (under new ids
+    or the same).
+    """
 
     message: str
     attempt: int
@@ -337,6 +370,7 @@ class ModelRetryData(TypedDict):
     restarted: bool
     discarded_tokens: int
     iteration: int
+    discarded_tool_calls: NotRequired[list[dict[str, str]]]
 
 
 EVENT_SCHEMAS: Mapping[str, type] = MappingProxyType(
@@ -354,6 +388,7 @@ EVENT_SCHEMAS: Mapping[str, type] = MappingProxyType(
         "step.started": StepStartedData,
         "step.completed": StepCompletedData,
         "add_message": AddMessageData,
+        "tool.input_delta": ToolInputDeltaData,
         "tool.started": ToolStartedData,
         "tool.completed": ToolCompletedData,
         "tool.failed": ToolFailedData,
@@ -375,6 +410,7 @@ TERMINAL_TYPES: frozenset[str] = frozenset(
 _TOKEN_TYPES = frozenset({EventType.TOKEN_RECEIVED, EventType.TOKEN_CHUNK})
 _TOOL_TYPES = frozenset(
     {
+        EventType.TOOL_INPUT_DELTA,
         EventType.TOOL_STARTED,
         EventType.TOOL_COMPLETED,
         EventType.TOOL_FAILED,

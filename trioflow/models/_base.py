@@ -3,7 +3,8 @@
 A model takes the conversation (a sequence of :class:`Message`), the tools it
 may call (:class:`ToolSpec`) and a system prompt, and streams
 :data:`ModelEvent` values as they arrive: :class:`TextDelta` for each piece of
-text, :class:`ToolCall` for each complete tool call, :class:`RetryNotice`
+text, :class:`ToolInputDelta` for each piece of a tool call's input JSON (a
+model that streams it), :class:`ToolCall` for each complete tool call, :class:`RetryNotice`
 when it is about to retry a failed request, and exactly one :class:`TurnEnd`
 last, with the stop reason and token usage.
 
@@ -33,6 +34,7 @@ __all__ = [
     "TextBlock",
     "TextDelta",
     "ToolCall",
+    "ToolInputDelta",
     "ToolResultBlock",
     "ToolSpec",
     "ToolUseBlock",
@@ -273,6 +275,32 @@ class TextDelta:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ToolInputDelta:
+    """A piece of a tool call's input JSON, streamed as the model produced it.
+
+    A model that streams tool input yields, for each call, one delta with
+    ``first`` true and ``partial_json == ""`` as soon as the call's ``id``
+    and ``name`` are known, then the pieces of its input as they arrive
+    (in order; pieces of several calls may interleave, told apart by
+    ``id``), then the call's :class:`ToolCall`. The pieces of one call
+    concatenate to its input's JSON text (a blank text is ``{}``); the
+    :class:`ToolCall` carries it parsed and is what counts. Like text
+    deltas, the deltas before a :class:`RetryNotice` are void.
+    """
+
+    id: str
+    """The tool call's id (as in its :class:`ToolCall`)."""
+    name: str
+    """The tool's name."""
+    partial_json: str
+    """The next piece of the input's JSON text (``""`` on the ``first`` delta)."""
+    index: int | None = None
+    """The call's position among the turn's content blocks or tool calls, when the API gives one."""
+    first: bool = False
+    """The first delta of this call: its ``id`` and ``name`` are now known."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ToolCall:
     """A complete tool call: its id, the tool's name and the parsed JSON input."""
 
@@ -287,7 +315,7 @@ class RetryNotice:
 
     ``error`` describes the failure (its type and message) and never contains
     credentials. Everything the failed attempt streamed (text deltas, tool
-    calls) is void: the consumer must discard it, and the retried attempt
+    input deltas, tool calls) is void: the consumer must discard it, and the retried attempt
     streams the turn from its start (``restarted`` is true when the failed
     attempt had streamed something).
     """
@@ -307,7 +335,7 @@ class TurnEnd:
     usage: Usage = Usage()
 
 
-ModelEvent = TextDelta | ToolCall | RetryNotice | TurnEnd
+ModelEvent = TextDelta | ToolInputDelta | ToolCall | RetryNotice | TurnEnd
 """What :meth:`Model.stream` yields."""
 
 

@@ -37,6 +37,7 @@ All of this but the Messages API's wire format is shared with
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -51,6 +52,7 @@ from trioflow.models._base import (
     ModelEvent,
     StopReason,
     TextDelta,
+    ToolInputDelta,
     ToolSpec,
     TurnEnd,
     Usage,
@@ -240,17 +242,30 @@ class _MessagesParser(StreamParser):
                     if delta["text"]:
                         events.append(TextDelta(str(delta["text"])))
                 elif delta["type"] == "input_json_delta" and data["index"] in self._tools:
-                    self._tools[data["index"]][2].append(str(delta["partial_json"]))
+                    index = data["index"]
+                    call_id, name, pieces, _ = self._tools[index]
+                    piece = str(delta["partial_json"])
+                    pieces.append(piece)
+                    if piece:
+                        events.append(ToolInputDelta(call_id, name, piece, index))
             elif etype == "content_block_start":
                 block = data["content_block"]
                 if block["type"] == "tool_use":
                     initial = block.get("input")
                     initial = dict(initial) if isinstance(initial, Mapping) else {}
-                    self._tools[data["index"]] = (block["id"], block["name"], [], initial)
+                    index = data["index"]
+                    call_id, name = str(block["id"]), str(block["name"])
+                    self._tools[index] = (call_id, name, [], initial)
+                    events.append(ToolInputDelta(call_id, name, "", index, first=True))
             elif etype == "content_block_stop":
                 if data["index"] in self._tools:
-                    call_id, name, pieces, initial = self._tools.pop(data["index"])
-                    events.append(tool_call(call_id, name, "".join(pieces), initial))
+                    index = data["index"]
+                    call_id, name, pieces, initial = self._tools.pop(index)
+                    text = "".join(pieces)
+                    if not text.strip() and initial:
+                        # The input came whole with the block's start: stream it as one piece.
+                        events.append(ToolInputDelta(call_id, name, json.dumps(initial), index))
+                    events.append(tool_call(call_id, name, text, initial))
             elif etype == "message_start":
                 usage = data["message"].get("usage") or {}
                 self._input_tokens = int(usage.get("input_tokens") or 0)

@@ -8,9 +8,11 @@ SDK's async client under Trio (the SDK's HTTP stack, ``httpx2``, is built on
 anyio, which supports Trio), turns each streamed ``content`` delta into a
 :class:`~trioflow.models.TextDelta` as it arrives, the ``tool_calls`` deltas
 (an ``id`` and a ``function.name``, then ``function.arguments`` in pieces,
-several calls told apart by their ``index``) into one
-:class:`~trioflow.models.ToolCall` per call once the choice has its
-``finish_reason``, and ends every turn with a
+several calls told apart by their ``index``) into
+:class:`~trioflow.models.ToolInputDelta` events as they arrive (an empty
+first one once the call's ``id`` and name are known, then one per piece of
+``arguments``) and one :class:`~trioflow.models.ToolCall` per call once the
+choice has its ``finish_reason``, and ends every turn with a
 :class:`~trioflow.models.TurnEnd` carrying the usage of the final chunk
 (requested with ``stream_options: {"include_usage": true}``).
 
@@ -56,6 +58,7 @@ from trioflow.models._base import (
     ModelEvent,
     StopReason,
     TextDelta,
+    ToolInputDelta,
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
@@ -306,7 +309,7 @@ class _ChunkParser(StreamParser):
         self._finish_reason: str | None = None
         self._input_tokens = 0
         self._output_tokens = 0
-        self._tools: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        self._tools: dict[int, list[Any]] = {}  # index -> [id, name, pieces, streamed]
         self._called = False
 
     def data(self, frame: ServerSentEvent) -> dict[str, Any] | None:
@@ -345,7 +348,7 @@ class _ChunkParser(StreamParser):
                 if content:
                     events.append(TextDelta(str(content)))
                 for position, call in enumerate(delta.get("tool_calls") or ()):
-                    self._add_piece(call, position)
+                    events.extend(self._add_piece(call, position))
                 if choice.get("finish_reason"):
                     self._finish_reason = str(choice["finish_reason"])
                     events.extend(self._calls())
@@ -360,28 +363,48 @@ class _ChunkParser(StreamParser):
             ) from None
         return events
 
-    def _add_piece(self, call: Mapping[str, Any], position: int) -> None:
+    def _add_piece(self, call: Mapping[str, Any], position: int) -> list[ModelEvent]:
+        """Gather a fragment of tool call ``index``; its input deltas once its id and name are known."""
         index = int(call.get("index", position))
-        entry = self._tools.setdefault(index, [None, None, []])
-        if call.get("id"):
+        # [id, name, argument pieces, how many pieces were streamed (-1: not started)]
+        entry = self._tools.setdefault(index, [None, None, [], -1])
+        if call.get("id") and entry[3] < 0:  # a streamed call keeps the id it was streamed with
             entry[0] = str(call["id"])
         function = call.get("function") or {}
-        if function.get("name"):
+        if function.get("name") and entry[3] < 0:
             entry[1] = str(function["name"])
         if function.get("arguments"):
             entry[2].append(str(function["arguments"]))
+        if entry[0] and entry[1]:
+            return self._stream(index, entry)
+        return []
+
+    @staticmethod
+    def _stream(index: int, entry: list[Any]) -> list[ModelEvent]:
+        """The input deltas of the call ``entry`` not yet streamed (the first one if it is new)."""
+        call_id, name, pieces, sent = entry
+        events: list[ModelEvent] = []
+        if sent < 0:
+            events.append(ToolInputDelta(call_id, name, "", index, first=True))
+            sent = 0
+        events.extend(ToolInputDelta(call_id, name, p, index) for p in pieces[sent:])
+        entry[3] = len(pieces)
+        return events
 
     def _calls(self) -> list[ModelEvent]:
         """The tool calls gathered so far, complete, in the order of their index."""
         events: list[ModelEvent] = []
         for index in sorted(self._tools):
-            call_id, name, pieces = self._tools[index]
+            entry = self._tools[index]
+            call_id, name, pieces, _ = entry
             if not name:
                 raise ModelError(
                     f"tool call {index} of the stream has no function name",
                     kind="invalid_response",
                 )
-            events.append(tool_call(call_id or f"call_{index}", name, "".join(pieces)))
+            entry[0] = call_id = call_id or f"call_{index}"
+            events.extend(self._stream(index, entry))
+            events.append(tool_call(call_id, name, "".join(pieces)))
         self._tools.clear()
         self._called = self._called or bool(events)
         return events

@@ -28,6 +28,7 @@ the number of text deltas.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ from trioflow.models._base import (
     TextBlock,
     TextDelta,
     ToolCall,
+    ToolInputDelta,
     ToolResultBlock,
     ToolSpec,
     ToolUseBlock,
@@ -54,7 +56,7 @@ from trioflow.models._base import (
     Usage,
 )
 
-__all__ = ["ScriptedModel", "Turn", "TurnFactory", "find_expression", "tokenize"]
+__all__ = ["ScriptedModel", "Turn", "TurnFactory", "find_expression", "input_deltas", "tokenize"]
 
 
 _TOKEN_RE = re.compile(r"\s*\S+|\s+")
@@ -130,7 +132,12 @@ class ScriptedModel:
         pace: text deltas per second; each delta arrives ``1 / pace``
             seconds (of Trio's clock) after the event before it. ``0`` means
             no delay, though every event still passes a checkpoint, so
-            consumers see events live and cancellation is prompt.
+            consumers see events live and cancellation is prompt. A paced
+            model streams each tool call's input too, before the
+            :class:`~trioflow.models.ToolCall`: an empty first
+            :class:`~trioflow.models.ToolInputDelta`, then the input's JSON
+            in up to 3 pieces (:func:`input_deltas`), each paced like a
+            text delta.
 
     Raises:
         ValueError: ``pace`` is negative or not finite.
@@ -264,13 +271,33 @@ class ScriptedModel:
             c if isinstance(c, ToolCall) else ToolCall(self._next_id(), c[0], dict(c[1]))
             for c in turn.tool_calls
         ]
-        events.extend(calls)
+        for call in calls:
+            if self._interval:  # paced: the input streams too, in a few pieces
+                events.extend(input_deltas(call))
+            events.append(call)
         stop_reason = turn.stop_reason or (StopReason.TOOL_USE if calls else StopReason.END_TURN)
         usage = turn.usage or Usage(_count_words(messages, system), len(deltas))
         events.append(TurnEnd(stop_reason, usage))
         return events, None
 
 
+def input_deltas(call: ToolCall, pieces: int = 3) -> list[ToolInputDelta]:
+    """``call``'s input deltas, as a paced :class:`ScriptedModel` streams them.
+
+    An empty first delta, then the input's JSON text in up to ``pieces`` pieces.
+    """
+    text = json.dumps(dict(call.input), ensure_ascii=False, default=str)
+    size = max(1, -(-len(text) // pieces))
+    return [
+        ToolInputDelta(call.id, call.name, "", first=True),
+        *(
+            ToolInputDelta(call.id, call.name, text[i : i + size])
+            for i in range(0, len(text), size)
+        ),
+    ]
+
+
+_PACED = frozenset({TextDelta, ToolInputDelta})
 _NEW, _OPEN, _CLOSED = 0, 1, 2
 
 
@@ -337,7 +364,7 @@ class _ScriptedStream:
         events = self._events
         if index < len(events):
             event = events[index]
-            if self._interval and type(event) is TextDelta:
+            if self._interval and type(event) in _PACED:
                 await trio.sleep(self._interval)
             else:
                 await trio.lowlevel.checkpoint()

@@ -185,6 +185,15 @@ def _step_name(data: Mapping[str, Any]) -> str:
     return step if iteration is None else f"{step} {iteration}"
 
 
+def _tool_call_start(event: FlowEvent, data: Mapping[str, Any], call_id: str) -> dict[str, Any]:
+    return {
+        "type": "TOOL_CALL_START",
+        "toolCallId": call_id,
+        "toolCallName": str(data.get("tool")),
+        "parentMessageId": _message_id(event, data.get("iteration")),
+    }
+
+
 def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
     """The AG-UI events (JSON objects, camelCase) ``event`` becomes, in order; maybe none.
 
@@ -205,9 +214,18 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
       ``step.started`` → ``TEXT_MESSAGE_START``, each ``token.received`` (or
       ``token.chunk`` with an ``iteration``) → ``TEXT_MESSAGE_CONTENT``
       (empty ones dropped), ``step.completed`` → ``TEXT_MESSAGE_END``;
-    * ``tool.started`` → ``TOOL_CALL_START`` (its ``parentMessageId`` the
-      iteration's message), ``TOOL_CALL_ARGS`` (the whole input as **one**
-      delta: trioflow's tool calls arrive complete), ``TOOL_CALL_END``;
+    * ``tool.input_delta`` (a model streaming a call's input) → on the
+      call's ``first`` delta ``TOOL_CALL_START`` (its ``parentMessageId`` the
+      iteration's message, still open: AG-UI lets a tool call start inside
+      the message that carries it), then ``TOOL_CALL_ARGS`` for each
+      non-empty ``delta``; ``tool.started`` with ``streamed`` →
+      ``TOOL_CALL_END``; ``tool.denied`` with ``streamed`` → ``TOOL_CALL_END``
+      and the ``CUSTOM`` event; a model retry's ``warning`` with
+      ``discarded_tool_calls`` → ``TOOL_CALL_END`` for each, then the
+      ``CUSTOM`` event;
+    * ``tool.started`` of a call whose input was not streamed →
+      ``TOOL_CALL_START``, ``TOOL_CALL_ARGS`` (the whole input as **one**
+      delta), ``TOOL_CALL_END``;
       ``tool.completed`` → ``TOOL_CALL_RESULT`` (a string result as it is,
       any other as JSON); ``tool.failed`` → ``TOOL_CALL_RESULT`` whose
       content is the error;
@@ -290,18 +308,28 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
         else:
             message_id = _message_id(event, data["iteration"])
             out = [{"type": "TEXT_MESSAGE_CONTENT", "messageId": message_id, "delta": delta}]
+    elif kind == EventType.TOOL_INPUT_DELTA:
+        call_id = str(data.get("call_id"))
+        delta = data.get("delta")
+        out = []
+        if data.get("first") is True:
+            out.append(_tool_call_start(event, data, call_id))
+        if isinstance(delta, str) and delta:
+            out.append({"type": "TOOL_CALL_ARGS", "toolCallId": call_id, "delta": delta})
     elif kind == EventType.TOOL_STARTED:
         call_id = str(data.get("call_id"))
-        out = [
-            {
-                "type": "TOOL_CALL_START",
-                "toolCallId": call_id,
-                "toolCallName": str(data.get("tool")),
-                "parentMessageId": _message_id(event, data.get("iteration")),
-            },
-            {"type": "TOOL_CALL_ARGS", "toolCallId": call_id, "delta": _dumps(data.get("input"))},
-            {"type": "TOOL_CALL_END", "toolCallId": call_id},
-        ]
+        if data.get("streamed") is True:  # START and ARGS went out with its tool.input_delta
+            out = [{"type": "TOOL_CALL_END", "toolCallId": call_id}]
+        else:
+            out = [
+                _tool_call_start(event, data, call_id),
+                {
+                    "type": "TOOL_CALL_ARGS",
+                    "toolCallId": call_id,
+                    "delta": _dumps(data.get("input")),
+                },
+                {"type": "TOOL_CALL_END", "toolCallId": call_id},
+            ]
     elif kind in (EventType.TOOL_COMPLETED, EventType.TOOL_FAILED):
         call_id = str(data.get("call_id"))
         if kind == EventType.TOOL_COMPLETED:
@@ -332,6 +360,16 @@ def agui_events(event: FlowEvent, ids: AguiIds) -> list[dict[str, Any]]:
         out = [_custom(event, {**data, "decide": decide, "interrupt": interrupt})]
     elif kind == EventType.ADD_MESSAGE:
         out = []
+    elif kind == EventType.TOOL_DENIED and data.get("streamed") is True:
+        out = [{"type": "TOOL_CALL_END", "toolCallId": str(data.get("call_id"))}, _custom(event)]
+    elif kind == EventType.WARNING and isinstance(data.get("discarded_tool_calls"), list):
+        # A model retry voids the calls it had streamed: they end here, unrun.
+        out = [
+            {"type": "TOOL_CALL_END", "toolCallId": str(call.get("call_id"))}
+            for call in data["discarded_tool_calls"]
+            if isinstance(call, Mapping)
+        ]
+        out.append(_custom(event))
     else:
         out = [_custom(event)]
     if math.isfinite(event.timestamp):

@@ -43,15 +43,21 @@ trioflow event                 chunks
 ``token.chunk``                ``text-delta`` (with an ``iteration``; else a whole
                                ``text-start``/``-delta``/``-end`` of its own)
 ``warning`` of a model retry   ``text-end``, ``data-warning``, ``text-start``: the
-                               voided text stays as a finished part of its own
+                               voided text stays as a finished part of its own;
+                               each of its ``discarded_tool_calls``:
+                               ``tool-input-error`` (before ``data-warning``)
 ``step.completed`` ``model``   ``text-end``
-``tool.approval_required``     ``tool-input-start``, ``tool-input-available``,
-                               ``tool-approval-request`` (``approvalId``: the call id)
+``tool.approval_required``     ``tool-input-start`` (unless ``streamed``),
+                               ``tool-input-available``, ``tool-approval-request``
+                               (``approvalId``: the call id)
 ``tool.approved``              ``data-tool-approved`` (id: the call id)
 ``tool.denied``                ``tool-output-denied``
-``tool.started``               ``tool-input-start``, one ``tool-input-delta`` (the
-                               whole input as JSON: trioflow's events carry it
-                               whole), ``tool-input-available``
+``tool.input_delta``           ``tool-input-start`` on a call's ``first`` delta,
+                               ``tool-input-delta`` for each non-empty ``delta``
+``tool.started``               streamed (``streamed: true``):
+                               ``tool-input-available``; else
+                               ``tool-input-start``, one ``tool-input-delta`` (the
+                               whole input as JSON), ``tool-input-available``
 ``tool.progress``              ``data-tool-progress`` (id: the call id, updated in place)
 ``tool.completed``             ``tool-output-available``
 ``tool.failed``                ``tool-output-error``
@@ -225,6 +231,8 @@ def _tool_input(event: FlowEvent) -> list[dict[str, Any]]:
     raw = event.data.get("input")
     given = raw if isinstance(raw, Mapping) else {}
     common = {"toolCallId": call_id, "toolName": tool, "providerExecuted": True}
+    if event.data.get("streamed") is True:  # the start and the deltas went out already
+        return [{"type": "tool-input-available", **common, "input": given}]
     return [
         {"type": "tool-input-start", **common},
         {
@@ -234,6 +242,25 @@ def _tool_input(event: FlowEvent) -> list[dict[str, Any]]:
         },
         {"type": "tool-input-available", **common, "input": given},
     ]
+
+
+def _tool_input_delta(event: FlowEvent) -> list[dict[str, Any]]:
+    call_id = str(event.data.get("call_id", ""))
+    delta = event.data.get("delta")
+    out: list[dict[str, Any]] = []
+    if event.data.get("first") is True:
+        tool = str(event.data.get("tool", ""))
+        out.append(
+            {
+                "type": "tool-input-start",
+                "toolCallId": call_id,
+                "toolName": tool,
+                "providerExecuted": True,
+            }
+        )
+    if isinstance(delta, str) and delta:
+        out.append({"type": "tool-input-delta", "toolCallId": call_id, "inputTextDelta": delta})
+    return out
 
 
 def _error_text(error: object) -> str:
@@ -294,12 +321,31 @@ def _cancelled(event: FlowEvent) -> list[dict[str, Any]]:
 def _warning(event: FlowEvent) -> list[dict[str, Any]]:
     discarded = _int(event.data.get("discarded_tokens"))
     iteration = _int(event.data.get("iteration"))
+    calls = event.data.get("discarded_tool_calls")
+    # A model retry voids the tool calls it had streamed: each ends as an input error.
+    voided = [
+        {
+            "type": "tool-input-error",
+            "toolCallId": str(call.get("call_id", "")),
+            "toolName": str(call.get("tool", "")),
+            "input": None,
+            "providerExecuted": True,
+            "errorText": "voided by a model retry: the turn streams again",
+        }
+        for call in (calls if isinstance(calls, list) else ())
+        if isinstance(call, Mapping)
+    ]
     if not discarded or discarded < 0 or iteration is None:
-        return [_data(event)]
+        return [*voided, _data(event)]
     # A model retry voids the text streamed so far: it stays a finished part
     # of its own, the warning after it, and the new attempt a new part.
     part = _text_id(iteration)
-    return [{"type": "text-end", "id": part}, _data(event), {"type": "text-start", "id": part}]
+    return [
+        {"type": "text-end", "id": part},
+        *voided,
+        _data(event),
+        {"type": "text-start", "id": part},
+    ]
 
 
 def _iteration_failed(event: FlowEvent) -> list[dict[str, Any]]:
@@ -325,9 +371,11 @@ _MAPPERS: dict[str, _Mapper] = {
     EventType.TOKEN_RECEIVED: lambda e: _text(e, e.data.get("token")),
     EventType.TOKEN_CHUNK: lambda e: _text(e, e.data.get("chunk")),
     EventType.WARNING: _warning,
+    EventType.TOOL_INPUT_DELTA: _tool_input_delta,
     EventType.TOOL_STARTED: _tool_input,
     EventType.TOOL_APPROVAL_REQUIRED: lambda e: [
-        *_tool_input(e)[::2],
+        # tool-input-start (unless the input streamed), tool-input-available
+        *[c for c in _tool_input(e) if c["type"] != "tool-input-delta"],
         {"type": "tool-approval-request", "approvalId": _call(e), "toolCallId": _call(e)},
     ],
     EventType.TOOL_APPROVED: lambda e: [_data(e, part_id=_call(e))],
