@@ -11,12 +11,17 @@ import pytest
 import trio
 from conftest import http_client, post_run
 
-from trioflow import Agent, FlowEvent, ScriptedModel, Turn, tool
+from trioflow import Agent, FlowEvent, ScriptedModel, Turn
 from trioflow.approvals import ApprovalError
 from trioflow.handle import RunStatus
 
 pytest.importorskip("coredis")
 
+from test_approvals import (  # the tool that asks, its log, and the fixture clearing it
+    no_transfers,  # noqa: F401 (autouse)
+    transfer,
+    transfers,
+)
 from test_redis_nodes import executor_and_tail
 from test_redis_serve import start_node
 
@@ -36,20 +41,6 @@ if TYPE_CHECKING:
 
     from trioflow.requests import RunRequest
 
-transfers: list[tuple[int, str]] = []
-
-
-@tool(requires_approval=True)
-async def transfer(amount: int, to: str) -> str:
-    """Move money.
-
-    Args:
-        amount: how much.
-        to: to whom.
-    """
-    transfers.append((amount, to))
-    return f"sent {amount} to {to}"
-
 
 def bank(**options: Any) -> Agent:
     turns = [Turn(tool_calls=[("transfer", {"amount": 5, "to": "ann"})]), Turn(text="done")]
@@ -58,11 +49,6 @@ def bank(**options: Any) -> Agent:
 
 def bank_factory(request: RunRequest) -> Agent:
     return bank()
-
-
-@pytest.fixture(autouse=True)
-def no_transfers() -> None:
-    transfers.clear()
 
 
 async def until(run: RemoteRun, type: str, after: int = 0) -> FlowEvent:

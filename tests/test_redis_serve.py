@@ -48,10 +48,10 @@ async def start_node(
     port: int = 0,
     *,
     enqueue: bool = False,
-    allowed_models: tuple[str, ...] = (),
+    **config: Any,
 ) -> WebServer:
     """A serve node on ``redis_url`` in ``nursery``, on 127.0.0.1 (``port``, else ephemeral);
-    ``enqueue``: it queues the runs it starts for workers."""
+    ``enqueue``: it queues the runs it starts for workers; ``config``: more ``WebConfig``."""
     stop, stopped = trio.Event(), trio.Event()
     made: list[tuple[StreamingFlowExecutor, Starlette, WebConfig]] = []
 
@@ -62,15 +62,15 @@ async def start_node(
                 executor = StreamingFlowExecutor(
                     history_store=store.history_factory(flush_interval=0.005), run_ids=new_run_id
                 )
-                config = WebConfig(port=port, allowed_models=allowed_models)
+                web = WebConfig(port=port, **config)
                 app = create_app(
                     executor,
                     agent=agent or talker(40, pace=100),
-                    config=config,
+                    config=web,
                     store=store,
                     enqueue=enqueue,
                 )
-                made.append((executor, app, config))
+                made.append((executor, app, web))
                 await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
         finally:
             stopped.set()

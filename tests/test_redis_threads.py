@@ -18,11 +18,13 @@ import trio
 from conftest import WebServer, http_client, send, until_terminal
 
 import trioflow
-from trioflow import Agent, ScriptedModel, StreamingFlowExecutor, Turn
+from trioflow import Agent, ScriptedModel, Turn
 from trioflow.models import Message
 from trioflow.threads import ThreadBusy, ThreadFull, ThreadLimitReached, ThreadNotFound
 
 pytest.importorskip("coredis")
+
+from test_redis_serve import start_node as serve_node
 
 from trioflow.redis import (
     RedisRunStore,
@@ -33,13 +35,11 @@ from trioflow.redis import (
     reap,
 )
 from trioflow.redis._reaper import end_run
-from trioflow.web import WebConfig, create_app, serve
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from conftest import OpenWS
-    from starlette.applications import Starlette
 
 
 def said(messages: Any) -> list[tuple[str, str]]:
@@ -63,26 +63,7 @@ async def start_node(
     **config: Any,
 ) -> WebServer:
     """A serve node on ``redis_url`` (queueing its runs for workers unless ``enqueue=False``)."""
-    stop, stopped = trio.Event(), trio.Event()
-    made: list[tuple[StreamingFlowExecutor, Starlette, WebConfig]] = []
-
-    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        try:
-            async with open_redis(redis_url) as client:
-                store = RedisRunStore(client)
-                executor = StreamingFlowExecutor(
-                    history_store=store.history_factory(flush_interval=0.005), run_ids=new_run_id
-                )
-                web = WebConfig(port=0, **config)
-                app = create_app(executor, agent=agent, config=web, store=store, enqueue=enqueue)
-                made.append((executor, app, web))
-                await serve(app, shutdown_trigger=stop.wait, task_status=task_status)
-        finally:
-            stopped.set()
-
-    urls: list[str] = await nursery.start(run)
-    executor, app, web = made[0]
-    return WebServer(urls[0], "ws" + urls[0][4:], executor, app, web, stop, stopped)
+    return await serve_node(nursery, redis_url, agent, enqueue=enqueue, **config)
 
 
 def _free_port() -> int:

@@ -41,7 +41,7 @@ import trio
 if TYPE_CHECKING:
     from trioflow.tools import Tool
 
-__all__ = ["ApprovalDecision", "ApprovalError", "Approvals", "PendingApproval"]
+__all__ = ["ApprovalDecision", "ApprovalError", "Approvals", "PendingApproval", "check_decision"]
 
 
 class ApprovalDecision(enum.StrEnum):
@@ -105,6 +105,29 @@ class PendingApproval:
         }
 
 
+def check_decision(
+    decision: ApprovalDecision | str,
+    *,
+    reason: str | None = None,
+    input: Mapping[str, Any] | None = None,
+) -> ApprovalDecision:
+    """The decision, checked with what goes with it (the one rule, wherever it is taken).
+
+    Raises:
+        ValueError: ``decision`` is not an :class:`ApprovalDecision` value;
+            ``input`` is missing for an edit or given for another decision;
+            ``reason`` is given for anything but a denial.
+    """
+    decision = ApprovalDecision(decision)
+    if decision is ApprovalDecision.EDIT and input is None:
+        raise ValueError("an edit needs the new 'input'")
+    if decision is not ApprovalDecision.EDIT and input is not None:
+        raise ValueError(f"'input' goes with an edit, not with {decision.value!r}")
+    if reason is not None and decision is not ApprovalDecision.DENY:
+        raise ValueError(f"'reason' goes with a denial, not with {decision.value!r}")
+    return decision
+
+
 _DECIDED_KEPT = 1024
 """How many decided call ids a run remembers (to tell "decided" from "unknown")."""
 
@@ -157,17 +180,11 @@ class Approvals:
         pending = self._pending.get(call_id)
         if pending is None:
             raise ApprovalError(call_id, decided=call_id in self._decided)
-        decision = ApprovalDecision(decision)
-        if decision is ApprovalDecision.EDIT:
-            if input is None:
-                raise ValueError("an edit needs the new 'input'")
+        decision = check_decision(decision, reason=reason, input=input)
+        if input is not None:
             if pending._tool is not None:
                 pending._tool.validate(input)
             pending.input = dict(input)
-        elif input is not None:
-            raise ValueError(f"'input' goes with an edit, not with {decision.value!r}")
-        if reason is not None and decision is not ApprovalDecision.DENY:
-            raise ValueError(f"'reason' goes with a denial, not with {decision.value!r}")
         pending.decision = decision
         pending.reason = reason
         self._close(pending)

@@ -35,7 +35,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from trioflow.approvals import ApprovalDecision, ApprovalError
+from trioflow.approvals import ApprovalDecision, ApprovalError, check_decision
 from trioflow.tools import ToolInputError
 
 if TYPE_CHECKING:
@@ -106,11 +106,7 @@ async def request_decision(
             ``reason`` with anything but a denial.
         coredis.exceptions.RedisError: Redis failed.
     """
-    decision = ApprovalDecision(decision)
-    if (decision is ApprovalDecision.EDIT) != (input is not None):
-        raise ValueError("'input' goes with an edit, and an edit needs the new 'input'")
-    if reason is not None and decision is not ApprovalDecision.DENY:
-        raise ValueError(f"'reason' goes with a denial, not with {decision.value!r}")
+    decision = check_decision(decision, reason=reason, input=input)
     body = decision_message(run_id, call_id, decision, reason, input)
     text = json.dumps(body, separators=(",", ":"))
     keys = store.keys

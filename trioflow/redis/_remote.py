@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trioflow.approvals import ApprovalDecision, ApprovalError, PendingApproval
+from trioflow.approvals import ApprovalDecision, ApprovalError, PendingApproval, check_decision
 from trioflow.bus import EventFilter, Overflow, Subscription
 from trioflow.events import FlowEvent
 from trioflow.figures import COUNT_KEYS
@@ -185,7 +185,7 @@ class RemoteRun:
                 break
         else:
             raise ApprovalError(call_id, decided=call_id in self.record.decided or self.done)
-        pending.decision = ApprovalDecision(decision)
+        pending.decision = check_decision(decision, reason=reason, input=input)
         pending.reason = reason
         if input is not None:
             pending.input = dict(input)
@@ -212,7 +212,6 @@ class RemoteRun:
             ValueError: as :func:`~trioflow.redis.request_decision`.
             RuntimeError: the node's tail is not open.
         """
-        _check_arguments(decision, reason, input)
         pending = self._check_decision(call_id, decision, input, reason)
         self.tail.spawn(
             _send_logged(self.store, self.run_id, call_id, decision, reason, input),
@@ -242,7 +241,6 @@ class RemoteRun:
             KeyError: the run's keys are gone (expired).
             coredis.exceptions.RedisError: Redis failed.
         """
-        _check_arguments(decision, reason, input)
         pending = self._check_decision(call_id, decision, input, reason)
         await request_decision(
             self.store, self.run_id, call_id, decision, reason=reason, input=input
@@ -296,19 +294,6 @@ class RemoteRun:
             "approvals": [p.to_dict() for p in self.pending_approvals()],
             "metadata": metadata,
         }
-
-
-def _check_arguments(
-    decision: ApprovalDecision | str, reason: str | None, input: Mapping[str, Any] | None
-) -> None:
-    """The checks of :meth:`trioflow.approvals.Approvals.decide` that need no call (ValueError)."""
-    decision = ApprovalDecision(decision)
-    if decision is ApprovalDecision.EDIT and input is None:
-        raise ValueError("an edit needs the new 'input'")
-    if decision is not ApprovalDecision.EDIT and input is not None:
-        raise ValueError(f"'input' goes with an edit, not with {decision.value!r}")
-    if reason is not None and decision is not ApprovalDecision.DENY:
-        raise ValueError(f"'reason' goes with a denial, not with {decision.value!r}")
 
 
 async def _send_logged(
